@@ -1,0 +1,88 @@
+"""The project's exception hierarchy: one base, one branch per kind of failure.
+
+Callers catch `PipelineError` at the per-target boundary and record the message in the ledger;
+everything else is a bug and should surface.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PipelineError",
+    "InputError",
+    "ToolError",
+    "ToolNotFoundError",
+    "DatabaseNotFoundError",
+    "ToolFailedError",
+    "ToolTimeoutError",
+    "FeatureError",
+    "ParamsError",
+    "InferenceError",
+    "GpuOutOfMemoryError",
+    "SchedulerError",
+    "RunLockedError",
+]
+
+
+class PipelineError(Exception):
+    """Base of every error parafold raises on purpose."""
+
+
+class InputError(PipelineError):
+    """A record, file or option given by the user is unusable."""
+
+
+class ToolError(PipelineError):
+    """An external search program could not do its job."""
+
+
+class ToolNotFoundError(ToolError):
+    """The binary is not on PATH (or where the settings say)."""
+
+
+class DatabaseNotFoundError(ToolError):
+    """A database the chosen preset needs is missing."""
+
+
+class ToolFailedError(ToolError):
+    """The program exited non-zero; `stderr_tail` holds the end of what it said."""
+
+    def __init__(self, cmd: list[str], returncode: int, stderr_tail: str) -> None:
+        self.cmd = list(cmd)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        name = cmd[0] if cmd else "?"
+        super().__init__(f"{name} exited with code {returncode}: {stderr_tail.strip()[-2000:]}")
+
+
+class ToolTimeoutError(ToolError, TimeoutError):
+    """The program ran past its timeout and was killed with its process group."""
+
+    def __init__(self, cmd: list[str], timeout_s: float) -> None:
+        self.cmd = list(cmd)
+        self.timeout_s = timeout_s
+        name = cmd[0] if cmd else "?"
+        super().__init__(f"{name} ran past its timeout of {timeout_s:g} s and was killed")
+
+
+class FeatureError(PipelineError):
+    """Search outputs could not be turned into model features."""
+
+
+class ParamsError(PipelineError):
+    """Model parameters are missing or malformed."""
+
+
+class InferenceError(PipelineError):
+    """The model failed on one target."""
+
+
+class GpuOutOfMemoryError(InferenceError):
+    """The accelerator ran out of memory; raised only when XLA said so."""
+
+
+class SchedulerError(PipelineError):
+    """The engine could not place or finish work."""
+
+
+class RunLockedError(SchedulerError):
+    """Another live process holds this output directory."""

@@ -1,0 +1,150 @@
+"""The CPU stage's product and the GPU stage's input: one target's AlphaFold feature dict.
+
+On disk a feature set is two files in one folder: `features.npz` (the raw monomer feature dict
+of `alphafold.data.pipeline`, stored by `store.save_arrays`, no pickle) and `features.json`
+(the manifest, written last: its presence means the set is complete). `predict` reads either
+this folder or, only when the user trusts it, an AlphaFold/ParaFold `features.pkl`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parafold.errors import FeatureError, InputError
+from parafold.store import atomic_write_json, load_arrays, read_json, save_arrays
+
+__all__ = ["FeatureSet", "FEATURES_FILE", "MANIFEST_FILE", "PICKLE_FILE", "write_feature_set",
+           "read_feature_set", "load_features", "find_feature_sets"]
+
+FEATURES_FILE = "features.npz"
+MANIFEST_FILE = "features.json"
+PICKLE_FILE = "features.pkl"
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSet:
+    """Where one target's features live and what the scheduler needs to know about them.
+
+    `msa_depth` and `num_templates` let the GPU stage choose buckets without loading arrays.
+    """
+
+    name: str
+    target_id: str
+    sequence: str
+    path: Path
+    msa_depth: int
+    num_templates: int
+    key: str = ""
+    msa_mode: str = ""
+    from_pickle: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.sequence:
+            raise FeatureError(f"{self.name}: feature set without a sequence")
+        if self.msa_depth < 1:
+            raise FeatureError(f"{self.name}: MSA depth must be >= 1, got {self.msa_depth}")
+
+    @property
+    def length(self) -> int:
+        return len(self.sequence)
+
+    def load(self, *, trust_pickles: bool = False) -> dict[str, np.ndarray]:
+        return load_features(self.path, trust_pickles=trust_pickles)
+
+
+def _check_feature_dict(name: str, feats: dict[str, Any]) -> tuple[str, int, int]:
+    for key in ("aatype", "msa", "sequence", "seq_length", "residue_index"):
+        if key not in feats:
+            raise FeatureError(f"{name}: feature dict has no {key!r}")
+    seq_raw = np.asarray(feats["sequence"]).ravel()[0]
+    sequence = seq_raw.decode() if isinstance(seq_raw, bytes | np.bytes_) else str(seq_raw)
+    if np.asarray(feats["aatype"]).shape[0] != len(sequence):
+        raise FeatureError(f"{name}: aatype length does not match the sequence")
+    depth = int(np.asarray(feats["msa"]).shape[0])
+    templates = int(np.asarray(feats["template_aatype"]).shape[0]) if "template_aatype" in feats else 0
+    return sequence, depth, templates
+
+
+def write_feature_set(folder: Path, *, name: str, target_id: str, features: dict[str, Any],
+                      key: str = "", msa_mode: str = "", extra: dict[str, Any] | None = None,
+                      write_pickle: bool = False) -> FeatureSet:
+    """Store a feature dict in `folder`; the manifest goes last so a killed write is invisible."""
+    sequence, depth, templates = _check_feature_dict(name, features)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_arrays(folder / FEATURES_FILE, features)
+    if write_pickle:
+        from parafold.store import atomic_writer
+
+        with atomic_writer(folder / PICKLE_FILE, "wb") as handle:
+            pickle.dump(dict(features), handle, protocol=4)
+    fs = FeatureSet(name=name, target_id=target_id, sequence=sequence, path=folder,
+                    msa_depth=depth, num_templates=templates, key=key, msa_mode=msa_mode,
+                    extra=dict(extra or {}))
+    manifest = asdict(fs)
+    manifest["path"] = "."
+    atomic_write_json(folder / MANIFEST_FILE, manifest)
+    return fs
+
+
+def read_feature_set(folder: Path, *, trust_pickles: bool = False) -> FeatureSet:
+    """The feature set stored in `folder` (ours), or from its `features.pkl` when trusted.
+
+    Raises:
+        InputError: the folder holds no complete feature set, or only a pickle not trusted.
+    """
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_FILE
+    if manifest_path.is_file() and (folder / FEATURES_FILE).is_file():
+        try:
+            data = read_json(manifest_path)
+            data["path"] = folder
+            return FeatureSet(**data)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{manifest_path}: malformed feature manifest: {exc}") from exc
+    if (folder / PICKLE_FILE).is_file():
+        if not trust_pickles:
+            raise InputError(
+                f"{folder / PICKLE_FILE}: a pickle runs code when loaded; pass --trust-pickles "
+                "to load features.pkl files from elsewhere"
+            )
+        feats = load_features(folder, trust_pickles=True)
+        sequence, depth, templates = _check_feature_dict(folder.name, feats)
+        from parafold.inputs import safe_name
+
+        return FeatureSet(name=safe_name(folder.name), target_id=folder.name, sequence=sequence,
+                          path=folder, msa_depth=depth, num_templates=templates, from_pickle=True)
+    raise InputError(f"{folder}: no {MANIFEST_FILE} + {FEATURES_FILE} (or {PICKLE_FILE}) here")
+
+
+def load_features(folder: Path, *, trust_pickles: bool = False) -> dict[str, np.ndarray]:
+    folder = Path(folder)
+    if (folder / FEATURES_FILE).is_file():
+        return load_arrays(folder / FEATURES_FILE)
+    if trust_pickles and (folder / PICKLE_FILE).is_file():
+        with open(folder / PICKLE_FILE, "rb") as handle:
+            return dict(pickle.load(handle))
+    raise InputError(f"{folder}: no readable features")
+
+
+def find_feature_sets(root: Path, *, trust_pickles: bool = False) -> tuple[list[FeatureSet], list[str]]:
+    """Feature sets in `root` itself or in its immediate subfolders, and problems found."""
+    root = Path(root)
+    candidates = [root] if (root / MANIFEST_FILE).exists() or (root / PICKLE_FILE).exists() else [
+        p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")
+    ]
+    sets: list[FeatureSet] = []
+    problems: list[str] = []
+    for folder in candidates:
+        if not ((folder / MANIFEST_FILE).exists() or (folder / PICKLE_FILE).exists()):
+            continue
+        try:
+            sets.append(read_feature_set(folder, trust_pickles=trust_pickles))
+        except (InputError, FeatureError) as exc:
+            problems.append(str(exc))
+    return sets, problems

@@ -1,0 +1,224 @@
+"""Reading the user's proteins: FASTA files, a folder of them, or a ColabFold-style CSV.
+
+Every record is validated on its own. A bad record becomes an `InputProblem` naming the file,
+line and reason, and the good records go on. Ids from input files are never used as paths:
+each target gets a `name` made safe for the file system, unique within the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from parafold.errors import InputError
+
+__all__ = [
+    "Target",
+    "InputProblem",
+    "ParsedInput",
+    "read_targets",
+    "safe_name",
+    "sequence_hash",
+    "STANDARD_AA",
+    "ACCEPTED_AA",
+]
+
+STANDARD_AA = frozenset("ACDEFGHIKLMNPQRSTVWY")
+# X is unknown; B, Z, U, O are kept as written and mapped by AlphaFold's featurizer
+# (aatype: unknown; MSA: B->D, Z->E, U->C, O->X), exactly as AlphaFold does.
+ACCEPTED_AA = STANDARD_AA | frozenset("XBZUO")
+FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fna", ".seq")
+MAX_NAME_LEN = 80
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One protein to fold.
+
+    `id` is the identifier as the user wrote it (for display and reports); `name` is the
+    file-system-safe, run-unique name used for every path.
+    """
+
+    id: str
+    name: str
+    sequence: str
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.sequence:
+            raise InputError(f"{self.id}: empty sequence")
+        bad = set(self.sequence) - ACCEPTED_AA
+        if bad:
+            raise InputError(f"{self.id}: invalid residue letters {''.join(sorted(bad))!r}")
+        if not self.name or self.name != safe_name(self.name) or self.name in (".", ".."):
+            raise InputError(f"{self.id}: unsafe target name {self.name!r}")
+
+    @property
+    def length(self) -> int:
+        return len(self.sequence)
+
+    @property
+    def sequence_hash(self) -> str:
+        return sequence_hash(self.sequence)
+
+
+@dataclass(frozen=True, slots=True)
+class InputProblem:
+    """A record that could not be used, with where it came from and why."""
+
+    source: str
+    line: int
+    record_id: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        rid = f" record {self.record_id!r}" if self.record_id else ""
+        return f"{where}{rid}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedInput:
+    targets: tuple[Target, ...]
+    problems: tuple[InputProblem, ...]
+
+
+def sequence_hash(sequence: str) -> str:
+    """Stable content id of a sequence (the cache shares work between identical sequences)."""
+    return hashlib.sha256(sequence.encode("ascii")).hexdigest()
+
+
+def safe_name(raw: str) -> str:
+    """A file name made from an untrusted id: letters, digits, '.', '_' and '-' only."""
+    name = _UNSAFE.sub("_", raw).strip("._-")
+    name = name[:MAX_NAME_LEN].rstrip("._-")
+    return name or "target"
+
+
+@dataclass(slots=True)
+class _RawRecord:
+    source: str
+    line: int
+    header: str
+    sequence: str
+
+
+def _fasta_records(path: Path) -> list[_RawRecord]:
+    records: list[_RawRecord] = []
+    current: _RawRecord | None = None
+    chunks: list[str] = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith(";"):
+            continue
+        if line.startswith(">"):
+            if current is not None:
+                current.sequence = "".join(chunks)
+                records.append(current)
+            current = _RawRecord(str(path), lineno, line[1:].strip(), "")
+            chunks = []
+        elif current is None:
+            records.append(_RawRecord(str(path), lineno, "", "\0sequence data before any '>' header"))
+            current = None
+        else:
+            chunks.append(line)
+    if current is not None:
+        current.sequence = "".join(chunks)
+        records.append(current)
+    return records
+
+
+def _csv_records(path: Path) -> list[_RawRecord]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+    dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
+    rows = list(csv.reader(text.splitlines(), dialect=dialect))
+    if not rows:
+        return []
+    header = [c.strip().lower() for c in rows[0]]
+    if "id" not in header or "sequence" not in header:
+        raise InputError(f"{path}:1: CSV needs a header with columns 'id' and 'sequence'")
+    id_col, seq_col = header.index("id"), header.index("sequence")
+    records = []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) <= max(id_col, seq_col):
+            records.append(_RawRecord(str(path), lineno, row[0] if row else "", "\0missing column"))
+            continue
+        records.append(_RawRecord(str(path), lineno, row[id_col].strip(), row[seq_col]))
+    return records
+
+
+def _input_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(
+            p for p in path.iterdir()
+            if p.is_file() and p.suffix.lower() in FASTA_SUFFIXES + (".csv", ".tsv")
+        )
+        if not files:
+            raise InputError(f"{path}: folder holds no FASTA or CSV files")
+        return files
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    return [path]
+
+
+def _clean_sequence(raw: str) -> tuple[str, str | None]:
+    """Upper-cased sequence without whitespace, or the reason it is unusable."""
+    if raw.startswith("\0"):
+        return "", raw[1:]
+    seq = "".join(raw.split()).upper().rstrip("*")
+    if not seq:
+        return "", "empty sequence"
+    if ":" in seq:
+        return "", "':' marks a complex; parafold folds single chains (monomer presets)"
+    bad = sorted(set(seq) - ACCEPTED_AA)
+    if bad:
+        shown = ", ".join(repr(c) for c in bad[:10])
+        return "", f"characters that are not amino-acid letters: {shown}"
+    return seq, None
+
+
+def read_targets(path: Path | str) -> ParsedInput:
+    """All good targets from a FASTA file, a folder of FASTA/CSV files, or a CSV.
+
+    Raises:
+        InputError: the path itself is unusable (missing, unreadable, a CSV without header).
+    """
+    path = Path(path)
+    targets: list[Target] = []
+    problems: list[InputProblem] = []
+    seen_ids: dict[str, str] = {}
+    used_names: set[str] = set()
+    for file in _input_files(path):
+        is_csv = file.suffix.lower() in (".csv", ".tsv")
+        for rec in _csv_records(file) if is_csv else _fasta_records(file):
+            record_id = rec.header.split()[0] if rec.header.split() else ""
+            seq, problem = _clean_sequence(rec.sequence)
+            if problem is None and not record_id:
+                problem = "record has no id"
+            if problem is None and record_id in seen_ids:
+                problem = f"duplicate id (first seen at {seen_ids[record_id]})"
+            if problem is not None:
+                problems.append(InputProblem(rec.source, rec.line, record_id, problem))
+                continue
+            seen_ids[record_id] = f"{rec.source}:{rec.line}"
+            name = base = safe_name(record_id)
+            n = 1
+            while name.lower() in used_names:
+                n += 1
+                name = f"{base[: MAX_NAME_LEN - 6]}_{n}"
+            used_names.add(name.lower())
+            targets.append(Target(record_id, name, seq, f"{rec.source}:{rec.line}"))
+    return ParsedInput(tuple(targets), tuple(problems))

@@ -1,0 +1,135 @@
+"""Files that a killed run can never leave half-written, and content keys for the cache.
+
+Every artifact is written to a temporary file beside its destination, flushed to disk and
+renamed into place, so a reader sees either nothing or the whole file. Arrays are stored as
+`.npz` without pickles, so loading a cached artifact can never execute code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+__all__ = [
+    "atomic_writer",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_copy",
+    "content_key",
+    "save_arrays",
+    "load_arrays",
+    "read_json",
+]
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path`; on clean exit it replaces `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_writer(path, "wb") as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_copy(src: Path | str, dst: Path | str) -> None:
+    """Copy a file so that `dst` is whole or absent; a hard link when the file system allows."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def read_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", errors="replace")
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def content_key(**parts: Any) -> str:
+    """SHA-256 over a canonical JSON of the parts: equal inputs, equal key, across machines."""
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+_OBJECT_KEYS = "__object_keys__"
+
+
+def save_arrays(path: Path | str, arrays: Mapping[str, Any]) -> None:
+    """Write a dict of arrays as an uncompressed `.npz` that needs no pickle to load.
+
+    Object arrays of bytes or str (AlphaFold's `domain_name`, `sequence`, template names) are
+    stored as fixed-width byte strings and restored to object arrays by `load_arrays`.
+    """
+    plain: dict[str, np.ndarray] = {}
+    object_keys: list[str] = []
+    for key, value in arrays.items():
+        arr = np.asarray(value)
+        if arr.dtype == object:
+            object_keys.append(key)
+            flat = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in arr.ravel()]
+            width = max((len(v) for v in flat), default=1) or 1
+            arr = np.array(flat, dtype=f"S{width}").reshape(arr.shape)
+        plain[key] = arr
+    plain[_OBJECT_KEYS] = np.array(object_keys, dtype="U64") if object_keys else np.zeros(0, "U1")
+    with atomic_writer(path, "wb") as handle:
+        np.savez(handle, **plain)
+
+
+def load_arrays(path: Path | str) -> dict[str, np.ndarray]:
+    """Read a `.npz` written by `save_arrays` (never unpickles)."""
+    with np.load(path, allow_pickle=False) as data:
+        out = {k: data[k] for k in data.files if k != _OBJECT_KEYS}
+        object_keys = [str(k) for k in data[_OBJECT_KEYS]] if _OBJECT_KEYS in data.files else []
+    for key in object_keys:
+        out[key] = np.array([bytes(v) for v in out[key].ravel()], dtype=object).reshape(
+            out[key].shape
+        )
+    return out
