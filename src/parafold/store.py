@@ -39,6 +39,7 @@ def atomic_writer(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are meant to be shared
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -100,6 +101,17 @@ def content_key(**parts: Any) -> str:
 
 
 _OBJECT_KEYS = "__object_keys__"
+
+
+def _umask() -> int:
+    """The process umask without changing it (os.umask would race with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def save_arrays(path: Path | str, arrays: Mapping[str, Any]) -> None:
