@@ -1,0 +1,214 @@
+"""Finding the AlphaFold database layout under one folder, and fingerprinting it.
+
+The globs follow docs/layout.md, so database versions may differ from AlphaFold's file names.
+A fingerprint is SHA-256 over (relative file name, size, mtime in ns) of a database's files,
+not over their content: real databases are terabytes, and reading them for every run would
+cost hours. A copied or touched database gets a new fingerprint, which only costs a cache miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from parafold.errors import DatabaseNotFoundError, InputError
+from parafold.search.settings import PRESETS
+
+__all__ = ["DatabaseSet", "DatabaseStatus", "DB_NAMES", "find_databases", "check_databases",
+           "fingerprint_files", "required_databases"]
+
+DB_NAMES = ("uniref90", "mgnify", "bfd", "uniref30", "small_bfd", "pdb70", "pdb_mmcif",
+            "pdb_seqres")
+_REQUIRED = {
+    "full_dbs": ("uniref90", "mgnify", "bfd", "uniref30", "pdb70", "pdb_mmcif"),
+    "reduced_dbs": ("uniref90", "mgnify", "small_bfd", "pdb70", "pdb_mmcif"),
+}
+# (sub-folder, glob, kind): kind "file" is the file itself, "hh" the prefix before `suffix`.
+_LAYOUT: dict[str, tuple[str, str, str]] = {
+    "uniref90": ("uniref90", "*.fasta", "file"),
+    "mgnify": ("mgnify", "*.fa*", "file"),
+    "bfd": ("bfd", "*_a3m.ffdata", "hh"),
+    "uniref30": ("uniref30", "*_a3m.ffdata", "hh"),
+    "small_bfd": ("small_bfd", "*.fasta", "file"),
+    "pdb70": ("pdb70", "*_hhm.ffdata", "hh"),
+    "pdb_mmcif": ("pdb_mmcif", "mmcif_files", "dir"),
+    "pdb_seqres": ("pdb_seqres", "pdb_seqres.txt", "file"),
+}
+
+
+def required_databases(preset: str) -> tuple[str, ...]:
+    if preset not in _REQUIRED:
+        raise InputError(f"unknown database preset {preset!r}; use one of {PRESETS}")
+    return _REQUIRED[preset]
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSet:
+    """Where each database is. HH-suite databases are prefixes (path minus `_a3m.ffdata`).
+
+    `fingerprints` is filled by `fingerprinted()`; it is computed once per run, not per target.
+    """
+
+    preset: str
+    paths: tuple[tuple[str, Path | None], ...]
+    fingerprints: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        required_databases(self.preset)
+        unknown = {name for name, _ in self.paths} - set(DB_NAMES)
+        if unknown:
+            raise InputError(f"unknown databases: {sorted(unknown)}")
+
+    def path(self, name: str) -> Path | None:
+        return dict(self.paths).get(name)
+
+    def require(self, name: str) -> Path:
+        """The path of a database the preset needs.
+
+        Raises:
+            DatabaseNotFoundError: it was not found.
+        """
+        path = self.path(name)
+        if path is None:
+            raise DatabaseNotFoundError(f"database {name} is missing (needed by {self.preset})")
+        return path
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return required_databases(self.preset)
+
+    def missing(self) -> list[str]:
+        return [name for name in self.required if self.path(name) is None]
+
+    @property
+    def mmcif_dir(self) -> Path:
+        return self.require("pdb_mmcif") / "mmcif_files"
+
+    @property
+    def obsolete_pdbs(self) -> Path | None:
+        mmcif = self.path("pdb_mmcif")
+        path = mmcif / "obsolete.dat" if mmcif else None
+        return path if path is not None and path.is_file() else None
+
+    def fingerprinted(self) -> DatabaseSet:
+        """This set with a fingerprint for every database the preset uses.
+
+        Raises:
+            DatabaseNotFoundError: a required database is missing.
+        """
+        if self.fingerprints:
+            return self
+        missing = self.missing()
+        if missing:
+            raise DatabaseNotFoundError(
+                f"missing databases for {self.preset}: {', '.join(missing)}")
+        prints = tuple((name, fingerprint_files(_database_files(name, self.require(name))))
+                       for name in self.required)
+        return replace(self, fingerprints=prints)
+
+    def fingerprint_map(self) -> dict[str, str]:
+        return dict(self.fingerprinted().fingerprints)
+
+
+def _database_files(name: str, path: Path) -> list[Path]:
+    kind = _LAYOUT[name][2]
+    if kind == "file":
+        return [path]
+    if kind == "hh":
+        return sorted(path.parent.glob(path.name + "_*"))
+    files = sorted(p for p in (path / "mmcif_files").iterdir() if p.is_file())
+    return files + [p for p in (path / "obsolete.dat",) if p.is_file()]
+
+
+def fingerprint_files(files: list[Path]) -> str:
+    """SHA-256 over (name relative to the common folder, size, mtime ns) of each file."""
+    if not files:
+        return ""
+    root = Path(os.path.commonpath([f.parent for f in files]))
+    digest = hashlib.sha256()
+    for f in sorted(files):
+        st = f.stat()
+        digest.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _glob_in(name: str, folder: Path) -> Path | None:
+    _, pattern, kind = _LAYOUT[name]
+    if not folder.is_dir():
+        return None
+    found = sorted(p for p in folder.glob(pattern) if p.is_file())
+    if not found:
+        return None
+    if kind == "hh":
+        return found[0].with_name(found[0].name[: -len(pattern.lstrip("*"))])
+    return found[0]
+
+
+def _find_one(name: str, db_dir: Path) -> Path | None:
+    sub, pattern, kind = _LAYOUT[name]
+    if kind == "dir":
+        return db_dir / sub if (db_dir / sub / pattern).is_dir() else None
+    return _glob_in(name, db_dir / sub)
+
+
+def _override(name: str, path: Path) -> Path | None:
+    """A user's path: the file or HH-suite prefix itself, or a folder holding it."""
+    kind = _LAYOUT[name][2]
+    if kind == "dir":
+        return path if (path / "mmcif_files").is_dir() else None
+    if path.is_dir():
+        return _glob_in(name, path)
+    if kind == "hh":
+        return path if any(path.parent.glob(path.name + "_*")) else None
+    return path if path.is_file() else None
+
+
+def find_databases(db_dir: Path | str | None, preset: str = "full_dbs",
+                   overrides: dict[str, Path | str | None] | None = None) -> DatabaseSet:
+    """Every database found under `db_dir` (AlphaFold layout), with per-database overrides.
+
+    A missing database is recorded as None here; `fingerprinted()` or `require()` fail on it.
+
+    Raises:
+        InputError: an unknown preset or database name, or an override that does not exist.
+    """
+    required_databases(preset)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = set(overrides) - set(DB_NAMES)
+    if unknown:
+        raise InputError(f"unknown database overrides: {sorted(unknown)}")
+    paths: list[tuple[str, Path | None]] = []
+    for name in DB_NAMES:
+        if name in overrides:
+            given = Path(overrides[name]).expanduser()
+            found = _override(name, given)
+            if found is None:
+                raise InputError(f"--{name.replace('_', '-')} {given}: not found")
+        else:
+            found = _find_one(name, Path(db_dir).expanduser()) if db_dir is not None else None
+        paths.append((name, found.absolute() if found is not None else None))
+    return DatabaseSet(preset=preset, paths=tuple(paths))
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseStatus:
+    name: str
+    path: Path | None
+    required: bool
+    fingerprint: str
+
+    @property
+    def present(self) -> bool:
+        return self.path is not None
+
+
+def check_databases(dbs: DatabaseSet) -> list[DatabaseStatus]:
+    """Present/missing and fingerprint of every known database, marking what the preset needs."""
+    out = []
+    for name in DB_NAMES:
+        path = dbs.path(name)
+        fp = fingerprint_files(_database_files(name, path)) if path is not None else ""
+        out.append(DatabaseStatus(name, path, name in dbs.required, fp))
+    return out

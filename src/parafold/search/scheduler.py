@@ -1,0 +1,102 @@
+"""Many proteins under one CPU budget, identical sequences searched once.
+
+Each unique sequence is one job; its targets are featurized in order, so the first one fills
+the cache and the others reuse it without a tool call. Jobs run in threads (the work is in the
+search subprocesses); every tool call holds its threads' cores from the shared `CpuBudget`, so
+as many proteins search at once as the cores allow, and a protein in its long tail (one search
+left) frees cores for the next. A failure ends only its own targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from parafold.featureset import FeatureSet
+from parafold.inputs import Target
+from parafold.search.budget import SEARCHES_PER_PROTEIN, CpuBudget, threads_per_search
+from parafold.search.databases import DatabaseSet
+from parafold.search.runner import featurize_prepared
+from parafold.search.settings import SearchSettings
+
+__all__ = ["TargetOutcome", "featurize_many", "describe_error"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetOutcome:
+    """What happened to one target: its features, or the error that stopped it."""
+
+    target: Target
+    feature_set: FeatureSet | None
+    error: str = ""
+    tool_calls: int = 0
+    reused: str = ""
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.feature_set is not None
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line (plus the tool's stderr tail) naming the failed step and the reason."""
+    notes = "; ".join(getattr(exc, "__notes__", []))
+    text = f"{type(exc).__name__}: {exc}"
+    return f"{notes}: {text}" if notes else text
+
+
+def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: DatabaseSet,
+                   settings: SearchSettings, cpus: int, cache_dir: Path,
+                   write_pkl: bool = False,
+                   on_done: Callable[[TargetOutcome], None] | None = None) -> list[TargetOutcome]:
+    """Features for every target, in input order; failures are outcomes, not exceptions.
+
+    Raises:
+        DatabaseNotFoundError: a database the preset needs is missing (nothing could run).
+    """
+    databases = databases.fingerprinted()
+    groups: dict[str, list[int]] = {}
+    for i, target in enumerate(targets):
+        groups.setdefault(target.sequence, []).append(i)
+    threads = threads_per_search(cpus, len(groups), settings.threads_per_search)
+    budget = CpuBudget(cpus)
+    # Enough proteins in flight that every core can be busy even when each protein is down to
+    # its last search; the budget keeps the tools themselves from oversubscribing.
+    workers = max(1, min(len(groups), -(-cpus // threads)))
+    logger.info("%d targets (%d unique sequences), %d cores, %d threads per search, "
+                "up to %d proteins at once (%d searches each)", len(targets), len(groups), cpus,
+                threads, workers, SEARCHES_PER_PROTEIN)
+    outcomes: list[TargetOutcome | None] = [None] * len(targets)
+
+    def job(indices: list[int]) -> list[tuple[int, TargetOutcome]]:
+        done = []
+        for i in indices:
+            target, start = targets[i], time.monotonic()
+            try:
+                fs = featurize_prepared(target, out_dir=out_dir, databases=databases,
+                                        settings=settings, budget=budget, threads=threads,
+                                        cache_dir=cache_dir, write_pkl=write_pkl)
+                outcome = TargetOutcome(target, fs, tool_calls=int(fs.extra.get("tool_calls", 0)),
+                                        reused=str(fs.extra.get("reused", "")),
+                                        wall_s=round(time.monotonic() - start, 3))
+            except Exception as exc:  # the per-target boundary: record and go on
+                logger.error("%s failed: %s", target.id, describe_error(exc))
+                outcome = TargetOutcome(target, None, error=describe_error(exc),
+                                        wall_s=round(time.monotonic() - start, 3))
+            if on_done is not None:
+                on_done(outcome)
+            done.append((i, outcome))
+        return done
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="protein") as pool:
+        futures = [pool.submit(job, indices) for indices in groups.values()]
+        for future in as_completed(futures):
+            for i, outcome in future.result():
+                outcomes[i] = outcome
+    return [o for o in outcomes if o is not None]

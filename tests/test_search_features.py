@@ -1,0 +1,270 @@
+"""The CPU stage on the synthetic databases with the real jackhmmer, hhblits, hhsearch, kalign."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from alphafold.data import parsers
+from alphafold.data.pipeline import DataPipeline
+from alphafold.data.tools import hhsearch
+
+from parafold.featureset import find_feature_sets, read_feature_set
+from parafold.inputs import Target, read_targets
+from parafold.search.databases import DatabaseSet, find_databases
+from parafold.search.features import make_template_featurizer
+from parafold.search.msa_search import MSA_FILES
+from parafold.search.runner import featurize_target
+from parafold.search.scheduler import featurize_many
+from parafold.search.settings import SearchSettings
+
+FAKES = Path(__file__).parent / "fakes"
+CPUS = 2
+# hhsearch lists at least 10 hits (-z 10) whatever their probability; on a 9-entry pdb70 that
+# is every entry. Hits under its own reporting threshold (-p 20) are that filler, not findings.
+HHR_MIN_PROB = 20.0
+
+
+@pytest.fixture(scope="module")
+def db(synthetic_db: Path) -> Path:
+    return Path(synthetic_db)
+
+
+@pytest.fixture(scope="module")
+def dbs(db: Path) -> DatabaseSet:
+    return find_databases(db, "full_dbs").fingerprinted()
+
+
+@pytest.fixture(scope="module")
+def queries(db: Path) -> list[Target]:
+    return list(read_targets(db / "queries.fasta").targets)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory, queries: list[Target],
+             dbs: DatabaseSet) -> dict[str, object]:
+    """Every query through featurize_many once; later tests reuse its output and cache."""
+    out = tmp_path_factory.mktemp("features")
+    outcomes = featurize_many(queries, out_dir=out, databases=dbs, settings=SearchSettings(),
+                              cpus=CPUS, cache_dir=out / ".cache")
+    return {"out": out, "outcomes": outcomes}
+
+
+def _truth(db: Path) -> dict[str, str]:
+    rows = (db / "truth.tsv").read_text().splitlines()[1:]
+    return {r.split("\t")[0]: (r.split("\t") + [""])[1] for r in rows}
+
+
+def _hit_ids(msa_dir: Path) -> set[str]:
+    ids: set[str] = set()
+    for name in ("uniref90_hits.sto", "mgnify_hits.sto", "small_bfd_hits.sto"):
+        if (msa_dir / name).is_file():
+            ids |= {d.split("/")[0] for d in
+                    parsers.parse_stockholm((msa_dir / name).read_text()).descriptions}
+    if (msa_dir / "bfd_uniref_hits.a3m").is_file():
+        ids |= {d.split()[0] for d in
+                parsers.parse_a3m((msa_dir / "bfd_uniref_hits.a3m").read_text()).descriptions}
+    for line in (msa_dir / "pdb_hits.hhr").read_text().split("\n\n")[1].splitlines()[1:]:
+        fields = line.split()
+        prob = float(line[34:].split()[0]) if len(line) > 40 else 0.0
+        if fields and prob >= HHR_MIN_PROB:
+            ids.add(fields[1])
+    ids.discard("query")
+    return ids
+
+
+def test_all_queries_get_features_in_alphafold_layout(searched: dict[str, object]) -> None:
+    out = Path(searched["out"])  # type: ignore[arg-type]
+    outcomes = searched["outcomes"]
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]  # type: ignore[attr-defined]
+    for o in outcomes:  # type: ignore[attr-defined]
+        folder = out / o.target.name
+        for name in ("uniref90_hits.sto", "mgnify_hits.sto", "bfd_uniref_hits.a3m",
+                     "pdb_hits.hhr"):
+            assert (folder / "msas" / name).stat().st_size > 0
+        timings = (folder / "timings.json").read_text()
+        for step in ("jackhmmer_uniref90", "jackhmmer_mgnify", "hhblits_bfd_uniref30",
+                     "hhsearch_pdb70"):
+            assert step in timings
+        fs = read_feature_set(folder)
+        feats = fs.load()
+        assert feats["domain_name"][0] == o.target.id.encode()
+        assert fs.msa_depth > 1 and feats["msa"].shape[1] == o.target.length
+
+
+def test_recall_and_precision_per_query(searched: dict[str, object], db: Path,
+                                        tmp_path: Path, dbs: DatabaseSet,
+                                        queries: list[Target]) -> None:
+    """>= 90% of each family's searchable members found, <= 5% of hits unrelated.
+
+    Searchable: ids a search returns (uniref90, mgnify, bfd, uniref30, small_bfd members and
+    template chains); PDBMSA relatives only shape pdb70's HMMs and are never hits themselves.
+    Both presets are searched so small_bfd members count too.
+    """
+    reduced = find_databases(db, "reduced_dbs")
+    out_r = tmp_path / "reduced"
+    outcomes = featurize_many(queries, out_dir=out_r, databases=reduced,
+                              settings=SearchSettings(preset="reduced_dbs"), cpus=CPUS,
+                              cache_dir=tmp_path / "cache")
+    assert all(o.ok for o in outcomes)
+    truth = _truth(db)
+    out = Path(searched["out"])  # type: ignore[arg-type]
+    for target in queries:
+        family = target.id.split("_")[0]
+        members = {k for k, v in truth.items() if v == family and not k.startswith("PDBMSA")}
+        hits = _hit_ids(out / target.name / "msas") | _hit_ids(out_r / target.name / "msas")
+        unrelated = {h for h in hits if truth.get(h, "") == ""}
+        assert len(hits & members) >= 0.9 * len(members), (target.id, members - hits)
+        assert len(unrelated) <= 0.05 * len(hits), (target.id, unrelated)
+
+
+def test_features_equal_alphafold_datapipeline(searched: dict[str, object], dbs: DatabaseSet,
+                                               queries: list[Target], tmp_path: Path) -> None:
+    settings = SearchSettings()
+    target = queries[0]
+    pipeline = DataPipeline(
+        jackhmmer_binary_path=shutil.which("jackhmmer"),
+        hhblits_binary_path=shutil.which("hhblits"),
+        uniref90_database_path=str(dbs.require("uniref90")),
+        mgnify_database_path=str(dbs.require("mgnify")),
+        bfd_database_path=str(dbs.require("bfd")),
+        uniref30_database_path=str(dbs.require("uniref30")),
+        small_bfd_database_path=None,
+        template_searcher=hhsearch.HHSearch(binary_path=shutil.which("hhsearch"),
+                                            databases=[str(dbs.require("pdb70"))]),
+        template_featurizer=make_template_featurizer(dbs, settings),
+        use_small_bfd=False)
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(f">{target.id}\n{target.sequence}\n")
+    msa_dir = tmp_path / "af_msas"
+    msa_dir.mkdir()
+    expected = pipeline.process(str(fasta), str(msa_dir))
+    out = Path(searched["out"])  # type: ignore[arg-type]
+    got = read_feature_set(out / target.name).load()
+    assert set(got) == set(expected)
+    assert expected["template_aatype"].shape[0] > 0  # the comparison covers templates
+    for key in expected:
+        want = np.asarray(expected[key])
+        assert got[key].shape == want.shape, key
+        if want.dtype == object:
+            assert list(got[key].ravel()) == list(want.ravel()), key
+        else:
+            assert got[key].dtype == want.dtype, key
+            np.testing.assert_array_equal(got[key], want, err_msg=key)
+
+
+def test_second_run_makes_no_tool_call(searched: dict[str, object], queries: list[Target],
+                                       dbs: DatabaseSet) -> None:
+    out = Path(searched["out"])  # type: ignore[arg-type]
+    again = featurize_many(queries, out_dir=out, databases=dbs, settings=SearchSettings(),
+                           cpus=CPUS, cache_dir=out / ".cache")
+    assert all(o.ok and o.tool_calls == 0 and o.reused == "target" for o in again)
+    # a new output folder on the same cache: features copied, still no tool call
+    fs = featurize_target(queries[0], out_dir=out / "elsewhere", databases=dbs,
+                          settings=SearchSettings(), cpus=CPUS, cache_dir=out / ".cache")
+    assert fs.extra["tool_calls"] == 0 and fs.extra["reused"] == "cache"
+    assert '"cache_hit": true' in (out / "elsewhere" / queries[0].name / "timings.json").read_text()
+
+
+def test_identical_sequences_searched_once_and_retry(tmp_path: Path, queries: list[Target],
+                                                     dbs: DatabaseSet,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ids, one sequence: one search; the first jackhmmer call fails and is retried."""
+    monkeypatch.setenv("FAKE_COUNTER", str(tmp_path / "count"))
+    monkeypatch.setenv("FAKE_REAL", shutil.which("jackhmmer") or "jackhmmer")
+    settings = SearchSettings(jackhmmer_binary=str(FAKES / "flaky_tool"))
+    seq = queries[1].sequence
+    twins = [Target("twin_a", "twin_a", seq), Target("twin_b", "twin_b", seq)]
+    outcomes = featurize_many(twins, out_dir=tmp_path / "out", databases=dbs,
+                              settings=settings, cpus=CPUS, cache_dir=tmp_path / "cache")
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert sorted(o.tool_calls for o in outcomes) == [0, 5]  # 4 searches + 1 retry, once
+    assert (tmp_path / "count").read_text().strip() == "3"  # jackhmmer: 1 failure + 2 runs
+    a, b = (read_feature_set(tmp_path / "out" / n).load() for n in ("twin_a", "twin_b"))
+    assert a["domain_name"][0] == b"twin_a" and b["domain_name"][0] == b"twin_b"
+    np.testing.assert_array_equal(a["msa"], b["msa"])
+
+
+def test_a_failing_protein_does_not_stop_the_others(tmp_path: Path, queries: list[Target],
+                                                    dbs: DatabaseSet,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = queries[2]
+    monkeypatch.setenv("FAKE_MARKER", bad.sequence[:40])
+    monkeypatch.setenv("FAKE_REAL", shutil.which("hhblits") or "hhblits")
+    settings = SearchSettings(hhblits_binary=str(FAKES / "marker_fail_tool"))
+    outcomes = featurize_many([queries[3], bad], out_dir=tmp_path / "out", databases=dbs,
+                              settings=settings, cpus=CPUS, cache_dir=tmp_path / "cache")
+    good, failed = outcomes
+    assert good.ok and good.tool_calls == 4
+    assert not failed.ok and failed.feature_set is None
+    assert "fake crash on the marked protein" in failed.error
+    assert "hhblits_bfd_uniref30 failed after 2 attempts" in failed.error
+    assert not (tmp_path / "out" / bad.name / "features.json").exists()
+
+
+def test_timeout_fails_the_target(tmp_path: Path, queries: list[Target], dbs: DatabaseSet) -> None:
+    settings = SearchSettings(hhsearch_binary=str(FAKES / "sleep_tool"), timeout_s=1.0)
+    start = time.monotonic()
+    outcome = featurize_many([queries[4]], out_dir=tmp_path / "out", databases=dbs,
+                             settings=settings, cpus=CPUS, cache_dir=tmp_path / "cache")[0]
+    assert not outcome.ok and "ToolTimeoutError" in outcome.error
+    assert time.monotonic() - start < 30
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "parafold.cli", *args]
+
+
+def test_bad_inputs_reported_and_good_records_featurized(searched: dict[str, object],
+                                                         db: Path, queries: list[Target],
+                                                         tmp_path: Path) -> None:
+    good = queries[0]
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(f">{good.id}\n{good.sequence}\n>broken\nACDE1234\n>empty\n\n"
+                     f">{good.id}\n{good.sequence}\n")
+    out = tmp_path / "out"
+    cache = Path(searched["out"]) / ".cache"  # type: ignore[arg-type]
+    proc = subprocess.run(_cli("features", str(fasta), "-o", str(out), "--db-dir", str(db),
+                               "--cpus", str(CPUS), "--cache-dir", str(cache)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{fasta}:3 record 'broken': characters that are not amino-acid letters" in proc.stderr
+    assert f"{fasta}:5 record 'empty': empty sequence" in proc.stderr
+    assert f"{fasta}:7 record '{good.id}': duplicate id" in proc.stderr
+    assert "1 of 1 targets have features" in proc.stdout
+    assert read_feature_set(out / good.name).sequence == good.sequence
+
+
+def test_sigkill_mid_run_then_rerun_completes(db: Path, queries: list[Target],
+                                              tmp_path: Path) -> None:
+    fasta = tmp_path / "in.fasta"
+    chosen = queries[:3]
+    fasta.write_text("".join(f">{t.id}\n{t.sequence}\n" for t in chosen))
+    out = tmp_path / "out"
+    args = _cli("features", str(fasta), "-o", str(out), "--db-dir", str(db), "--cpus", "2")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    time.sleep(6.0)  # mid-search: imports take ~2 s, each protein ~5 s of searches
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # whatever a later run would trust is whole: every manifest has its complete features
+    sets, problems = find_feature_sets(out)
+    assert not problems
+    for fs in sets:
+        assert fs.load()["aatype"].shape[0] == fs.length
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr
+    for t in chosen:
+        fs = read_feature_set(out / t.name)
+        assert fs.sequence == t.sequence
+        for name in (MSA_FILES["uniref90"], MSA_FILES["mgnify"], MSA_FILES["bfd"],
+                     MSA_FILES["pdb70"]):
+            assert (out / t.name / "msas" / name).stat().st_size > 0
+    assert not list(out.rglob("*.part"))

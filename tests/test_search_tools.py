@@ -1,0 +1,214 @@
+"""Search-stage units that need no database: commands, the subprocess recipe, budget, layout."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from parafold.errors import (
+    DatabaseNotFoundError,
+    InputError,
+    ToolFailedError,
+    ToolNotFoundError,
+    ToolTimeoutError,
+)
+from parafold.search.budget import CpuBudget, threads_per_search
+from parafold.search.databases import check_databases, find_databases
+from parafold.search.settings import SearchSettings
+from parafold.search.tools import HHBlits, HHSearch, Jackhmmer, run_tool
+
+FAKES = Path(__file__).parent / "fakes"
+
+
+def _hh_db(prefix: Path) -> Path:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for part in ("a3m", "hhm", "cs219"):
+        for ext in ("ffdata", "ffindex"):
+            (prefix.parent / f"{prefix.name}_{part}.{ext}").write_text("x")
+    return prefix
+
+
+def test_jackhmmer_command_has_alphafold_flags(tmp_path: Path) -> None:
+    db = tmp_path / "uniref90.fasta"
+    db.write_text(">a\nACDE\n")
+    cmd = Jackhmmer(database=db, binary=sys.executable, cpus=3).build_command(
+        Path("q.fasta"), Path("o.sto"))
+    assert cmd[0] == os.path.abspath(sys.executable)
+    flags = cmd[1:-2]
+    pairs = dict(zip(flags[::1], flags[1:], strict=False))
+    assert pairs["-A"] == "o.sto" and pairs["-o"] == "/dev/null" and "--noali" in flags
+    assert pairs["-N"] == "1" and pairs["-E"] == "0.0001" and pairs["--incE"] == "0.0001"
+    assert pairs["--F1"] == "0.0005" and pairs["--F2"] == "5e-05" and pairs["--F3"] == "5e-07"
+    assert pairs["--cpu"] == "3"
+    assert cmd[-2:] == ["q.fasta", str(db)]
+
+
+def test_hhblits_and_hhsearch_commands(tmp_path: Path) -> None:
+    bfd, uniref = _hh_db(tmp_path / "bfd" / "bfd"), _hh_db(tmp_path / "u30" / "UniRef30")
+    cmd = HHBlits(databases=[bfd, uniref], binary=sys.executable, cpus=2).build_command(
+        Path("q.fasta"), Path("o.a3m"))
+    text = " ".join(cmd[1:])
+    assert ("-i q.fasta -cpu 2 -oa3m o.a3m -o /dev/null -n 3 -e 0.001 -maxseq 1000000 "
+            "-realign_max 100000 -maxfilt 100000 -min_prefilter_hits 1000") in text
+    assert text.endswith(f"-d {bfd} -d {uniref}")
+    pdb70 = _hh_db(tmp_path / "pdb70" / "pdb70")
+    cmd = HHSearch(databases=[pdb70], binary=sys.executable).build_command(
+        Path("q.a3m"), Path("o.hhr"))
+    assert cmd[1:] == ["-i", "q.a3m", "-o", "o.hhr", "-maxseq", "1000000", "-cpu", "1",
+                       "-d", str(pdb70)]
+
+
+def test_constructors_fail_early(tmp_path: Path) -> None:
+    with pytest.raises(ToolNotFoundError):
+        Jackhmmer(database=tmp_path, binary="no-such-jackhmmer-binary")
+    with pytest.raises(DatabaseNotFoundError):
+        Jackhmmer(database=tmp_path / "missing.fasta", binary=sys.executable)
+    with pytest.raises(DatabaseNotFoundError):
+        HHBlits(databases=[tmp_path / "nothing"], binary=sys.executable)
+    with pytest.raises(DatabaseNotFoundError):
+        HHSearch(databases=[], binary=sys.executable)
+
+
+def test_failed_tool_raises_with_stderr_tail() -> None:
+    with pytest.raises(ToolFailedError) as info:
+        run_tool([str(FAKES / "fail_tool"), "--x"], timeout_s=30)
+    assert info.value.returncode == 3
+    assert "database is corrupt" in info.value.stderr_tail
+    assert "database is corrupt" in str(info.value)
+
+
+def test_missing_program_is_tool_not_found(tmp_path: Path) -> None:
+    with pytest.raises(ToolNotFoundError):
+        run_tool([str(tmp_path / "nope")], timeout_s=5)
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    env = {**os.environ, "FAKE_PID_FILE": str(pid_file)}
+    start = time.monotonic()
+    with pytest.raises(ToolTimeoutError) as info:
+        run_tool([str(FAKES / "sleep_tool")], timeout_s=1.0, env=env)
+    assert isinstance(info.value, TimeoutError)
+    assert time.monotonic() - start < 10
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the orphaned grandchild is reaped by init shortly after the kill
+        if not Path(f"/proc/{child}").exists() or "Z" in _state(child):
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+def test_run_tool_measures_the_childs_own_cpu_time(tmp_path: Path) -> None:
+    burn = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.4: pass\n"
+    idle = [sys.executable, "-c", "import time; time.sleep(0.4)"]
+    results: dict[str, float] = {}
+
+    def go(name: str, cmd: list[str]) -> None:
+        results[name] = run_tool(cmd, timeout_s=30).cpu_s
+
+    threads = [threading.Thread(target=go, args=("burn", [sys.executable, "-c", burn])),
+               threading.Thread(target=go, args=("idle", idle))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["burn"] >= 0.35
+    assert results["idle"] < 0.3  # not charged with the other thread's child
+
+
+def test_cache_fields_ignore_how_tools_run() -> None:
+    a = SearchSettings()
+    b = SearchSettings(threads_per_search=4, timeout_s=5, retries=3, jackhmmer_binary="/x")
+    assert a.cache_fields() == b.cache_fields()
+    assert a.cache_fields() != SearchSettings(max_template_date="2021-01-01").cache_fields()
+    assert a.cache_fields() != SearchSettings(preset="reduced_dbs").cache_fields()
+    with pytest.raises(InputError):
+        SearchSettings(max_template_date="yesterday")
+    with pytest.raises(InputError):
+        SearchSettings(preset="huge_dbs")
+
+
+def test_threads_per_search_splits_the_budget() -> None:
+    assert threads_per_search(24, 1) == 8
+    assert threads_per_search(12, 1) == 4
+    assert threads_per_search(16, 1000) == 1
+    assert threads_per_search(2, 1) == 1
+    assert threads_per_search(4, 1, requested=16) == 4
+
+
+def test_budget_never_oversubscribes() -> None:
+    budget = CpuBudget(3)
+    peak, lock, in_use = [0], threading.Lock(), [0]
+
+    def work(cores: int) -> None:
+        with budget.hold(cores) as got:
+            with lock:
+                in_use[0] += got
+                peak[0] = max(peak[0], in_use[0])
+            time.sleep(0.02)
+            with lock:
+                in_use[0] -= got
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in (1, 2, 2, 1, 5, 1, 2) * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] <= 3 and budget.free == 3
+
+
+def _layout(db: Path) -> None:
+    (db / "uniref90").mkdir(parents=True)
+    (db / "uniref90" / "uniref90.fasta").write_text(">a\nACDE\n")
+    (db / "mgnify").mkdir()
+    (db / "mgnify" / "mgy_clusters_2022_05.fa").write_text(">a\nACDE\n")
+    _hh_db(db / "bfd" / "bfd_metaclust")
+    _hh_db(db / "uniref30" / "UniRef30_2021_03")
+    _hh_db(db / "pdb70" / "pdb70")
+    (db / "pdb_mmcif" / "mmcif_files").mkdir(parents=True)
+    (db / "pdb_mmcif" / "mmcif_files" / "1abc.cif").write_text("data_1abc\n")
+
+
+def test_find_databases_layout_overrides_and_fingerprints(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    _layout(db)
+    dbs = find_databases(db, "full_dbs")
+    assert dbs.missing() == []
+    assert dbs.path("bfd") == (db / "bfd" / "bfd_metaclust").absolute()
+    assert dbs.path("small_bfd") is None
+    prints = dbs.fingerprint_map()
+    assert set(prints) == set(dbs.required)
+    assert find_databases(db, "full_dbs").fingerprint_map() == prints
+    # touching one mmCIF file changes only pdb_mmcif's fingerprint
+    cif = db / "pdb_mmcif" / "mmcif_files" / "1abc.cif"
+    os.utime(cif, ns=(1, 1))
+    again = find_databases(db, "full_dbs").fingerprint_map()
+    assert again["pdb_mmcif"] != prints["pdb_mmcif"] and again["uniref90"] == prints["uniref90"]
+    # an override by file, and one by folder
+    other = tmp_path / "elsewhere" / "u90.fasta"
+    other.parent.mkdir()
+    other.write_text(">b\nKLMN\n")
+    over = find_databases(db, "full_dbs", {"uniref90": other, "pdb70": db / "pdb70"})
+    assert over.path("uniref90") == other.absolute()
+    assert over.fingerprint_map()["uniref90"] != prints["uniref90"]
+    with pytest.raises(InputError, match="--mgnify"):
+        find_databases(db, "full_dbs", {"mgnify": tmp_path / "missing.fa"})
+    reduced = find_databases(db, "reduced_dbs")
+    assert reduced.missing() == ["small_bfd"]
+    with pytest.raises(DatabaseNotFoundError, match="small_bfd"):
+        reduced.fingerprinted()
+    status = {s.name: s for s in check_databases(reduced)}
+    assert not status["small_bfd"].present and status["small_bfd"].required
+    assert status["uniref90"].present and len(status["uniref90"].fingerprint) == 64
