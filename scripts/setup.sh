@@ -8,11 +8,14 @@ need_apt=0
 for bin in jackhmmer hmmsearch hhblits hhsearch kalign mmseqs; do
   command -v "$bin" >/dev/null 2>&1 || need_apt=1
 done
+# chromium + chromium-driver: the report's browser test (headless, software WebGL).
+command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || need_apt=1
 if [ "$need_apt" = 1 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq hmmer hhsuite mmseqs2 kalign >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq hmmer hhsuite mmseqs2 kalign \
+    chromium chromium-driver >/dev/null
 fi
 
 PY="${PYTHON:-python3}"

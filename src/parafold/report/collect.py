@@ -1,0 +1,256 @@
+"""Gather what a run left in OUT into one JSON-ready dict for the report page.
+
+Two sources, both optional: the ledger (`OUT/parafold.sqlite`: states, errors, timings, the
+worker events of the timeline) and the target folders (scores, rankings, plots, structures).
+Targets seen in either appear; a field nobody wrote is `null`, never a crash, so a report of a
+run still going, or of a folder copied without its ledger, still opens.
+
+Rows are stored as arrays in `COLUMNS` order, not as objects: at 10,000 targets the keys
+would be most of the page.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parafold.report.plots import COVERAGE_PNG, PAE_PNG, PLDDT_PNG, model_order, plddt_of
+
+__all__ = ["COLUMNS", "FLAG_PLDDT", "FLAG_PAE", "FLAG_COVERAGE", "FLAG_STRUCTURE",
+           "STRUCTURE_JS", "collect_run", "is_target_dir"]
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["name", "length", "msa_depth", "plddt", "ptm", "search_s", "predict_s", "state",
+           "error", "flags", "model"]
+FLAG_PLDDT, FLAG_PAE, FLAG_COVERAGE, FLAG_STRUCTURE = 1, 2, 4, 8
+STRUCTURE_JS = "ranked_0.pdb.js"
+_MARKERS = ("features.json", "ranking_debug.json", "ranked_0.pdb", "timings.json", "msas")
+
+
+@dataclass(slots=True)
+class _Row:
+    name: str
+    length: int | None = None
+    msa_depth: int | None = None
+    plddt: float | None = None
+    ptm: float | None = None
+    search_s: float | None = None
+    predict_s: float | None = None
+    state: str = "unknown"
+    error: str | None = None
+    flags: int = 0
+    model: str | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    def as_list(self) -> list[Any]:
+        return [getattr(self, c) for c in COLUMNS]
+
+
+def is_target_dir(path: Path) -> bool:
+    """Whether a subfolder of OUT looks like one target's output folder."""
+    return path.is_dir() and not path.name.startswith(".") and any(
+        (path / m).exists() for m in _MARKERS)
+
+
+def _json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable (%s)", path, exc)
+        return None
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    value = _num(value)
+    return None if value is None else round(value, digits)
+
+
+def _read_ledger(out_dir: Path) -> tuple[list[Any], list[Any], list[Any]]:
+    """Targets, events and runs from the ledger; three empty lists when there is none."""
+    from parafold.errors import SchedulerError
+
+    try:
+        from parafold.ledger import LEDGER_FILE, Ledger
+    except ImportError:  # a tree without the pipeline: folders only
+        return [], [], []
+    if not (out_dir / LEDGER_FILE).is_file():
+        return [], [], []
+    try:
+        with Ledger(out_dir, readonly=True) as ledger:
+            return ledger.targets(), ledger.events(), ledger.runs()
+    except (SchedulerError, sqlite3.Error, OSError, ValueError) as exc:
+        log.warning("%s: ledger unreadable (%s); report from folders only", out_dir, exc)
+        return [], [], []
+
+
+def _fill_from_folder(row: _Row, folder: Path) -> None:
+    """Scores, depth and files from the folder; its state only where the ledger had none."""
+    folder_state = "unknown"
+    manifest = _json(folder / "features.json")
+    if isinstance(manifest, dict):
+        row.msa_depth = int(manifest.get("msa_depth") or 0) or None
+        seq = manifest.get("sequence")
+        if row.length is None and isinstance(seq, str):
+            row.length = len(seq)
+        folder_state = "features_ready"
+    order = model_order(folder)
+    ranking = _json(folder / "ranking_debug.json") if order else None
+    if order:
+        row.model = order[0]
+        folder_state = "done"
+    scores = _json(folder / f"scores_{order[0]}.json") if order else None
+    if isinstance(scores, dict):
+        curve = plddt_of(scores)
+        row.plddt = _num(scores.get("mean_plddt")) or (
+            float(curve.mean()) if curve is not None else None)
+        row.ptm = _num(scores.get("ptm"))
+        if row.length is None and curve is not None:
+            row.length = int(curve.size)
+    if row.plddt is None and isinstance(ranking, dict):
+        plddts = ranking.get("plddts")
+        if isinstance(plddts, dict):
+            row.plddt = _num(plddts.get(order[0]))
+    if row.state == "unknown":
+        row.state = folder_state
+    if not row.timings.get("predict"):  # the ledger's copy wins: never count them twice
+        timings = _json(folder / "timings.json")
+        if isinstance(timings, dict):
+            row.timings["predict"] = timings
+    for flag, name in ((FLAG_PLDDT, PLDDT_PNG), (FLAG_PAE, PAE_PNG),
+                       (FLAG_COVERAGE, COVERAGE_PNG), (FLAG_STRUCTURE, STRUCTURE_JS)):
+        if (folder / name).is_file():
+            row.flags |= flag
+
+
+def _compile_stats(timings: Iterable[Mapping[str, Any]]) -> tuple[int, float]:
+    """Compiles and their seconds from timing dicts: keys naming 'compile' anywhere inside.
+
+    An explicit count (a key with 'compile' and 'count' or 'n_') wins over counting non-zero
+    compile times; nested dicts (ledger timings hold {'search': ..., 'predict': ...}) are walked.
+    """
+    count, seconds, explicit = 0, 0.0, 0
+
+    def walk(obj: Mapping[str, Any]) -> None:
+        nonlocal count, seconds, explicit
+        for key, value in obj.items():
+            if isinstance(value, Mapping):
+                walk(value)
+                continue
+            num = _num(value)
+            k = str(key).lower()
+            if num is None or "compile" not in k:
+                continue
+            if "count" in k or k.startswith("n_") or k.endswith("compiles"):
+                explicit += int(num)
+            elif num > 0:
+                seconds += num
+                count += 1
+
+    for t in timings:
+        walk(t)
+    return (explicit or count), seconds
+
+
+def _timeline(events: list[Any], index: Mapping[str, int]) -> tuple[list[dict[str, Any]],
+                                                                    list[list[Any]], float]:
+    """Lanes (CPU search workers, then GPU predict workers) and events relative to t0."""
+    closed = [e for e in events if e.end is not None]
+    if not closed:
+        return [], [], 0.0
+    t0 = min(e.start for e in closed)
+    keys = sorted({(e.kind, e.worker) for e in closed},
+                  key=lambda kw: (kw[0] != "search", kw[1]))
+    lane_of = {kw: i for i, kw in enumerate(keys)}
+    lanes = [{"kind": k, "worker": w} for k, w in keys]
+    rows = [[lane_of[(e.kind, e.worker)], round(e.start - t0, 3), round(e.end - t0, 3),
+             index.get(e.target, -1), 0 if e.ok is False else 1] for e in closed]
+    return lanes, rows, t0
+
+
+def collect_run(out_dir: Path | str) -> dict[str, Any]:
+    """Everything the report page shows, as JSON-ready data (see `COLUMNS` for the rows)."""
+    out_dir = Path(out_dir)
+    records, events, runs = _read_ledger(out_dir)
+    rows: dict[str, _Row] = {}
+    for rec in records:
+        row = rows.setdefault(rec.name, _Row(rec.name))
+        row.length = rec.length
+        row.state = str(rec.state.value if hasattr(rec.state, "value") else rec.state)
+        if rec.error:
+            stage = f"[{rec.failed_stage}] " if rec.failed_stage else ""
+            row.error = stage + rec.error
+        if isinstance(rec.timings, Mapping):
+            row.timings.update(rec.timings)
+        stamps = rec.stamps
+        if "features_ready" in stamps and "searching" in stamps:
+            row.search_s = stamps["features_ready"] - stamps["searching"]
+        if "done" in stamps and "predicting" in stamps:
+            row.predict_s = stamps["done"] - stamps["predicting"]
+    for folder in sorted(p for p in out_dir.iterdir() if is_target_dir(p)) \
+            if out_dir.is_dir() else []:
+        _fill_from_folder(rows.setdefault(folder.name, _Row(folder.name)), folder)
+
+    names = sorted(rows)
+    index = {n: i for i, n in enumerate(names)}
+    busy: dict[tuple[str, str], float] = {}  # worker time beats ledger stamps (queue waits)
+    for e in events:
+        if e.end is not None and e.target in rows and e.kind in ("search", "predict"):
+            busy[e.target, e.kind] = busy.get((e.target, e.kind), 0.0) + e.end - e.start
+    for (name, kind), seconds in busy.items():
+        setattr(rows[name], f"{kind}_s", seconds)
+    for row in rows.values():
+        predicted = row.timings.get("predict")
+        if isinstance(predicted, Mapping):
+            row.plddt = row.plddt if row.plddt is not None else _num(predicted.get("mean_plddt"))
+            row.ptm = row.ptm if row.ptm is not None else _num(predicted.get("ptm"))
+        row.search_s, row.predict_s = _round(row.search_s, 2), _round(row.predict_s, 3)
+        row.plddt, row.ptm = _round(row.plddt, 2), _round(row.ptm, 3)
+
+    lanes, timeline, t0 = _timeline(events, index)
+    span = max((ev[2] for ev in timeline), default=0.0)
+    if not span and runs:
+        span = sum((r.ended_at or time.time()) - r.started_at for r in runs)
+    done = [r for r in rows.values() if r.state == "done"]
+    failed = [r for r in rows.values() if r.state == "failed"]
+    compiles, compile_s = _compile_stats(r.timings.get("predict") or {} for r in rows.values())
+    run_timings = _json(out_dir / "timings.json")  # the pipeline's count, when it wrote one
+    if isinstance(run_timings, dict) and _num(run_timings.get("compile_count")) is not None:
+        compiles = int(run_timings["compile_count"])
+    gpu_busy = sum(ev[2] - ev[1] for ev in timeline if lanes[ev[0]]["kind"] == "predict")
+    n_gpu = sum(1 for lane in lanes if lane["kind"] == "predict")
+    states: dict[str, int] = {}
+    for r in rows.values():
+        states[r.state] = states.get(r.state, 0) + 1
+    summary = {
+        "out_dir": str(out_dir.resolve()),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "run_started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)) if t0 else None,
+        "targets": len(rows),
+        "done": len(done),
+        "failed": len(failed),
+        "states": states,
+        "wall_s": round(span, 1),
+        "proteins_per_hour": round(len(done) / span * 3600, 1) if span > 0 and done else None,
+        "compiles": compiles,
+        "compile_s": round(compile_s, 1),
+        "gpu_busy": round(gpu_busy / (span * n_gpu), 3) if span > 0 and n_gpu else None,
+        "failures": [[r.name, r.error or "no reason recorded"] for r in failed],
+    }
+    return {"summary": summary, "columns": COLUMNS,
+            "rows": [rows[n].as_list() for n in names], "lanes": lanes, "events": timeline}
