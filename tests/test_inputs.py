@@ -1,0 +1,80 @@
+"""Input parsing: every bad record is named with file, line and reason; good ones go on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from parafold.errors import InputError
+from parafold.inputs import Target, read_targets, safe_name
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_fasta_good_and_bad_records(tmp_path: Path) -> None:
+    fasta = _write(
+        tmp_path / "in.fasta",
+        ">good1 some description\nMKTAYIAK\nQRQISFVK\n"
+        ">empty\n\n"
+        ">badchars\nMKT1AY#\n"
+        ">good1 again\nMKTA\n"
+        ">lower\nmktayiakbzuox*\n"
+        ">complex\nMKTA:MKTA\n",
+    )
+    parsed = read_targets(fasta)
+    ids = [t.id for t in parsed.targets]
+    assert ids == ["good1", "lower"]
+    assert parsed.targets[0].sequence == "MKTAYIAKQRQISFVK"
+    # lower case folded, ambiguous letters kept for AlphaFold's own mapping, stop codon dropped
+    assert parsed.targets[1].sequence == "MKTAYIAKBZUOX"
+    problems = {p.record_id: p for p in parsed.problems}
+    assert set(problems) == {"empty", "badchars", "good1", "complex"}
+    assert problems["empty"].line == 4 and "empty sequence" in problems["empty"].message
+    assert "'#'" in problems["badchars"].message and "'1'" in problems["badchars"].message
+    assert "duplicate id" in problems["good1"].message and "in.fasta:1" in problems["good1"].message
+    assert str(problems["badchars"]).startswith(f"{fasta}:6 record 'badchars'")
+
+
+def test_unsafe_ids_never_become_paths(tmp_path: Path) -> None:
+    fasta = _write(
+        tmp_path / "in.fa",
+        ">../../etc/passwd\nMKTAYIAK\n>$(rm -rf ~)\nMKTAYIAK\n>a/b\nMKT\n>a_b\nMKT\n>...\nMKT\n",
+    )
+    parsed = read_targets(fasta)
+    names = [t.name for t in parsed.targets]
+    assert len(names) == 5 and len({n.lower() for n in names}) == 5
+    for name in names:
+        assert "/" not in name and not name.startswith(".") and name == safe_name(name)
+        assert set(name) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+    assert parsed.targets[0].id == "../../etc/passwd"  # the id is kept for display
+
+
+def test_csv_and_folder_inputs(tmp_path: Path) -> None:
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    _write(folder / "a.csv", "id,sequence\nc1,MKTAYIAK\nc2,\nc3,MK TA\n")
+    _write(folder / "b.fasta", ">f1\nACDEFGHIK\n")
+    _write(folder / "notes.txt", "ignored")
+    parsed = read_targets(folder)
+    assert [t.id for t in parsed.targets] == ["c1", "c3", "f1"]
+    assert parsed.targets[1].sequence == "MKTA"
+    assert [(p.record_id, p.line) for p in parsed.problems] == [("c2", 3)]
+
+
+def test_csv_without_header_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="header"):
+        read_targets(_write(tmp_path / "x.csv", "c1,MKT\n"))
+    with pytest.raises(InputError, match="no such file"):
+        read_targets(tmp_path / "missing.fasta")
+
+
+def test_target_validates_itself() -> None:
+    with pytest.raises(InputError):
+        Target("x", "x", "")
+    with pytest.raises(InputError):
+        Target("x", "../x", "MKT")
+    assert Target("x", "x", "MKT").sequence_hash == Target("y", "y", "MKT").sequence_hash
