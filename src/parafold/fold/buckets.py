@@ -1,0 +1,110 @@
+"""Which padded shape each target runs at: length buckets and MSA-depth buckets.
+
+Pure Python so the scheduler can group targets before any accelerator starts. A length bucket
+wastes at most `max_length_waste` of its residues on padding for any target of at least
+`min_length_bucket` residues; the ladder grows geometrically, so 50-300 residues need about a
+dozen shapes. MSA depth buckets are a coarse ladder (factor 4 up to the config's size) so a
+shallow MSA is not padded to 512 clusters and 5,120 extra rows; padded rows are masked.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from parafold.fold.config import DepthCaps, depth_caps, family_of
+from parafold.fold.settings import ModelSettings
+
+__all__ = ["ShapeKey", "length_ladder", "length_bucket", "depth_ladder", "depth_bucket",
+           "shape_key", "padding_waste"]
+
+_DEPTH_FACTOR = 4
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ShapeKey:
+    """Everything that decides a compiled function's input shapes.
+
+    Models of one family share the key and so the compiled function; `batch` is 1 until
+    several proteins go through one forward pass.
+    """
+
+    family: str
+    length: int
+    clusters: int
+    extra: int
+    templates: int
+    batch: int = 1
+    low_memory: bool = False
+
+    def describe(self) -> str:
+        return (f"{self.family} L={self.length} clusters={self.clusters} extra={self.extra} "
+                f"templates={self.templates} batch={self.batch}"
+                + (" low-memory" if self.low_memory else ""))
+
+
+@functools.lru_cache(maxsize=32)
+def _ladder(min_bucket: int, multiple: int, waste: float, limit: int) -> tuple[int, ...]:
+    rungs = [min_bucket]
+    while rungs[-1] < limit:
+        prev = rungs[-1]
+        # The largest bucket that keeps (bucket - length) / bucket <= waste for length = prev + 1.
+        top = int((prev + 1) / (1.0 - waste))
+        rounded = top - top % multiple
+        rungs.append(rounded if rounded > prev else max(top, prev + 1))
+    return tuple(rungs)
+
+
+def length_ladder(settings: ModelSettings, limit: int = 4096) -> tuple[int, ...]:
+    """The padded lengths targets may be put in, up to the first one >= limit."""
+    return _ladder(settings.min_length_bucket, settings.length_multiple,
+                   settings.max_length_waste, limit)
+
+
+def length_bucket(length: int, settings: ModelSettings) -> int:
+    """The smallest bucket that holds `length` residues."""
+    if length < 1:
+        raise ValueError(f"length must be positive, got {length}")
+    ladder = length_ladder(settings, limit=max(length, 4096))
+    return next(b for b in ladder if b >= length)
+
+
+def padding_waste(length: int, bucket: int) -> float:
+    return (bucket - length) / bucket
+
+
+def depth_ladder(cap: int, minimum: int) -> tuple[int, ...]:
+    """cap, cap/4, cap/16, ... down to `minimum` (or just above it), ascending."""
+    rungs = [cap]
+    while rungs[-1] // _DEPTH_FACTOR >= minimum:
+        rungs.append(rungs[-1] // _DEPTH_FACTOR)
+    return tuple(sorted(rungs))
+
+
+def depth_bucket(rows: int, cap: int, minimum: int) -> int:
+    """The smallest rung >= rows (at least one row, so no array is empty)."""
+    need = max(1, min(rows, cap))
+    return next(b for b in depth_ladder(cap, minimum) if b >= need)
+
+
+def _minimums(caps: DepthCaps) -> tuple[int, int]:
+    return max(1, caps.clusters // 16), max(1, caps.extra // 64)
+
+
+def shape_key(length: int, msa_depth: int, model_name: str, settings: ModelSettings,
+              *, low_memory: bool = False) -> ShapeKey:
+    """The key a target of `length` residues and `msa_depth` MSA rows runs under for a model.
+
+    AlphaFold takes up to `caps.clusters` rows as cluster centres and the rest, up to
+    `caps.extra`, as the extra MSA; buckets pad each part to a rung of its ladder.
+    """
+    caps = depth_caps(model_name, settings.config_size)
+    if settings.msa_depth_buckets:
+        min_clusters, min_extra = _minimums(caps)
+        clusters = depth_bucket(msa_depth, caps.clusters, min_clusters)
+        extra = depth_bucket(msa_depth - caps.clusters, caps.extra, min_extra)
+    else:
+        clusters, extra = caps.clusters, caps.extra
+    return ShapeKey(family=family_of(model_name), length=length_bucket(length, settings),
+                    clusters=clusters, extra=extra, templates=caps.templates,
+                    low_memory=low_memory)

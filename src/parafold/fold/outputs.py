@@ -1,0 +1,120 @@
+"""AlphaFold-compatible files for one target, every one written atomically.
+
+Names and formats follow `run_alphafold.py`: `unrelaxed_<model>.pdb`, `ranked_<i>.pdb` (and
+`.cif`) with pLDDT in the B-factor column, `ranking_debug.json` (written last: the done
+marker), `timings.json`, `result_<model>.pkl` on request, plus per-model `scores_<model>.json`
+and `pae_<model>.json` in the AlphaFold Database's PAE format.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parafold.store import atomic_write_json, atomic_write_text, atomic_writer
+
+__all__ = ["Prediction", "write_target_outputs", "is_complete", "DONE_FILE", "rank"]
+
+DONE_FILE = "ranking_debug.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One model's unpadded result for one target, with what it cost."""
+
+    name: str
+    model_name: str
+    seed: int
+    result: dict[str, Any]
+    aatype: np.ndarray
+    residue_index: np.ndarray
+    timings: dict[str, float]
+
+    @property
+    def plddt(self) -> np.ndarray:
+        return np.asarray(self.result["plddt"], np.float64)
+
+    @property
+    def mean_plddt(self) -> float:
+        return float(self.plddt.mean())
+
+    @property
+    def ptm(self) -> float | None:
+        return float(self.result["ptm"]) if "ptm" in self.result else None
+
+    @property
+    def ranking_confidence(self) -> float:
+        """AlphaFold's for monomer and monomer_ptm alike: the mean pLDDT."""
+        return self.mean_plddt
+
+
+def is_complete(folder: Path) -> bool:
+    return (Path(folder) / DONE_FILE).is_file()
+
+
+def rank(predictions: Sequence[Prediction]) -> list[Prediction]:
+    return sorted(predictions, key=lambda p: p.ranking_confidence, reverse=True)
+
+
+def _protein(pred: Prediction) -> Any:
+    from alphafold.common import protein, residue_constants
+
+    b_factors = np.repeat(pred.plddt[:, None], residue_constants.atom_type_num, axis=-1)
+    feats = {"aatype": pred.aatype, "residue_index": pred.residue_index}
+    return protein.from_prediction(feats, pred.result, b_factors=b_factors,
+                                   remove_leading_feature_dimension=False)
+
+
+def _scores(pred: Prediction) -> dict[str, Any]:
+    out: dict[str, Any] = {"plddt": [round(float(x), 2) for x in pred.plddt],
+                           "mean_plddt": round(pred.mean_plddt, 3),
+                           "num_recycles": int(pred.result.get("num_recycles", 0))}
+    if pred.ptm is not None:
+        out["ptm"] = round(pred.ptm, 4)
+        out["max_pae"] = round(float(pred.result["max_predicted_aligned_error"]), 3)
+    return out
+
+
+def _pae_json(pred: Prediction) -> str:
+    pae = np.round(np.asarray(pred.result["predicted_aligned_error"], np.float64), 2)
+    doc = [{"predicted_aligned_error": pae.tolist(),
+            "max_predicted_aligned_error": round(float(pred.result["max_predicted_aligned_error"]), 2)}]
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def write_target_outputs(folder: Path, name: str, predictions: Sequence[Prediction],
+                         timings: dict[str, float], *, save_raw: bool) -> list[str]:
+    """Write every file for one target; returns prediction names best first."""
+    from alphafold.common import protein
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pdbs: dict[str, str] = {}
+    prots: dict[str, Any] = {}
+    for pred in predictions:
+        prots[pred.name] = _protein(pred)
+        pdbs[pred.name] = protein.to_pdb(prots[pred.name])
+        atomic_write_text(folder / f"unrelaxed_{pred.name}.pdb", pdbs[pred.name])
+        atomic_write_json(folder / f"scores_{pred.name}.json", _scores(pred))
+        if "predicted_aligned_error" in pred.result:
+            atomic_write_text(folder / f"pae_{pred.name}.json", _pae_json(pred))
+        if save_raw:
+            with atomic_writer(folder / f"result_{pred.name}.pkl", "wb") as handle:
+                pickle.dump(pred.result, handle, protocol=4)
+    ranked = rank(predictions)
+    for index, pred in enumerate(ranked):
+        atomic_write_text(folder / f"ranked_{index}.pdb", pdbs[pred.name])
+        cif = protein.to_mmcif(prots[pred.name], file_id=name, model_type="Monomer")
+        atomic_write_text(folder / f"ranked_{index}.cif", cif)
+    atomic_write_json(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    atomic_write_json(folder / DONE_FILE, {
+        "plddts": {p.name: p.ranking_confidence for p in predictions},
+        "order": [p.name for p in ranked],
+    })
+    return [p.name for p in ranked]

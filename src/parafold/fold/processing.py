@@ -1,0 +1,95 @@
+"""Raw AlphaFold features -> the model's padded input arrays, and model outputs -> unpadded.
+
+AlphaFold's own input pipeline does the padding: its `make_fixed_size` step pads every residue
+axis to `crop_size`, the MSA to `max_msa_clusters`, the extra MSA to `max_extra_msa` and the
+templates to `max_templates`, with zero masks. We set those sizes to the target's bucket
+instead of the target's own sizes, so a padded target sees exactly the random draws (MSA
+sampling, masking) the unpadded one would.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from parafold.errors import FeatureError
+from parafold.fold.buckets import ShapeKey
+
+if TYPE_CHECKING:
+    import ml_collections
+
+__all__ = ["process_features", "unpad_result", "PER_RESIDUE", "PER_PAIR"]
+
+# Output arrays whose leading axis (PER_RESIDUE) or two leading axes (PER_PAIR) are residues.
+PER_RESIDUE = ("plddt", "structure_module", "experimentally_resolved", "predicted_lddt")
+PER_PAIR = ("distogram", "predicted_aligned_error", "aligned_confidence_probs")
+_NOT_PER_RESIDUE = ("bin_edges", "breaks")
+
+
+def process_features(raw: dict[str, Any], cfg: ml_collections.ConfigDict, key: ShapeKey,
+                     seed: int) -> dict[str, np.ndarray]:
+    """AlphaFold's feature processing, padded to `key`; arrays carry a leading iteration axis.
+
+    Raises:
+        FeatureError: the dict lacks features the model needs or is longer than the bucket.
+    """
+    import copy
+
+    from alphafold.model.tf import input_pipeline, proteins_dataset
+    from alphafold.model.tf import np_backend as tf
+
+    example = dict(raw)
+    try:
+        length = int(np.asarray(example["seq_length"]).ravel()[0])
+    except (KeyError, IndexError) as exc:
+        raise FeatureError("feature dict has no seq_length") from exc
+    if length > key.length:
+        raise FeatureError(f"target of {length} residues does not fit bucket {key.length}")
+    if "deletion_matrix_int" in example:
+        example["deletion_matrix"] = example.pop("deletion_matrix_int").astype(np.float32)
+    data_cfg = copy.deepcopy(cfg.data)
+    names = list(data_cfg.common.unsupervised_features)
+    if data_cfg.common.use_templates:
+        names += list(data_cfg.common.template_features)
+    missing = [n for n in names if n not in example and n != "deletion_matrix_int"]
+    if missing:
+        raise FeatureError(f"feature dict lacks {missing}")
+    with data_cfg.unlocked():
+        data_cfg.eval.crop_size = key.length
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.set_random_seed(seed)
+        tensors = proteins_dataset.np_to_tensor_dict(np_example=example, features=names)
+        batch = input_pipeline.process_tensors_from_config(tensors, data_cfg)
+    graph.finalize()
+    with tf.Session(graph=graph) as session:
+        processed = session.run(batch)
+    return {k: np.asarray(v) for k, v in processed.items() if np.asarray(v).dtype != object}
+
+
+def _cut(value: Any, length: int, pair: bool) -> np.ndarray:
+    value = np.asarray(value)
+    if pair and value.ndim >= 2:
+        return value[:length, :length]
+    if value.ndim >= 1:
+        return value[:length]
+    return value
+
+
+def unpad_result(result: dict[str, Any], length: int) -> dict[str, Any]:
+    """Cut every residue axis of a model result back to the target's `length`.
+
+    Heads (`distogram`, `structure_module`, ...) are dicts cut by their parent's kind;
+    bin edges are not per residue. No padded residue reaches a file.
+    """
+    out: dict[str, Any] = {}
+    for name, value in result.items():
+        if isinstance(value, dict):
+            out[name] = {sub: np.asarray(v) if sub in _NOT_PER_RESIDUE
+                         else _cut(v, length, name in PER_PAIR) for sub, v in value.items()}
+        elif name in PER_PAIR or name in PER_RESIDUE:
+            out[name] = _cut(value, length, name in PER_PAIR)
+        else:
+            out[name] = np.asarray(value)
+    return out

@@ -1,0 +1,309 @@
+"""The compiled-model cache: one executable per input shape, shared by a family's models.
+
+Params are an argument of the compiled function, not a constant baked into it, so swapping
+model_1 for model_2 (or model_3 for model_5) reuses the executable. Each recycling iteration
+is one call of the executable, as in the fork (`AlphaFold_noE` with `batch['prev']`), so the
+number of recycles never changes a shape. Executables are built ahead of time
+(`jit(...).lower(...).compile()`) into a dict keyed by `ShapeKey`: that dict is the compile
+counter the tests read, and compile time is measured apart from prediction time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from parafold.errors import GpuOutOfMemoryError, InferenceError
+from parafold.fold.buckets import ShapeKey, shape_key
+from parafold.fold.config import model_config, resolve_pallas
+from parafold.fold.settings import ModelSettings
+
+if TYPE_CHECKING:
+    import haiku as hk
+    import ml_collections
+
+__all__ = ["ModelRunner", "RunnerStats", "enable_persistent_cache", "forward_transform",
+           "probe_batch", "is_out_of_memory", "Launched"]
+
+log = logging.getLogger(__name__)
+
+# Outputs we keep from each iteration; the MSA logits and structure trajectory are dropped.
+_KEEP_STRUCTURE = ("final_atom_positions", "final_atom_mask")
+_DROP = ("masked_msa", "representations")
+_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM when allocating")
+
+
+class _CacheEvents:
+    """Counts JAX's persistent-cache events (process-wide; listeners cannot be removed)."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.writes = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, **_: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            with self._lock:
+                self.hits += 1
+        elif event == "/jax/compilation_cache/cache_misses":
+            with self._lock:
+                self.writes += 1
+
+
+_EVENTS: _CacheEvents | None = None
+_CACHE_DIR: Path | None = None
+
+
+def _events() -> _CacheEvents:
+    global _EVENTS
+    if _EVENTS is None:
+        import jax
+
+        _EVENTS = _CacheEvents()
+        jax.monitoring.register_event_listener(_EVENTS)
+    return _EVENTS
+
+
+def enable_persistent_cache(cache_dir: Path | None) -> None:
+    """Point JAX's persistent compilation cache at `cache_dir` (None: leave it off).
+
+    Thresholds are zeroed so even the small executables of CPU tests are stored.
+    """
+    global _CACHE_DIR
+    import jax
+
+    _events()
+    if cache_dir is None or Path(cache_dir) == _CACHE_DIR:
+        return
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    if _CACHE_DIR is not None:
+        try:
+            from jax._src import compilation_cache
+
+            compilation_cache.reset_cache()
+        except (ImportError, AttributeError):  # private API; a new dir then needs a new process
+            log.warning("could not switch the compilation cache to %s", cache_dir)
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    _CACHE_DIR = Path(cache_dir)
+    log.info("persistent compilation cache: %s", cache_dir)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True only when XLA said it ran out of device memory."""
+    return any(marker in str(exc) for marker in _OOM_MARKERS)
+
+
+def forward_transform(model_name: str, settings: ModelSettings, *, low_memory: bool,
+                      key: ShapeKey | None = None, pallas: dict[str, Any] | None = None
+                      ) -> tuple[hk.Transformed, ml_collections.ConfigDict]:
+    """haiku transform of one recycling iteration (the fork's `AlphaFold_noE`) and its config."""
+    import haiku as hk
+    from alphafold.model import modules
+
+    key = key or shape_key(16, 4, model_name, settings)
+    cfg = model_config(model_name, settings, clusters=key.clusters, extra=key.extra,
+                       templates=key.templates, pallas=pallas or {"use_pallas": False},
+                       low_memory=low_memory)
+
+    def forward(batch: dict[str, Any]) -> dict[str, Any]:
+        return modules.AlphaFold_noE(cfg.model)(batch, is_training=False)
+
+    return hk.transform(forward), cfg
+
+
+def probe_batch(model_name: str, settings: ModelSettings) -> dict[str, Any]:
+    """A small processed batch for tracing (parameter shapes do not depend on its size)."""
+    from parafold.fold.processing import process_features
+    from parafold.fold.synthetic import make_features
+
+    key = shape_key(16, 4, model_name, settings)
+    _, cfg = forward_transform(model_name, settings, low_memory=False, key=key)
+    raw = make_features("ACDEFGHIKLMNPQRS", 4, num_templates=1 if key.templates else 0)
+    feats = process_features(raw, cfg, key, seed=0)
+    return {k: v[0] for k, v in feats.items()}
+
+
+@dataclass(slots=True)
+class RunnerStats:
+    """Counters of the runner; `xla_compiles` excludes executables the persistent cache gave."""
+
+    compiles: int = 0
+    persistent_hits: int = 0
+    compile_s: float = 0.0
+    predict_s: float = 0.0
+    predictions: int = 0
+    compile_keys: list[str] = field(default_factory=list)
+
+    @property
+    def xla_compiles(self) -> int:
+        return self.compiles - self.persistent_hits
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"compiles": self.compiles, "persistent_hits": self.persistent_hits,
+                "xla_compiles": self.xla_compiles, "compile_s": round(self.compile_s, 3),
+                "predict_s": round(self.predict_s, 3), "predictions": self.predictions}
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    compiled: Any
+    fingerprint: str
+
+
+@dataclass(slots=True)
+class Launched:
+    """A prediction dispatched to the device; `fetch()` waits for it and brings it home."""
+
+    key: ShapeKey
+    outputs: Any
+    iterations: int
+    started: float
+
+
+def _step_fn(transform: hk.Transformed) -> Any:
+    import jax.numpy as jnp
+
+    def step(params: Any, rng: Any, batch: dict[str, Any], prev: dict[str, Any]
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+        out = transform.apply(params, rng, {**batch, "prev": prev})
+        new_prev = {k: v.astype(jnp.float32) for k, v in out.pop("prev").items()}
+        for name in _DROP:
+            out.pop(name, None)
+        out["structure_module"] = {k: out["structure_module"][k] for k in _KEEP_STRUCTURE}
+        return out, new_prev
+
+    return step
+
+
+class ModelRunner:
+    """Compiled executables by shape key, and the recycling loop that calls them."""
+
+    def __init__(self, settings: ModelSettings) -> None:
+        import jax
+
+        self.settings = settings
+        enable_persistent_cache(settings.compile_cache_dir)
+        self.pallas = resolve_pallas(settings)
+        if self.pallas.get("use_pallas"):
+            import ml_collections
+            from colabfold_kernels.fused_ops import register_ffi_targets
+            register_ffi_targets(ml_collections.ConfigDict(self.pallas))
+        self.platform = jax.default_backend()
+        self.stats = RunnerStats()
+        self._cache: dict[ShapeKey, _Entry] = {}
+
+    @property
+    def compiled_keys(self) -> list[ShapeKey]:
+        return sorted(self._cache)
+
+    def has(self, key: ShapeKey) -> bool:
+        """True when `key` is compiled in this process already."""
+        return key in self._cache
+
+    def config(self, model_name: str, key: ShapeKey) -> ml_collections.ConfigDict:
+        return forward_transform(model_name, self.settings, low_memory=key.low_memory, key=key,
+                                 pallas=self.pallas)[1]
+
+    @staticmethod
+    def _prev(length: int) -> dict[str, np.ndarray]:
+        return {"prev_msa_first_row": np.zeros((length, 256), np.float32),
+                "prev_pair": np.zeros((length, length, 128), np.float32),
+                "prev_pos": np.zeros((length, 37, 3), np.float32)}
+
+    def executable(self, model_name: str, key: ShapeKey, params: Any, batch: dict[str, Any]
+                   ) -> Any:
+        """The executable for `key`, compiled on first use (from the persistent cache if there)."""
+        import jax
+
+        transform, cfg = forward_transform(model_name, self.settings, low_memory=key.low_memory,
+                                           key=key, pallas=self.pallas)
+        fingerprint = cfg.model.to_json()
+        entry = self._cache.get(key)
+        if entry is not None:
+            if entry.fingerprint != fingerprint:
+                raise InferenceError(f"{model_name}: model config differs from the one compiled "
+                                     f"for {key.describe()}")
+            return entry.compiled
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                          (params, jax.random.PRNGKey(0), batch,
+                                           self._prev(key.length)))
+        events = _events()
+        hits_before = events.hits
+        started = time.perf_counter()
+        try:
+            compiled = jax.jit(_step_fn(transform)).lower(*abstract).compile()
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise GpuOutOfMemoryError(f"out of memory compiling {key.describe()}") from exc
+            raise
+        seconds = time.perf_counter() - started
+        hit = events.hits > hits_before
+        self.stats.compiles += 1
+        self.stats.persistent_hits += int(hit)
+        self.stats.compile_s += seconds
+        self.stats.compile_keys.append(key.describe())
+        log.info("compiled %s in %.1f s%s", key.describe(), seconds,
+                 " (persistent cache)" if hit else "")
+        self._cache[key] = _Entry(compiled=compiled, fingerprint=fingerprint)
+        return compiled
+
+    def launch(self, model_name: str, key: ShapeKey, params: Any, feats: dict[str, np.ndarray],
+               seed: int) -> Launched:
+        """Dispatch all recycling iterations; returns before the device is done (unless early
+        stopping needs to read the tolerance).
+
+        Raises:
+            GpuOutOfMemoryError: XLA reported the device out of memory.
+        """
+        import jax
+
+        iterations = int(feats["aatype"].shape[0])
+        tolerance = self.settings.recycle_early_stop_tolerance
+        first = {k: v[0] for k, v in feats.items()}
+        compiled = self.executable(model_name, key, params, first)
+        started = time.perf_counter()
+        try:
+            rng = jax.random.PRNGKey(seed)
+            prev: Any = self._prev(key.length)
+            outputs: Any = None
+            done = 0
+            for r in range(iterations):
+                rng, sub = jax.random.split(rng)
+                batch = first if r == 0 else {k: v[r] for k, v in feats.items()}
+                outputs, prev = compiled(params, sub, batch, prev)
+                done = r + 1
+                if tolerance > 0 and r > 0 and float(outputs["tol"]) < tolerance:
+                    break
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise GpuOutOfMemoryError(f"out of memory predicting {key.describe()}") from exc
+            raise
+        return Launched(key=key, outputs=outputs, iterations=done, started=started)
+
+    def fetch(self, launched: Launched) -> tuple[dict[str, Any], float]:
+        """Wait for a launched prediction; its outputs as numpy and seconds since launch."""
+        import jax
+
+        try:
+            result = jax.device_get(launched.outputs)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise GpuOutOfMemoryError(
+                    f"out of memory predicting {launched.key.describe()}") from exc
+            raise
+        seconds = time.perf_counter() - launched.started
+        self.stats.predict_s += seconds
+        self.stats.predictions += 1
+        result["num_recycles"] = np.int32(launched.iterations - 1)
+        return result, seconds
+
+    def low_memory_key(self, key: ShapeKey) -> ShapeKey:
+        return replace(key, low_memory=True)

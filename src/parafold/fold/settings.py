@@ -1,0 +1,96 @@
+"""What the GPU stage is asked to do, as one typed, immutable value.
+
+Kept free of jax so the command line and the scheduler can build and compare settings
+without starting an accelerator runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from parafold.errors import InputError
+
+__all__ = ["ModelSettings", "MODEL_PRESETS", "CONFIG_SIZES", "default_compile_cache_dir",
+           "parse_model_numbers"]
+
+MODEL_PRESETS = ("monomer", "monomer_ptm")
+CONFIG_SIZES = ("full", "tiny")
+
+
+def default_compile_cache_dir() -> Path:
+    """The user's cache folder for JAX executables (`$XDG_CACHE_HOME/parafold/jax`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "parafold" / "jax"
+
+
+def parse_model_numbers(text: str) -> tuple[int, ...]:
+    """'1,2,3' -> (1, 2, 3); each number in 1..5, no repeats.
+
+    Raises:
+        InputError: a number outside 1..5, a repeat, or text that is not a list of numbers.
+    """
+    try:
+        numbers = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError as exc:
+        raise InputError(f"--models {text!r}: expected numbers like 1,2,3,4,5") from exc
+    if not numbers or any(n < 1 or n > 5 for n in numbers) or len(set(numbers)) != len(numbers):
+        raise InputError(f"--models {text!r}: expected distinct numbers from 1 to 5")
+    return numbers
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """Model, recycling, seeds, numerics and compilation choices for `predict`.
+
+    `use_pallas=None` means auto: fused kernels on a GPU that runs them, off on the CPU.
+    `compile_cache_dir=None` turns JAX's persistent compilation cache off.
+    Bucket ladders are the padded sizes a target may be put in; see `parafold.fold.buckets`.
+    """
+
+    model_preset: str = "monomer_ptm"
+    models: tuple[int, ...] = (1, 2, 3, 4, 5)
+    num_recycle: int = 3
+    recycle_early_stop_tolerance: float = 0.0
+    num_seeds: int = 1
+    random_seed: int = 0
+    config_size: str = "full"
+    use_pallas: bool | None = None
+    float32: bool = False
+    compile_cache_dir: Path | None = field(default_factory=default_compile_cache_dir)
+    max_length_waste: float = 0.15
+    min_length_bucket: int = 32
+    length_multiple: int = 8
+    msa_depth_buckets: bool = True
+    save_raw: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model_preset not in MODEL_PRESETS:
+            raise InputError(f"model preset {self.model_preset!r}: expected one of {MODEL_PRESETS}")
+        if self.config_size not in CONFIG_SIZES:
+            raise InputError(f"model config {self.config_size!r}: expected one of {CONFIG_SIZES}")
+        if not self.models or any(n < 1 or n > 5 for n in self.models):
+            raise InputError(f"models {self.models!r}: expected numbers from 1 to 5")
+        if len(set(self.models)) != len(self.models):
+            raise InputError(f"models {self.models!r}: a model is named twice")
+        if self.num_recycle < 0:
+            raise InputError(f"--num-recycle must be >= 0, got {self.num_recycle}")
+        if self.num_seeds < 1:
+            raise InputError(f"--num-seeds must be >= 1, got {self.num_seeds}")
+        if self.recycle_early_stop_tolerance < 0:
+            raise InputError("--recycle-early-stop-tolerance must be >= 0")
+        if not 0.0 < self.max_length_waste < 1.0:
+            raise InputError(f"max length waste must be in (0, 1), got {self.max_length_waste}")
+        if self.min_length_bucket < 1 or self.length_multiple < 1:
+            raise InputError("length buckets need a positive minimum and multiple")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """AlphaFold's names for the chosen models, e.g. ('model_1_ptm', 'model_2_ptm')."""
+        suffix = "_ptm" if self.model_preset == "monomer_ptm" else ""
+        return tuple(f"model_{n}{suffix}" for n in self.models)
+
+    @property
+    def num_iterations(self) -> int:
+        return self.num_recycle + 1

@@ -1,0 +1,51 @@
+"""End to end through the command line: `params random --preset tiny`, then `predict`."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from parafold.cli import app  # noqa: E402
+from parafold.featureset import write_feature_set  # noqa: E402
+
+
+def test_params_random_then_predict(tmp_path, tmp_path_factory):
+    from parafold.fold.synthetic import make_features
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["params", "random", str(tmp_path / "w"), "--preset", "tiny",
+                              "--models", "3"])
+    assert res.exit_code == 0, res.output
+    seq = "MKTAYIAKQRQISFVKSHFSRQ"
+    write_feature_set(tmp_path / "feats" / "t1", name="t1", target_id="t1",
+                      features=make_features(seq, 12))
+    cache = tmp_path_factory.getbasetemp() / "jax-cache"
+    args = ["predict", str(tmp_path / "feats"), "-o", str(tmp_path / "out"), "--params-dir",
+            str(tmp_path / "w"), "--models", "3", "--num-recycle", "1", "--float32",
+            "--compile-cache", str(cache), "--save-raw"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out" / "t1"
+    for name in ("ranked_0.pdb", "ranked_0.cif", "unrelaxed_model_3_ptm.pdb",
+                 "ranking_debug.json", "timings.json", "scores_model_3_ptm.json",
+                 "pae_model_3_ptm.json", "result_model_3_ptm.pkl"):
+        assert (out / name).is_file(), name
+    # the params folder records the tiny config: asking for full is refused, not guessed
+    res = runner.invoke(app, args[:-1] + ["--config", "full"])
+    assert res.exit_code == 2 and "tiny" in res.output
+
+
+def test_predict_refuses_untrusted_pickles(tmp_path):
+    from parafold.fold.synthetic import make_features
+
+    write_feature_set(tmp_path / "feats" / "t1", name="t1", target_id="t1",
+                      features=make_features("ACDEFGHIKLMNPQRSTVWY", 4), write_pickle=True)
+    (tmp_path / "feats" / "t1" / "features.json").unlink()
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "feats"), "-o", str(tmp_path / "o"),
+                                   "--params-dir", str(tmp_path / "w")])
+    assert res.exit_code != 0
+    assert not (tmp_path / "o" / "t1" / "ranked_0.pdb").exists()

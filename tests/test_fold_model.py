@@ -1,0 +1,159 @@
+"""The real model in its tiny config with random weights, float32, on the CPU.
+
+Checks padding equivalence, one compile per (family, shape), the persistent cache across
+processes, and AlphaFold-compatible outputs with exactly the target's residues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from parafold.featureset import write_feature_set  # noqa: E402
+from parafold.fold.settings import ModelSettings  # noqa: E402
+
+LENGTHS = {"p20": 20, "p26": 26, "p31": 31, "p34": 34}  # buckets 32, 32, 32, 38
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from parafold.fold.params import write_random_params
+    from parafold.fold.synthetic import make_features, random_sequence
+
+    root = tmp_path_factory.mktemp("fold")
+    settings = ModelSettings(config_size="tiny", models=(3, 4), num_recycle=1, float32=True,
+                             compile_cache_dir=tmp_path_factory.getbasetemp() / "jax-cache")
+    write_random_params(root / "weights", settings, seed=0)
+    rng = np.random.default_rng(7)
+    sets = []
+    for i, (name, length) in enumerate(LENGTHS.items()):
+        feats = make_features(random_sequence(length, rng), 10, seed=i, description=name)
+        sets.append(write_feature_set(root / "features" / name, name=name, target_id=name,
+                                      features=feats))
+    return root, settings, sets
+
+
+@pytest.fixture(scope="module")
+def fold_run(env):
+    from parafold.fold.worker import FoldWorker
+
+    root, settings, sets = env
+    worker = FoldWorker(root / "weights", settings)
+    outcomes = worker.fold(sets, root / "out")
+    return worker, outcomes
+
+
+def test_padded_equals_unpadded(env):
+    """Length 30 -> 32 and extra MSA 8 -> 16 rows: same coordinates and pLDDT."""
+    import jax
+
+    from parafold.fold.buckets import ShapeKey, shape_key
+    from parafold.fold.params import load_params
+    from parafold.fold.processing import process_features, unpad_result
+    from parafold.fold.runner import ModelRunner
+    from parafold.fold.synthetic import make_features, random_sequence
+
+    root, settings, _ = env
+    raw = make_features(random_sequence(30, np.random.default_rng(3)), 40, seed=3)
+    runner = ModelRunner(settings)
+    params = jax.device_put(load_params(root / "weights", "model_3_ptm", settings))
+    padded = shape_key(30, 40, "model_3_ptm", settings)
+    exact = ShapeKey(family=padded.family, length=30, clusters=32, extra=8, templates=0)
+    assert (padded.length, padded.clusters, padded.extra) == (32, 32, 16)
+    results = {}
+    for key in (padded, exact):
+        feats = process_features(raw, runner.config("model_3_ptm", key), key, seed=5)
+        result, _ = runner.fetch(runner.launch("model_3_ptm", key, params, feats, seed=5))
+        results[key] = unpad_result(result, 30)
+    a, b = results[padded], results[exact]
+    pos_a = a["structure_module"]["final_atom_positions"]
+    pos_b = b["structure_module"]["final_atom_positions"]
+    mask = b["structure_module"]["final_atom_mask"] > 0
+    assert pos_a.shape == pos_b.shape == (30, 37, 3)
+    assert np.abs(pos_a - pos_b)[mask].max() <= 0.01
+    assert np.abs(a["plddt"] - b["plddt"]).max() <= 0.01
+    assert abs(float(a["ptm"]) - float(b["ptm"])) <= 1e-3
+    # random weights are not degenerate: pLDDT varies, atoms spread out
+    assert a["plddt"].std() > 0.05 and not np.allclose(a["plddt"], 50.0)
+    assert pos_a[:, 1].std(axis=0).min() > 1.0
+
+
+def test_compiles_once_per_family_and_shape(env, fold_run):
+    worker, outcomes = fold_run
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    # 4 proteins x 2 models of one family, two length buckets -> exactly two executables
+    keys = worker.runner.compiled_keys
+    assert [(k.family, k.length) for k in keys] == [("no_templates", 32), ("no_templates", 38)]
+    assert worker.stats["compiles"] == 2
+    assert worker.stats["predictions"] == 8
+
+
+def test_outputs_are_alphafold_compatible(env, fold_run):
+    from Bio.PDB import MMCIFParser, PDBParser
+
+    root, settings, sets = env
+    _, outcomes = fold_run
+    for fs, outcome in zip(sets, outcomes, strict=True):
+        folder = root / "out" / fs.name
+        ranking = json.loads((folder / "ranking_debug.json").read_text())
+        assert sorted(ranking["order"]) == sorted(settings.model_names)
+        assert list(outcome.ranked_model_names) == ranking["order"]
+        for i in range(len(settings.model_names)):
+            structure = PDBParser(QUIET=True).get_structure(fs.name, folder / f"ranked_{i}.pdb")
+            residues = list(structure.get_residues())
+            assert len(residues) == fs.length
+            from Bio.PDB.Polypeptide import index_to_one, three_to_index
+
+            seq = "".join(index_to_one(three_to_index(r.get_resname())) for r in residues)
+            assert seq == fs.sequence
+            bfac = [a.get_bfactor() for a in structure.get_atoms()]
+            assert min(bfac) > 0 and max(bfac) < 100
+            cif = MMCIFParser(QUIET=True).get_structure(fs.name, folder / f"ranked_{i}.cif")
+            assert len(list(cif.get_residues())) == fs.length
+        for model in settings.model_names:
+            scores = json.loads((folder / f"scores_{model}.json").read_text())
+            assert len(scores["plddt"]) == fs.length and 0 <= scores["ptm"] <= 1
+            pae = json.loads((folder / f"pae_{model}.json").read_text())
+            matrix = np.asarray(pae[0]["predicted_aligned_error"])
+            assert matrix.shape == (fs.length, fs.length)
+            assert pae[0]["max_predicted_aligned_error"] > 0
+            assert (folder / f"unrelaxed_{model}.pdb").is_file()
+        timings = json.loads((folder / "timings.json").read_text())
+        assert {f"predict_{m}" for m in settings.model_names} <= set(timings)
+    # a second run skips finished targets
+    worker, _ = fold_run
+    again = worker.fold(sets, root / "out")
+    assert all(o.skipped for o in again)
+
+
+def test_second_process_compiles_nothing(env, fold_run):
+    root, settings, sets = env
+    script = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        from parafold.featureset import read_feature_set
+        from parafold.fold.settings import ModelSettings
+        from parafold.fold.worker import FoldWorker
+        s = ModelSettings(config_size="tiny", models=(3, 4), num_recycle=1, float32=True,
+                          compile_cache_dir=Path({str(settings.compile_cache_dir)!r}))
+        w = FoldWorker(Path({str(root / "weights")!r}), s)
+        fs = read_feature_set(Path({str(sets[0].path)!r}))
+        out = w.fold([fs], Path({str(root / "out2")!r}))
+        print("STATS" + json.dumps(dict(w.stats, ok=out[0].ok)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("STATS"))
+    stats = json.loads(line[5:])
+    assert stats["ok"] and stats["compiles"] == 1
+    assert stats["persistent_hits"] == 1 and stats["xla_compiles"] == 0

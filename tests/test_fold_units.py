@@ -1,0 +1,101 @@
+"""GPU-stage pieces that need no compile: buckets, settings, params files, pickles, OOM."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from parafold.errors import InputError, ParamsError  # noqa: E402
+from parafold.featureset import read_feature_set, write_feature_set  # noqa: E402
+from parafold.fold import buckets  # noqa: E402
+from parafold.fold.settings import ModelSettings, parse_model_numbers  # noqa: E402
+
+
+def test_length_buckets_bound_waste_and_count():
+    s = ModelSettings()
+    for length in range(s.min_length_bucket, 1500):
+        bucket = buckets.length_bucket(length, s)
+        assert bucket >= length
+        assert buckets.padding_waste(length, bucket) <= s.max_length_waste + 1e-9
+    shapes = {buckets.length_bucket(n, s) for n in range(50, 301)}
+    assert len(shapes) <= 14
+
+
+def test_depth_buckets_follow_alphafold_split():
+    s = ModelSettings()
+    shallow = buckets.shape_key(100, 40, "model_3_ptm", s)
+    deep = buckets.shape_key(100, 3000, "model_3_ptm", s)
+    capped = buckets.shape_key(100, 3000, "model_5_ptm", s)
+    assert (shallow.clusters, shallow.extra) == (128, 80)
+    assert (deep.clusters, deep.extra) == (512, 5120)
+    assert capped.extra == 1024  # model_5 takes at most 1,024 extra rows
+    assert buckets.shape_key(100, 40, "model_1_ptm", s).templates == 4
+    unbucketed = ModelSettings(msa_depth_buckets=False)
+    assert buckets.shape_key(100, 40, "model_3_ptm", unbucketed).extra == 5120
+    # models of one family share keys, the two families never do
+    assert shallow == buckets.shape_key(100, 40, "model_4_ptm", s)
+    assert shallow != buckets.shape_key(100, 40, "model_2_ptm", s)
+
+
+def test_settings_validation():
+    assert ModelSettings(models=(1, 3)).model_names == ("model_1_ptm", "model_3_ptm")
+    assert ModelSettings(model_preset="monomer", models=(2,)).model_names == ("model_2",)
+    assert parse_model_numbers("1,2,3") == (1, 2, 3)
+    for bad in ("0", "1,1", "x", "6"):
+        with pytest.raises(InputError):
+            parse_model_numbers(bad)
+    with pytest.raises(InputError):
+        ModelSettings(config_size="huge")
+    with pytest.raises(InputError):
+        ModelSettings(model_preset="multimer")
+
+
+def test_params_errors_name_the_file(tmp_path):
+    from parafold.fold.params import load_params, params_path, write_random_params
+
+    tiny = ModelSettings(config_size="tiny", models=(3,), compile_cache_dir=None)
+    with pytest.raises(ParamsError, match="params_model_3_ptm.npz: missing"):
+        load_params(tmp_path, "model_3_ptm", tiny)
+    path = params_path(tmp_path, "model_3_ptm")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ParamsError, match="params_model_3_ptm.npz: malformed"):
+        load_params(tmp_path, "model_3_ptm", tiny)
+
+    write_random_params(tmp_path, tiny, seed=1)
+    params = load_params(tmp_path, "model_3_ptm", tiny)
+    # every tensor drawn: nothing constant, nothing all-zero
+    for scope, leaves in params.items():
+        for name, value in leaves.items():
+            assert np.std(value) > 1e-3, f"{scope}//{name} is constant"
+    # the release layout: triangle multiplications split into left/right projections
+    with np.load(path) as data:
+        assert any("left_projection" in key for key in data.files)
+    full = ModelSettings(config_size="full", models=(3,), compile_cache_dir=None)
+    with pytest.raises(ParamsError, match=r"params_model_3_ptm.npz: does not fit.*shape"):
+        load_params(tmp_path, "model_3_ptm", full)
+
+
+def test_pickles_need_trust(tmp_path):
+    from parafold.fold.synthetic import make_features
+
+    feats = make_features("ACDEFGHIKLMNPQRSTVWY", 5)
+    write_feature_set(tmp_path / "a", name="a", target_id="a", features=feats, write_pickle=True)
+    (tmp_path / "a" / "features.json").unlink()
+    (tmp_path / "a" / "features.npz").unlink()
+    with pytest.raises(InputError, match="--trust-pickles"):
+        read_feature_set(tmp_path / "a")
+    fs = read_feature_set(tmp_path / "a", trust_pickles=True)
+    assert fs.from_pickle and fs.length == 20
+
+
+def test_oom_recognised_only_from_xla_words():
+    from parafold.fold.runner import is_out_of_memory
+
+    assert is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
+    assert not is_out_of_memory(RuntimeError("INVALID_ARGUMENT: shapes differ"))
