@@ -1,5 +1,13 @@
 """GPU-stage throughput: parafold's FoldWorker against a stock-AlphaFold-style loop.
 
+Reports proteins/hour counting feature processing and every output file, the GPU's busy
+fraction (union of [dispatch, ready] of each launch over the stage's wall time; nvidia-smi's
+utilization too where present), compiles, and useful FLOP/s: matmul FLOPs counted in the traced
+program (scan bodies times their length, fused kernels off) at each protein's real length
+(`parafold.fold.flops`; MSA-depth padding counted as work), over the stage's wall time, and that
+as a fraction of a bf16 matmul peak measured in the same run. `--colabfold` also times
+`colabfold_batch` on the same inputs when it is installed (skipped, with the reason, otherwise).
+
 Random weights of the real architecture (`--config full`; `tiny` for a CPU smoke run), one
 model, 3 recycles, N synthetic proteins with random MSAs. parafold runs every protein through
 one FoldWorker (length and MSA-depth buckets, one compile per shape, params swapped in, fused
@@ -9,7 +17,8 @@ compile each time, AlphaFold's padding to 512/5,120 MSA rows, the fork's default
 the first `--stock-n` proteins only; its proteins/hour is extrapolated from those and labeled.
 
     python benchmarks/gpu_stage.py                       # GPU: full config, 200 proteins
-    python benchmarks/gpu_stage.py --config tiny --n 4   # CPU smoke run
+    python benchmarks/gpu_stage.py --n 1000 --lengths 50-150 --max-batch 32 --models 1
+    python benchmarks/gpu_stage.py --config tiny --n 4 --stock-subset 0 --force-batch  # CPU
 """
 
 from __future__ import annotations
@@ -66,8 +75,8 @@ class GpuSampler:
             self._proc.wait(timeout=10)
 
 
-def make_inputs(root: Path, n: int, min_len: int, max_len: int, min_depth: int, max_depth: int,
-                seed: int) -> list:
+def make_inputs(root: Path, n: int, min_len: int, max_len: int, min_depth: int,
+                max_depth: int, seed: int) -> list:
     from parafold.featureset import write_feature_set
     from parafold.fold.synthetic import make_features, random_sequence
 
@@ -83,31 +92,103 @@ def make_inputs(root: Path, n: int, min_len: int, max_len: int, min_depth: int, 
     return sets
 
 
+def _flop_jobs(args, sets: list, settings) -> dict:
+    """Start FLOP-polynomial fits per depth bucket in helper processes (off the timed path)."""
+    import concurrent.futures as cf
+    import multiprocessing
+    from dataclasses import replace
+
+    from parafold.fold.buckets import shape_key
+    from parafold.fold.flops import flops_polynomial
+    from parafold.fold.hostwork import _child_init
+
+    buckets = {}
+    for fs in sets:
+        for name in settings.model_names:
+            key = replace(shape_key(fs.length, fs.msa_depth, name, settings), length=16)
+            buckets.setdefault((name, key), None)
+    pool = cf.ProcessPoolExecutor(max_workers=args.flop_workers, initializer=_child_init,
+                                  mp_context=multiprocessing.get_context("spawn"))
+    arch = replace(settings, compile_cache_dir=None)
+    return {"pool": pool, "jobs": {bk: pool.submit(flops_polynomial, bk[0], arch, bk[1])
+                                   for bk in buckets}}
+
+
+def _useful_flops(flop_jobs: dict, sets: list, settings, iterations: int) -> float | None:
+    from dataclasses import replace
+
+    from parafold.fold.buckets import shape_key
+    from parafold.fold.flops import polynomial_flops
+
+    try:
+        coeffs = {bk: job.result(timeout=600) for bk, job in flop_jobs["jobs"].items()}
+    except Exception as exc:  # a benchmark figure, not a result: report and go on
+        log.warning("FLOP count failed: %s", exc)
+        return None
+    finally:
+        flop_jobs["pool"].shutdown(cancel_futures=True)
+    total = 0.0
+    for fs in sets:
+        for name in settings.model_names:
+            key = replace(shape_key(fs.length, fs.msa_depth, name, settings), length=16)
+            total += iterations * polynomial_flops(coeffs[(name, key)], fs.length)
+    return total
+
+
 def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sampler) -> dict:
+    import jax
+
     from parafold.fold.settings import ModelSettings
     from parafold.fold.worker import FoldWorker
 
-    settings = ModelSettings(models=(args.model,), num_recycle=args.num_recycle,
-                             config_size=args.config, compile_cache_dir=cache)
+    settings = ModelSettings(models=args.models, num_recycle=args.num_recycle,
+                             config_size=args.config, compile_cache_dir=cache,
+                             max_batch=args.max_batch, force_batch=args.force_batch,
+                             host_workers=args.host_workers)
+    flop_jobs = _flop_jobs(args, sets, settings) if args.flops else None
     worker = FoldWorker(params_dir, settings)
     worker.load_params()
+    worker.pools.features(), worker.pools.writes()  # helper start-up is not stage time
     mark = sampler.mark()
     started = time.perf_counter()
     outcomes = worker.fold(sets, out)
     wall = time.perf_counter() - started
     stats = worker.stats
+    worker.close()
     ok = sum(o.ok for o in outcomes)
-    return {
-        "proteins": len(sets), "ok": ok, "wall_s": round(wall, 2),
-        "proteins_per_hour": round(ok / wall * 3600, 1),
+    mem = jax.devices()[0].memory_stats() or {}
+    per_model = ok * len(settings.models)
+    report = {
+        "proteins": len(sets), "ok": ok, "models": list(settings.models),
+        "wall_s": round(wall, 2), "proteins_per_hour": round(ok / wall * 3600, 1),
         "compiles": stats["compiles"], "xla_compiles": stats["xla_compiles"],
-        "compile_s": stats["compile_s"], "predict_s": stats["predict_s"],
-        "shapes": sorted({o.bucket for o in outcomes}),
+        "persistent_hits": stats["persistent_hits"], "compile_s": stats["compile_s"],
+        "predict_s": stats["predict_s"], "launches": stats["launches"],
+        "mean_batch": round(stats["batched_members"] / max(1, stats["launches"]), 2),
+        "padded_slots": stats["padded_slots"], "shapes": sorted({o.bucket for o in outcomes}),
+        "busy_fraction": stats["busy_fraction"],
         "busy_fraction_nvidia_smi": sampler.mean_since(mark),
-        "busy_fraction_est": round(stats["predict_s"] / wall, 3),
-        "warm_s_per_protein": round((wall - stats["compile_s"]) / max(ok, 1), 3),
+        "warm_s_per_prediction": round((wall - stats["compile_s"]) / max(per_model, 1), 4),
         "fused_kernels": bool(worker.runner.pallas.get("use_pallas")),
+        "peak_device_bytes": mem.get("peak_bytes_in_use"),
+        "host_workers": worker.pools.feature_workers,
     }
+    if flop_jobs is not None:
+        flops = _useful_flops(flop_jobs, [o for o in sets], settings, args.num_recycle + 1)
+        ok_names = {o.name for o in outcomes if o.ok}
+        if flops is not None and ok_names:
+            flops *= len(ok_names) / len(sets)  # failed targets did no useful work
+            report["useful_tflop"] = round(flops / 1e12, 2)
+            report["useful_tflops_per_s"] = round(flops / wall / 1e12, 2)
+            report["useful_tflops_per_busy_s"] = round(
+                flops / max(stats["busy_s"], 1e-9) / 1e12, 2)
+    if worker.runner.platform != "cpu":
+        from parafold.fold.batching import member_bytes
+        biggest = max((k for k in worker.runner.compiled_keys), key=lambda k: k.batch * k.length)
+        report["memory_model_bytes_biggest_batch"] = biggest.batch * member_bytes(
+            biggest, bfloat16=True, iterations=args.num_recycle + 1)
+        report["biggest_batch"] = biggest.describe()
+    return report
 
 
 def run_stock(args, params_dir: Path, sets: list, sampler) -> dict:
@@ -120,10 +201,11 @@ def run_stock(args, params_dir: Path, sets: list, sampler) -> dict:
     from parafold.fold.params import load_params
     from parafold.fold.settings import ModelSettings
 
-    name = f"model_{args.model}_ptm"
-    settings = ModelSettings(models=(args.model,), config_size=args.config, compile_cache_dir=None)
+    name = f"model_{args.models[0]}_ptm"
+    settings = ModelSettings(models=args.models[:1], config_size=args.config,
+                             compile_cache_dir=None)
     params = load_params(params_dir, name, settings)
-    subset = sets[: args.stock_n]
+    subset = sets[: args.stock_subset]
     times = []
     mark = sampler.mark()
     for fs in subset:
@@ -150,19 +232,85 @@ def run_stock(args, params_dir: Path, sets: list, sampler) -> dict:
             "busy_fraction_nvidia_smi": sampler.mean_since(mark)}
 
 
+def _a3m(fs) -> str:
+    """The feature set's MSA as a3m text (query first), for colabfold_batch."""
+    from alphafold.common import residue_constants as rc
+
+    raw = fs.load()
+    rows = []
+    for r, row in enumerate(np.asarray(raw["msa"])):
+        rows.append(f">s{r}\n" + "".join(rc.ID_TO_HHBLITS_AA[int(a)] for a in row))
+    return "\n".join(rows) + "\n"
+
+
+def run_colabfold(args, params_dir: Path, sets: list, work: Path) -> dict:
+    """`colabfold_batch` on the same MSAs and random weights, if it is installed here."""
+    exe = shutil.which("colabfold_batch")
+    if exe is None:
+        try:
+            import colabfold.batch  # noqa: F401
+        except ImportError:
+            return {"skipped": "colabfold_batch is not on PATH and colabfold is not importable "
+                               "(not installed on this machine; it has no network to install)"}
+        cmd = [sys.executable, "-m", "colabfold.batch"]
+    else:
+        cmd = [exe]
+    inputs = work / "colabfold_in"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for fs in sets:
+        (inputs / f"{fs.name}.a3m").write_text(_a3m(fs))
+    # colabfold looks for weights under <data>/params and a download marker beside them
+    (params_dir / "params" / "download_complexes_multimer_v3_finished.txt").touch()
+    (params_dir / "params" / "download_finished.txt").touch()
+    out = work / "colabfold_out"
+    cmd += [str(inputs), str(out), "--num-models", str(len(args.models)),
+            "--model-order", ",".join(str(m) for m in args.models), "--num-recycle",
+            str(args.num_recycle), "--model-type", "alphafold2_ptm", "--data", str(params_dir)]
+    if args.colabfold_args:
+        cmd += args.colabfold_args.split()
+    log.info("running %s", " ".join(cmd))
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.colabfold_timeout)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        return {"failed": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
+    done = len(list(out.glob("*_rank_001_*.pdb")))
+    return {"proteins": done, "wall_s": round(wall, 2),
+            "proteins_per_hour": round(done / wall * 3600, 1), "command": cmd}
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    return int(lo), int(hi or lo)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from parafold.fold.settings import parse_model_numbers
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=("full", "tiny"), default="full")
     parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--min-len", type=int, default=50)
-    parser.add_argument("--max-len", type=int, default=300)
-    parser.add_argument("--min-depth", type=int, default=64)
-    parser.add_argument("--max-depth", type=int, default=500)
-    parser.add_argument("--model", type=int, default=1)
+    parser.add_argument("--lengths", type=_range, default=(50, 300), help="e.g. 50-150")
+    parser.add_argument("--depths", type=_range, default=(64, 500), help="MSA rows, e.g. 64-500")
+    parser.add_argument("--models", type=parse_model_numbers, default=(1,), help="e.g. 1 or 1,2,3,4,5")
     parser.add_argument("--num-recycle", type=int, default=3)
-    parser.add_argument("--stock-n", type=int, default=6, help="proteins timed in the stock loop")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--force-batch", action="store_true", help="batch on the CPU too")
+    parser.add_argument("--host-workers", type=int, default=None)
+    parser.add_argument("--stock-subset", "--stock-n", dest="stock_subset", type=int, default=6,
+                        help="proteins timed in the stock loop (0: skip it)")
+    parser.add_argument("--no-flops", dest="flops", action="store_false",
+                        help="skip the useful-FLOP count and the bf16 peak")
+    parser.add_argument("--flop-workers", type=int, default=2)
+    parser.add_argument("--colabfold", action="store_true",
+                        help="also time colabfold_batch on the same inputs, if installed")
+    parser.add_argument("--colabfold-args", default="", help="extra colabfold_batch flags")
+    parser.add_argument("--colabfold-timeout", type=float, default=3600)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="persistent compile cache (default: a fresh one in the workdir)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="reused if it holds params and features from an earlier run")
     parser.add_argument("--json", type=Path, default=None, help="save the numbers here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
@@ -170,47 +318,85 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from parafold.fold.params import write_random_params
+    from parafold.featureset import read_feature_set
+    from parafold.fold.params import params_path, write_random_params
     from parafold.fold.settings import ModelSettings
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="parafold-bench-"))
     log.info("backend %s, devices %s, workdir %s", jax.default_backend(), jax.devices(), work)
     started = time.perf_counter()
-    write_random_params(work / "weights", ModelSettings(models=(args.model,),
-                        config_size=args.config, compile_cache_dir=None), seed=args.seed)
+    arch = ModelSettings(models=args.models, config_size=args.config, compile_cache_dir=None)
+    if not all(params_path(work / "weights", m).is_file() for m in arch.model_names):
+        write_random_params(work / "weights", arch, seed=args.seed)
     log.info("random params in %.1f s", time.perf_counter() - started)
     started = time.perf_counter()
-    sets = make_inputs(work / "features", args.n, args.min_len, args.max_len, args.min_depth,
-                       args.max_depth, args.seed)
+    tag = f"n{args.n}-L{args.lengths[0]}-{args.lengths[1]}-D{args.depths[0]}-{args.depths[1]}"
+    feat_root = work / f"features-{tag}-s{args.seed}"
+    if (feat_root / "complete").is_file():
+        sets = [read_feature_set(feat_root / f"p{i:04d}") for i in range(args.n)]
+    else:
+        sets = make_inputs(feat_root, args.n, *args.lengths, *args.depths, args.seed)
+        (feat_root / "complete").touch()
     log.info("%d synthetic feature sets in %.1f s", len(sets), time.perf_counter() - started)
+    peak = None
+    if args.flops and jax.default_backend() != "cpu":
+        peak = measure_peak()
     sampler = GpuSampler()
     try:
-        cache = work / f"jax-cache-{time.time_ns()}"
-        ours = run_parafold(args, work / "weights", sets, work / "out", cache, sampler)
-        stock = run_stock(args, work / "weights", sets, sampler) if args.stock_n > 0 else None
+        cache = args.cache_dir or work / f"jax-cache-{time.time_ns()}"
+        out = work / f"out-{time.time_ns()}"
+        ours = run_parafold(args, work / "weights", sets, out, cache, sampler)
+        stock = (run_stock(args, work / "weights", sets, sampler)
+                 if args.stock_subset > 0 else None)
     finally:
         sampler.stop()
-    report = {"device": str(jax.devices()[0]), "config": args.config, "model": args.model,
-              "num_recycle": args.num_recycle, "parafold": ours, "stock_loop": stock}
+    colab = run_colabfold(args, work / "weights", sets, work) if args.colabfold else None
+    report = {"device": str(jax.devices()[0]), "config": args.config,
+              "models": list(args.models), "num_recycle": args.num_recycle,
+              "lengths": list(args.lengths), "depths": list(args.depths),
+              "max_batch": args.max_batch, "bf16_peak_tflops": peak and round(peak / 1e12, 1),
+              "parafold": ours, "stock_loop": stock, "colabfold": colab}
+    if peak and "useful_tflops_per_s" in ours:
+        ours["fraction_of_bf16_peak"] = round(ours["useful_tflops_per_s"] * 1e12 / peak, 4)
     if stock:
         report["speedup"] = round(ours["proteins_per_hour"] / stock["proteins_per_hour_extrapolated"], 1)
+    if colab and "proteins_per_hour" in colab:
+        report["speedup_vs_colabfold"] = round(ours["proteins_per_hour"] / colab["proteins_per_hour"], 1)
+    _print(report, args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+def measure_peak() -> float:
+    from parafold.fold.flops import measure_bf16_peak
+
+    peak = measure_bf16_peak()
+    log.info("bf16 matmul peak %.1f TFLOP/s", peak / 1e12)
+    return peak
+
+
+def _print(report: dict, args) -> None:
+    ours, stock, colab = report["parafold"], report["stock_loop"], report["colabfold"]
     print("\n=== GPU stage benchmark ===")
-    print(f"device: {report['device']}  config: {args.config}  model_{args.model}_ptm x "
-          f"{args.num_recycle} recycles  proteins: {args.n} ({args.min_len}-{args.max_len} residues)")
+    print(f"device: {report['device']}  config: {args.config}  models {list(args.models)} x "
+          f"{args.num_recycle} recycles  proteins: {args.n} ({args.lengths[0]}-{args.lengths[1]} "
+          f"residues, {args.depths[0]}-{args.depths[1]} MSA rows)  max batch {args.max_batch}")
     print(f"parafold: {ours['proteins_per_hour']} proteins/hour  wall {ours['wall_s']} s  "
           f"compiles {ours['compiles']} ({ours['xla_compiles']} by XLA) in {ours['compile_s']} s  "
-          f"warm {ours['warm_s_per_protein']} s/protein  fused kernels {ours['fused_kernels']}")
-    print(f"          GPU busy (nvidia-smi) {ours['busy_fraction_nvidia_smi']}  "
-          f"(predict time / wall) {ours['busy_fraction_est']}")
+          f"launches {ours['launches']} (mean batch {ours['mean_batch']})  "
+          f"fused kernels {ours['fused_kernels']}")
+    print(f"          GPU busy (launch intervals) {ours['busy_fraction']}  "
+          f"(nvidia-smi) {ours['busy_fraction_nvidia_smi']}  "
+          f"useful {ours.get('useful_tflops_per_s')} TFLOP/s of a measured bf16 peak "
+          f"{report['bf16_peak_tflops']} -> {ours.get('fraction_of_bf16_peak')}")
     if stock:
         print(f"stock loop (fresh RunModel per protein, {stock['proteins_timed']} timed, "
               f"EXTRAPOLATED): {stock['proteins_per_hour_extrapolated']} proteins/hour  "
-              f"{stock['s_per_protein']} s/protein  GPU busy {stock['busy_fraction_nvidia_smi']}")
-        print(f"speedup: {report['speedup']}x")
+              f"{stock['s_per_protein']} s/protein  speedup {report['speedup']}x")
+    if colab is not None:
+        print(f"colabfold_batch: {colab}")
     sys.stdout.flush()
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import ml_collections
 
 __all__ = ["ModelRunner", "RunnerStats", "enable_persistent_cache", "forward_transform",
-           "probe_batch", "is_out_of_memory", "Launched"]
+           "probe_batch", "is_out_of_memory", "Launched", "LaunchedBatch"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,9 @@ class RunnerStats:
     compile_s: float = 0.0
     predict_s: float = 0.0
     predictions: int = 0
+    launches: int = 0
+    batched_members: int = 0
+    padded_slots: int = 0
     compile_keys: list[str] = field(default_factory=list)
 
     @property
@@ -149,7 +152,9 @@ class RunnerStats:
     def as_dict(self) -> dict[str, Any]:
         return {"compiles": self.compiles, "persistent_hits": self.persistent_hits,
                 "xla_compiles": self.xla_compiles, "compile_s": round(self.compile_s, 3),
-                "predict_s": round(self.predict_s, 3), "predictions": self.predictions}
+                "predict_s": round(self.predict_s, 3), "predictions": self.predictions,
+                "launches": self.launches, "batched_members": self.batched_members,
+                "padded_slots": self.padded_slots}
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +188,38 @@ def _step_fn(transform: hk.Transformed) -> Any:
     return step
 
 
+@dataclass(slots=True)
+class LaunchedBatch:
+    """A batch dispatched to the device: `count` real members, iterations run per member."""
+
+    key: ShapeKey
+    outputs: Any
+    iterations: list[int]
+    count: int
+    started: float
+
+
+def _batched_step_fn(transform: hk.Transformed) -> Any:
+    """vmap of one iteration over members: params shared, features/prev/PRNG key per member."""
+    import jax
+
+    return jax.vmap(_step_fn(transform), in_axes=(None, 0, 0, 0))
+
+
+def _member_keys(seeds: list[int], iterations: int) -> list[Any]:
+    """Per-iteration PRNG keys [B, 2], each member's sequence exactly as a lone run draws it."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    subs = []
+    for _ in range(iterations):
+        pairs = jax.vmap(jax.random.split)(keys)
+        keys, sub = pairs[:, 0], pairs[:, 1]
+        subs.append(sub)
+    return subs
+
+
 class ModelRunner:
     """Compiled executables by shape key, and the recycling loop that calls them."""
 
@@ -213,14 +250,18 @@ class ModelRunner:
                                  pallas=self.pallas)[1]
 
     @staticmethod
-    def _prev(length: int) -> dict[str, np.ndarray]:
-        return {"prev_msa_first_row": np.zeros((length, 256), np.float32),
-                "prev_pair": np.zeros((length, length, 128), np.float32),
-                "prev_pos": np.zeros((length, 37, 3), np.float32)}
+    def _prev(length: int, batch: int = 1) -> dict[str, np.ndarray]:
+        lead = (batch,) if batch > 1 else ()
+        return {"prev_msa_first_row": np.zeros(lead + (length, 256), np.float32),
+                "prev_pair": np.zeros(lead + (length, length, 128), np.float32),
+                "prev_pos": np.zeros(lead + (length, 37, 3), np.float32)}
 
     def executable(self, model_name: str, key: ShapeKey, params: Any, batch: dict[str, Any]
                    ) -> Any:
-        """The executable for `key`, compiled on first use (from the persistent cache if there)."""
+        """The executable for `key`, compiled on first use (from the persistent cache if there).
+
+        `key.batch > 1` compiles the vmapped iteration; `batch` then has a leading member axis.
+        """
         import jax
 
         transform, cfg = forward_transform(model_name, self.settings, low_memory=key.low_memory,
@@ -232,14 +273,17 @@ class ModelRunner:
                 raise InferenceError(f"{model_name}: model config differs from the one compiled "
                                      f"for {key.describe()}")
             return entry.compiled
+        rng = jax.random.PRNGKey(0)
+        if key.batch > 1:
+            rng = np.zeros((key.batch,) + tuple(rng.shape), rng.dtype)
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                          (params, jax.random.PRNGKey(0), batch,
-                                           self._prev(key.length)))
+                                          (params, rng, batch, self._prev(key.length, key.batch)))
+        step = _batched_step_fn(transform) if key.batch > 1 else _step_fn(transform)
         events = _events()
         hits_before = events.hits
         started = time.perf_counter()
         try:
-            compiled = jax.jit(_step_fn(transform)).lower(*abstract).compile()
+            compiled = jax.jit(step).lower(*abstract).compile()
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise GpuOutOfMemoryError(f"out of memory compiling {key.describe()}") from exc
@@ -286,6 +330,7 @@ class ModelRunner:
             if is_out_of_memory(exc):
                 raise GpuOutOfMemoryError(f"out of memory predicting {key.describe()}") from exc
             raise
+        self.stats.launches += 1
         return Launched(key=key, outputs=outputs, iterations=done, started=started)
 
     def fetch(self, launched: Launched) -> tuple[dict[str, Any], float]:
@@ -304,6 +349,80 @@ class ModelRunner:
         self.stats.predictions += 1
         result["num_recycles"] = np.int32(launched.iterations - 1)
         return result, seconds
+
+    def launch_batch(self, model_name: str, key: ShapeKey, params: Any,
+                     inputs: list[dict[str, Any]], seeds: list[int]) -> LaunchedBatch:
+        """Dispatch every iteration of a batch (`stack_members` output, maybe on the device).
+
+        With an early-stop tolerance, each iteration reads the members' `tol`: a member below
+        it is done, and from then on its outputs and recycling state are frozen (masked with
+        `done`); the loop ends when every real member is done. Without one, nothing syncs.
+
+        Raises:
+            GpuOutOfMemoryError: XLA reported the device out of memory.
+        """
+        import jax.numpy as jnp
+
+        from parafold.fold.batching import freeze_done
+
+        count, iterations = len(seeds), len(inputs)
+        if not 1 <= count <= key.batch:
+            raise ValueError(f"{count} members for {key.describe()}")
+        tolerance = self.settings.recycle_early_stop_tolerance
+        compiled = self.executable(model_name, key, params, inputs[0])
+        started = time.perf_counter()
+        done = np.zeros(key.batch, bool)
+        done[count:] = True  # dummy slots: never waited for
+        ran = [iterations] * count
+        try:
+            subs = _member_keys(list(seeds) + [seeds[0]] * (key.batch - count), iterations)
+            # zeros made on the device: no host->device copy of B pair-sized arrays per launch
+            prev: Any = {k: jnp.zeros(v.shape, v.dtype)
+                         for k, v in self._prev(key.length, key.batch).items()}
+            outputs: Any = None
+            for r in range(iterations):
+                new_out, new_prev = compiled(params, subs[r], inputs[r], prev)
+                if r > 0 and done[:count].any():
+                    new_out = freeze_done(done, new_out, outputs)
+                    new_prev = freeze_done(done, new_prev, prev)
+                outputs, prev = new_out, new_prev
+                if tolerance > 0 and r > 0:
+                    stopped = ~done & (np.asarray(outputs["tol"]) < tolerance)
+                    for m in np.flatnonzero(stopped[:count]):
+                        ran[int(m)] = r + 1
+                    done |= stopped
+                    if done[:count].all():
+                        break
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise GpuOutOfMemoryError(f"out of memory predicting {key.describe()}") from exc
+            raise
+        self.stats.launches += 1
+        self.stats.batched_members += count
+        self.stats.padded_slots += key.batch - count
+        return LaunchedBatch(key=key, outputs=outputs, iterations=ran, count=count,
+                             started=started)
+
+    def fetch_batch(self, launched: LaunchedBatch) -> tuple[list[dict[str, Any]], float]:
+        """Wait for a batch; one numpy result per real member and seconds since launch."""
+        import jax
+
+        from parafold.fold.batching import split_members
+
+        try:
+            host = jax.device_get(launched.outputs)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise GpuOutOfMemoryError(
+                    f"out of memory predicting {launched.key.describe()}") from exc
+            raise
+        seconds = time.perf_counter() - launched.started
+        self.stats.predict_s += seconds
+        self.stats.predictions += launched.count
+        results = split_members(host, launched.count)
+        for result, ran in zip(results, launched.iterations, strict=True):
+            result["num_recycles"] = np.int32(ran - 1)
+        return results, seconds
 
     def low_memory_key(self, key: ShapeKey) -> ShapeKey:
         return replace(key, low_memory=True)

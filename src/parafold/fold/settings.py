@@ -47,6 +47,11 @@ class ModelSettings:
     `use_pallas=None` means auto: fused kernels on a GPU that runs them, off on the CPU.
     `compile_cache_dir=None` turns JAX's persistent compilation cache off.
     Bucket ladders are the padded sizes a target may be put in; see `parafold.fold.buckets`.
+    `max_batch` caps proteins per forward pass (the memory model may choose fewer); the CPU
+    runs one at a time unless `force_batch` (it gains nothing from batching). `host_workers`
+    processes features and `write_workers` write files in background processes (None: auto,
+    0: inline in the calling thread); `device_memory_bytes` overrides the device's reported
+    memory for the batch-size model.
     """
 
     model_preset: str = "monomer_ptm"
@@ -64,6 +69,11 @@ class ModelSettings:
     length_multiple: int = 8
     msa_depth_buckets: bool = True
     save_raw: bool = False
+    max_batch: int = 32
+    force_batch: bool = False
+    host_workers: int | None = None
+    write_workers: int | None = None
+    device_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.model_preset not in MODEL_PRESETS:
@@ -84,6 +94,14 @@ class ModelSettings:
             raise InputError(f"max length waste must be in (0, 1), got {self.max_length_waste}")
         if self.min_length_bucket < 1 or self.length_multiple < 1:
             raise InputError("length buckets need a positive minimum and multiple")
+        if self.max_batch < 1:
+            raise InputError(f"--max-batch must be >= 1, got {self.max_batch}")
+        for name in ("host_workers", "write_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InputError(f"{name} must be >= 0, got {value}")
+        if self.device_memory_bytes is not None and self.device_memory_bytes <= 0:
+            raise InputError("device memory must be positive")
 
     @property
     def model_names(self) -> tuple[str, ...]:

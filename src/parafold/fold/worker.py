@@ -1,17 +1,21 @@
 """The long-lived GPU-stage object: feature sets in, AlphaFold's output files out.
 
 One `FoldWorker` holds the compiled-model cache and every model's params on the device, so a
-run over thousands of targets compiles once per shape. Work is software-pipelined in one
-thread: while the device computes one prediction (JAX dispatch is asynchronous), the host
-processes the next target's features and writes the previous target's files.
+run over thousands of targets compiles once per shape. Targets of one shape run as batches
+(`parafold.fold.batching`), one forward pass per (batch, model, seed): a *unit*. Work is
+software-pipelined: features of the next units are processed in helper processes, the next
+unit's inputs are sent to the device and launched behind the running one (JAX dispatch is
+asynchronous), and finished targets' files are written by helper processes, so the device
+waits for the host as little as possible.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,22 @@ import numpy as np
 
 from parafold.errors import GpuOutOfMemoryError, PipelineError
 from parafold.featureset import FeatureSet
+from parafold.fold.batching import batch_size, batched_key, next_pow2, stack_members
 from parafold.fold.buckets import ShapeKey, shape_key
-from parafold.fold.outputs import Prediction, is_complete, write_target_outputs
+from parafold.fold.hostwork import BusyMeter, HostPools, auto_workers, process_job, write_job
+from parafold.fold.outputs import Prediction, is_complete
 from parafold.fold.settings import ModelSettings
 
 __all__ = ["FoldWorker", "FoldOutcome"]
 
 log = logging.getLogger(__name__)
+
+_LOOKAHEAD = 2  # units whose features are processed while an earlier one waits to launch
+# Result entries the output files need; the rest (distogram, PAE probabilities, ...) is kept
+# only for `save_raw`, so less crosses to the writer processes.
+_WRITTEN = ("plddt", "structure_module", "ptm", "predicted_aligned_error",
+            "max_predicted_aligned_error", "num_recycles")
+_TARGET_ERRORS = (PipelineError, ValueError, KeyError, RuntimeError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,22 +59,53 @@ class FoldOutcome:
 
 
 @dataclass(frozen=True, slots=True)
-class _Job:
-    fs: FeatureSet
+class _Run:
+    """One prediction of every target: a model and a seed."""
+
     model_name: str
     pred_name: str
     seed: int
-    last_of_target: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """One forward pass: members of one (batch-1) shape key under one run."""
+
+    key: ShapeKey
+    run: _Run
+    members: tuple[FeatureSet, ...]
 
 
 @dataclass(slots=True)
 class _TargetState:
     fs: FeatureSet
-    raw: dict[str, np.ndarray] | None = None
+    remaining: int
     predictions: list[Prediction] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     bucket: str = ""
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A launched unit whose results are not fetched yet (its inputs kept for an OOM retry)."""
+
+    unit: _Unit
+    key: ShapeKey
+    members: list[FeatureSet]
+    feats: list[dict[str, np.ndarray]]
+    launched: Any
+    compile_s: float
+
+
+@dataclass(slots=True)
+class _Pass:
+    """The state of one `fold` call."""
+
+    out_root: Path
+    states: dict[str, _TargetState]
+    outcomes: dict[str, FoldOutcome] = field(default_factory=dict)
+    writes: dict[str, cf.Future[list[str]]] = field(default_factory=dict)
 
 
 class FoldWorker:
@@ -76,21 +120,54 @@ class FoldWorker:
         self.trust_pickles = trust_pickles
         self.runner = ModelRunner(settings)
         self._params: dict[str, Any] = {}
+        self._caps: dict[ShapeKey, int] = {}
+        platform = self.runner.platform
+        self.pools = HostPools(auto_workers(settings.host_workers, platform, gpu_default=4),
+                               auto_workers(settings.write_workers, platform, gpu_default=2))
+        self._meter = BusyMeter()
+        self._wall_s = 0.0
 
     @property
     def stats(self) -> dict[str, Any]:
-        return self.runner.stats.as_dict()
+        """Runner counters plus the device's busy time over the wall time of `fold` calls."""
+        busy = self._meter.busy_s()
+        return {**self.runner.stats.as_dict(), "busy_s": round(busy, 3),
+                "fold_wall_s": round(self._wall_s, 3),
+                "busy_fraction": round(busy / self._wall_s, 4) if self._wall_s else None}
+
+    def close(self) -> None:
+        """Stop the helper processes (they start again on the next `fold`)."""
+        self.pools.close()
+
+    def __enter__(self) -> FoldWorker:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def shape_key(self, fs: FeatureSet, model_name: str | None = None) -> ShapeKey:
         return shape_key(fs.length, fs.msa_depth, model_name or self.settings.model_names[0],
                          self.settings)
 
+    def batch_cap(self, key: ShapeKey) -> int:
+        """Most members per pass for `key` (memory model, lowered after an out-of-memory)."""
+        if key not in self._caps:
+            self._caps[key] = batch_size(key, self.settings, platform=self.runner.platform)
+            log.info("batch size %d for %s", self._caps[key], key.describe())
+        return self._caps[key]
+
     def group(self, feature_sets: Sequence[FeatureSet]) -> list[list[FeatureSet]]:
-        """Feature sets grouped by the shape key of the first model, groups in key order."""
+        """Feature sets grouped by the shape key of the first model, in key order, each group
+        at most the batch size of its shape."""
         groups: dict[ShapeKey, list[FeatureSet]] = {}
         for fs in feature_sets:
             groups.setdefault(self.shape_key(fs), []).append(fs)
-        return [sorted(groups[k], key=lambda f: (f.length, f.name)) for k in sorted(groups)]
+        out = []
+        for key in sorted(groups):
+            members = sorted(groups[key], key=lambda f: (f.length, f.name))
+            cap = self.batch_cap(key)
+            out.extend(members[i:i + cap] for i in range(0, len(members), cap))
+        return out
 
     def load_params(self) -> None:
         """Load and check every model's params now (else on first use)."""
@@ -107,130 +184,247 @@ class FoldWorker:
                 load_params(self.params_dir, model_name, self.settings))
         return self._params[model_name]
 
-    def _jobs(self, fs: FeatureSet) -> list[_Job]:
+    def _runs(self) -> list[_Run]:
         names = self.settings.model_names
-        runs = [(m, s) for m in names for s in range(self.settings.num_seeds)]
-        jobs = []
-        for index, (model_name, s) in enumerate(runs):
-            pred = model_name if self.settings.num_seeds == 1 else f"{model_name}_pred_{s}"
-            seed = index + self.settings.random_seed * len(runs)
-            jobs.append(_Job(fs, model_name, pred, seed, index == len(runs) - 1))
-        return jobs
+        pairs = [(m, s) for m in names for s in range(self.settings.num_seeds)]
+        return [_Run(m, m if self.settings.num_seeds == 1 else f"{m}_pred_{s}",
+                     index + self.settings.random_seed * len(pairs))
+                for index, (m, s) in enumerate(pairs)]
 
-    def _launch(self, job: _Job, state: _TargetState, *, low_memory: bool) -> tuple[Any, dict]:
-        from parafold.fold.processing import process_features
+    def _plan(self, todo: Sequence[FeatureSet]) -> list[_Unit]:
+        """Units in order: each group under every run; a group splits where another model's
+        key differs (e.g. template models bucket MSA depth on other rungs)."""
+        units = []
+        for chunk in self.group(todo):
+            for run in self._runs():
+                parts: dict[ShapeKey, list[FeatureSet]] = {}
+                for fs in chunk:
+                    parts.setdefault(self.shape_key(fs, run.model_name), []).append(fs)
+                for key in sorted(parts):
+                    cap = self.batch_cap(key)
+                    members = parts[key]
+                    units.extend(_Unit(key, run, tuple(members[i:i + cap]))
+                                 for i in range(0, len(members), cap))
+        return units
 
-        if state.raw is None:
-            state.raw = job.fs.load(trust_pickles=self.trust_pickles)
-        key = shape_key(job.fs.length, job.fs.msa_depth, job.model_name, self.settings,
-                        low_memory=low_memory)
-        state.bucket = key.describe()
-        params = self._device_params(job.model_name)
-        started = time.perf_counter()
-        feats = process_features(state.raw, self.runner.config(job.model_name, key), key, job.seed)
-        state.timings[f"process_features_{job.pred_name}"] = time.perf_counter() - started
-        compile_before = self.runner.stats.compile_s
-        launched = self.runner.launch(job.model_name, key, params, feats, job.seed)
-        state.timings[f"compile_{job.pred_name}"] = self.runner.stats.compile_s - compile_before
-        return launched, feats
-
-    def _finish(self, job: _Job, state: _TargetState, launched: Any, feats: dict) -> None:
-        from parafold.fold.processing import unpad_result
-
-        result, seconds = self.runner.fetch(launched)
-        state.timings[f"predict_{job.pred_name}"] = seconds
-        length = job.fs.length
-        state.predictions.append(Prediction(
-            name=job.pred_name, model_name=job.model_name, seed=job.seed,
-            result=unpad_result(result, length), aatype=feats["aatype"][0][:length],
-            residue_index=feats["residue_index"][0][:length],
-            timings={k: v for k, v in state.timings.items() if k.endswith(job.pred_name)}))
-
-    def _retry(self, job: _Job, state: _TargetState, exc: GpuOutOfMemoryError) -> None:
-        log.warning("%s (%d residues, %s): %s; retrying with less memory", job.fs.name,
-                    job.fs.length, state.bucket, exc)
-        try:
-            launched, feats = self._launch(job, state, low_memory=True)
-            self._finish(job, state, launched, feats)
-        except GpuOutOfMemoryError as again:
-            state.error = (f"GPU out of memory for {job.fs.name} ({job.fs.length} residues, "
-                           f"bucket {state.bucket}), also with less memory: {again}")
-
-    def _step(self, job: _Job, state: _TargetState, stage: str, action: Any) -> Any:
-        """Run `action`, turning a per-target failure into `state.error` (never raising)."""
-        try:
-            return action()
-        except GpuOutOfMemoryError as exc:
-            self._retry(job, state, exc)
-        except (PipelineError, ValueError, KeyError, RuntimeError) as exc:
-            log.exception("%s: %s failed", job.fs.name, stage)
-            state.error = f"{stage} failed for {job.fs.name} ({job.fs.length} residues): {exc}"
-        return None
+    def _exec_batch(self, key: ShapeKey, count: int) -> int:
+        """The batch to run `count` members of `key` at: the smallest already compiled one that
+        holds them, else the next power of two (few shapes, few dummy slots), within the cap."""
+        cap = self.batch_cap(key)
+        compiled = [k.batch for k in self.runner.compiled_keys
+                    if replace(k, batch=1) == key and count <= k.batch <= cap]
+        return min(compiled) if compiled else min(cap, next_pow2(count))
 
     def fold(self, feature_sets: Sequence[FeatureSet], out_root: Path) -> list[FoldOutcome]:
         """Predict and write `out_root/<name>/...` for each set; one outcome per set, in order."""
+        started = time.perf_counter()
         out_root = Path(out_root)
-        outcomes: dict[str, FoldOutcome] = {}
         todo: list[FeatureSet] = []
+        skipped: dict[str, FoldOutcome] = {}
         for fs in feature_sets:
             folder = out_root / fs.name
             if is_complete(folder):
-                outcomes[fs.name] = FoldOutcome(name=fs.name, ok=True, skipped=True,
-                                                length=fs.length, output_dir=folder)
+                skipped[fs.name] = FoldOutcome(name=fs.name, ok=True, skipped=True,
+                                               length=fs.length, output_dir=folder)
             else:
                 todo.append(fs)
-        states: dict[str, _TargetState] = {}
-        pending: tuple[_Job, _TargetState, Any, dict] | None = None
-        ordered = [fs for group in self.group(todo) for fs in group]
-        for position, job in enumerate(j for fs in ordered for j in self._jobs(fs)):
-            state = states.setdefault(job.fs.name, _TargetState(job.fs))
-            launched = None
-            key = shape_key(job.fs.length, job.fs.msa_depth, job.model_name, self.settings)
-            if pending is not None and not self.runner.has(key):
-                # A compile would stall the host: finish the pending job first so its
-                # predict time does not include this compile.
-                self._complete(pending, out_root, outcomes)
-                pending = None
-            if state.error is None:
-                launched = self._step(job, state, "predict", lambda j=job, s=state:
-                                      self._launch(j, s, low_memory=False))
-            if pending is not None:
-                self._complete(pending, out_root, outcomes)
-            pending = (job, state, *launched) if launched else None
-            if pending is None and job.last_of_target:
-                self._write(state, out_root, outcomes)
-            log.debug("job %d dispatched", position)
+        runs = len(self._runs())
+        ctx = _Pass(out_root, {fs.name: _TargetState(fs, runs) for fs in todo}, skipped)
+        units = self._plan(todo)
+        futures: dict[int, list[cf.Future[Any] | None]] = {}
+        pending: _Pending | None = None
+        for i, unit in enumerate(units):
+            for j in range(i, min(len(units), i + _LOOKAHEAD + 1)):
+                if j not in futures:
+                    futures[j] = self._submit_features(units[j], ctx)
+            members, feats = self._gather(unit, futures.pop(i), ctx)
+            if members:
+                pending = self._dispatch(unit, members, feats, pending, ctx)
         if pending is not None:
-            self._complete(pending, out_root, outcomes)
-        return [outcomes[fs.name] for fs in feature_sets]
+            self._complete(pending, ctx)
+        self._collect(ctx)
+        self._wall_s += time.perf_counter() - started
+        return [ctx.outcomes[fs.name] for fs in feature_sets]
 
-    def _complete(self, pending: tuple[_Job, _TargetState, Any, dict], out_root: Path,
-                  outcomes: dict[str, FoldOutcome]) -> None:
-        job, state, launched, feats = pending
-        if state.error is None:
-            self._step(job, state, "predict", lambda: self._finish(job, state, launched, feats))
-        if job.last_of_target:
-            self._write(state, out_root, outcomes)
+    def _submit_features(self, unit: _Unit, ctx: _Pass) -> list[cf.Future[Any] | None]:
+        pool = self.pools.features()
+        return [None if ctx.states[fs.name].error else
+                pool.submit(process_job, fs, unit.run.model_name, self.settings, unit.key,
+                            unit.run.seed, self.trust_pickles)
+                for fs in unit.members]
 
-    def _write(self, state: _TargetState, out_root: Path, outcomes: dict[str, FoldOutcome]
-               ) -> None:
-        fs = state.fs
-        folder = out_root / fs.name
-        if state.error is None:
+    def _gather(self, unit: _Unit, futures: list[cf.Future[Any] | None], ctx: _Pass
+                ) -> tuple[list[FeatureSet], list[dict[str, np.ndarray]]]:
+        """Processed features of the unit's members still without an error."""
+        members, feats = [], []
+        for fs, future in zip(unit.members, futures, strict=True):
+            state = ctx.states[fs.name]
+            if future is None or state.error is not None:
+                self._finished(state, ctx)
+                continue
             try:
-                ranked = write_target_outputs(folder, fs.name, state.predictions, state.timings,
-                                              save_raw=self.settings.save_raw)
-            except (OSError, ValueError) as exc:
-                state.error = f"writing outputs for {fs.name} failed: {exc}"
-        state.raw = None
-        if state.error is not None:
+                processed, seconds = future.result()
+            except _TARGET_ERRORS as exc:
+                log.error("%s: feature processing failed: %s", fs.name, exc)
+                state.error = f"feature processing failed for {fs.name}: {exc}"
+                self._finished(state, ctx)
+                continue
+            state.timings[f"process_features_{unit.run.pred_name}"] = seconds
+            members.append(fs)
+            feats.append(processed)
+        return members, feats
+
+    def _launch(self, key: ShapeKey, run: _Run, feats: list[dict[str, np.ndarray]]) -> Any:
+        params = self._device_params(run.model_name)
+        if key.batch == 1:
+            return self.runner.launch(run.model_name, key, params, feats[0], run.seed)
+        import jax
+
+        inputs = jax.device_put(stack_members(feats, key))  # asynchronous: overlaps the device
+        return self.runner.launch_batch(run.model_name, key, params, inputs,
+                                        [run.seed] * len(feats))
+
+    def _dispatch(self, unit: _Unit, members: list[FeatureSet],
+                  feats: list[dict[str, np.ndarray]], pending: _Pending | None, ctx: _Pass
+                  ) -> _Pending | None:
+        """Launch `members` (in chunks if the cap fell below their count); completes `pending`
+        once the new launch is queued behind it. Returns what is still to be fetched."""
+        batch = self._exec_batch(unit.key, len(members))
+        if batch < len(members):
+            for i in range(0, len(members), batch):
+                pending = self._dispatch(unit, members[i:i + batch], feats[i:i + batch],
+                                         pending, ctx)
+            return pending
+        key = batched_key(unit.key, batch) if batch > 1 else unit.key
+        if pending is not None and not self.runner.has(key):
+            # A compile would stall the host: finish the pending unit first so its predict
+            # time does not include this compile.
+            self._complete(pending, ctx)
+            pending = None
+        compile_before = self.runner.stats.compile_s
+        try:
+            launched = self._launch(key, unit.run, feats)
+        except GpuOutOfMemoryError as exc:
+            if pending is not None:
+                self._complete(pending, ctx)
+            self._out_of_memory(unit, key, members, feats, exc, ctx)
+            return None
+        except _TARGET_ERRORS as exc:
+            log.exception("%s: predict failed", key.describe())
+            self._fail(members, f"predict failed ({key.describe()}): {exc}", ctx)
+            return pending
+        self._meter.watch(launched.started, launched.outputs)
+        if pending is not None:
+            self._complete(pending, ctx)
+        return _Pending(unit, key, members, feats, launched,
+                        self.runner.stats.compile_s - compile_before)
+
+    def _complete(self, p: _Pending, ctx: _Pass) -> None:
+        """Fetch a launched unit and record each member's prediction."""
+        from parafold.fold.processing import unpad_result
+
+        try:
+            if p.key.batch > 1:
+                results, seconds = self.runner.fetch_batch(p.launched)
+            else:
+                result, seconds = self.runner.fetch(p.launched)
+                results = [result]
+        except GpuOutOfMemoryError as exc:
+            self._out_of_memory(p.unit, p.key, p.members, p.feats, exc, ctx)
+            return
+        except _TARGET_ERRORS as exc:
+            log.exception("%s: predict failed", p.key.describe())
+            self._fail(p.members, f"predict failed ({p.key.describe()}): {exc}", ctx)
+            return
+        run = p.unit.run
+        for fs, result, feats in zip(p.members, results, p.feats, strict=True):
+            state = ctx.states[fs.name]
+            length = fs.length
+            full = unpad_result(result, length)
+            kept = full if self.settings.save_raw else {k: v for k, v in full.items()
+                                                        if k in _WRITTEN}
+            state.timings[f"predict_{run.pred_name}"] = seconds / len(p.members)
+            state.timings[f"compile_{run.pred_name}"] = p.compile_s
+            state.bucket = p.key.describe()
+            state.predictions.append(Prediction(
+                name=run.pred_name, model_name=run.model_name, seed=run.seed, result=kept,
+                aatype=feats["aatype"][0][:length],
+                residue_index=feats["residue_index"][0][:length],
+                timings={k: v for k, v in state.timings.items() if k.endswith(run.pred_name)}))
+            self._finished(state, ctx)
+
+    def _out_of_memory(self, unit: _Unit, key: ShapeKey, members: list[FeatureSet],
+                       feats: list[dict[str, np.ndarray]], exc: GpuOutOfMemoryError,
+                       ctx: _Pass) -> None:
+        """Halve the batch (and remember the lower cap); at one member, retry with
+        AlphaFold's sub-batching (less memory), then give up on the target."""
+        if key.batch > 1:
+            half = max(1, key.batch // 2)
+            self._caps[unit.key] = min(self.batch_cap(unit.key), half)
+            log.warning("%s: %s; batches of %d from now on", key.describe(), exc, half)
+            for i in range(0, len(members), half):
+                left = self._dispatch(unit, members[i:i + half], feats[i:i + half], None, ctx)
+                if left is not None:
+                    self._complete(left, ctx)
+            return
+        if key.low_memory:
+            fs = members[0]
+            self._fail(members, f"GPU out of memory for {fs.name} ({fs.length} residues, bucket "
+                                f"{key.describe()}), also with less memory: {exc}", ctx)
+            return
+        log.warning("%s (%d residues, %s): %s; retrying with less memory", members[0].name,
+                    members[0].length, key.describe(), exc)
+        low = self.runner.low_memory_key(key)
+        compile_before = self.runner.stats.compile_s
+        try:
+            launched = self._launch(low, unit.run, feats)
+        except GpuOutOfMemoryError as again:
+            self._out_of_memory(unit, low, members, feats, again, ctx)
+            return
+        self._complete(_Pending(unit, low, members, feats, launched,
+                                self.runner.stats.compile_s - compile_before), ctx)
+
+    def _fail(self, members: list[FeatureSet], error: str, ctx: _Pass) -> None:
+        for fs in members:
+            state = ctx.states[fs.name]
+            state.error = state.error or f"{fs.name} ({fs.length} residues): {error}"
+            self._finished(state, ctx)
+
+    def _finished(self, state: _TargetState, ctx: _Pass) -> None:
+        """One run of the target is over; after its last, hand its files to a writer."""
+        state.remaining -= 1
+        if state.remaining > 0:
+            return
+        fs = state.fs
+        if state.error is None:
+            ctx.writes[fs.name] = self.pools.writes().submit(
+                write_job, ctx.out_root / fs.name, fs.name, state.predictions,
+                dict(state.timings), self.settings.save_raw)
+        else:
+            self._outcome(state, ctx, None)
+
+    def _collect(self, ctx: _Pass) -> None:
+        """Wait for every writer and turn each target's state into its outcome."""
+        for name, future in ctx.writes.items():
+            state = ctx.states[name]
+            try:
+                ranked = future.result()
+            except _TARGET_ERRORS as exc:
+                state.error = f"writing outputs for {name} failed: {exc}"
+                ranked = None
+            self._outcome(state, ctx, ranked)
+
+    def _outcome(self, state: _TargetState, ctx: _Pass, ranked: list[str] | None) -> None:
+        fs = state.fs
+        folder = ctx.out_root / fs.name
+        if state.error is not None or ranked is None:
             log.error("%s", state.error)
-            outcomes[fs.name] = FoldOutcome(name=fs.name, ok=False, error=state.error,
-                                            timings=dict(state.timings), length=fs.length,
-                                            bucket=state.bucket, output_dir=folder)
+            ctx.outcomes[fs.name] = FoldOutcome(name=fs.name, ok=False, error=state.error,
+                                                timings=dict(state.timings), length=fs.length,
+                                                bucket=state.bucket, output_dir=folder)
             return
         best = next(p for p in state.predictions if p.name == ranked[0])
-        outcomes[fs.name] = FoldOutcome(
+        ctx.outcomes[fs.name] = FoldOutcome(
             name=fs.name, ok=True, timings=dict(state.timings), mean_plddt=best.mean_plddt,
             ptm=best.ptm, ranked_model_names=tuple(ranked), length=fs.length,
             bucket=state.bucket, output_dir=folder)
