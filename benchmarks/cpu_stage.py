@@ -7,6 +7,17 @@ Builds (or reuses) a synthetic database set with `parafold.testdata.build_testda
 2. the same searches concurrently (ParaFold), with the ratio to the slowest single search and to
    the critical path (jackhmmer UniRef90 then hhsearch, which must run one after the other);
 3. every query through `featurize_many` with the whole budget, as proteins per hour.
+4. with `--modes classic,mmseqs` (any of classic, mmseqs, single_sequence): every query through
+   each MSA mode, proteins per hour and recall of planted family members side by side.
+
+    .venv/bin/python benchmarks/cpu_stage.py --sequences 100000 --families 32 \
+        --modes classic,mmseqs --skip-single
+
+Recall in part 4 counts the family members in the databases both modes search (uniref90,
+mgnify, bfd, uniref30 and template chains; small_bfd is searched only by mmseqs' environmental
+database, so its members are left out), found in a target's MSAs or template hits; unrelated is
+the share of hits with no family. MMseqs2 databases are built (and indexed) once if missing;
+that build time is printed apart from the search time.
 Each measurement uses a fresh output and cache folder, so nothing is reused between them.
 """
 
@@ -18,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from parafold.inputs import read_targets
+from parafold.inputs import Target, read_targets
 from parafold.search.budget import SEARCHES_PER_PROTEIN, CpuBudget, default_cpus
 from parafold.search.databases import find_databases
 from parafold.search.msa_search import run_searches
@@ -38,7 +49,97 @@ def _args() -> argparse.Namespace:
     p.add_argument("--cpus", type=int, default=default_cpus(), help="core budget")
     p.add_argument("--threads", type=int, default=1, help="threads per search in part 1-2")
     p.add_argument("--preset", default="full_dbs", choices=("full_dbs", "reduced_dbs"))
+    p.add_argument("--modes", default="",
+                   help="compare MSA modes, e.g. classic,mmseqs (part 4; default: skip)")
+    p.add_argument("--skip-single", action="store_true",
+                   help="skip parts 1-3 (one protein sequential/concurrent, classic throughput)")
+    p.add_argument("--mmseqs-sensitivity", type=float, default=8.0,
+                   help="mmseqs -s in part 4 (ColabFold: 8; lower is faster, finds less)")
+    p.add_argument("--max-queries", type=int, default=0,
+                   help="use only the first N queries in part 4 (0: all)")
     return p.parse_args()
+
+
+def _hit_ids(msa_dir: Path) -> set[str]:
+    """Sequence ids in a target's MSAs and template hits, whatever the mode wrote."""
+    from alphafold.data import parsers
+
+    ids: set[str] = set()
+    for path in msa_dir.glob("*.sto"):
+        ids |= {d.split("/")[0] for d in parsers.parse_stockholm(path.read_text()).descriptions}
+    for path in msa_dir.glob("*.a3m"):
+        ids |= {d.split()[0] for d in parsers.parse_a3m(path.read_text()).descriptions if d}
+    for path in msa_dir.glob("*.m8"):
+        ids |= {row.split("\t")[1] for row in path.read_text().splitlines() if row}
+    for path in msa_dir.glob("*.hhr"):
+        blocks = path.read_text().split("\n\n")
+        for line in blocks[1].splitlines()[1:] if len(blocks) > 1 else []:
+            fields = line.split()
+            if len(line) > 40 and float(line[34:].split()[0]) >= 20.0:
+                ids.add(fields[1])
+    ids.discard("query")
+    return ids
+
+
+def _recall(out: Path, targets: list[Target], truth: dict[str, str]) -> tuple[float, float]:
+    """(mean recall over targets of searchable family members, share of unrelated hits)."""
+    by_family: dict[str, set[str]] = {}
+    for seq_id, family in truth.items():
+        if family and not seq_id.startswith(("PDBMSA", "SBFD")):
+            by_family.setdefault(family, set()).add(seq_id)
+    recalls, hits_total, unrelated = [], 0, 0
+    for t in targets:
+        members = by_family.get(t.id.split("_")[0], set())
+        hits = _hit_ids(out / t.name / "msas") if (out / t.name / "msas").is_dir() else set()
+        recalls.append(len(hits & members) / max(1, len(members)))
+        hits_total += len(hits)
+        unrelated += sum(1 for h in hits if truth.get(h, "") == "")
+    return sum(recalls) / max(1, len(recalls)), unrelated / max(1, hits_total)
+
+
+def _ensure_mmseqs(db: Path, cpus: int) -> float:
+    """Build the MMseqs2 databases if the set predates them; returns the seconds it took."""
+    if (db / "mmseqs" / "env_db.dbtype").is_file():
+        return 0.0
+    from parafold.testdata.mmseqs_db import build_mmseqs_databases
+
+    start = time.monotonic()
+    build_mmseqs_databases(db, threads=cpus)
+    return time.monotonic() - start
+
+
+def compare_modes(db: Path, modes: list[str], queries: list[Target], args: argparse.Namespace,
+                  work: Path) -> None:
+    from parafold.testdata import read_truth
+
+    truth = read_truth(db / "truth.tsv")
+    if "mmseqs" in modes:
+        built = _ensure_mmseqs(db, args.cpus)
+        if built:
+            print(f"\nMMseqs2 databases built and indexed in {built:.1f} s (once per set)")
+    print(f"\nMSA modes, {len(queries)} proteins, {args.cpus} cores:")
+    print(f"  {'mode':<16} {'wall s':>9} {'proteins/h':>11} {'recall':>7} {'unrelated':>9} "
+          f"{'ok':>5}")
+    rows: dict[str, tuple[float, float]] = {}
+    for mode in modes:
+        dbs = find_databases(db, args.preset, msa_mode=mode)
+        settings = SearchSettings(preset=args.preset, msa_mode=mode,
+                                  mmseqs_sensitivity=args.mmseqs_sensitivity)
+        out = work / f"mode-{mode}"
+        start = time.monotonic()
+        outcomes = featurize_many(queries, out_dir=out, databases=dbs, settings=settings,
+                                  cpus=args.cpus, cache_dir=work / f"cache-{mode}")
+        wall = time.monotonic() - start
+        ok = sum(o.ok for o in outcomes)
+        recall, unrelated = _recall(out, queries, truth)
+        rows[mode] = (ok * 3600 / wall, recall)
+        print(f"  {mode:<16} {wall:9.1f} {rows[mode][0]:11.0f} {recall:7.3f} {unrelated:9.3f} "
+              f"{ok:>2}/{len(outcomes)}")
+    if "classic" in rows and "mmseqs" in rows:
+        speed = rows["mmseqs"][0] / rows["classic"][0]
+        rel = rows["mmseqs"][1] / max(rows["classic"][1], 1e-9)
+        print(f"  mmseqs vs classic: {speed:.1f}x proteins/hour (goal >= 20x), recall "
+              f"{rel:.1%} of classic (goal >= 95%)")
 
 
 def main() -> None:
@@ -55,6 +156,11 @@ def main() -> None:
     query = max(queries, key=lambda t: t.length)
     with tempfile.TemporaryDirectory(prefix="pf-bench-") as tmp:
         work = Path(tmp)
+        modes = [m for m in args.modes.split(",") if m]
+        if args.skip_single:
+            chosen = list(queries[: args.max_queries] if args.max_queries else queries)
+            compare_modes(db, modes, chosen, args, work)
+            return
         budget = CpuBudget(SEARCHES_PER_PROTEIN * args.threads)
         seq = run_searches(query.sequence, work / "seq" / "msas", databases=dbs,
                            settings=settings, budget=budget, threads=args.threads,
@@ -85,6 +191,9 @@ def main() -> None:
         ok = sum(o.ok for o in outcomes)
         print(f"\n{ok}/{len(outcomes)} proteins, {args.cpus} cores, whole budget: {wall:.1f} s, "
               f"{ok * 3600 / wall:.0f} proteins/hour")
+        if modes:
+            chosen = list(queries[: args.max_queries] if args.max_queries else queries)
+            compare_modes(db, modes, chosen, args, work)
 
 
 if __name__ == "__main__":

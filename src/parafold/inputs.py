@@ -20,6 +20,7 @@ __all__ = [
     "InputProblem",
     "ParsedInput",
     "read_targets",
+    "is_a3m_input",
     "safe_name",
     "sequence_hash",
     "STANDARD_AA",
@@ -31,6 +32,9 @@ STANDARD_AA = frozenset("ACDEFGHIKLMNPQRSTVWY")
 # (aatype: unknown; MSA: B->D, Z->E, U->C, O->X), exactly as AlphaFold does.
 ACCEPTED_AA = STANDARD_AA | frozenset("XBZUO")
 FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fna", ".seq")
+# An A3M file as input is one target: its first sequence, named after the file (so the same
+# folder serves as --msa-dir for precomputed MSAs).
+A3M_SUFFIXES = (".a3m",)
 MAX_NAME_LEN = 80
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -160,14 +164,33 @@ def _csv_records(path: Path) -> list[_RawRecord]:
     return records
 
 
+def _a3m_records(path: Path) -> list[_RawRecord]:
+    """The first sequence of an A3M file (gaps removed) as one record named after the file."""
+    records = _fasta_records(path)
+    if not records:
+        return [_RawRecord(str(path), 1, path.stem, "\0no sequence in the A3M file")]
+    first = records[0]
+    return [_RawRecord(first.source, first.line, path.stem,
+                       "\0" + first.sequence if first.sequence.startswith("\0")
+                       else first.sequence.replace("-", "").replace(".", ""))]
+
+
+def is_a3m_input(path: Path | str) -> bool:
+    """Whether INPUT is an A3M file or a folder holding A3M files."""
+    path = Path(path)
+    if path.is_dir():
+        return any(p.suffix.lower() in A3M_SUFFIXES for p in path.iterdir() if p.is_file())
+    return path.suffix.lower() in A3M_SUFFIXES
+
+
 def _input_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(
             p for p in path.iterdir()
-            if p.is_file() and p.suffix.lower() in FASTA_SUFFIXES + (".csv", ".tsv")
+            if p.is_file() and p.suffix.lower() in FASTA_SUFFIXES + A3M_SUFFIXES + (".csv", ".tsv")
         )
         if not files:
-            raise InputError(f"{path}: folder holds no FASTA or CSV files")
+            raise InputError(f"{path}: folder holds no FASTA, A3M or CSV files")
         return files
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
@@ -202,8 +225,12 @@ def read_targets(path: Path | str) -> ParsedInput:
     seen_ids: dict[str, str] = {}
     used_names: set[str] = set()
     for file in _input_files(path):
-        is_csv = file.suffix.lower() in (".csv", ".tsv")
-        for rec in _csv_records(file) if is_csv else _fasta_records(file):
+        suffix = file.suffix.lower()
+        if suffix in (".csv", ".tsv"):
+            records = _csv_records(file)
+        else:
+            records = _a3m_records(file) if suffix in A3M_SUFFIXES else _fasta_records(file)
+        for rec in records:
             record_id = rec.header.split()[0] if rec.header.split() else ""
             seq, problem = _clean_sequence(rec.sequence)
             if problem is None and not record_id:

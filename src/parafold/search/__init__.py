@@ -1,5 +1,9 @@
 """The CPU stage: concurrent MSA and template searches, then AlphaFold's feature dict.
 
+MSA modes (`SearchSettings.msa_mode`): classic (jackhmmer/hhblits/hhsearch per protein), mmseqs
+(one ColabFold-style MMseqs2 batch for all proteins, `mmseqs.py`), precomputed (the user's
+A3M/Stockholm files, `precomputed.py`) and single_sequence (no search).
+
 Public entry points: `featurize_target` (one target; picklable for process pools and Ray),
 `featurize_many` (many targets under one CPU budget), `find_databases`, `SearchSettings`.
 Heavy imports (alphafold.data) happen when these are first used, not at `import parafold`.

@@ -14,13 +14,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from parafold.errors import DatabaseNotFoundError, InputError
-from parafold.search.settings import PRESETS
+from parafold.search.settings import MSA_MODES, PRESETS
 
 __all__ = ["DatabaseSet", "DatabaseStatus", "DB_NAMES", "find_databases", "check_databases",
            "fingerprint_files", "required_databases"]
 
 DB_NAMES = ("uniref90", "mgnify", "bfd", "uniref30", "small_bfd", "pdb70", "pdb_mmcif",
-            "pdb_seqres")
+            "pdb_seqres", "mmseqs_uniref30", "mmseqs_env", "mmseqs_pdb")
+# MMseqs2 mode needs only the UniRef30-style database; the environmental one adds MSA rows
+# and pdb sequences (with pdb_mmcif) add templates when present.
+MMSEQS_OPTIONAL = ("mmseqs_env", "mmseqs_pdb", "pdb_mmcif")
 _REQUIRED = {
     "full_dbs": ("uniref90", "mgnify", "bfd", "uniref30", "pdb70", "pdb_mmcif"),
     "reduced_dbs": ("uniref90", "mgnify", "small_bfd", "pdb70", "pdb_mmcif"),
@@ -35,12 +38,27 @@ _LAYOUT: dict[str, tuple[str, str, str]] = {
     "pdb70": ("pdb70", "*_hhm.ffdata", "hh"),
     "pdb_mmcif": ("pdb_mmcif", "mmcif_files", "dir"),
     "pdb_seqres": ("pdb_seqres", "pdb_seqres.txt", "file"),
+    # MMseqs2 databases: the prefix of `<prefix>.dbtype` (ColabFold names match these globs).
+    "mmseqs_uniref30": ("mmseqs", "uniref30*.dbtype", "mmseqs"),
+    "mmseqs_env": ("mmseqs", "*env*.dbtype", "mmseqs"),
+    "mmseqs_pdb": ("mmseqs", "pdb*.dbtype", "mmseqs"),
 }
+# Companion databases of an MMseqs2 database (headers, cluster members, alignments, lookups);
+# files of these names are not databases in their own right.
+_MMSEQS_COMPANIONS = ("_h", "_seq", "_seq_h", "_aln", "_ss", "_ca3m", ".idx", "_mapping",
+                      "_taxonomy")
 
 
-def required_databases(preset: str) -> tuple[str, ...]:
+def required_databases(preset: str, msa_mode: str = "classic") -> tuple[str, ...]:
+    """The databases a run cannot start without (precomputed and single-sequence need none)."""
     if preset not in _REQUIRED:
         raise InputError(f"unknown database preset {preset!r}; use one of {PRESETS}")
+    if msa_mode not in MSA_MODES:
+        raise InputError(f"unknown MSA mode {msa_mode!r}; use one of {MSA_MODES}")
+    if msa_mode == "mmseqs":
+        return ("mmseqs_uniref30",)
+    if msa_mode != "classic":
+        return ()
     return _REQUIRED[preset]
 
 
@@ -54,9 +72,10 @@ class DatabaseSet:
     preset: str
     paths: tuple[tuple[str, Path | None], ...]
     fingerprints: tuple[tuple[str, str], ...] = field(default=())
+    msa_mode: str = "classic"
 
     def __post_init__(self) -> None:
-        required_databases(self.preset)
+        required_databases(self.preset, self.msa_mode)
         unknown = {name for name, _ in self.paths} - set(DB_NAMES)
         if unknown:
             raise InputError(f"unknown databases: {sorted(unknown)}")
@@ -77,7 +96,19 @@ class DatabaseSet:
 
     @property
     def required(self) -> tuple[str, ...]:
-        return required_databases(self.preset)
+        return required_databases(self.preset, self.msa_mode)
+
+    @property
+    def used(self) -> tuple[str, ...]:
+        """What this mode reads: the required databases plus the optional ones present."""
+        optional = MMSEQS_OPTIONAL if self.msa_mode == "mmseqs" else ()
+        return self.required + tuple(n for n in optional if self.path(n) is not None)
+
+    def for_mode(self, msa_mode: str) -> DatabaseSet:
+        """The same paths seen by another MSA mode (its own required set and fingerprints)."""
+        if msa_mode == self.msa_mode:
+            return self
+        return replace(self, msa_mode=msa_mode, fingerprints=())
 
     def missing(self) -> list[str]:
         return [name for name in self.required if self.path(name) is None]
@@ -102,10 +133,10 @@ class DatabaseSet:
             return self
         missing = self.missing()
         if missing:
-            raise DatabaseNotFoundError(
-                f"missing databases for {self.preset}: {', '.join(missing)}")
+            what = self.preset if self.msa_mode == "classic" else f"--msa-mode {self.msa_mode}"
+            raise DatabaseNotFoundError(f"missing databases for {what}: {', '.join(missing)}")
         prints = tuple((name, fingerprint_files(_database_files(name, self.require(name))))
-                       for name in self.required)
+                       for name in self.used)
         return replace(self, fingerprints=prints)
 
     def fingerprint_map(self) -> dict[str, str]:
@@ -118,6 +149,9 @@ def _database_files(name: str, path: Path) -> list[Path]:
         return [path]
     if kind == "hh":
         return sorted(path.parent.glob(path.name + "_*"))
+    if kind == "mmseqs":  # indexes are ours, made later: they must not change the fingerprint
+        return sorted(p for p in path.parent.glob(path.name + "*")
+                      if p.is_file() and ".idx" not in p.name[len(path.name):])
     files = sorted(p for p in (path / "mmcif_files").iterdir() if p.is_file())
     return files + [p for p in (path / "obsolete.dat",) if p.is_file()]
 
@@ -139,8 +173,13 @@ def _glob_in(name: str, folder: Path) -> Path | None:
     if not folder.is_dir():
         return None
     found = sorted(p for p in folder.glob(pattern) if p.is_file())
+    if kind == "mmseqs":
+        found = [p for p in found if not p.stem.endswith(_MMSEQS_COMPANIONS)
+                 and ".idx" not in p.stem]
     if not found:
         return None
+    if kind == "mmseqs":
+        return found[0].with_suffix("")
     if kind == "hh":
         return found[0].with_name(found[0].name[: -len(pattern.lstrip("*"))])
     return found[0]
@@ -162,11 +201,14 @@ def _override(name: str, path: Path) -> Path | None:
         return _glob_in(name, path)
     if kind == "hh":
         return path if any(path.parent.glob(path.name + "_*")) else None
+    if kind == "mmseqs":
+        return path if path.with_name(path.name + ".dbtype").is_file() else None
     return path if path.is_file() else None
 
 
 def find_databases(db_dir: Path | str | None, preset: str = "full_dbs",
-                   overrides: dict[str, Path | str | None] | None = None) -> DatabaseSet:
+                   overrides: dict[str, Path | str | None] | None = None,
+                   msa_mode: str = "classic") -> DatabaseSet:
     """Every database found under `db_dir` (AlphaFold layout), with per-database overrides.
 
     A missing database is recorded as None here; `fingerprinted()` or `require()` fail on it.
@@ -174,7 +216,7 @@ def find_databases(db_dir: Path | str | None, preset: str = "full_dbs",
     Raises:
         InputError: an unknown preset or database name, or an override that does not exist.
     """
-    required_databases(preset)
+    required_databases(preset, msa_mode)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = set(overrides) - set(DB_NAMES)
     if unknown:
@@ -189,7 +231,7 @@ def find_databases(db_dir: Path | str | None, preset: str = "full_dbs",
         else:
             found = _find_one(name, Path(db_dir).expanduser()) if db_dir is not None else None
         paths.append((name, found.absolute() if found is not None else None))
-    return DatabaseSet(preset=preset, paths=tuple(paths))
+    return DatabaseSet(preset=preset, paths=tuple(paths), msa_mode=msa_mode)
 
 
 @dataclass(frozen=True, slots=True)

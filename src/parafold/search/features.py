@@ -78,3 +78,65 @@ def build_features(sequence: str, description: str, msa_dir: Path, *,
         **result.features,
     }
     return features
+
+
+def empty_template_features() -> dict[str, np.ndarray]:
+    """AlphaFold's template features when no hit qualifies (what its featurizer returns)."""
+    return {name: np.array([], dtype=dtype) for name, dtype in templates.TEMPLATE_FEATURES.items()}
+
+
+def msa_feature_dict(sequence: str, description: str, msas: tuple[parsers.Msa, ...],
+                     template_features: dict[str, np.ndarray] | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Sequence, MSA and template features in DataPipeline's order (one path for every mode)."""
+    for msa in msas:
+        if len(msa) == 0:
+            raise FeatureError("an MSA is empty (not even the query)")
+    return {
+        **pipeline.make_sequence_features(sequence=sequence, description=description,
+                                          num_res=len(sequence)),
+        **pipeline.make_msa_features(msas),
+        **(template_features if template_features is not None else empty_template_features()),
+    }
+
+
+def single_sequence_features(sequence: str, description: str) -> dict[str, np.ndarray]:
+    """No search: an MSA of the query alone and no templates."""
+    msa = parsers.Msa(sequences=[sequence], deletion_matrix=[[0] * len(sequence)],
+                      descriptions=[description])
+    return msa_feature_dict(sequence, description, (msa,))
+
+
+def mmseqs_features(sequence: str, description: str, msa_dir: Path, *,
+                    databases: DatabaseSet, settings: SearchSettings) -> dict[str, np.ndarray]:
+    """Features from an MMseqs2 search's `msas/`: uniref.a3m (+ env.a3m), pdb_hits.m8.
+
+    Templates are featurized only when pdb_hits.m8 and the mmCIF folder are both there.
+
+    Raises:
+        FeatureError: a file is missing or malformed.
+        ToolNotFoundError: kalign is missing (needed for templates).
+    """
+    from parafold.search.mmseqs import MMSEQS_FILES
+    from parafold.search.mmseqs_templates import parse_m8_hits
+
+    msas = []
+    for key in ("uniref", "env"):
+        path = msa_dir / MMSEQS_FILES[key]
+        if key == "uniref" or path.is_file():
+            try:
+                msas.append(parsers.parse_a3m(path.read_text()))
+            except OSError as exc:
+                raise FeatureError(f"{path}: cannot read search output: {exc.strerror}") from exc
+            except (ValueError, IndexError) as exc:
+                raise FeatureError(f"{path}: malformed A3M: {exc}") from exc
+    m8 = msa_dir / MMSEQS_FILES["pdb"]
+    template_features = None
+    if m8.is_file() and databases.path("pdb_mmcif") is not None:
+        hits = parse_m8_hits(m8.read_text(), sequence)
+        result = make_template_featurizer(databases, settings).get_templates(
+            query_sequence=sequence, hits=hits)
+        for warning in result.warnings:
+            logger.debug("template warning: %s", warning)
+        template_features = dict(result.features)
+    return msa_feature_dict(sequence, description, tuple(msas), template_features)

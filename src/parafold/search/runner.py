@@ -6,6 +6,12 @@ trusted. A target folder gets hard links (or copies) of the entry's MSAs, its ow
 (the target id as `domain_name`) and timings, and its manifest last as well. An entry is
 computed under an exclusive `flock`, so two processes never search the same sequence at once,
 and a lock held by a killed process is released by the kernel.
+
+Every MSA mode goes through the same entries, keys and target folders: `classic` searches one
+protein at a time (`featurize_prepared`); `mmseqs` searches every missing sequence of a call
+in one MMseqs2 batch (`featurize_batch`, under one cache-wide batch lock); `precomputed` and
+`single_sequence` run no tool. The key holds the mode's settings and the databases it reads,
+and for precomputed MSAs the file's content.
 """
 
 from __future__ import annotations
@@ -14,34 +20,90 @@ import contextlib
 import fcntl
 import logging
 import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from parafold.errors import PipelineError
 from parafold.featureset import MANIFEST_FILE, FeatureSet, read_feature_set, write_feature_set
 from parafold.inputs import Target
 from parafold.search.budget import CpuBudget, threads_per_search
 from parafold.search.databases import DatabaseSet
-from parafold.search.features import build_features
+from parafold.search.features import (
+    build_features,
+    mmseqs_features,
+    msa_feature_dict,
+    single_sequence_features,
+)
+from parafold.search.mmseqs import MMSEQS_FILES, search_batch
 from parafold.search.msa_search import QUERY_NAME, msa_files_for, run_searches
+from parafold.search.precomputed import file_digest, find_msa_file, read_msa, stored_msa_name
 from parafold.search.settings import SearchSettings
-from parafold.store import atomic_copy, atomic_write_json, content_key, read_json
+from parafold.store import (
+    atomic_copy,
+    atomic_write_json,
+    atomic_write_text,
+    content_key,
+    read_json,
+)
 
-__all__ = ["featurize_target", "cache_key", "TIMINGS_FILE"]
+__all__ = ["featurize_target", "featurize_prepared", "featurize_batch", "cache_key",
+           "target_key", "msa_names", "TIMINGS_FILE"]
 
 logger = logging.getLogger(__name__)
 
 TIMINGS_FILE = "timings.json"
 
 
-def cache_key(sequence: str, databases: DatabaseSet, settings: SearchSettings) -> str:
-    """Content key of a sequence's features: sequence, database fingerprints, search settings."""
-    return content_key(sequence=sequence, databases=databases.fingerprint_map(),
-                       settings=settings.cache_fields())
+def cache_key(sequence: str, databases: DatabaseSet, settings: SearchSettings, *,
+              msa_digest: str = "") -> str:
+    """Content key of a sequence's features: sequence, fingerprints of the databases the MSA
+    mode reads, the mode's settings, and (precomputed mode) the MSA file's digest."""
+    dbs = databases.for_mode(settings.msa_mode)
+    parts = {"sequence": sequence, "databases": dbs.fingerprint_map(),
+             "settings": settings.cache_fields()}
+    if msa_digest:
+        parts["msa"] = msa_digest
+    return content_key(**parts)
+
+
+def target_key(target: Target, databases: DatabaseSet,
+               settings: SearchSettings) -> tuple[str, Path | None]:
+    """The target's cache key and, in precomputed mode, its MSA file.
+
+    Raises:
+        InputError: precomputed mode and the target has no MSA file.
+    """
+    if settings.msa_mode == "precomputed":
+        path = find_msa_file(settings.msa_dir, target)
+        return cache_key(target.sequence, databases, settings,
+                         msa_digest=file_digest(path)), path
+    return cache_key(target.sequence, databases, settings), None
+
+
+def msa_names(settings: SearchSettings, databases: DatabaseSet,
+              msa_file: Path | None = None) -> tuple[str, ...]:
+    """The files a finished target has in `msas/` for this mode."""
+    mode = settings.msa_mode
+    if mode == "classic":
+        return msa_files_for(settings.preset)
+    if mode == "mmseqs":
+        optional = (("env", "mmseqs_env"), ("pdb", "mmseqs_pdb"))
+        return (MMSEQS_FILES["uniref"],) + tuple(
+            MMSEQS_FILES[tag] for tag, db in optional if databases.path(db) is not None)
+    if mode == "precomputed" and msa_file is not None:
+        return (stored_msa_name(msa_file),)
+    return ()
+
+
+def _mode_label(settings: SearchSettings) -> str:
+    return settings.preset if settings.msa_mode == "classic" else settings.msa_mode
 
 
 @contextlib.contextmanager
@@ -68,11 +130,31 @@ def _target_done(folder: Path, key: str, msa_names: tuple[str, ...]) -> FeatureS
     return fs if ok else None
 
 
+def _fill_local(entry: Path, target: Target, msa_file: Path | None, *,
+                settings: SearchSettings, key: str) -> int:
+    """Precomputed or single-sequence features into a cache entry: no tool runs."""
+    started = time.monotonic()
+    if msa_file is not None:
+        msa = read_msa(msa_file, target)
+        atomic_copy(msa_file, entry / "msas" / stored_msa_name(msa_file))
+        feats = msa_feature_dict(target.sequence, QUERY_NAME, (msa,))
+    else:
+        feats = single_sequence_features(target.sequence, QUERY_NAME)
+    elapsed = round(time.monotonic() - started, 3)
+    atomic_write_json(entry / TIMINGS_FILE, {"tools": {}, "searches_wall_s": 0.0,
+                                             "features_s": elapsed, "total_wall_s": elapsed})
+    write_feature_set(entry / "features", name="cache", target_id=key, features=feats, key=key,
+                      msa_mode=_mode_label(settings))
+    return 0
+
+
 def _fill_entry(entry: Path, sequence: str, *, databases: DatabaseSet,
                 settings: SearchSettings, budget: CpuBudget, threads: int, key: str) -> int:
     """Search and featurize into a cache entry; returns the number of tool calls made."""
     for stale in entry.glob(".tmp-*"):  # left by a killed run; we hold the entry's lock
         shutil.rmtree(stale, ignore_errors=True)
+    for partial in entry.rglob("*.part"):  # half-written files of a killed atomic write
+        partial.unlink(missing_ok=True)
     started = time.monotonic()
     search = run_searches(sequence, entry / "msas", databases=databases, settings=settings,
                           budget=budget, threads=threads)
@@ -88,7 +170,7 @@ def _fill_entry(entry: Path, sequence: str, *, databases: DatabaseSet,
         "total_wall_s": round(time.monotonic() - started, 3),
     })
     write_feature_set(entry / "features", name="cache", target_id=key, features=feats, key=key,
-                      msa_mode=settings.preset)
+                      msa_mode=_mode_label(settings))
     return search.tool_calls
 
 
@@ -104,7 +186,7 @@ def _write_target(folder: Path, target: Target, entry: Path, *, key: str,
     feats["domain_name"] = np.array([target.id.encode("utf-8")], dtype=object)
     return write_feature_set(
         folder, name=target.name, target_id=target.id, features=feats, key=key,
-        msa_mode=settings.preset, write_pickle=write_pkl,
+        msa_mode=_mode_label(settings), write_pickle=write_pkl,
         extra={"timings": TIMINGS_FILE, "databases": databases.fingerprint_map()})
 
 
@@ -116,24 +198,35 @@ def featurize_prepared(target: Target, *, out_dir: Path, databases: DatabaseSet,
     The returned set's `extra` says what this call did: `tool_calls` and `reused`
     ("target": already finished, "cache": features from the cache, "": computed now).
     """
-    key = cache_key(target.sequence, databases, settings)
+    if settings.msa_mode == "mmseqs":
+        result = featurize_batch([target], out_dir=out_dir, databases=databases,
+                                 settings=settings, budget=budget, cache_dir=cache_dir,
+                                 write_pkl=write_pkl)[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+    key, msa_file = target_key(target, databases, settings)
     folder = Path(out_dir) / target.name
-    msa_names = msa_files_for(settings.preset)
-    done = _target_done(folder, key, msa_names)
+    names = msa_names(settings, databases, msa_file)
+    done = _target_done(folder, key, names)
     if done is not None:
         logger.info("%s: already finished", target.id)
         return replace(done, extra={**done.extra, "tool_calls": 0, "reused": "target"})
-    entry = Path(cache_dir) / key[:2] / key
+    entry = _entry(cache_dir, key)
     tool_calls, filled = 0, False
     with _locked(entry / ".lock"):
         if not (entry / "features" / MANIFEST_FILE).is_file():
-            logger.info("%s: searching (%d residues)", target.id, target.length)
             filled = True
-            tool_calls = _fill_entry(entry, target.sequence, databases=databases,
-                                     settings=settings, budget=budget, threads=threads, key=key)
+            if settings.msa_mode == "classic":
+                logger.info("%s: searching (%d residues)", target.id, target.length)
+                tool_calls = _fill_entry(entry, target.sequence, databases=databases,
+                                         settings=settings, budget=budget, threads=threads,
+                                         key=key)
+            else:
+                tool_calls = _fill_local(entry, target, msa_file, settings=settings, key=key)
     timings = {**read_json(entry / TIMINGS_FILE), "key": key, "tool_calls": tool_calls,
                "cache_hit": not filled}
-    fs = _write_target(folder, target, entry, key=key, msa_names=msa_names, timings=timings,
+    fs = _write_target(folder, target, entry, key=key, msa_names=names, timings=timings,
                        databases=databases, settings=settings, write_pkl=write_pkl)
     reused = "" if filled else "cache"
     return replace(fs, extra={**fs.extra, "tool_calls": tool_calls, "reused": reused})
@@ -148,10 +241,129 @@ def featurize_target(target: Target, *, out_dir: Path, databases: DatabaseSet,
 
     Raises:
         ToolError: a search failed after its retry (its stderr tail is in the message).
-        DatabaseNotFoundError: a database the preset needs is missing.
+        DatabaseNotFoundError: a database the preset (or MSA mode) needs is missing.
         FeatureError: search outputs could not be turned into features.
+        InputError: precomputed mode and the target's MSA file is missing or invalid.
     """
     threads = threads_per_search(cpus, 1, settings.threads_per_search)
-    return featurize_prepared(target, out_dir=out_dir, databases=databases.fingerprinted(),
+    databases = databases.for_mode(settings.msa_mode).fingerprinted()
+    return featurize_prepared(target, out_dir=out_dir, databases=databases,
                               settings=settings, budget=CpuBudget(cpus), threads=threads,
                               cache_dir=cache_dir, write_pkl=write_pkl)
+
+
+def _entry(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / key[:2] / key
+
+
+def _has_features(cache_dir: Path, key: str) -> bool:
+    return (_entry(cache_dir, key) / "features" / MANIFEST_FILE).is_file()
+
+
+def _fill_mmseqs_entry(entry: Path, sequence: str, msas: dict[str, str], *,
+                       databases: DatabaseSet, settings: SearchSettings, key: str,
+                       batch: dict[str, Any]) -> None:
+    started = time.monotonic()
+    with _locked(entry / ".lock"):
+        for tag, text in msas.items():
+            atomic_write_text(entry / "msas" / MMSEQS_FILES[tag], text)
+        feats = mmseqs_features(sequence, QUERY_NAME, entry / "msas", databases=databases,
+                                settings=settings)
+        features_s = round(time.monotonic() - started, 3)
+        atomic_write_json(entry / TIMINGS_FILE, {
+            "tools": batch["tools"], "batch": batch["info"],
+            "searches_wall_s": batch["info"]["wall_s"], "features_s": features_s,
+            "total_wall_s": round(batch["info"]["wall_s"] + features_s, 3)})
+        write_feature_set(entry / "features", name="cache", target_id=key, features=feats,
+                          key=key, msa_mode=_mode_label(settings))
+
+
+def _search_and_fill(pending: dict[str, str], *, databases: DatabaseSet,
+                     settings: SearchSettings, budget: CpuBudget,
+                     cache_dir: Path) -> tuple[dict[str, BaseException], int]:
+    """One MMseqs2 batch for every pending (key -> sequence); returns failures and calls."""
+    names = {f"q{i}": key for i, key in enumerate(pending)}
+    logger.info("mmseqs: searching %d sequences in one batch", len(names))
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with budget.hold(budget.total) as cores, \
+            tempfile.TemporaryDirectory(prefix=".tmp-mmseqs-", dir=cache_dir) as tmp:
+        try:
+            result = search_batch([(n, pending[k]) for n, k in names.items()], Path(tmp),
+                                  uniref=databases.require("mmseqs_uniref30"),
+                                  env=databases.path("mmseqs_env"),
+                                  pdb=databases.path("mmseqs_pdb"), settings=settings,
+                                  threads=cores)
+        except PipelineError as exc:
+            exc.add_note(f"mmseqs batch of {len(names)} sequences")
+            return dict.fromkeys(pending, exc), 0
+        batch = {"tools": {t.step: {k: v for k, v in asdict(t).items() if k != "step"}
+                           for t in result.timings},
+                 "info": {"queries": len(names), "calls": len(result.timings),
+                          "wall_s": result.wall_s, "threads": cores}}
+        failed: dict[str, BaseException] = {}
+
+        def fill(name: str) -> None:
+            key = names[name]
+            try:
+                _fill_mmseqs_entry(_entry(cache_dir, key), pending[key], result.msas[name],
+                                   databases=databases, settings=settings, key=key,
+                                   batch=batch)
+            except PipelineError as exc:  # one query's features; the others go on
+                failed[key] = exc
+
+        with ThreadPoolExecutor(max(1, cores), thread_name_prefix="mmseqs-features") as pool:
+            list(pool.map(fill, names))
+    return failed, len(result.timings)
+
+
+def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: DatabaseSet,
+                    settings: SearchSettings, budget: CpuBudget, cache_dir: Path,
+                    write_pkl: bool = False) -> list[FeatureSet | BaseException]:
+    """MMseqs2 mode: every target whose features are not cached yet, in one search batch.
+
+    Results follow `targets`; a failure is returned in its target's place. `extra` says what
+    each target cost: the batch's tool calls are counted on the first target searched.
+    """
+    databases = databases.for_mode(settings.msa_mode).fingerprinted()
+    keys = [cache_key(t.sequence, databases, settings) for t in targets]
+    names = msa_names(settings, databases)
+    results: list[FeatureSet | BaseException | None] = [None] * len(targets)
+    pending: dict[str, str] = {}
+    for i, (target, key) in enumerate(zip(targets, keys, strict=True)):
+        done = _target_done(Path(out_dir) / target.name, key, names)
+        if done is not None:
+            results[i] = replace(done, extra={**done.extra, "tool_calls": 0, "reused": "target"})
+        elif not _has_features(cache_dir, key):
+            pending[key] = target.sequence
+    failed: dict[str, BaseException] = {}
+    calls, searched = 0, set()
+    if pending:
+        with _locked(Path(cache_dir) / ".mmseqs-batch.lock"):
+            pending = {k: s for k, s in pending.items() if not _has_features(cache_dir, k)}
+            if pending:
+                failed, calls = _search_and_fill(pending, databases=databases,
+                                                 settings=settings, budget=budget,
+                                                 cache_dir=cache_dir)
+                searched = set(pending) - set(failed)
+    for i, (target, key) in enumerate(zip(targets, keys, strict=True)):
+        if results[i] is not None:
+            continue
+        if key in failed:
+            results[i] = failed[key]
+            continue
+        entry = _entry(cache_dir, key)
+        fresh = key in searched
+        searched.discard(key)  # the first target of a sequence was searched, twins reuse it
+        tool_calls, calls = (calls, 0) if fresh else (0, calls)
+        try:
+            timings = {**read_json(entry / TIMINGS_FILE), "key": key, "tool_calls": tool_calls,
+                       "cache_hit": not fresh}
+            fs = _write_target(Path(out_dir) / target.name, target, entry, key=key,
+                               msa_names=names, timings=timings, databases=databases,
+                               settings=settings, write_pkl=write_pkl)
+        except (PipelineError, OSError) as exc:
+            results[i] = exc
+            continue
+        results[i] = replace(fs, extra={**fs.extra, "tool_calls": tool_calls,
+                                        "reused": "" if fresh else "cache"})
+    return [r for r in results if r is not None]

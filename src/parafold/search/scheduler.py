@@ -5,6 +5,9 @@ the cache and the others reuse it without a tool call. Jobs run in threads (the 
 search subprocesses); every tool call holds its threads' cores from the shared `CpuBudget`, so
 as many proteins search at once as the cores allow, and a protein in its long tail (one search
 left) frees cores for the next. A failure ends only its own targets.
+
+In MMseqs2 mode all targets go to one batch search instead (`runner.featurize_batch`), with the
+whole budget: MMseqs2 gains from many queries per database pass, not from many processes.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from parafold.featureset import FeatureSet
 from parafold.inputs import Target
 from parafold.search.budget import SEARCHES_PER_PROTEIN, CpuBudget, threads_per_search
 from parafold.search.databases import DatabaseSet
-from parafold.search.runner import featurize_prepared
+from parafold.search.runner import featurize_batch, featurize_prepared
 from parafold.search.settings import SearchSettings
 
 __all__ = ["TargetOutcome", "featurize_many", "describe_error"]
@@ -60,7 +63,11 @@ def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: Datab
     Raises:
         DatabaseNotFoundError: a database the preset needs is missing (nothing could run).
     """
-    databases = databases.fingerprinted()
+    databases = databases.for_mode(settings.msa_mode).fingerprinted()
+    if settings.msa_mode == "mmseqs":
+        return _featurize_mmseqs(targets, out_dir=out_dir, databases=databases,
+                                 settings=settings, cpus=cpus, cache_dir=cache_dir,
+                                 write_pkl=write_pkl, on_done=on_done)
     groups: dict[str, list[int]] = {}
     for i, target in enumerate(targets):
         groups.setdefault(target.sequence, []).append(i)
@@ -100,3 +107,26 @@ def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: Datab
             for i, outcome in future.result():
                 outcomes[i] = outcome
     return [o for o in outcomes if o is not None]
+
+
+def _featurize_mmseqs(targets: Sequence[Target], *, out_dir: Path, databases: DatabaseSet,
+                      settings: SearchSettings, cpus: int, cache_dir: Path, write_pkl: bool,
+                      on_done: Callable[[TargetOutcome], None] | None) -> list[TargetOutcome]:
+    start = time.monotonic()
+    logger.info("%d targets, %d cores, one MMseqs2 batch", len(targets), cpus)
+    results = featurize_batch(targets, out_dir=out_dir, databases=databases, settings=settings,
+                              budget=CpuBudget(cpus), cache_dir=cache_dir, write_pkl=write_pkl)
+    wall = round(time.monotonic() - start, 3)
+    outcomes = []
+    for target, result in zip(targets, results, strict=True):
+        if isinstance(result, BaseException):
+            logger.error("%s failed: %s", target.id, describe_error(result))
+            outcome = TargetOutcome(target, None, error=describe_error(result), wall_s=wall)
+        else:
+            outcome = TargetOutcome(target, result,
+                                    tool_calls=int(result.extra.get("tool_calls", 0)),
+                                    reused=str(result.extra.get("reused", "")), wall_s=wall)
+        if on_done is not None:
+            on_done(outcome)
+        outcomes.append(outcome)
+    return outcomes

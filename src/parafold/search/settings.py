@@ -47,6 +47,9 @@ class SearchSettings:
     mmseqs_sensitivity: float = 8.0
     mmseqs_e_value: float = 0.1
     mmseqs_max_seqs: int = 10_000
+    # ColabFold realigns expanded cluster members with -e 10 (keeping weak rows that its
+    # filterresult then thins); 0.1 (the search's own cutoff) keeps random rows out as well.
+    mmseqs_align_e_value: float = 0.1
     mmseqs_template_sensitivity: float = 7.5
     # Precomputed MSAs (msa_mode "precomputed"): the folder of <id>.a3m / <id>.sto files. Not
     # in the key itself: the content of each target's file is (see runner.cache_key).
@@ -90,6 +93,7 @@ class SearchSettings:
                     "max_template_date": self.max_template_date,
                     "mmseqs": [self.mmseqs_num_iterations, self.mmseqs_sensitivity,
                                self.mmseqs_e_value, self.mmseqs_max_seqs,
+                               self.mmseqs_align_e_value,
                                self.mmseqs_template_sensitivity],
                     "format": 1}
         if self.msa_mode in ("precomputed", "single_sequence"):

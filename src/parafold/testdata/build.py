@@ -37,7 +37,7 @@ from parafold.errors import InputError, ToolNotFoundError
 from parafold.store import atomic_write_json, read_json
 from parafold.testdata import structures
 from parafold.testdata.folder import is_replaceable, locked, staged_folder
-from parafold.testdata.hhdb import HHTools, build_hh_databases, find_hh_tools, run_tool
+from parafold.testdata.hhdb import HHTools, build_hh_databases, find_hh_tools
 from parafold.testdata.sequences import (
     AlignedSeq,
     mutate,
@@ -51,7 +51,7 @@ __all__ = ["TestdataSummary", "build_testdata", "read_testdata", "read_truth", "
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: MMseqs2 cluster-layout databases with indexes
 MARKER = ".testdata_complete.json"
 HH_SINGLETON_CAP = 100
 UNRELATED_PER_FAMILY = 8  # default number of unrelated sequences per family
@@ -314,9 +314,9 @@ def _build_into(root: Path, params: dict[str, Any], tools: HHTools, mmseqs_bin: 
         "".join(f">{f.name}_query synthetic ancestor of family {f.name}\n{f.ancestor}\n"
                 for f in families), encoding="ascii")
     if mmseqs_bin is not None:
-        (root / "mmseqs").mkdir()
-        run_tool([mmseqs_bin, "createdb", str(root / LAYOUT["uniref90"]),
-                  str(root / LAYOUT["mmseqs"]), "-v", "1"], cwd=root)
+        from parafold.testdata.mmseqs_db import build_mmseqs_databases
+
+        build_mmseqs_databases(root, mmseqs_binary=mmseqs_bin)
     shutil.rmtree(work, ignore_errors=True)
     return TestdataSummary(
         root=root, seed=seed, families=families_n, family_members=family_rows,

@@ -1,0 +1,131 @@
+"""MSAs the user already has: `<dir>/<target id or name>.a3m` (or `.sto`), checked, then features.
+
+A precomputed MSA is trusted only after checks that catch the usual mix-ups (another
+protein's file, a truncated or hand-edited alignment): its first sequence must be the target
+(gaps removed), and every row must align to the query's columns (A3M: uppercase letters plus
+'-' count the columns; lowercase letters are insertions). A bad file is an `InputError` naming
+the file and the line, never a silently wrong feature dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from alphafold.data import parsers
+
+from parafold.errors import InputError
+from parafold.inputs import Target
+
+__all__ = ["MSA_SUFFIXES", "find_msa_file", "read_msa", "file_digest", "stored_msa_name"]
+
+MSA_SUFFIXES = (".a3m", ".sto")
+_A3M_ROW = re.compile(r"^[A-Za-z.\-*]*$")
+
+
+def find_msa_file(msa_dir: Path | str, target: Target) -> Path:
+    """The target's MSA file: `<id>` first, then `<name>`, `.a3m` before `.sto`.
+
+    Raises:
+        InputError: no such file (the names tried are in the message).
+    """
+    folder = Path(msa_dir)
+    tried = []
+    for stem in dict.fromkeys((target.id, target.name)):
+        if "/" in stem or stem in (".", ".."):
+            continue
+        for suffix in MSA_SUFFIXES:
+            path = folder / f"{stem}{suffix}"
+            tried.append(path.name)
+            if path.is_file():
+                return path
+    raise InputError(f"{target.id}: no precomputed MSA in {folder} (tried {', '.join(tried)})")
+
+
+def stored_msa_name(path: Path) -> str:
+    """The name a precomputed MSA gets in a feature folder's `msas/`."""
+    return f"precomputed{path.suffix.lower()}"
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of the file's bytes: a changed MSA is a new cache key."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _a3m_rows(path: Path, text: str) -> list[tuple[int, str, str]]:
+    """(line of the header, name, sequence) per record; characters checked per line."""
+    rows: list[tuple[int, str, str]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(">"):
+            rows.append((lineno, line[1:].split("\t")[0].strip(), ""))
+        elif not rows:
+            raise InputError(f"{path}:{lineno}: sequence data before the first '>' header")
+        elif not _A3M_ROW.match(line):
+            bad = sorted(set(re.sub(r"[A-Za-z.\-*]", "", line)))
+            raise InputError(f"{path}:{lineno}: characters not allowed in A3M: {bad[:5]}")
+        else:
+            start, name, seq = rows[-1]
+            rows[-1] = (start, name, seq + line)
+    return rows
+
+
+def _check_query(where: str, first: str, target: Target) -> None:
+    query = first.replace("-", "").replace(".", "").upper()
+    if query != target.sequence:
+        raise InputError(
+            f"{where}: the first sequence is not target {target.id!r} "
+            f"({len(query)} residues, starting {query[:20]!r}; the target has "
+            f"{target.length}, starting {target.sequence[:20]!r})")
+
+
+def read_msa(path: Path, target: Target) -> parsers.Msa:
+    """The validated MSA of `target` from an A3M or Stockholm file.
+
+    Raises:
+        InputError: unreadable, empty, first sequence not the target, or ragged rows.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read MSA: {exc}") from exc
+    if not text.strip():
+        raise InputError(f"{path}: empty MSA file")
+    if path.suffix.lower() == ".sto":
+        return _read_stockholm(path, text, target)
+    rows = _a3m_rows(path, text)
+    if not rows or not rows[0][2]:
+        raise InputError(f"{path}: no sequences in the MSA")
+    _check_query(f"{path}:{rows[0][0]}", rows[0][2], target)
+    for lineno, name, seq in rows:
+        columns = sum(1 for c in seq if c.isupper() or c == "-")
+        if columns != target.length:
+            raise InputError(f"{path}:{lineno}: row {name!r} aligns {columns} columns; the "
+                             f"query has {target.length} (uppercase letters and '-' count)")
+    return parsers.parse_a3m(text)
+
+
+def _read_stockholm(path: Path, text: str, target: Target) -> parsers.Msa:
+    lengths: dict[str, int] = {}
+    first = ""
+    for line in text.splitlines():
+        if line.strip() and not line.startswith(("#", "//")):
+            name, _, seq = line.partition(" ")
+            lengths[name] = lengths.get(name, 0) + len(seq.strip())
+            first = first or name
+    if not lengths:
+        raise InputError(f"{path}: no sequences in the Stockholm MSA")
+    ragged = {n: ln for n, ln in lengths.items() if ln != lengths[first]}
+    if ragged:
+        name, length = next(iter(ragged.items()))
+        raise InputError(f"{path}: row {name!r} has {length} columns, the first row "
+                         f"{lengths[first]}")
+    try:
+        msa = parsers.parse_stockholm(text)
+    except (ValueError, IndexError, KeyError) as exc:
+        raise InputError(f"{path}: malformed Stockholm MSA: {exc}") from exc
+    _check_query(str(path), msa.sequences[0], target)
+    return msa

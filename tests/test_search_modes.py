@@ -1,0 +1,278 @@
+"""MSA modes besides classic: MMseqs2 batch search (real mmseqs), precomputed MSAs, single
+sequence; their keys, resume and validation."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from alphafold.data import parsers, pipeline, templates
+
+from parafold.featureset import read_feature_set
+from parafold.inputs import Target, read_targets
+from parafold.search.databases import DatabaseSet, find_databases
+from parafold.search.runner import cache_key, target_key
+from parafold.search.scheduler import TargetOutcome, featurize_many
+from parafold.search.settings import SearchSettings
+from parafold.testdata import read_truth
+
+CPUS = 2
+MODES = ("classic", "mmseqs", "precomputed", "single_sequence")
+
+
+def _logged_mmseqs(folder: Path) -> tuple[Path, Path]:
+    """A wrapper that records every call, then runs the real mmseqs (no fake results)."""
+    log, wrapper = folder / "calls.log", folder / "mmseqs_logged"
+    real = shutil.which("mmseqs")
+    assert real is not None
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\nexec "{real}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, log
+
+
+def _calls(log: Path, module: str) -> list[str]:
+    if not log.is_file():
+        return []
+    return [line for line in log.read_text().splitlines() if line.split()[0] == module]
+
+
+@pytest.fixture(scope="module")
+def db(synthetic_db: Path) -> Path:
+    return Path(synthetic_db)
+
+
+@pytest.fixture(scope="module")
+def queries(db: Path) -> list[Target]:
+    return list(read_targets(db / "queries.fasta").targets)
+
+
+@pytest.fixture(scope="module")
+def mm_run(tmp_path_factory: pytest.TempPathFactory, db: Path,
+           queries: list[Target]) -> dict[str, object]:
+    """Every query through MMseqs2 mode once, with the calls recorded."""
+    out = tmp_path_factory.mktemp("mmseqs")
+    wrapper, log = _logged_mmseqs(out)
+    settings = SearchSettings(msa_mode="mmseqs", mmseqs_binary=str(wrapper))
+    outcomes = featurize_many(queries, out_dir=out / "features",
+                              databases=find_databases(db, msa_mode="mmseqs"),
+                              settings=settings, cpus=CPUS, cache_dir=out / "cache")
+    return {"out": out / "features", "outcomes": outcomes, "log": log, "settings": settings}
+
+
+def _ok(outcomes: object) -> list[TargetOutcome]:
+    result = list(outcomes)  # type: ignore[call-overload]
+    assert all(o.ok for o in result), [o.error for o in result]
+    return result
+
+
+def test_mmseqs_recall_and_unrelated_hits(mm_run: dict[str, object], db: Path,
+                                          queries: list[Target]) -> None:
+    """>= 90% of each family's members in its MSAs and template hits, <= 5% unrelated."""
+    _ok(mm_run["outcomes"])
+    truth = read_truth(db / "truth.tsv")
+    out = Path(mm_run["out"])  # type: ignore[arg-type]
+    for target in queries:
+        msas = out / target.name / "msas"
+        hits: set[str] = set()
+        for name in ("uniref.a3m", "env.a3m"):
+            hits |= {d.split()[0] for d in parsers.parse_a3m((msas / name).read_text()).descriptions}
+        hits |= {row.split("\t")[1] for row in (msas / "pdb_hits.m8").read_text().splitlines()}
+        hits.discard("query")
+        family = target.id.split("_")[0]
+        members = {k for k, v in truth.items() if v == family and not k.startswith("PDBMSA")}
+        unrelated = {h for h in hits if truth.get(h, "") == ""}
+        assert len(hits & members) >= 0.9 * len(members), (target.id, members - hits)
+        assert len(unrelated) <= 0.05 * len(hits), (target.id, unrelated)
+
+
+def test_mmseqs_searches_all_queries_in_one_batch(mm_run: dict[str, object],
+                                                  queries: list[Target]) -> None:
+    outcomes = _ok(mm_run["outcomes"])
+    log = Path(mm_run["log"])  # type: ignore[arg-type]
+    assert len(_calls(log, "search")) == 3  # uniref30, env, pdb: once each for 8 queries
+    assert len(_calls(log, "createdb")) == 1 and not _calls(log, "createindex")
+    assert sum(o.tool_calls for o in outcomes) == len(log.read_text().splitlines())
+    first = read_feature_set(Path(mm_run["out"]) / queries[0].name)  # type: ignore[arg-type]
+    assert first.msa_mode == "mmseqs" and first.msa_depth > 5
+    assert sum(o.feature_set.num_templates > 0 for o in outcomes  # type: ignore[union-attr]
+               ) >= len(queries) // 2 - 1  # every other family has a template
+
+
+def test_mmseqs_index_is_made_once_and_reused(tmp_path: Path, db: Path,
+                                              queries: list[Target]) -> None:
+    copy = tmp_path / "dbcopy"
+    copy.mkdir()
+    for f in (db / "mmseqs").glob("uniref30_db*"):
+        if ".idx" not in f.name:
+            shutil.copy(f, copy / f.name)
+    wrapper, log = _logged_mmseqs(tmp_path)
+    dbs = find_databases(db, overrides={"mmseqs_uniref30": copy / "uniref30_db"},
+                         msa_mode="mmseqs")
+    settings = SearchSettings(msa_mode="mmseqs", mmseqs_binary=str(wrapper))
+    for run in ("first", "second"):  # a fresh cache each time: both runs search
+        _ok(featurize_many(queries[:2], out_dir=tmp_path / run, databases=dbs,
+                           settings=settings, cpus=CPUS, cache_dir=tmp_path / f"cache_{run}"))
+        assert len(_calls(log, "createindex")) == 1, run
+    assert (copy / "uniref30_db.idx.dbtype").is_file()
+
+
+def _precomputed_folder(mm_out: Path, folder: Path, targets: list[Target]) -> Path:
+    """Each target's uniref and env A3M from the MMseqs2 run concatenated, as `<id>.a3m`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for t in targets:
+        msas = mm_out / t.name / "msas"
+        (folder / f"{t.id}.a3m").write_text(
+            (msas / "uniref.a3m").read_text() + (msas / "env.a3m").read_text())
+    return folder
+
+
+def test_precomputed_features_equal_search_features(mm_run: dict[str, object], db: Path,
+                                                    queries: list[Target],
+                                                    tmp_path: Path) -> None:
+    mm_out = Path(mm_run["out"])  # type: ignore[arg-type]
+    chosen = queries[:3]
+    folder = _precomputed_folder(mm_out, tmp_path / "msas", chosen)
+    settings = SearchSettings(msa_mode="precomputed", msa_dir=str(folder))
+    outcomes = _ok(featurize_many(chosen, out_dir=tmp_path / "out",
+                                  databases=find_databases(None, msa_mode="precomputed"),
+                                  settings=settings, cpus=CPUS, cache_dir=tmp_path / "cache"))
+    assert all(o.tool_calls == 0 for o in outcomes)
+    for t in chosen:
+        searched = read_feature_set(mm_out / t.name).load()
+        got = read_feature_set(tmp_path / "out" / t.name).load()
+        assert set(got) == set(searched)
+        for key, want in searched.items():
+            if key.startswith("template_"):
+                assert got[key].shape == (0,), key  # no template search on precomputed MSAs
+                continue
+            assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+            if want.dtype == object:
+                assert list(got[key].ravel()) == list(want.ravel()), key
+            else:
+                np.testing.assert_array_equal(got[key], want, err_msg=key)
+        assert (tmp_path / "out" / t.name / "msas" / "precomputed.a3m").is_file()
+
+
+def test_precomputed_stockholm_equals_alphafold_parse(tmp_path: Path) -> None:
+    target = Target("sto1", "sto1", "ACDEFGHIKL")
+    sto = ("# STOCKHOLM 1.0\n\nsto1 ACDEFGHIKL\nhitA ACDE-GHIKV\nhitB AC--FGHIKL\n//\n")
+    (tmp_path / "sto1.sto").write_text(sto)
+    settings = SearchSettings(msa_mode="precomputed", msa_dir=str(tmp_path))
+    (o,) = _ok(featurize_many([target], out_dir=tmp_path / "out",
+                              databases=find_databases(None, msa_mode="precomputed"),
+                              settings=settings, cpus=1, cache_dir=tmp_path / "cache"))
+    feats = read_feature_set(tmp_path / "out" / "sto1").load()
+    want = pipeline.make_msa_features((parsers.parse_stockholm(sto),))
+    np.testing.assert_array_equal(feats["msa"], want["msa"])
+    assert o.feature_set is not None and o.feature_set.msa_depth == 3
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (">q\nACDEFGHIKV\n", ":1: the first sequence is not target"),
+    (">q\nACDEFGHIKL\n>hit\nACDEFGH\n", ":3: row 'hit' aligns 7 columns; the query has 10"),
+    (">q\nACDEFGHIKL\n>hit\nACDEFGHIK1\n", ":4: characters not allowed in A3M"),
+    ("", ": empty MSA file"),
+    (None, "no precomputed MSA in"),
+])
+def test_precomputed_validation_names_the_file(tmp_path: Path, content: str | None,
+                                               expected: str) -> None:
+    target = Target("bad_one", "bad_one", "ACDEFGHIKL")
+    path = tmp_path / "bad_one.a3m"
+    if content is not None:
+        path.write_text(content)
+    settings = SearchSettings(msa_mode="precomputed", msa_dir=str(tmp_path))
+    (o,) = featurize_many([target], out_dir=tmp_path / "out",
+                          databases=find_databases(None, msa_mode="precomputed"),
+                          settings=settings, cpus=1, cache_dir=tmp_path / "cache")
+    assert not o.ok and "InputError" in o.error
+    assert expected in o.error
+    if content is not None:
+        assert f"{path}{expected}" in o.error or (str(path) in o.error and expected in o.error)
+
+
+def test_single_sequence_features_equal_alphafold(tmp_path: Path,
+                                                  queries: list[Target]) -> None:
+    t = queries[0]
+    (o,) = _ok(featurize_many([t], out_dir=tmp_path, databases=find_databases(
+        None, msa_mode="single_sequence"), settings=SearchSettings(msa_mode="single_sequence"),
+        cpus=1, cache_dir=tmp_path / ".cache"))
+    assert o.tool_calls == 0 and o.feature_set is not None and o.feature_set.msa_depth == 1
+    got = read_feature_set(tmp_path / t.name).load()
+    msa = parsers.Msa([t.sequence], [[0] * t.length], ["query"])
+    want = {**pipeline.make_sequence_features(t.sequence, t.id, t.length),
+            **pipeline.make_msa_features((msa,)),
+            **{k: np.array([], dtype=v) for k, v in templates.TEMPLATE_FEATURES.items()}}
+    assert set(got) == set(want)
+    for key, value in want.items():
+        value = np.asarray(value)
+        if value.dtype == object:
+            assert list(got[key].ravel()) == list(value.ravel()), key
+        else:
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+            assert got[key].dtype == value.dtype, key
+
+
+def test_cache_keys_differ_per_mode(db: Path, queries: list[Target], tmp_path: Path) -> None:
+    t = queries[0]
+    (tmp_path / f"{t.id}.a3m").write_text(f">q\n{t.sequence}\n")
+    keys = {}
+    for mode in MODES:
+        settings = SearchSettings(msa_mode=mode, msa_dir=str(tmp_path))
+        dbs: DatabaseSet = find_databases(db, msa_mode=mode)
+        keys[mode] = target_key(t, dbs, settings)[0]
+        if mode != "precomputed":
+            assert keys[mode] == cache_key(t.sequence, dbs, settings)
+    assert len(set(keys.values())) == len(MODES)
+    (tmp_path / f"{t.id}.a3m").write_text(f">q\n{t.sequence}\n>h\n{t.sequence[:-1]}-\n")
+    changed = target_key(t, find_databases(db, msa_mode="precomputed"),
+                         SearchSettings(msa_mode="precomputed", msa_dir=str(tmp_path)))[0]
+    assert changed != keys["precomputed"]
+
+
+def test_resume_in_every_new_mode(mm_run: dict[str, object], db: Path,
+                                  queries: list[Target], tmp_path: Path) -> None:
+    mm_out = Path(mm_run["out"])  # type: ignore[arg-type]
+    folder = _precomputed_folder(mm_out, tmp_path / "msas", queries[:2])
+    runs = {
+        "mmseqs": (mm_out, mm_run["settings"], queries),
+        "precomputed": (tmp_path / "pre",
+                        SearchSettings(msa_mode="precomputed", msa_dir=str(folder)), queries[:2]),
+        "single_sequence": (tmp_path / "single", SearchSettings(msa_mode="single_sequence"),
+                            queries[:2]),
+    }
+    for mode, (out, settings, targets) in runs.items():
+        dbs = find_databases(db, msa_mode=mode)
+        for attempt in (1, 2):
+            outcomes = _ok(featurize_many(targets, out_dir=out, databases=dbs,
+                                          settings=settings,  # type: ignore[arg-type]
+                                          cpus=CPUS, cache_dir=out.parent / f"{out.name}_c"
+                                          if mode != "mmseqs" else out.parent / "cache"))
+            if attempt == 2 or mode == "mmseqs":
+                assert all(o.reused == "target" and o.tool_calls == 0 for o in outcomes), mode
+        # a killed run leaves a target without its manifest: only that one is redone
+        (out / targets[0].name / "features.json").unlink()
+        again = _ok(featurize_many(targets, out_dir=out, databases=dbs,
+                                   settings=settings,  # type: ignore[arg-type]
+                                   cpus=CPUS, cache_dir=out.parent / f"{out.name}_c"
+                                   if mode != "mmseqs" else out.parent / "cache"))
+        assert [o.reused for o in again] == ["cache"] + ["target"] * (len(targets) - 1), mode
+        assert all(o.tool_calls == 0 for o in again), mode
+
+
+def test_cli_a3m_input_defaults_to_precomputed(mm_run: dict[str, object], queries: list[Target],
+                                               tmp_path: Path) -> None:
+    folder = _precomputed_folder(Path(mm_run["out"]), tmp_path / "in",  # type: ignore[arg-type]
+                                 queries[:2])
+    (folder / "broken.a3m").write_text(f">q\n{queries[2].sequence}\n>h\nACD\n")
+    proc = subprocess.run([sys.executable, "-m", "parafold.cli", "features", str(folder),
+                           "-o", str(tmp_path / "out"), "--cpus", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{folder / 'broken.a3m'}:3: row 'h' aligns 3 columns" in proc.stderr
+    assert "2 of 3 targets have features" in proc.stdout
+    fs = read_feature_set(tmp_path / "out" / queries[0].id)
+    assert fs.msa_mode == "precomputed" and fs.sequence == queries[0].sequence
