@@ -28,11 +28,434 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 # --- search stage (features, databases, testdata) ---
 
+from pathlib import Path  # noqa: E402  (section-local imports; typer reads the annotations)
+from typing import Annotated  # noqa: E402
+
+from parafold.search.databases import DatabaseSet  # noqa: E402  (light: no alphafold import)
+
+_DB_HELP = "Override one database (file, HH-suite prefix, or a folder holding it)."
+databases_app = typer.Typer(help="Inspect the sequence and structure databases.",
+                            no_args_is_help=True)
+app.add_typer(databases_app, name="databases")
+
+
+_MSA_MODE_HELP = ("classic (jackhmmer/hhblits/hhsearch), mmseqs (MMseqs2 batch search), "
+                  "precomputed (--msa-dir), or single_sequence (no search). Default: "
+                  "precomputed when INPUT holds .a3m files, else classic.")
+_MSA_DIR_HELP = ("Folder of <id>.a3m or <id>.sto MSAs (precomputed mode; default: INPUT's "
+                 "folder when INPUT holds .a3m files).")
+
+
+def _database_set(db_dir: Path | None, preset: str,
+                  overrides: dict[str, Path | None], msa_mode: str = "classic") -> DatabaseSet:
+    from parafold.errors import InputError
+    from parafold.search.databases import find_databases
+
+    try:
+        return find_databases(db_dir, preset, dict(overrides), msa_mode=msa_mode)
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@databases_app.command("check")
+def databases_check(
+    db_dir: Annotated[Path, typer.Argument(help="Folder with the AlphaFold database layout.")],
+    db_preset: Annotated[str, typer.Option(help="full_dbs or reduced_dbs.")] = "full_dbs",
+) -> None:
+    """Print which databases are present or missing, and each one's fingerprint."""
+    from parafold.search.databases import check_databases
+
+    dbs = _database_set(db_dir, db_preset, {})
+    missing_required = 0
+    for st in check_databases(dbs):
+        need = "required" if st.required else "optional"
+        if st.present:
+            typer.echo(f"present  {st.name:<11} {need:<8} {st.fingerprint}  {st.path}")
+        else:
+            missing_required += st.required
+            typer.echo(f"MISSING  {st.name:<11} {need:<8} {'-':<64}  (not under {db_dir})")
+    if missing_required:
+        typer.echo(f"{missing_required} database(s) needed by {db_preset} are missing", err=True)
+        raise typer.Exit(1)
+
+
+def _msa_mode_and_dir(input_path: Path, msa_mode: str | None,
+                      msa_dir: Path | None) -> tuple[str, str]:
+    """The MSA mode and precomputed folder, defaulted from INPUT when it holds A3M files."""
+    from parafold.inputs import is_a3m_input
+
+    a3m = is_a3m_input(input_path)
+    mode = msa_mode or ("precomputed" if a3m else "classic")
+    folder = msa_dir
+    if folder is None and mode == "precomputed" and a3m:
+        folder = input_path if input_path.is_dir() else input_path.parent
+    return mode, str(folder) if folder is not None else ""
+
+
+def _msa_settings(input_path: Path, msa_mode: str | None, msa_dir: Path | None) -> dict[str, str]:
+    """`msa_mode` and `msa_dir` of SearchSettings from the command line (`run`, `features`)."""
+    mode, folder = _msa_mode_and_dir(input_path, msa_mode, msa_dir)
+    return {"msa_mode": mode, "msa_dir": folder}
+
+
+@app.command("features")
+def features_cmd(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="FASTA file, folder of FASTA files, or CSV id,sequence.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (one subfolder per target).")],
+    db_dir: Annotated[Path | None, typer.Option("--db-dir", help="AlphaFold database folder.")] = None,
+    db_preset: Annotated[str, typer.Option(help="full_dbs or reduced_dbs.")] = "full_dbs",
+    uniref90: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    mgnify: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    bfd: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    uniref30: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    small_bfd: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    pdb70: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    pdb_mmcif: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    cpus: Annotated[int, typer.Option(help="Core budget for all searches (0: every core).")] = 0,
+    threads_per_search: Annotated[int, typer.Option(help="Threads per search (0: from the budget).")] = 0,
+    max_template_date: Annotated[str | None, typer.Option(help="YYYY-MM-DD; newer templates are ignored.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds before a search is killed.")] = 86_400.0,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default OUT/.cache).")] = None,
+    write_pkl: Annotated[bool, typer.Option("--write-pkl", help="Also write AlphaFold's features.pkl.")] = False,
+    msa_mode: Annotated[str | None, typer.Option("--msa-mode", help=_MSA_MODE_HELP)] = None,
+    msa_dir: Annotated[Path | None, typer.Option("--msa-dir", help=_MSA_DIR_HELP)] = None,
+) -> None:
+    """CPU stage: MSA and template searches, then AlphaFold features, for every input record."""
+    from parafold.errors import DatabaseNotFoundError, InputError
+    from parafold.inputs import read_targets
+    from parafold.search.budget import default_cpus
+    from parafold.search.scheduler import featurize_many
+    from parafold.search.settings import DEFAULT_MAX_TEMPLATE_DATE, SearchSettings
+
+    try:
+        parsed = read_targets(input_path)
+        mode, folder = _msa_mode_and_dir(input_path, msa_mode, msa_dir)
+        settings = SearchSettings(preset=db_preset, timeout_s=timeout,
+                                  threads_per_search=threads_per_search,
+                                  max_template_date=max_template_date or DEFAULT_MAX_TEMPLATE_DATE,
+                                  msa_mode=mode, msa_dir=folder)
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    for problem in parsed.problems:
+        typer.echo(f"input problem: {problem}", err=True)
+    overrides = {"uniref90": uniref90, "mgnify": mgnify, "bfd": bfd, "uniref30": uniref30,
+                 "small_bfd": small_bfd, "pdb70": pdb70, "pdb_mmcif": pdb_mmcif}
+    dbs = _database_set(db_dir, db_preset, overrides, settings.msa_mode)
+    try:
+        outcomes = featurize_many(
+            parsed.targets, out_dir=out, databases=dbs, settings=settings,
+            cpus=cpus or default_cpus(), cache_dir=cache_dir or out / ".cache",
+            write_pkl=write_pkl)
+    except DatabaseNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    failed = [o for o in outcomes if not o.ok]
+    for o in failed:
+        typer.echo(f"failed: {o.target.id} ({o.target.source}): {o.error}", err=True)
+    reused = sum(1 for o in outcomes if o.ok and o.reused)
+    typer.echo(f"{len(outcomes) - len(failed)} of {len(outcomes)} targets have features in {out} "
+               f"({reused} reused), {len(failed)} failed, {len(parsed.problems)} bad input "
+               "record(s)")
+    if failed or parsed.problems or not outcomes:
+        raise typer.Exit(1)
+
+
+@app.command("testdata")
+def testdata_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder to write (the AlphaFold database layout).")],
+    families: Annotated[int, typer.Option(help="Planted protein families (one query each).")] = 8,
+    sequences: Annotated[int | None, typer.Option(
+        help="Total sequence ids, members plus unrelated (default: a tiny set).")] = None,
+    seed: Annotated[int, typer.Option(help="Same seed and options, same databases.")] = 0,
+    mmseqs: Annotated[bool, typer.Option(help="Also write and index the MMseqs2 databases (mmseqs/uniref30_db, env_db, pdb_seqres_db).")] = True,
+) -> None:
+    """Synthetic databases with planted families, queries.fasta and truth.tsv (for tests, demo
+    and benchmarks)."""
+    from parafold.errors import PipelineError
+    from parafold.testdata import build_testdata
+
+    try:
+        s = build_testdata(out, families=families, sequences=sequences, seed=seed, mmseqs=mmseqs)
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    how = "reused existing build" if s.reused else f"built in {s.elapsed_s:.1f} s"
+    typer.echo(f"{s.root}: {s.sequences} sequences ({s.family_members} in {s.families} "
+               f"families, {s.unrelated} unrelated), {s.templates} family templates; {how}")
+    typer.echo("  " + ", ".join(f"{db} {n}" for db, n in sorted(s.counts.items())))
+    typer.echo(f"  queries: {s.queries}  truth: {s.truth}")
+
 # --- GPU stage (predict, params) ---
+
+params_app = typer.Typer(help="Model parameters: random weights of the real architecture.",
+                         no_args_is_help=True)
+app.add_typer(params_app, name="params")
+
+
+@params_app.command("random")
+def params_random(
+    params_dir: Annotated[Path, typer.Argument(help="Folder to hold params/params_model_N[_ptm].npz.")],
+    preset: Annotated[str, typer.Option("--preset", help="Architecture size: full or tiny.")] = "full",
+    models: Annotated[str, typer.Option("--models", help="Model numbers, e.g. 1,2,3,4,5.")] = "1,2,3,4,5",
+    model_preset: Annotated[str, typer.Option("--model-preset", help="monomer or monomer_ptm.")] = "monomer_ptm",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random draws.")] = 0,
+) -> None:
+    """Write random weights (every tensor drawn) in AlphaFold's params layout."""
+    from parafold.errors import PipelineError
+    from parafold.fold.params import write_random_params
+    from parafold.fold.settings import ModelSettings, parse_model_numbers
+
+    try:
+        settings = ModelSettings(model_preset=model_preset, models=parse_model_numbers(models),
+                                 config_size=preset, compile_cache_dir=None)
+        paths = write_random_params(params_dir, settings, seed=seed)
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    for path in paths:
+        typer.echo(str(path))
+
+
+def _predict_config(params_dir: Path, config: str | None) -> str:
+    from parafold.errors import InputError
+    from parafold.fold.params import read_params_info
+
+    recorded = (read_params_info(params_dir) or {}).get("config")
+    if config is None:
+        return str(recorded or "full")
+    if recorded and recorded != config:
+        raise InputError(f"{params_dir}: params were written for the {recorded} config, "
+                         f"not --config {config}")
+    return config
+
+
+@app.command("predict")
+def predict(
+    features: Annotated[list[Path], typer.Argument(help="Output folder of `parafold features`, or folders holding features.pkl.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Output folder (one subfolder per target).")],
+    params_dir: Annotated[Path, typer.Option("--params-dir", help="Folder with params/params_model_N.npz.")],
+    model_preset: Annotated[str, typer.Option("--model-preset", help="monomer or monomer_ptm.")] = "monomer_ptm",
+    models: Annotated[str, typer.Option("--models", help="Model numbers, e.g. 1,2,3,4,5.")] = "1,2,3,4,5",
+    num_recycle: Annotated[int, typer.Option("--num-recycle", help="Recycling iterations after the first.")] = 3,
+    tolerance: Annotated[float, typer.Option("--recycle-early-stop-tolerance", help="Stop recycling when CA distances change less (A).")] = 0.0,
+    num_seeds: Annotated[int, typer.Option("--num-seeds", help="Predictions per model.")] = 1,
+    random_seed: Annotated[int, typer.Option("--random-seed", help="Base random seed.")] = 0,
+    config: Annotated[str | None, typer.Option("--config", help="full or tiny (default: what the params folder records, else full).")] = None,
+    pallas: Annotated[bool | None, typer.Option("--fused-kernels/--no-fused-kernels", help="Force fused kernels on or off (default: auto).")] = None,
+    float32: Annotated[bool, typer.Option("--float32", help="Run the model in float32.")] = False,
+    compile_cache: Annotated[Path | None, typer.Option("--compile-cache", help="Persistent compilation cache folder.")] = None,
+    no_compile_cache: Annotated[bool, typer.Option("--no-compile-cache", help="Do not use a persistent compilation cache.")] = False,
+    no_depth_buckets: Annotated[bool, typer.Option("--no-msa-depth-buckets", help="Pad every MSA to the config's full sizes.")] = False,
+    save_raw: Annotated[bool, typer.Option("--save-raw", help="Also write result_<model>.pkl.")] = False,
+    trust_pickles: Annotated[bool, typer.Option("--trust-pickles", help="Load features.pkl files (a pickle can run code).")] = False,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most proteins of one shape per forward pass (the memory model may choose fewer; 1 on the CPU unless --force-batch).")] = 32,
+    force_batch: Annotated[bool, typer.Option("--force-batch", help="Batch proteins on the CPU too.")] = False,
+    host_workers: Annotated[int | None, typer.Option("--host-workers", help="Feature-processing processes (default: 4 on a GPU, inline on the CPU).")] = None,
+) -> None:
+    """Predict structures from features (GPU stage); exit 0 only if every target succeeded."""
+    from parafold.errors import PipelineError
+    from parafold.featureset import find_feature_sets
+    from parafold.fold.settings import ModelSettings, default_compile_cache_dir, parse_model_numbers
+    from parafold.fold.worker import FoldWorker
+
+    log = logging.getLogger("parafold.predict")
+    try:
+        cache_dir = None if no_compile_cache else (compile_cache or default_compile_cache_dir())
+        settings = ModelSettings(
+            model_preset=model_preset, models=parse_model_numbers(models),
+            num_recycle=num_recycle, recycle_early_stop_tolerance=tolerance,
+            num_seeds=num_seeds, random_seed=random_seed,
+            config_size=_predict_config(params_dir, config), use_pallas=pallas,
+            float32=float32, compile_cache_dir=cache_dir,
+            msa_depth_buckets=not no_depth_buckets, save_raw=save_raw, max_batch=max_batch,
+            force_batch=force_batch, host_workers=host_workers)
+        sets, problems = [], []
+        for root in features:
+            found, issues = find_feature_sets(root, trust_pickles=trust_pickles)
+            sets.extend(found)
+            problems.extend(issues)
+        for problem in problems:
+            log.error("%s", problem)
+        if not sets:
+            raise typer.Exit(2)
+        with FoldWorker(params_dir, settings, trust_pickles=trust_pickles) as worker:
+            worker.load_params()
+            outcomes = worker.fold(sets, out)
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    failed = [o for o in outcomes if not o.ok]
+    for o in outcomes:
+        status = "skipped (done)" if o.skipped else ("ok" if o.ok else f"FAILED: {o.error}")
+        typer.echo(f"{o.name}\t{o.length}\t{status}")
+    typer.echo(f"{len(outcomes) - len(failed)}/{len(outcomes)} targets ok; "
+               f"compile stats {worker.stats}")
+    if failed or problems:
+        raise typer.Exit(1)
+
 
 # --- run, status, demo ---
 
+_RUN_HELP = {
+    "cpus": "CPU budget for the searches (0: every core, or the whole Ray cluster).",
+    "gpus": "GPUs to use: 'all' (default), 'none', or ids like 0,1.",
+    "engine": "local (default) or ray.",
+    "address": "Ray cluster: auto or HOST:PORT (ray engine; default: a private local Ray).",
+}
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _run_and_report(settings: object) -> int:
+    """Run the pipeline, print the summary, and return the exit code for the shell."""
+    from parafold.errors import PipelineError, RunLockedError
+    from parafold.pipeline import RunSettings, run_pipeline
+
+    assert isinstance(settings, RunSettings)
+    try:
+        summary = run_pipeline(settings)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; rerun the same command to resume ({settings.out})", err=True)
+        raise typer.Exit(130) from None
+    except RunLockedError as exc:
+        raise _fail(str(exc), 3) from exc
+    except PipelineError as exc:
+        raise _fail(str(exc)) from exc
+    for line in summary.lines():
+        typer.echo(line)
+    return summary.exit_code
+
+
+@app.command("run")
+def run_cmd(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="FASTA file, folder of FASTA files, or CSV id,sequence.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder: one subfolder per target, the ledger, the lock.")],
+    params_dir: Annotated[Path, typer.Option("--params-dir", help="Folder holding params/params_model_N*.npz.")],
+    db_dir: Annotated[Path | None, typer.Option("--db-dir", help="AlphaFold database folder.")] = None,
+    db_preset: Annotated[str, typer.Option(help="full_dbs or reduced_dbs.")] = "full_dbs",
+    uniref90: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    mgnify: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    bfd: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    uniref30: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    small_bfd: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    pdb70: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    pdb_mmcif: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
+    max_template_date: Annotated[str | None, typer.Option(help="YYYY-MM-DD; newer templates are ignored.")] = None,
+    cpus: Annotated[int, typer.Option(help=_RUN_HELP["cpus"])] = 0,
+    cpus_per_search: Annotated[int, typer.Option(help="Cores for one protein's searches (0: up to 3).")] = 0,
+    gpus: Annotated[str, typer.Option(help=_RUN_HELP["gpus"])] = "all",
+    engine: Annotated[str, typer.Option(help=_RUN_HELP["engine"])] = "local",
+    address: Annotated[str | None, typer.Option(help=_RUN_HELP["address"])] = None,
+    model_preset: Annotated[str, typer.Option(help="monomer or monomer_ptm.")] = "monomer_ptm",
+    models: Annotated[str, typer.Option(help="Models to run, e.g. 1,2,3,4,5.")] = "1,2,3,4,5",
+    num_recycle: Annotated[int, typer.Option(help="Recycling iterations.")] = 3,
+    num_seeds: Annotated[int, typer.Option(help="Seeds per model.")] = 1,
+    config: Annotated[str | None, typer.Option("--config", help="full or tiny (default: what the params folder records, else full).")] = None,
+    float32: Annotated[bool, typer.Option("--float32", help="Full precision (default bf16 where the model uses it).")] = False,
+    max_batch: Annotated[int, typer.Option(help="Most same-shape proteins handed to a GPU worker at once (and per forward pass).")] = 32,
+    max_wait: Annotated[float, typer.Option(help="Seconds a GPU worker waits for a same-shape group to fill.")] = 5.0,
+    cache_dir: Annotated[Path | None, typer.Option(help="Search cache folder (default OUT/.cache).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds before a search tool is killed.")] = 86_400.0,
+    progress: Annotated[bool, typer.Option(help="Progress bars on a terminal.")] = True,
+    msa_mode: Annotated[str | None, typer.Option("--msa-mode", help=_MSA_MODE_HELP)] = None,
+    msa_dir: Annotated[Path | None, typer.Option("--msa-dir", help=_MSA_DIR_HELP)] = None,
+) -> None:
+    """Both stages in one run, overlapped: GPU work starts on the first finished features.
+
+    Resumable: rerun the same command after a crash or kill and finished work is kept.
+    Exit code 0 only when every target succeeded (1: some failed; 2: bad options or inputs;
+    3: another live run holds OUT).
+    """
+    from parafold.engine.base import parse_gpus
+    from parafold.errors import InputError
+    from parafold.fold.settings import ModelSettings, parse_model_numbers
+    from parafold.pipeline import RunSettings
+    from parafold.search.settings import DEFAULT_MAX_TEMPLATE_DATE, SearchSettings
+
+    overrides = {"uniref90": uniref90, "mgnify": mgnify, "bfd": bfd, "uniref30": uniref30,
+                 "small_bfd": small_bfd, "pdb70": pdb70, "pdb_mmcif": pdb_mmcif}
+    try:
+        settings = RunSettings(
+            input=input_path, out=out, params_dir=params_dir, db_dir=db_dir,
+            db_overrides=tuple((k, v) for k, v in overrides.items() if v is not None),
+            search=SearchSettings(preset=db_preset, timeout_s=timeout,
+                                  max_template_date=max_template_date or DEFAULT_MAX_TEMPLATE_DATE,
+                                  **_msa_settings(input_path, msa_mode, msa_dir)),
+            model=ModelSettings(model_preset=model_preset, models=parse_model_numbers(models),
+                                num_recycle=num_recycle, num_seeds=num_seeds,
+                                config_size=_predict_config(params_dir, config),
+                                float32=float32, max_batch=max_batch),
+            cache_dir=cache_dir, cpus=cpus, cpus_per_search=cpus_per_search,
+            gpus=parse_gpus(gpus), engine=engine, address=address, max_batch=max_batch,
+            max_wait_s=max_wait, progress=progress)
+    except InputError as exc:
+        raise _fail(str(exc)) from exc
+    raise typer.Exit(_run_and_report(settings))
+
+
+@app.command("status")
+def status_cmd(
+    out: Annotated[Path, typer.Argument(help="A run's output folder.")],
+) -> None:
+    """Counts per state, failures with reasons, throughput and time left (also during a run)."""
+    from parafold.errors import SchedulerError
+    from parafold.status import read_status
+
+    try:
+        status = read_status(out)
+    except SchedulerError as exc:
+        raise _fail(str(exc)) from exc
+    for line in status.lines():
+        typer.echo(line)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Argument(help="Output folder (databases, weights and results).")] = Path("demo_out"),
+    families: Annotated[int, typer.Option(help="Synthetic protein families, one query each.")] = 24,
+    cpus: Annotated[int, typer.Option(help=_RUN_HELP["cpus"])] = 0,
+    gpus: Annotated[str, typer.Option(help=_RUN_HELP["gpus"])] = "all",
+) -> None:
+    """The whole pipeline on synthetic databases and random weights, in minutes on a laptop.
+
+    On a GPU it runs the full AlphaFold2 architecture; without one, the tiny config.
+    """
+    from parafold.demo import prepare_demo
+    from parafold.errors import PipelineError
+
+    try:
+        settings, note = prepare_demo(out, families=families, cpus=cpus, gpus=gpus)
+    except PipelineError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(note)
+    code = _run_and_report(settings)
+    typer.echo(f"structures, scores and timings: {out}/<protein>/ ; ledger: {out}/parafold.sqlite"
+               f" (see `parafold status {out}`)")
+    raise typer.Exit(code)
+
 # --- report ---
+
+
+@app.command("report")
+def report_cmd(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a run.")],
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Do not draw missing plots.")] = False,
+) -> None:
+    """Write OUT/report.html: run summary, worker timeline, target table, plots, 3D views."""
+    from parafold.errors import InputError
+    from parafold.report import write_report
+
+    try:
+        path = write_report(out, plots=not no_plots)
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"report: {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,183 @@
+"""The job functions every engine runs: one protein's search, one batch of predictions.
+
+These are the per-target boundary: a target's failure comes back as a value with its reason,
+never as an exception that would stop the run. They are top-level and their arguments and
+results are plain picklable values, so a process pool or Ray can ship them anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parafold.errors import PipelineError
+from parafold.featureset import FeatureSet
+from parafold.inputs import Target
+
+__all__ = ["SearchOutcome", "FoldBatchResult", "FoldSlot", "search_job", "describe_error",
+           "worker_label"]
+
+logger = logging.getLogger(__name__)
+
+
+def worker_label(kind: str = "") -> str:
+    """'host:pid' (plus a kind such as 'gpu0'): who ran a piece of work, for the timeline."""
+    base = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{kind}@{base}" if kind else base
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the ledger: our errors speak for themselves, others get their type."""
+    cause = getattr(exc, "cause", None)  # Ray wraps a task's own exception
+    if isinstance(cause, BaseException) and cause is not exc:
+        return describe_error(cause)
+    if isinstance(exc, PipelineError):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True, slots=True)
+class SearchOutcome:
+    """One target's CPU stage: its feature set, or why there is none."""
+
+    name: str
+    feature_set: FeatureSet | None
+    error: str
+    worker: str
+    start: float
+    end: float
+
+    @property
+    def ok(self) -> bool:
+        return self.feature_set is not None
+
+
+def search_job(target: Target, out_dir: Path, databases: Any, settings: Any, cpus: int,
+               cache_dir: Path) -> SearchOutcome:
+    """Featurize one target; a failure is returned with its reason."""
+    from parafold.search import featurize_target
+
+    start = time.time()
+    try:
+        fs = featurize_target(target, out_dir=out_dir, databases=databases, settings=settings,
+                              cpus=cpus, cache_dir=cache_dir)
+    except Exception as exc:  # the per-target boundary: record and go on
+        if not isinstance(exc, PipelineError):
+            logger.exception("%s: unexpected error in the search stage", target.name)
+        return SearchOutcome(target.name, None, describe_error(exc), worker_label(), start,
+                             time.time())
+    return SearchOutcome(target.name, fs, "", worker_label(), start, time.time())
+
+
+@dataclass(frozen=True, slots=True)
+class FoldBatchResult:
+    """What a fold worker did with one batch: per-target outcomes and its counters."""
+
+    outcomes: tuple[Any, ...]
+    worker: str
+    start: float
+    end: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class FoldSlot:
+    """Holds one `FoldWorker` for the life of a process or actor (weights and compiles warm).
+
+    The worker is built on the first batch, so building it (importing jax, loading weights)
+    happens in the process that owns the device, never in the parent.
+    """
+
+    def __init__(self, params_dir: Path, settings: Any, kind: str) -> None:
+        self.params_dir = Path(params_dir)
+        self.settings = settings
+        self.kind = kind
+        self._worker: Any = None
+
+    def warm(self) -> str:
+        """Build the worker now (imports, weights) so the first batch does not wait for it."""
+        from parafold.fold.worker import FoldWorker
+
+        if self._worker is None:
+            worker = FoldWorker(self.params_dir, self.settings)
+            worker.load_params()  # a bad params folder fails here, before any target waits
+            self._worker = worker
+        return worker_label(self.kind)
+
+    def fold(self, feature_sets: Sequence[FeatureSet], out_root: Path) -> FoldBatchResult:
+        start = time.time()
+        self.warm()
+        outcomes = self._worker.fold(list(feature_sets), Path(out_root))
+        return FoldBatchResult(tuple(outcomes), worker_label(self.kind), start, time.time(),
+                               _stats_dict(self._worker))
+
+
+def _stats_dict(worker: Any) -> dict[str, Any]:
+    stats = getattr(worker, "stats", None)
+    if stats is None:
+        return {}
+    if callable(stats):
+        stats = stats()
+    if isinstance(stats, dict):
+        return dict(stats)
+    try:
+        from dataclasses import asdict
+
+        return asdict(stats)
+    except TypeError:
+        return {"repr": repr(stats)}
+
+
+# A process-wide slot for engines whose workers are plain processes (the local engine).
+_PROCESS_SLOT: FoldSlot | None = None
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the process that started it dies.
+
+    A SIGKILLed run must not leave workers behind that go on writing into OUT while the
+    rerun works there.
+    """
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def init_worker_process(env: dict[str, str], log_level: int = logging.WARNING) -> None:
+    """Process-pool initializer: pin the device (before anything imports jax), log like the
+    parent (a spawned process starts with no logging set up), and die with the parent."""
+    os.environ.update(env)
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s")
+    logging.getLogger("absl").setLevel(max(log_level, logging.WARNING))
+    die_with_parent()
+
+
+def _process_slot(params_dir: Path, settings: Any, kind: str) -> FoldSlot:
+    global _PROCESS_SLOT
+    if _PROCESS_SLOT is None:
+        _PROCESS_SLOT = FoldSlot(params_dir, settings, kind)
+    return _PROCESS_SLOT
+
+
+def warm_in_process(params_dir: Path, settings: Any, kind: str) -> str:
+    return _process_slot(params_dir, settings, kind).warm()
+
+
+def fold_in_process(params_dir: Path, settings: Any, kind: str,
+                    feature_sets: Sequence[FeatureSet], out_root: Path) -> FoldBatchResult:
+    """Run a batch on this process's long-lived slot (made on first use)."""
+    return _process_slot(params_dir, settings, kind).fold(feature_sets, out_root)

@@ -1,0 +1,307 @@
+"""The run's event loop: keep the CPU budget full of searches and every fold worker busy.
+
+One thread, one writer of the ledger. Searches are admitted up to the executor's CPU capacity
+(so `searching` in the ledger means running, not waiting in a queue). Finished feature sets go
+to a ready list grouped by shape key; an idle fold worker gets a full group at once, or the
+oldest group once it has waited `max_wait_s` or no more searches are coming.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from parafold.engine.base import Executor, FoldWorkerHandle, FoldWorkerSpec, Resources
+from parafold.engine.jobs import FoldBatchResult, SearchOutcome, describe_error, search_job
+from parafold.errors import PipelineError
+from parafold.featureset import FeatureSet
+from parafold.inputs import Target
+from parafold.ledger import Ledger
+
+if TYPE_CHECKING:
+    from parafold.pipeline import RunSettings
+
+__all__ = ["Scheduler"]
+
+logger = logging.getLogger(__name__)
+_TICK_S = 1.0
+
+
+class Scheduler:
+    """Drives one run from the plan made at start-up to the last prediction."""
+
+    def __init__(self, settings: RunSettings, ledger: Ledger, run_id: int, executor: Executor,
+                 databases: Any, to_search: Sequence[Target], ready: Sequence[FeatureSet], *,
+                 total: int, done_before: int) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.run_id = run_id
+        self.executor = executor
+        self.databases = databases
+        self.pending: deque[Target] = deque(to_search)
+        self.searching: dict[cf.Future[Any], Target] = {}
+        self.ready: dict[str, tuple[FeatureSet, float]] = {fs.name: (fs, time.time())
+                                                          for fs in ready}
+        self.folding: dict[cf.Future[Any], tuple[FoldWorkerHandle, list[FeatureSet], int]] = {}
+        self.idle: list[FoldWorkerHandle] = []
+        self.total = total
+        self.featured = done_before + len(ready)
+        self.finished = done_before
+        self.searched = 0
+        self.predicted = 0
+        self.failed = 0
+        self.search_failed = 0
+        self.search_cpus = settings.search_cpus
+        self._stats: dict[str, dict[str, Any]] = {}
+        self._batches = 0
+        self._key_cache: dict[str, Any] = {}
+
+    # --- the loop ---
+
+    def run(self) -> None:
+        spec = FoldWorkerSpec(self.settings.params_dir, self.settings.model)
+        if self.ready or self.pending:
+            self.idle = list(self.executor.start_fold_workers(spec))
+            for worker in self.idle:  # imports and weights load while the first searches run
+                worker.warm().future.add_done_callback(_log_warm_failure)
+        capacity = self.executor.cpu_capacity()
+        # Never ask for more CPUs per search than exist, or the search could never start.
+        self.search_cpus = min(self.settings.search_cpus, capacity)
+        slots = max(1, capacity // self.search_cpus)
+        with _Progress(self) as progress:
+            while self.pending or self.searching or self.ready or self.folding:
+                self._submit_searches(slots)
+                self._dispatch_folds()
+                progress.update()
+                futures = list(self.searching) + list(self.folding)
+                timeout = self._timeout()
+                if not futures:
+                    time.sleep(timeout)
+                    continue
+                done, _ = cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    if future in self.searching:
+                        self._search_finished(future)
+                    else:
+                        self._fold_finished(future)
+
+    def compiles(self) -> int | None:
+        counts = [v for s in self._stats.values() for k, v in s.items()
+                  if isinstance(v, int) and k in ("compiles", "compile_count", "n_compiles")]
+        return sum(counts) if counts else None
+
+    # --- searches ---
+
+    def _submit_searches(self, slots: int) -> None:
+        s = self.settings
+        while self.pending and len(self.searching) < slots:
+            target = self.pending.popleft()
+            self.ledger.start_search(target.name)
+            handle = self.executor.submit(
+                search_job, target, s.out, self.databases, s.search, self.search_cpus,
+                s.resolved_cache_dir, resources=Resources(cpus=self.search_cpus))
+            self.searching[handle.future] = target
+
+    def _search_finished(self, future: cf.Future[Any]) -> None:
+        target = self.searching.pop(future)
+        now = time.time()
+        try:
+            outcome: SearchOutcome = future.result()
+        except Exception as exc:  # the worker itself died (killed, out of memory)
+            outcome = SearchOutcome(target.name, None, f"search worker died: "
+                                    f"{describe_error(exc)}", "?", now, now)
+        self.ledger.add_event(run_id=self.run_id, worker=outcome.worker, kind="search",
+                              target=target.name, start=outcome.start, end=outcome.end,
+                              ok=outcome.ok)
+        if outcome.feature_set is None:
+            logger.warning("%s: search failed: %s", target.name, outcome.error)
+            self.ledger.fail(target.name, "search", outcome.error)
+            self.failed += 1
+            self.search_failed += 1
+            self.finished += 1
+            return
+        fs = outcome.feature_set
+        self.ledger.features_ready(target.name, {
+            "wall_s": round(outcome.end - outcome.start, 3), "worker": outcome.worker,
+            "tool_calls": fs.extra.get("tool_calls"), "reused": fs.extra.get("reused")})
+        self.searched += 1
+        self.featured += 1
+        self.ready[fs.name] = (fs, now)
+
+    # --- predictions ---
+
+    def _shape(self, fs: FeatureSet) -> Any:
+        key = self._key_cache.get(fs.name)
+        if key is None:
+            from parafold.fold.buckets import shape_key
+
+            model = self.settings.model
+            key = shape_key(fs.length, fs.msa_depth, model.model_names[0], model)
+            self._key_cache[fs.name] = key
+        return key
+
+    def _choose_batch(self) -> list[FeatureSet] | None:
+        """The group an idle worker should take now, or None to wait for groups to fill."""
+        groups: dict[Any, list[tuple[FeatureSet, float]]] = {}
+        for fs, since in self.ready.values():
+            groups.setdefault(self._shape(fs), []).append((fs, since))
+        if not groups:
+            return None
+        cap = self.settings.max_batch
+        by_age = sorted(groups.values(), key=lambda g: min(since for _, since in g))
+        full = [g for g in by_age if len(g) >= cap]
+        if full:
+            chosen, size = full[0], cap
+        else:
+            oldest = by_age[0]
+            more_coming = bool(self.pending or self.searching)
+            waited = time.time() - min(since for _, since in oldest)
+            if more_coming and waited < self.settings.max_wait_s:
+                return None
+            chosen = oldest
+            # Nothing more of this shape soon: share it out over the idle workers.
+            size = min(cap, math.ceil(len(chosen) / max(1, len(self.idle))))
+        chosen.sort(key=lambda item: item[1])
+        return [fs for fs, _ in chosen[:size]]
+
+    def _dispatch_folds(self) -> None:
+        while self.idle and self.ready:
+            batch = self._choose_batch()
+            if batch is None:
+                return
+            worker = self.idle.pop(0)
+            for fs in batch:
+                del self.ready[fs.name]
+            self.ledger.start_predict([fs.name for fs in batch])
+            self._batches += 1
+            batch_no = self.run_id * 1_000_000 + self._batches
+            handle = worker.fold(batch, self.settings.out)
+            self.folding[handle.future] = (worker, batch, batch_no)
+            logger.debug("batch %d (%d targets) to %s", batch_no, len(batch), worker.name)
+
+    def _fold_finished(self, future: cf.Future[Any]) -> None:
+        worker, batch, batch_no = self.folding.pop(future)
+        self.idle.append(worker)
+        now = time.time()
+        try:
+            result: FoldBatchResult = future.result()
+        except Exception as exc:  # the worker failed as a whole (died, or could not start)
+            reason = describe_error(exc)
+            logger.error("fold worker %s failed on a batch of %d: %s", worker.name, len(batch),
+                         reason)
+            if not isinstance(exc, PipelineError):
+                worker.restart()
+            for fs in batch:
+                self._fold_failed(fs.name, reason, worker.name, now, batch_no)
+            return
+        self._stats[worker.name] = result.stats
+        by_name = {getattr(o, "name", None): o for o in result.outcomes}
+        for fs in batch:
+            o = by_name.get(fs.name)
+            if o is None or not getattr(o, "ok", False):
+                reason = getattr(o, "error", "") or "no result from the fold worker"
+                self._fold_failed(fs.name, reason, result.worker, result.start, batch_no,
+                                  end=result.end)
+                continue
+            self.ledger.done(fs.name, _outcome_timings(o))
+            self.ledger.add_event(run_id=self.run_id, worker=result.worker, kind="predict",
+                                  target=fs.name, start=result.start, end=result.end, ok=True,
+                                  batch=batch_no)
+            self.predicted += 1
+            self.finished += 1
+
+    def _fold_failed(self, name: str, reason: str, worker: str, start: float, batch_no: int,
+                     *, end: float | None = None) -> None:
+        logger.warning("%s: prediction failed: %s", name, reason)
+        self.ledger.fail(name, "predict", reason)
+        self.ledger.add_event(run_id=self.run_id, worker=worker, kind="predict", target=name,
+                              start=start, end=end or time.time(), ok=False, batch=batch_no)
+        self.failed += 1
+        self.finished += 1
+
+    def _timeout(self) -> float:
+        """Until the next thing to do: a group's wait running out, or a progress tick."""
+        if not (self.idle and self.ready) or not (self.pending or self.searching):
+            return _TICK_S
+        oldest = min(since for _, since in self.ready.values())
+        left = oldest + self.settings.max_wait_s - time.time()
+        return min(_TICK_S, max(0.05, left))
+
+
+def _outcome_timings(outcome: Any) -> dict[str, Any]:
+    timings = dict(getattr(outcome, "timings", None) or {})
+    for key in ("mean_plddt", "ptm"):
+        value = getattr(outcome, key, None)
+        if value is not None:
+            timings[key] = value
+    return timings
+
+
+def _log_warm_failure(future: cf.Future[Any]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        logger.error("a fold worker could not start: %s", describe_error(exc))
+
+
+class _Progress:
+    """Two bars (features, structures) on a terminal; a log line now and then otherwise."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self._bars: Any = None
+        self._redirected: list[tuple[logging.StreamHandler[Any], Any]] = []
+        self._last_log = 0.0
+
+    def __enter__(self) -> _Progress:
+        if self.sched.settings.progress and sys.stderr.isatty():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bars = Progress(TextColumn("{task.description:<10}"), BarColumn(),
+                                  MofNCompleteColumn(), TimeElapsedColumn(),
+                                  TextColumn("{task.fields[note]}"), transient=False)
+            self._search = self._bars.add_task("features", total=self.sched.total, note="")
+            self._fold = self._bars.add_task("structures", total=self.sched.total, note="")
+            self._bars.start()
+            self._redirect_logs(sys.stderr)  # rich's proxy: log lines print above the bars
+        self.update()
+        return self
+
+    def update(self) -> None:
+        s = self.sched
+        if self._bars is not None:
+            self._bars.update(self._search, completed=s.featured + s.search_failed,
+                              note=f"{len(s.searching)} searching")
+            self._bars.update(self._fold, completed=s.finished,
+                              note=f"{len(s.folding)} batches on {len(s.folding) + len(s.idle)}"
+                                   f" workers, {s.failed} failed")
+            return
+        now = time.time()
+        if now - self._last_log >= s.settings.log_every_s:
+            self._last_log = now
+            logger.info("progress: features %d/%d (%d searching), structures %d/%d, %d failed",
+                        s.featured, s.total, len(s.searching), s.finished, s.total, s.failed)
+
+    def _redirect_logs(self, stream: Any) -> None:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.__stderr__:
+                self._redirected.append((handler, handler.setStream(stream)))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bars is not None:
+            self.update()
+            self._bars.stop()
+            for handler, stream in self._redirected:
+                handler.setStream(stream)
+

@@ -1,0 +1,311 @@
+"""`parafold run`: the CPU and GPU stages overlapped, every transition in the ledger.
+
+targets -> featurize (CPU jobs under the CPU budget) -> ready list -> grouped by shape, with a
+bounded wait for a group to fill -> long-lived fold workers -> OUT/<name>/.
+
+The parent process only schedules: it never imports jax, and it is the only writer of the
+ledger. On start it reconciles the ledger with what is on disk (disk wins: a manifest means
+features are done, the fold marker means the prediction is done), so a run killed at any
+moment resumes without redoing finished work. Workers write every file atomically, so a killed
+worker leaves nothing a rerun would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parafold.engine import Executor, make_executor
+from parafold.engine.scheduler import Scheduler
+from parafold.errors import DatabaseNotFoundError, InputError, PipelineError
+from parafold.featureset import MANIFEST_FILE, FeatureSet, read_feature_set
+from parafold.inputs import InputProblem, Target, read_targets
+from parafold.ledger import LEDGER_FILE, LOCK_FILE, Ledger, RunLock, State
+from parafold.store import atomic_write_json, read_json
+
+__all__ = ["RunSettings", "RunSummary", "Failure", "run_pipeline", "prediction_complete",
+           "RESERVED_NAMES"]
+
+logger = logging.getLogger(__name__)
+
+# Names in OUT that are not target folders (a target may not take them).
+RESERVED_NAMES = frozenset({LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm", LOCK_FILE,
+                            "timings.json", "databases", "params", "report", "report.html",
+                            "demo_queries.fasta"})
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """Everything `parafold run` needs; `search`/`model` are SearchSettings/ModelSettings.
+
+    `cpus` is the CPU budget for searches (0: every core here, or the whole Ray cluster);
+    `cpus_per_search` is the share one protein's searches get (0: 3, one per concurrent
+    search, capped by the budget); `max_batch` caps the proteins handed to a fold worker at once;
+    `max_wait_s` bounds how long a worker waits for a same-shape group to fill while searches
+    are still running.
+    """
+
+    input: Path
+    out: Path
+    params_dir: Path
+    search: Any
+    model: Any
+    db_dir: Path | None = None
+    db_overrides: tuple[tuple[str, Path], ...] = ()
+    cache_dir: Path | None = None
+    cpus: int = 0
+    cpus_per_search: int = 0
+    gpus: tuple[str, ...] | None = None
+    engine: str = "local"
+    address: str | None = None
+    max_batch: int = 32
+    max_wait_s: float = 5.0
+    progress: bool = True
+    log_every_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.cpus < 0 or self.cpus_per_search < 0:
+            raise InputError("--cpus and --cpus-per-search must be >= 0")
+        if self.max_batch < 1 or self.max_wait_s < 0:
+            raise InputError("--max-batch must be >= 1 and --max-wait >= 0")
+
+    @property
+    def search_cpus(self) -> int:
+        """CPUs one protein's searches ask for (the scheduler caps it at the engine's CPUs)."""
+        return self.cpus_per_search or 3
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or self.out / ".cache"
+
+    def describe(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    name: str
+    stage: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.name} [{self.stage}]: {self.error}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """How a run ended. `exit_code` is 0 only when every target and every input record is fine."""
+
+    out: Path
+    targets: int
+    done: int
+    failures: tuple[Failure, ...]
+    input_problems: tuple[InputProblem, ...]
+    wall_s: float
+    searched: int
+    predicted: int
+    compiles: int | None
+    engine: str
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if not self.failures and not self.input_problems and \
+            self.done == self.targets else 1
+
+    @property
+    def proteins_per_hour(self) -> float:
+        return self.predicted / self.wall_s * 3600 if self.wall_s > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        rate = f", {self.proteins_per_hour:.0f} proteins/hour" if self.predicted else ""
+        compiles = f", {self.compiles} compiles" if self.compiles is not None else ""
+        out = [f"{self.done}/{self.targets} targets done in {self.out} "
+               f"({self.searched} searched and {self.predicted} predicted in this run, "
+               f"{self.wall_s:.1f} s{rate}{compiles})"]
+        if self.failures:
+            out.append(f"{len(self.failures)} failed:")
+            out.extend(f"  {f}" for f in self.failures)
+        if self.input_problems:
+            out.append(f"{len(self.input_problems)} input records skipped:")
+            out.extend(f"  {p}" for p in self.input_problems)
+        return out
+
+
+def prediction_complete(folder: Path) -> bool:
+    """Whether the GPU stage finished this target folder (its done marker is there)."""
+    from parafold.fold.outputs import is_complete
+
+    return bool(is_complete(folder))
+
+
+def _read_input(settings: RunSettings) -> tuple[list[Target], list[InputProblem]]:
+    parsed = read_targets(settings.input)
+    targets, problems = [], list(parsed.problems)
+    for t in parsed.targets:
+        if t.name in RESERVED_NAMES:
+            problems.append(InputProblem(t.source, 0, t.id, f"name {t.name!r} is reserved in OUT"))
+        else:
+            targets.append(t)
+    return targets, problems
+
+
+def _databases(settings: RunSettings) -> Any:
+    from parafold.search import find_databases
+
+    dbs = find_databases(settings.db_dir, settings.search.preset, dict(settings.db_overrides))
+    return dbs.fingerprinted()
+
+
+def _expected_key(target: Target, databases: Any, settings: RunSettings) -> str | None:
+    if databases is None:
+        return None
+    from parafold.search.runner import cache_key
+
+    return str(cache_key(target.sequence, databases, settings.search))
+
+
+def _usable_features(target: Target, folder: Path, key: str | None) -> FeatureSet | None:
+    """The target's finished feature set in OUT, if it is for this sequence (and settings)."""
+    try:
+        fs = read_feature_set(folder)
+    except PipelineError:
+        return None
+    if fs.sequence != target.sequence or (key is not None and fs.key != key):
+        return None
+    return fs
+
+
+def _remove_partial_files(folder: Path) -> None:
+    """Temporary files a killed writer left (`.<name>.<random>.part`): never trusted, and safe
+    to delete because we hold the run lock, so no live run writes here."""
+    for pattern in ("*.part", "*/*.part"):
+        for path in folder.glob(pattern):
+            logger.debug("removing %s, left by a killed run", path)
+            path.unlink(missing_ok=True)
+
+
+def _forget_stale_prediction(target: Target, folder: Path) -> None:
+    """A folder whose features are for another sequence (the input changed under the same
+    name) holds a prediction for that sequence too: drop its done marker so it is redone."""
+    from parafold.fold.outputs import DONE_FILE
+
+    try:
+        old = read_json(folder / MANIFEST_FILE)
+    except (OSError, ValueError):
+        return
+    if isinstance(old, dict) and old.get("sequence") not in (None, target.sequence):
+        logger.warning("%s: the sequence changed since the last run; predicting it again",
+                       target.name)
+        (folder / DONE_FILE).unlink(missing_ok=True)
+
+
+@dataclass(slots=True)
+class _Plan:
+    to_search: list[Target] = field(default_factory=list)
+    ready: list[FeatureSet] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+
+
+def _reconcile(ledger: Ledger, targets: Sequence[Target], settings: RunSettings,
+               databases: Any) -> _Plan:
+    """Bring the ledger in line with disk and decide what is left to do."""
+    plan = _Plan()
+    for t in targets:
+        folder = settings.out / t.name
+        _remove_partial_files(folder)
+        rec = ledger.get(t.name)
+        state = rec.state if rec is not None else State.QUEUED
+        fs = _usable_features(t, folder, _expected_key(t, databases, settings))
+        if fs is None:
+            _forget_stale_prediction(t, folder)
+        if fs is not None and prediction_complete(folder):
+            if state is not State.DONE:
+                ledger.reconcile(t.name, State.DONE)
+            plan.done.append(t.name)
+        elif fs is not None:
+            if state is not State.FEATURES_READY:
+                ledger.reconcile(t.name, State.FEATURES_READY)
+            plan.ready.append(fs)
+        else:
+            if state is not State.QUEUED:
+                ledger.reconcile(t.name, State.QUEUED)
+            plan.to_search.append(t)
+    return plan
+
+
+def run_pipeline(settings: RunSettings, *,
+                 executor_factory: Callable[[RunSettings], Executor] | None = None) -> RunSummary:
+    """Run (or resume) the whole pipeline on `settings.input` into `settings.out`.
+
+    Raises:
+        RunLockedError: another live run holds OUT.
+        InputError: the input path or an option is unusable.
+        DatabaseNotFoundError: proteins need searching and a database is missing.
+    """
+    out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with RunLock(out), Ledger(out) as ledger:
+        run_id = ledger.begin_run(settings.describe())
+        exit_code = 2
+        try:
+            targets, problems = _read_input(settings)
+            ledger.record_input_problems(run_id, problems)
+            for p in problems:
+                logger.warning("input: %s", p)
+            ledger.register(targets)
+            databases = None
+            if settings.db_dir is not None or settings.db_overrides:
+                # A missing database is fine if nothing needs searching (raised below if so).
+                with contextlib.suppress(DatabaseNotFoundError):
+                    databases = _databases(settings)
+            plan = _reconcile(ledger, targets, settings, databases)
+            if plan.to_search and databases is None:
+                databases = _databases(settings)  # raises: names what is missing
+            logger.info("%d targets: %d done before, %d with features, %d to search",
+                        len(targets), len(plan.done), len(plan.ready), len(plan.to_search))
+            factory = executor_factory or _default_executor
+            with factory(settings) as executor:
+                logger.info("%s", executor.describe())
+                sched = Scheduler(settings, ledger, run_id, executor, databases, plan.to_search,
+                                  plan.ready, total=len(targets), done_before=len(plan.done))
+                sched.run()
+            summary = _summary(settings, ledger, targets, problems, started, sched)
+            exit_code = summary.exit_code
+            _write_run_timings(out, summary)
+            return summary
+        finally:
+            ledger.end_run(run_id, exit_code)
+
+
+def _default_executor(settings: RunSettings) -> Executor:
+    return make_executor(settings.engine, cpus=settings.cpus, gpus=settings.gpus,
+                         address=settings.address)
+
+
+def _summary(settings: RunSettings, ledger: Ledger, targets: Sequence[Target],
+             problems: Sequence[InputProblem], started: float, sched: Any) -> RunSummary:
+    names = {t.name for t in targets}
+    records = [r for r in ledger.targets() if r.name in names]
+    failures = tuple(Failure(r.name, r.failed_stage or "?", r.error or "no reason recorded")
+                     for r in records if r.state is State.FAILED)
+    return RunSummary(
+        out=settings.out, targets=len(targets),
+        done=sum(1 for r in records if r.state is State.DONE), failures=failures,
+        input_problems=tuple(problems), wall_s=time.time() - started,
+        searched=sched.searched, predicted=sched.predicted, compiles=sched.compiles(),
+        engine=settings.engine)
+
+
+def _write_run_timings(out: Path, summary: RunSummary) -> None:
+    atomic_write_json(out / "timings.json", {
+        "wall_s": round(summary.wall_s, 3), "searched": summary.searched,
+        "predicted": summary.predicted, "compile_count": summary.compiles,
+        "proteins_per_hour": round(summary.proteins_per_hour, 1), "engine": summary.engine,
+    })
+

@@ -1,0 +1,115 @@
+"""`parafold status OUT`: where a run stands, read from its ledger (also while it runs).
+
+Throughput is measured over the latest run only (targets finished since it started), so a
+resumed run's ETA is not flattered by work an earlier run did.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from parafold.inputs import InputProblem
+from parafold.ledger import Ledger, LockHolder, State, read_lock_holder
+
+__all__ = ["RunStatus", "read_status"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatus:
+    out: Path
+    counts: dict[State, int]
+    failures: tuple[tuple[str, str, str], ...]
+    input_problems: tuple[InputProblem, ...]
+    live: bool
+    holder: LockHolder | None
+    run_started: float | None
+    run_ended: float | None
+    done_this_run: int
+    now: float
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.counts[State.DONE] - self.counts[State.FAILED]
+
+    @property
+    def elapsed_s(self) -> float:
+        if self.run_started is None:
+            return 0.0
+        return (self.run_ended if self.run_ended and not self.live else self.now) \
+            - self.run_started
+
+    @property
+    def proteins_per_hour(self) -> float | None:
+        if not self.done_this_run or self.elapsed_s <= 0:
+            return None
+        return self.done_this_run / self.elapsed_s * 3600
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.proteins_per_hour
+        if not self.live or rate is None:
+            return None
+        return self.remaining / rate * 3600
+
+    def lines(self) -> list[str]:
+        if self.live and self.holder is not None:
+            head = f"{self.out}: running ({self.holder.describe()})"
+        else:
+            head = f"{self.out}: not running"
+        out = [head, "  " + ", ".join(f"{s.value} {n}" for s, n in self.counts.items()),
+               f"  {self.counts[State.DONE]}/{self.total} done, {self.remaining} to go"]
+        rate = self.proteins_per_hour
+        if rate is not None:
+            out.append(f"  latest run: {self.done_this_run} finished in {_hms(self.elapsed_s)}"
+                       f" ({rate:.0f} proteins/hour)")
+        if self.eta_s is not None:
+            out.append(f"  estimated time left: {_hms(self.eta_s)}")
+        if self.failures:
+            out.append(f"  failed ({len(self.failures)}):")
+            out.extend(f"    {name} [{stage}]: {error}" for name, stage, error in self.failures)
+        if self.input_problems:
+            out.append(f"  input records skipped ({len(self.input_problems)}):")
+            out.extend(f"    {p}" for p in self.input_problems)
+        return out
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def read_status(out: Path | str) -> RunStatus:
+    """The ledger's view of OUT.
+
+    Raises:
+        SchedulerError: OUT holds no ledger.
+    """
+    out = Path(out)
+    with Ledger(out, readonly=True) as ledger:
+        counts = ledger.counts()
+        failed = ledger.targets(State.FAILED)
+        runs = ledger.runs()
+        problems = ledger.input_problems()
+        latest = runs[-1] if runs else None
+        done_this_run = 0
+        if latest is not None:
+            done_this_run = sum(1 for r in ledger.targets(State.DONE)
+                                if r.stamps.get("done", 0) >= latest.started_at)
+    holder = read_lock_holder(out)
+    live = bool(latest is not None and latest.ended_at is None and holder is not None
+                and holder.pid == latest.pid and holder.alive_here() is not False)
+    return RunStatus(
+        out=out, counts=counts,
+        failures=tuple((r.name, r.failed_stage or "?", r.error or "") for r in failed),
+        input_problems=tuple(problems), live=live, holder=holder,
+        run_started=latest.started_at if latest else None,
+        run_ended=latest.ended_at if latest else None, done_this_run=done_this_run,
+        now=time.time())

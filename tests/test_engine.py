@@ -1,0 +1,109 @@
+"""Engines: jobs run where they should, errors come back through handles, workers die with
+their parent, and GPUs are found without jax."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from parafold.engine import Resources, make_executor
+from parafold.engine.base import detect_gpus, parse_gpus
+from parafold.errors import InputError
+
+
+def _pid_and_square(x: int) -> tuple[int, int]:
+    return os.getpid(), x * x
+
+
+def _boom(x: int) -> int:
+    raise InputError(f"bad {x}")
+
+
+def test_parse_gpus() -> None:
+    assert parse_gpus("all") is None and parse_gpus(None) is None
+    assert parse_gpus("none") == () and parse_gpus("") == ()
+    assert parse_gpus("0, 1") == ("0", "1")
+    with pytest.raises(InputError):
+        parse_gpus("0,0")
+
+
+def test_detect_gpus_follows_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert detect_gpus() == ("2", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect_gpus() == ()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert detect_gpus() == ()
+
+
+def test_resources_are_checked() -> None:
+    with pytest.raises(InputError):
+        Resources(cpus=-1)
+    with pytest.raises(InputError):
+        make_executor("slurm", cpus=1)
+
+
+@pytest.mark.parametrize("engine", ["inline", "local"])
+def test_submit_runs_jobs_and_returns_errors(engine: str) -> None:
+    with make_executor(engine, cpus=2, gpus=()) as ex:
+        handles = [ex.submit(_pid_and_square, i, resources=Resources(cpus=1)) for i in range(4)]
+        results = [h.result(timeout=120) for h in handles]
+        assert [sq for _, sq in results] == [0, 1, 4, 9]
+        pids = {pid for pid, _ in results}
+        assert (pids == {os.getpid()}) == (engine == "inline")
+        bad = ex.submit(_boom, 7, resources=Resources())
+        with pytest.raises(InputError, match="bad 7"):
+            bad.result(timeout=120)
+        assert ex.cpu_capacity() >= 1
+
+
+_PARENT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from parafold.engine import Resources, make_executor
+    from tests.test_engine import _write_pid_and_sleep
+    ex = make_executor("local", cpus=1, gpus=())
+    ex.submit(_write_pid_and_sleep, sys.argv[1], resources=Resources())
+    time.sleep(600)
+""")
+
+
+def _write_pid_and_sleep(path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie is dead for our purpose
+        return fh.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_local_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
+    pid_file = tmp_path / "worker.pid"
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(pid_file)], cwd=root)
+    try:
+        deadline = time.time() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.time() < deadline, "worker never started"
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.time() + 30
+    while _alive(worker):
+        assert time.time() < deadline, "worker outlived its SIGKILLed parent"
+        time.sleep(0.1)

@@ -1,0 +1,43 @@
+"""How the scheduler hands ready proteins to fold workers: full same-shape groups at once,
+partial groups only after the bounded wait or when no more searches are coming."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from parafold.engine.inline import InlineExecutor
+from parafold.featureset import FeatureSet
+from parafold.fold.settings import ModelSettings
+from parafold.inputs import Target
+from parafold.ledger import Ledger
+from parafold.pipeline import RunSettings
+
+
+def _fs(name: str, length: int, tmp: Path) -> FeatureSet:
+    return FeatureSet(name=name, target_id=name, sequence="A" * length, path=tmp / name,
+                      msa_depth=30, num_templates=0)
+
+
+def test_groups_fill_then_bounded_wait(tmp_path: Path) -> None:
+    from parafold.engine.scheduler import Scheduler
+
+    settings = RunSettings(input=tmp_path / "in.fasta", out=tmp_path, params_dir=tmp_path,
+                           search=None, model=ModelSettings(config_size="tiny", models=(1,)),
+                           max_batch=2, max_wait_s=30.0)
+    short = [_fs(f"s{i}", 60 + i, tmp_path) for i in range(2)]
+    long = _fs("long", 150, tmp_path)
+    with Ledger(tmp_path) as ledger:
+        sched = Scheduler(settings, ledger, 1, InlineExecutor(), None,
+                          [Target("later", "later", "MKV")], [long, *short], total=4,
+                          done_before=0)
+        sched.idle = [object()]  # type: ignore[list-item]  # one idle worker
+        batch = sched._choose_batch()
+        assert batch is not None and sorted(fs.name for fs in batch) == ["s0", "s1"]
+        del sched.ready["s0"], sched.ready["s1"]
+        assert sched._choose_batch() is None  # alone in its shape, searches still coming
+        sched.ready["long"] = (long, time.time() - 31)  # waited past max_wait_s
+        assert [fs.name for fs in sched._choose_batch() or []] == ["long"]
+        sched.ready["long"] = (long, time.time())
+        sched.pending.clear()  # nothing more will come: no reason to wait
+        assert [fs.name for fs in sched._choose_batch() or []] == ["long"]
