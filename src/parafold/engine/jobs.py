@@ -19,9 +19,10 @@ from typing import Any
 from parafold.errors import PipelineError
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
+from parafold.lifecycle import die_with_parent
 
-__all__ = ["SearchOutcome", "FoldBatchResult", "FoldSlot", "search_job", "describe_error",
-           "worker_label"]
+__all__ = ["SearchOutcome", "FoldBatchResult", "FoldSlot", "search_job", "search_batch_job",
+           "plots_job", "describe_error", "worker_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,37 @@ def search_job(target: Target, out_dir: Path, databases: Any, settings: Any, cpu
         return SearchOutcome(target.name, None, describe_error(exc), worker_label(), start,
                              time.time())
     return SearchOutcome(target.name, fs, "", worker_label(), start, time.time())
+
+
+def search_batch_job(targets: Sequence[Target], out_dir: Path, databases: Any, settings: Any,
+                     cpus: int, cache_dir: Path) -> list[SearchOutcome]:
+    """Featurize many targets in one MMseqs2 batch (one database pass for all of them).
+
+    Outcomes follow `targets`; a failure of the whole batch is every target's outcome.
+    """
+    from parafold.search.budget import CpuBudget
+    from parafold.search.runner import featurize_batch
+
+    start = time.time()
+    try:
+        results: list[Any] = featurize_batch(
+            list(targets), out_dir=out_dir, databases=databases, settings=settings,
+            budget=CpuBudget(max(1, cpus)), cache_dir=cache_dir)
+    except Exception as exc:  # the batch boundary: every target gets the reason
+        if not isinstance(exc, PipelineError):
+            logger.exception("unexpected error in a search batch of %d", len(targets))
+        results = [exc] * len(targets)
+    end, worker = time.time(), worker_label()
+    return [SearchOutcome(t.name, None, describe_error(r), worker, start, end)
+            if isinstance(r, BaseException) else SearchOutcome(t.name, r, "", worker, start, end)
+            for t, r in zip(targets, results, strict=True)]
+
+
+def plots_job(target_dir: Path) -> int:
+    """Draw a finished target's plots (off the GPU worker); returns how many were written."""
+    from parafold.report import write_target_plots
+
+    return len(write_target_plots(target_dir))
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,25 +167,6 @@ def _stats_dict(worker: Any) -> dict[str, Any]:
 
 # A process-wide slot for engines whose workers are plain processes (the local engine).
 _PROCESS_SLOT: FoldSlot | None = None
-
-
-def die_with_parent() -> None:
-    """Linux: have the kernel kill this worker when the process that started it dies.
-
-    A SIGKILLed run must not leave workers behind that go on writing into OUT while the
-    rerun works there.
-    """
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def init_worker_process(env: dict[str, str], log_level: int = logging.WARNING) -> None:

@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def _child_init() -> None:
-    """Keep spawned helpers off the accelerator and single-threaded (many run at once)."""
+    """Keep spawned helpers off the accelerator and single-threaded (many run at once), and
+    have them die with the worker, so a killed run leaves no writer behind."""
+    from parafold.lifecycle import die_with_parent
+
+    die_with_parent()
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

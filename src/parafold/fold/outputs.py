@@ -112,9 +112,22 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
         atomic_write_text(folder / f"ranked_{index}.pdb", pdbs[pred.name])
         cif = protein.to_mmcif(prots[pred.name], file_id=name, model_type="Monomer")
         atomic_write_text(folder / f"ranked_{index}.cif", cif)
-    atomic_write_json(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    _merge_timings(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     atomic_write_json(folder / DONE_FILE, {
         "plddts": {p.name: p.ranking_confidence for p in predictions},
         "order": [p.name for p in ranked],
     })
     return [p.name for p in ranked]
+
+
+def _merge_timings(path: Path, fold_timings: dict[str, float]) -> None:
+    """One `timings.json` per target, as AlphaFold writes: the search stage's entries (per
+    tool, when features were made in this folder) are kept and the GPU stage's added."""
+    existing: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            existing = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            existing = {}
+    atomic_write_json(path, {**existing, **fold_timings})
