@@ -1,6 +1,7 @@
 """`parafold run` end to end with the real search tools and the tiny model on random weights:
-outputs and ledger rows for every target, a bad record failing alone, the lock refusing a
-second run, SIGKILL at a random moment then a rerun that finishes without redoing work."""
+outputs, plots, the report and ledger rows for every target, a bad record failing alone, the
+lock refusing a second run, SIGKILL at a random moment then a rerun that finishes without
+redoing work."""
 
 from __future__ import annotations
 
@@ -38,10 +39,32 @@ def pipeline_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
                    for t in read_targets(data.queries).targets)
     (root / "good.fasta").write_text(good)
     (root / "mixed.fasta").write_text(good + ">broken bad record\nMKV1234\n")
-    xdg = root / "xdg"  # JAX's persistent compile cache, shared by this session's runs only
-    xdg.mkdir()
+    xdg = jax_cache_home(tmp_path_factory)
     return {"db": root / "db", "params": root / "params", "good": root / "good.fasta",
             "mixed": root / "mixed.fasta", "root": root, "xdg": xdg}
+
+
+def jax_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """XDG_CACHE_HOME for JAX's persistent compile cache, shared by every run of this session
+    (and only of it): a shape compiled once is not compiled again by the next test."""
+    xdg = tmp_path_factory.getbasetemp() / "xdg"
+    xdg.mkdir(exist_ok=True)
+    return xdg
+
+
+def check_plots_and_report(out: Path, names: list[str], *, pae: bool = True) -> None:
+    """Every done target has valid plot PNGs (PAE ones with a PAE head) and the run a report."""
+    from test_report_plots import _assert_png
+
+    for name in names:
+        expected = ["plddt.png", "coverage.png"] + (["pae.png"] if pae else [])
+        for png in expected:
+            _assert_png(out / name / png)
+        assert pae or not (out / name / "pae.png").exists()
+    report = out / "report.html"
+    assert report.is_file() and report.stat().st_size > 1000
+    text = report.read_text(encoding="utf-8")
+    assert all(f'"{name}"' in text for name in names)
 
 
 def run_args(inputs: dict[str, Path], fasta: Path, out: Path, *extra: str) -> list[str]:
@@ -95,6 +118,8 @@ def test_run_end_to_end_with_a_bad_record(pipeline_inputs: dict[str, Path],
     assert len(names) == N_TARGETS
     check_complete(out, names)  # ... but alone
     assert f"{N_TARGETS}/{N_TARGETS} targets done" in proc.stdout
+    assert f"report: {out / 'report.html'}" in proc.stdout
+    check_plots_and_report(out, names)
     assert "broken" in proc.stdout and "not amino-acid letters" in proc.stdout
     status = subprocess.run([PARAFOLD, "status", str(out)], capture_output=True, text=True,
                             timeout=60)

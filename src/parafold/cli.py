@@ -303,6 +303,7 @@ _RUN_HELP = {
     "gpus": "GPUs to use: 'all' (default), 'none', or ids like 0,1.",
     "engine": "local (default) or ray.",
     "address": "Ray cluster: auto or HOST:PORT (ray engine; default: a private local Ray).",
+    "no_plots": "Do not draw per-target plots (OUT/report.html is still written).",
 }
 
 
@@ -364,6 +365,7 @@ def run_cmd(
     progress: Annotated[bool, typer.Option(help="Progress bars on a terminal.")] = True,
     msa_mode: Annotated[str | None, typer.Option("--msa-mode", help=_MSA_MODE_HELP)] = None,
     msa_dir: Annotated[Path | None, typer.Option("--msa-dir", help=_MSA_DIR_HELP)] = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help=_RUN_HELP["no_plots"])] = False,
 ) -> None:
     """Both stages in one run, overlapped: GPU work starts on the first finished features.
 
@@ -392,7 +394,7 @@ def run_cmd(
                                 float32=float32, max_batch=max_batch),
             cache_dir=cache_dir, cpus=cpus, cpus_per_search=cpus_per_search,
             gpus=parse_gpus(gpus), engine=engine, address=address, max_batch=max_batch,
-            max_wait_s=max_wait, progress=progress)
+            max_wait_s=max_wait, progress=progress, plots=not no_plots)
     except InputError as exc:
         raise _fail(str(exc)) from exc
     raise typer.Exit(_run_and_report(settings))
@@ -420,6 +422,7 @@ def demo_cmd(
     families: Annotated[int, typer.Option(help="Synthetic protein families, one query each.")] = 24,
     cpus: Annotated[int, typer.Option(help=_RUN_HELP["cpus"])] = 0,
     gpus: Annotated[str, typer.Option(help=_RUN_HELP["gpus"])] = "all",
+    no_plots: Annotated[bool, typer.Option("--no-plots", help=_RUN_HELP["no_plots"])] = False,
 ) -> None:
     """The whole pipeline on synthetic databases and random weights, in minutes on a laptop.
 
@@ -429,7 +432,8 @@ def demo_cmd(
     from parafold.errors import PipelineError
 
     try:
-        settings, note = prepare_demo(out, families=families, cpus=cpus, gpus=gpus)
+        settings, note = prepare_demo(out, families=families, cpus=cpus, gpus=gpus,
+                                      plots=not no_plots)
     except PipelineError as exc:
         raise _fail(str(exc)) from exc
     typer.echo(note)

@@ -48,8 +48,8 @@ def _cut_queries(queries: Path, dest: Path) -> Path:
     return dest
 
 
-def prepare_demo(out: Path, *, families: int = 24, cpus: int = 0,
-                 gpus: str = "all") -> tuple[RunSettings, str]:
+def prepare_demo(out: Path, *, families: int = 24, cpus: int = 0, gpus: str = "all",
+                 plots: bool = True) -> tuple[RunSettings, str]:
     """Build (or reuse) the demo's databases and weights; the run settings and a note on them.
 
     Raises:
@@ -80,5 +80,5 @@ def prepare_demo(out: Path, *, families: int = 24, cpus: int = 0,
     settings = RunSettings(
         input=queries, out=out, params_dir=params_dir, db_dir=out / "databases",
         search=SearchSettings(), model=model, cpus=cpus, gpus=devices,
-        max_wait_s=2.0)
+        max_wait_s=2.0, plots=plots)
     return settings, note

@@ -1,7 +1,8 @@
 """`parafold run`: the CPU and GPU stages overlapped, every transition in the ledger.
 
-targets -> featurize (CPU jobs under the CPU budget) -> ready list -> grouped by shape, with a
-bounded wait for a group to fill -> long-lived fold workers -> OUT/<name>/.
+targets -> featurize (CPU jobs under the CPU budget; one batch job in MMseqs2 mode) -> ready
+list -> grouped by shape, with a bounded wait for a group to fill -> long-lived fold workers ->
+OUT/<name>/ -> plots (small CPU jobs) -> OUT/report.html at the end.
 
 The parent process only schedules: it never imports jax, and it is the only writer of the
 ledger. On start it reconciles the ledger with what is on disk (disk wins: a manifest means
@@ -16,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ class RunSettings:
     `cpus_per_search` is the share one protein's searches get (0: 3, one per concurrent
     search, capped by the budget); `max_batch` caps the proteins handed to a fold worker at once;
     `max_wait_s` bounds how long a worker waits for a same-shape group to fill while searches
-    are still running.
+    are still running; `plots` draws each finished target's PNGs (the report is written
+    either way).
     """
 
     input: Path
@@ -67,6 +69,7 @@ class RunSettings:
     max_wait_s: float = 5.0
     progress: bool = True
     log_every_s: float = 30.0
+    plots: bool = True
 
     def __post_init__(self) -> None:
         if self.cpus < 0 or self.cpus_per_search < 0:
@@ -111,6 +114,7 @@ class RunSummary:
     predicted: int
     compiles: int | None
     engine: str
+    report: Path | None = None
 
     @property
     def exit_code(self) -> int:
@@ -133,6 +137,8 @@ class RunSummary:
         if self.input_problems:
             out.append(f"{len(self.input_problems)} input records skipped:")
             out.extend(f"  {p}" for p in self.input_problems)
+        if self.report is not None:
+            out.append(f"report: {self.report}")
         return out
 
 
@@ -157,16 +163,29 @@ def _read_input(settings: RunSettings) -> tuple[list[Target], list[InputProblem]
 def _databases(settings: RunSettings) -> Any:
     from parafold.search import find_databases
 
-    dbs = find_databases(settings.db_dir, settings.search.preset, dict(settings.db_overrides))
+    dbs = find_databases(settings.db_dir, settings.search.preset, dict(settings.db_overrides),
+                         msa_mode=settings.search.msa_mode)
     return dbs.fingerprinted()
 
 
+def _needs_databases(settings: RunSettings) -> bool:
+    """Whether the MSA mode reads databases (precomputed and single-sequence read none)."""
+    from parafold.search.databases import required_databases
+
+    return bool(required_databases(settings.search.preset, settings.search.msa_mode))
+
+
 def _expected_key(target: Target, databases: Any, settings: RunSettings) -> str | None:
+    """The key the target's features must have, so a resumed run keeps only matching ones.
+
+    Raises:
+        InputError: precomputed mode and the target's MSA file is missing.
+    """
     if databases is None:
         return None
-    from parafold.search.runner import cache_key
+    from parafold.search.runner import target_key
 
-    return str(cache_key(target.sequence, databases, settings.search))
+    return str(target_key(target, databases, settings.search)[0])
 
 
 def _usable_features(target: Target, folder: Path, key: str | None) -> FeatureSet | None:
@@ -209,6 +228,15 @@ class _Plan:
     to_search: list[Target] = field(default_factory=list)
     ready: list[FeatureSet] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def _fail_at_start(ledger: Ledger, name: str, state: State, error: str) -> None:
+    """A target that cannot even be keyed (its precomputed MSA is missing) fails alone."""
+    logger.warning("%s: %s", name, error)
+    if state in (State.DONE, State.FAILED):  # no way from these to FAILED but through QUEUED
+        ledger.reconcile(name, State.QUEUED)
+    ledger.fail(name, "search", error)
 
 
 def _reconcile(ledger: Ledger, targets: Sequence[Target], settings: RunSettings,
@@ -220,7 +248,13 @@ def _reconcile(ledger: Ledger, targets: Sequence[Target], settings: RunSettings,
         _remove_partial_files(folder)
         rec = ledger.get(t.name)
         state = rec.state if rec is not None else State.QUEUED
-        fs = _usable_features(t, folder, _expected_key(t, databases, settings))
+        try:
+            key = _expected_key(t, databases, settings)
+        except InputError as exc:
+            _fail_at_start(ledger, t.name, state, str(exc))
+            plan.failed.append(t.name)
+            continue
+        fs = _usable_features(t, folder, key)
         if fs is None:
             _forget_stale_prediction(t, folder)
         if fs is not None and prediction_complete(folder):
@@ -250,37 +284,58 @@ def run_pipeline(settings: RunSettings, *,
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    with RunLock(out), Ledger(out) as ledger:
-        run_id = ledger.begin_run(settings.describe())
-        exit_code = 2
-        try:
-            targets, problems = _read_input(settings)
-            ledger.record_input_problems(run_id, problems)
-            for p in problems:
-                logger.warning("input: %s", p)
-            ledger.register(targets)
-            databases = None
-            if settings.db_dir is not None or settings.db_overrides:
-                # A missing database is fine if nothing needs searching (raised below if so).
-                with contextlib.suppress(DatabaseNotFoundError):
-                    databases = _databases(settings)
-            plan = _reconcile(ledger, targets, settings, databases)
-            if plan.to_search and databases is None:
-                databases = _databases(settings)  # raises: names what is missing
-            logger.info("%d targets: %d done before, %d with features, %d to search",
-                        len(targets), len(plan.done), len(plan.ready), len(plan.to_search))
-            factory = executor_factory or _default_executor
-            with factory(settings) as executor:
-                logger.info("%s", executor.describe())
-                sched = Scheduler(settings, ledger, run_id, executor, databases, plan.to_search,
-                                  plan.ready, total=len(targets), done_before=len(plan.done))
-                sched.run()
-            summary = _summary(settings, ledger, targets, problems, started, sched)
-            exit_code = summary.exit_code
-            _write_run_timings(out, summary)
-            return summary
-        finally:
-            ledger.end_run(run_id, exit_code)
+    with RunLock(out):
+        with Ledger(out) as ledger:
+            run_id = ledger.begin_run(settings.describe())
+            exit_code = 2
+            try:
+                summary = _run(settings, ledger, run_id, started,
+                               executor_factory or _default_executor)
+                exit_code = summary.exit_code
+            finally:
+                ledger.end_run(run_id, exit_code)
+        # Still under the lock, after the run is closed in the ledger: the report shows it ended.
+        return replace(summary, report=_write_report(out, plots=settings.plots))
+
+
+def _run(settings: RunSettings, ledger: Ledger, run_id: int, started: float,
+         factory: Callable[[RunSettings], Executor]) -> RunSummary:
+    targets, problems = _read_input(settings)
+    ledger.record_input_problems(run_id, problems)
+    for p in problems:
+        logger.warning("input: %s", p)
+    ledger.register(targets)
+    databases = None
+    if settings.db_dir is not None or settings.db_overrides or not _needs_databases(settings):
+        # A missing database is fine if nothing needs searching (raised below if so).
+        with contextlib.suppress(DatabaseNotFoundError):
+            databases = _databases(settings)
+    plan = _reconcile(ledger, targets, settings, databases)
+    if plan.to_search and databases is None:
+        databases = _databases(settings)  # raises: names what is missing
+    logger.info("%d targets: %d done before, %d with features, %d to search, %d failed at start",
+                len(targets), len(plan.done), len(plan.ready), len(plan.to_search),
+                len(plan.failed))
+    with factory(settings) as executor:
+        logger.info("%s", executor.describe())
+        sched = Scheduler(settings, ledger, run_id, executor, databases, plan.to_search,
+                          plan.ready, total=len(targets), done_before=len(plan.done),
+                          failed_before=len(plan.failed))
+        sched.run()
+    summary = _summary(settings, ledger, targets, problems, started, sched)
+    _write_run_timings(settings.out, summary)
+    return summary
+
+
+def _write_report(out: Path, *, plots: bool) -> Path | None:
+    """OUT/report.html; a report that cannot be written is logged, never fails the run."""
+    from parafold.report import write_report
+
+    try:
+        return write_report(out, plots=plots)
+    except Exception as exc:  # the predictions are done and on disk; the report is extra
+        logger.error("could not write the report in %s: %s", out, exc, exc_info=True)
+        return None
 
 
 def _default_executor(settings: RunSettings) -> Executor:

@@ -100,6 +100,10 @@ class Executor(abc.ABC):
     def cpu_capacity(self) -> int:
         """CPUs that CPU jobs may use at once (the pipeline admits jobs up to this)."""
 
+    def max_job_cpus(self) -> int:
+        """The most CPUs one job can get (a batch search asks for this); default: all of them."""
+        return self.cpu_capacity()
+
     @abc.abstractmethod
     def start_fold_workers(self, spec: FoldWorkerSpec) -> list[FoldWorkerHandle]:
         """One worker per GPU, or one CPU worker when there is no GPU."""

@@ -142,6 +142,14 @@ class RayExecutor(Executor):
             cpus = min(cpus, self._cpu_limit)
         return max(1, cpus)
 
+    def max_job_cpus(self) -> int:
+        """One task runs on one node: the largest node's CPUs, less one a fold actor may hold
+        there (asking for more than a node has would wait forever)."""
+        import ray
+
+        nodes = [int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        return max(1, min(self.cpu_capacity(), max(nodes, default=1) - 1))
+
     def start_fold_workers(self, spec: FoldWorkerSpec) -> list[FoldWorkerHandle]:
         n = self._n_fold_workers()
         if n == 0:

@@ -1,9 +1,12 @@
 """The run's event loop: keep the CPU budget full of searches and every fold worker busy.
 
 One thread, one writer of the ledger. Searches are admitted up to the executor's CPU capacity
-(so `searching` in the ledger means running, not waiting in a queue). Finished feature sets go
-to a ready list grouped by shape key; an idle fold worker gets a full group at once, or the
-oldest group once it has waited `max_wait_s` or no more searches are coming.
+(so `searching` in the ledger means running, not waiting in a queue); in MMseqs2 mode every
+queued target goes into one batch job with all the CPUs, since MMseqs2 gains from many queries
+per database pass. Finished feature sets go to a ready list grouped by shape key; an idle fold
+worker gets a full group at once, or the oldest group once it has waited `max_wait_s` or no
+more searches are coming. A finished target's plots are drawn by a small CPU job, so the fold
+worker goes straight on to its next batch.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from parafold.engine.base import Executor, FoldWorkerHandle, FoldWorkerSpec, Resources
-from parafold.engine.jobs import FoldBatchResult, SearchOutcome, describe_error, search_job
+from parafold.engine.jobs import (
+    FoldBatchResult,
+    SearchOutcome,
+    describe_error,
+    plots_job,
+    search_batch_job,
+    search_job,
+)
 from parafold.errors import PipelineError
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
@@ -38,24 +48,25 @@ class Scheduler:
 
     def __init__(self, settings: RunSettings, ledger: Ledger, run_id: int, executor: Executor,
                  databases: Any, to_search: Sequence[Target], ready: Sequence[FeatureSet], *,
-                 total: int, done_before: int) -> None:
+                 total: int, done_before: int, failed_before: int = 0) -> None:
         self.settings = settings
         self.ledger = ledger
         self.run_id = run_id
         self.executor = executor
         self.databases = databases
         self.pending: deque[Target] = deque(to_search)
-        self.searching: dict[cf.Future[Any], Target] = {}
+        self.searching: dict[cf.Future[Any], tuple[Target, ...]] = {}
         self.ready: dict[str, tuple[FeatureSet, float]] = {fs.name: (fs, time.time())
                                                           for fs in ready}
         self.folding: dict[cf.Future[Any], tuple[FoldWorkerHandle, list[FeatureSet], int]] = {}
+        self.plotting: dict[cf.Future[Any], str] = {}
         self.idle: list[FoldWorkerHandle] = []
         self.total = total
         self.featured = done_before + len(ready)
-        self.finished = done_before
+        self.finished = done_before + failed_before
         self.searched = 0
         self.predicted = 0
-        self.failed = 0
+        self.failed = failed_before
         self.search_failed = 0
         self.search_cpus = settings.search_cpus
         self._stats: dict[str, dict[str, Any]] = {}
@@ -75,11 +86,11 @@ class Scheduler:
         self.search_cpus = min(self.settings.search_cpus, capacity)
         slots = max(1, capacity // self.search_cpus)
         with _Progress(self) as progress:
-            while self.pending or self.searching or self.ready or self.folding:
+            while self.pending or self.searching or self.ready or self.folding or self.plotting:
                 self._submit_searches(slots)
                 self._dispatch_folds()
                 progress.update()
-                futures = list(self.searching) + list(self.folding)
+                futures = [*self.searching, *self.folding, *self.plotting]
                 timeout = self._timeout()
                 if not futures:
                     time.sleep(timeout)
@@ -88,6 +99,8 @@ class Scheduler:
                 for future in done:
                     if future in self.searching:
                         self._search_finished(future)
+                    elif future in self.plotting:
+                        self._plots_finished(future)
                     else:
                         self._fold_finished(future)
 
@@ -98,27 +111,64 @@ class Scheduler:
 
     # --- searches ---
 
+    @property
+    def n_searching(self) -> int:
+        """Targets whose search job is running (a batch job counts all of its targets)."""
+        return sum(len(targets) for targets in self.searching.values())
+
     def _submit_searches(self, slots: int) -> None:
         s = self.settings
+        if getattr(s.search, "msa_mode", "classic") == "mmseqs":
+            self._submit_search_batch()
+            return
         while self.pending and len(self.searching) < slots:
             target = self.pending.popleft()
             self.ledger.start_search(target.name)
             handle = self.executor.submit(
                 search_job, target, s.out, self.databases, s.search, self.search_cpus,
                 s.resolved_cache_dir, resources=Resources(cpus=self.search_cpus))
-            self.searching[handle.future] = target
+            self.searching[handle.future] = (target,)
+
+    def _submit_search_batch(self) -> None:
+        """Every queued target in one MMseqs2 job sized with the largest CPU share a job can get."""
+        if not self.pending or self.searching:
+            return
+        s = self.settings
+        targets = tuple(self.pending)
+        self.pending.clear()
+        for target in targets:
+            self.ledger.start_search(target.name)
+        cpus = self.executor.max_job_cpus()
+        logger.info("mmseqs: %d targets in one search batch on %d CPUs", len(targets), cpus)
+        handle = self.executor.submit(
+            search_batch_job, targets, s.out, self.databases, s.search, cpus,
+            s.resolved_cache_dir, resources=Resources(cpus=cpus))
+        self.searching[handle.future] = targets
 
     def _search_finished(self, future: cf.Future[Any]) -> None:
-        target = self.searching.pop(future)
+        targets = self.searching.pop(future)
         now = time.time()
         try:
-            outcome: SearchOutcome = future.result()
+            result = future.result()
+            outcomes = {o.name: o for o in (result if isinstance(result, list) else [result])}
         except Exception as exc:  # the worker itself died (killed, out of memory)
-            outcome = SearchOutcome(target.name, None, f"search worker died: "
-                                    f"{describe_error(exc)}", "?", now, now)
+            reason = f"search worker died: {describe_error(exc)}"
+            result = None
+            outcomes = {t.name: SearchOutcome(t.name, None, reason, "?", now, now)
+                        for t in targets}
+        # One batch number on every event of a batch job: the timeline shows it as one job.
+        batch_no = self._next_batch() if isinstance(result, list) or len(targets) > 1 else None
+        for target in targets:
+            outcome = outcomes.get(target.name) or SearchOutcome(
+                target.name, None, "no result from the search job", "?", now, now)
+            self._target_searched(target, outcome, batch_no)
+
+    def _target_searched(self, target: Target, outcome: SearchOutcome,
+                         batch_no: int | None) -> None:
+        now = time.time()
         self.ledger.add_event(run_id=self.run_id, worker=outcome.worker, kind="search",
                               target=target.name, start=outcome.start, end=outcome.end,
-                              ok=outcome.ok)
+                              ok=outcome.ok, batch=batch_no)
         if outcome.feature_set is None:
             logger.warning("%s: search failed: %s", target.name, outcome.error)
             self.ledger.fail(target.name, "search", outcome.error)
@@ -179,8 +229,7 @@ class Scheduler:
             for fs in batch:
                 del self.ready[fs.name]
             self.ledger.start_predict([fs.name for fs in batch])
-            self._batches += 1
-            batch_no = self.run_id * 1_000_000 + self._batches
+            batch_no = self._next_batch()
             handle = worker.fold(batch, self.settings.out)
             self.folding[handle.future] = (worker, batch, batch_no)
             logger.debug("batch %d (%d targets) to %s", batch_no, len(batch), worker.name)
@@ -215,6 +264,29 @@ class Scheduler:
                                   batch=batch_no)
             self.predicted += 1
             self.finished += 1
+            self._submit_plots(fs.name)
+
+    def _next_batch(self) -> int:
+        """A run-unique number tying together the events of one batch job."""
+        self._batches += 1
+        return self.run_id * 1_000_000 + self._batches
+
+    # --- plots ---
+
+    def _submit_plots(self, name: str) -> None:
+        if not getattr(self.settings, "plots", True):
+            return
+        handle = self.executor.submit(plots_job, self.settings.out / name,
+                                      resources=Resources(cpus=1))
+        self.plotting[handle.future] = name
+
+    def _plots_finished(self, future: cf.Future[Any]) -> None:
+        """Plots are for triage: a failure is logged (the report draws missing ones again)."""
+        name = self.plotting.pop(future)
+        try:
+            logger.debug("%s: %d plots drawn", name, future.result())
+        except Exception as exc:  # never fails the target: its prediction is done
+            logger.warning("%s: plots not drawn: %s", name, describe_error(exc))
 
     def _fold_failed(self, name: str, reason: str, worker: str, start: float, batch_no: int,
                      *, end: float | None = None) -> None:
@@ -282,7 +354,7 @@ class _Progress:
         s = self.sched
         if self._bars is not None:
             self._bars.update(self._search, completed=s.featured + s.search_failed,
-                              note=f"{len(s.searching)} searching")
+                              note=f"{s.n_searching} searching")
             self._bars.update(self._fold, completed=s.finished,
                               note=f"{len(s.folding)} batches on {len(s.folding) + len(s.idle)}"
                                    f" workers, {s.failed} failed")
@@ -291,7 +363,7 @@ class _Progress:
         if now - self._last_log >= s.settings.log_every_s:
             self._last_log = now
             logger.info("progress: features %d/%d (%d searching), structures %d/%d, %d failed",
-                        s.featured, s.total, len(s.searching), s.finished, s.total, s.failed)
+                        s.featured, s.total, s.n_searching, s.finished, s.total, s.failed)
 
     def _redirect_logs(self, stream: Any) -> None:
         for handler in logging.getLogger().handlers:
