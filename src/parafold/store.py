@@ -8,6 +8,7 @@ renamed into place, so a reader sees either nothing or the whole file. Arrays ar
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_copy",
+    "file_lock",
     "content_key",
     "save_arrays",
     "load_arrays",
@@ -76,6 +78,20 @@ def atomic_copy(src: Path | str, dst: Path | str) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path | str) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created if needed); the kernel drops it when the
+    holder dies, so a SIGKILLed process never leaves a stale lock."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def read_json(path: Path | str) -> Any:

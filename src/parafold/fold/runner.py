@@ -96,6 +96,19 @@ def enable_persistent_cache(cache_dir: Path | None) -> None:
     log.info("persistent compilation cache: %s", cache_dir)
 
 
+def _to_host(outputs: Any, key: ShapeKey) -> Any:
+    """Device outputs as numpy; an XLA out-of-memory becomes `GpuOutOfMemoryError` (async
+    dispatch reports it here, at the first wait, not at launch)."""
+    import jax
+
+    try:
+        return jax.device_get(outputs)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise GpuOutOfMemoryError(f"out of memory predicting {key.describe()}") from exc
+        raise
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True only when XLA said it ran out of device memory."""
     return any(marker in str(exc) for marker in _OOM_MARKERS)
@@ -335,15 +348,7 @@ class ModelRunner:
 
     def fetch(self, launched: Launched) -> tuple[dict[str, Any], float]:
         """Wait for a launched prediction; its outputs as numpy and seconds since launch."""
-        import jax
-
-        try:
-            result = jax.device_get(launched.outputs)
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise GpuOutOfMemoryError(
-                    f"out of memory predicting {launched.key.describe()}") from exc
-            raise
+        result = _to_host(launched.outputs, launched.key)
         seconds = time.perf_counter() - launched.started
         self.stats.predict_s += seconds
         self.stats.predictions += 1
@@ -405,17 +410,9 @@ class ModelRunner:
 
     def fetch_batch(self, launched: LaunchedBatch) -> tuple[list[dict[str, Any]], float]:
         """Wait for a batch; one numpy result per real member and seconds since launch."""
-        import jax
-
         from parafold.fold.batching import split_members
 
-        try:
-            host = jax.device_get(launched.outputs)
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise GpuOutOfMemoryError(
-                    f"out of memory predicting {launched.key.describe()}") from exc
-            raise
+        host = _to_host(launched.outputs, launched.key)
         seconds = time.perf_counter() - launched.started
         self.stats.predict_s += seconds
         self.stats.predictions += launched.count

@@ -22,13 +22,12 @@ database (`ensure_index`) and reused by every later run.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from parafold.errors import DatabaseNotFoundError, ToolFailedError, ToolTimeoutE
 from parafold.search.msa_search import QUERY_NAME, ToolTiming
 from parafold.search.settings import SearchSettings
 from parafold.search.tools import ToolRun, resolve_binary, run_tool
+from parafold.store import file_lock
 
 __all__ = ["MMSEQS_FILES", "MmseqsDatabase", "Mmseqs", "MmseqsBatchResult", "ensure_index",
            "has_index", "read_mmseqs_db", "search_batch", "M8_FIELDS"]
@@ -127,17 +127,6 @@ def has_index(prefix: Path) -> bool:
     return prefix.with_name(prefix.name + ".idx.dbtype").is_file()
 
 
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _shadow(prefix: Path, index_dir: Path) -> Path:
     """A writable twin of a read-only database: links to its files, room for an index."""
     tag = hashlib.sha256(str(prefix.absolute()).encode()).hexdigest()[:16]
@@ -164,7 +153,7 @@ def ensure_index(mmseqs: Mmseqs, prefix: Path, index_dir: Path | None = None) ->
             raise DatabaseNotFoundError(f"{prefix}: read-only and no index; give an index "
                                         "folder (SearchSettings.mmseqs_index_dir)")
         prefix = _shadow(prefix, index_dir)
-    with _flock(prefix.with_name(f".{prefix.name}.idx.lock")):
+    with file_lock(prefix.with_name(f".{prefix.name}.idx.lock")):
         if not has_index(prefix):
             logger.info("indexing %s (once; later runs reuse the index)", prefix)
             with tempfile.TemporaryDirectory(prefix=".tmp-idx-", dir=prefix.parent) as tmp:

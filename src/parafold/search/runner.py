@@ -16,13 +16,11 @@ and for precomputed MSAs the file's content.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -50,6 +48,7 @@ from parafold.store import (
     atomic_write_json,
     atomic_write_text,
     content_key,
+    file_lock,
     read_json,
 )
 
@@ -104,17 +103,6 @@ def msa_names(settings: SearchSettings, databases: DatabaseSet,
 
 def _mode_label(settings: SearchSettings) -> str:
     return settings.preset if settings.msa_mode == "classic" else settings.msa_mode
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _target_done(folder: Path, key: str, msa_names: tuple[str, ...]) -> FeatureSet | None:
@@ -214,7 +202,7 @@ def featurize_prepared(target: Target, *, out_dir: Path, databases: DatabaseSet,
         return replace(done, extra={**done.extra, "tool_calls": 0, "reused": "target"})
     entry = _entry(cache_dir, key)
     tool_calls, filled = 0, False
-    with _locked(entry / ".lock"):
+    with file_lock(entry / ".lock"):
         if not (entry / "features" / MANIFEST_FILE).is_file():
             filled = True
             if settings.msa_mode == "classic":
@@ -264,7 +252,7 @@ def _fill_mmseqs_entry(entry: Path, sequence: str, msas: dict[str, str], *,
                        databases: DatabaseSet, settings: SearchSettings, key: str,
                        batch: dict[str, Any]) -> None:
     started = time.monotonic()
-    with _locked(entry / ".lock"):
+    with file_lock(entry / ".lock"):
         for tag, text in msas.items():
             atomic_write_text(entry / "msas" / MMSEQS_FILES[tag], text)
         feats = mmseqs_features(sequence, QUERY_NAME, entry / "msas", databases=databases,
@@ -338,7 +326,7 @@ def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: Data
     failed: dict[str, BaseException] = {}
     calls, searched = 0, set()
     if pending:
-        with _locked(Path(cache_dir) / ".mmseqs-batch.lock"):
+        with file_lock(Path(cache_dir) / ".mmseqs-batch.lock"):
             pending = {k: s for k, s in pending.items() if not _has_features(cache_dir, k)}
             if pending:
                 failed, calls = _search_and_fill(pending, databases=databases,
