@@ -167,6 +167,16 @@ def _compile_stats(timings: Iterable[Mapping[str, Any]]) -> tuple[int, float]:
     return (explicit or count), seconds
 
 
+def _union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by possibly overlapping intervals (the members of one batch share one)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
 def _timeline(events: list[Any], index: Mapping[str, int]) -> tuple[list[dict[str, Any]],
                                                                     list[list[Any]], float]:
     """Lanes (CPU search workers, then GPU predict workers) and events relative to t0."""
@@ -219,6 +229,10 @@ def collect_run(out_dir: Path | str) -> dict[str, Any]:
         if isinstance(predicted, Mapping):
             row.plddt = row.plddt if row.plddt is not None else _num(predicted.get("mean_plddt"))
             row.ptm = row.ptm if row.ptm is not None else _num(predicted.get("ptm"))
+            # a batch's event spans all its members: the GPU stage's own per-target share wins
+            own = [_num(v) for k, v in predicted.items() if str(k).startswith("predict_")]
+            if own and all(v is not None for v in own):
+                row.predict_s = float(sum(v for v in own if v is not None))
         row.search_s, row.predict_s = _round(row.search_s, 2), _round(row.predict_s, 3)
         row.plddt, row.ptm = _round(row.plddt, 2), _round(row.ptm, 3)
 
@@ -232,7 +246,8 @@ def collect_run(out_dir: Path | str) -> dict[str, Any]:
     run_timings = _json(out_dir / "timings.json")  # the pipeline's count, when it wrote one
     if isinstance(run_timings, dict) and _num(run_timings.get("compile_count")) is not None:
         compiles = int(run_timings["compile_count"])
-    gpu_busy = sum(ev[2] - ev[1] for ev in timeline if lanes[ev[0]]["kind"] == "predict")
+    gpu_busy = sum(_union_seconds([(ev[1], ev[2]) for ev in timeline if ev[0] == lane])
+                   for lane, info in enumerate(lanes) if info["kind"] == "predict")
     n_gpu = sum(1 for lane in lanes if lane["kind"] == "predict")
     states: dict[str, int] = {}
     for r in rows.values():

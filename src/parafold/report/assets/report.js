@@ -243,7 +243,10 @@
         var v = window.$3Dmol.createViewer(box, { backgroundColor: "white" });
         if (!v) { throw new Error("WebGL is not available"); }
         v.addModel(pdb, "pdb");
-        v.setStyle({}, { cartoon: { colorfunc: afColour } });
+        // a tube through the CA atoms plus a sphere per CA: every residue stays visible even
+        // where a low-confidence model breaks the chain (3Dmol draws no bond past ~4.5 A)
+        v.setStyle({}, { cartoon: { style: "trace", thickness: 0.5, colorfunc: afColour } });
+        v.addStyle({ atom: "CA" }, { sphere: { scale: 0.35, colorfunc: afColour } });
         v.zoomTo();
         v.render();
         box.setAttribute("data-rendered", name);
