@@ -78,3 +78,33 @@ def test_target_validates_itself() -> None:
     with pytest.raises(InputError):
         Target("x", "../x", "MKT")
     assert Target("x", "x", "MKT").sequence_hash == Target("y", "y", "MKT").sequence_hash
+
+
+# --- review fixes: BOM, non-ASCII letters, ColabFold A3M inputs ---
+
+
+def test_byte_order_mark_does_not_hide_the_first_record(tmp_path: Path) -> None:
+    fasta = tmp_path / "bom.fasta"
+    fasta.write_bytes(b"\xef\xbb\xbf>first\r\nACDEFG\r\n>second\r\nKLMNPQ\r\n")
+    csv_file = tmp_path / "bom.csv"
+    csv_file.write_bytes(b"\xef\xbb\xbfid,sequence\r\nc1,ACDE\r\n")
+    parsed = read_targets(fasta)
+    assert [t.id for t in parsed.targets] == ["first", "second"] and not parsed.problems
+    assert [t.id for t in read_targets(csv_file).targets] == ["c1"]
+
+
+def test_non_ascii_letters_are_not_upper_cased_into_residues(tmp_path: Path) -> None:
+    # 'ß'.upper() == 'SS' and 'ı'.upper() == 'I': a silently different protein
+    parsed = read_targets(_write(tmp_path / "u.fasta", ">u1\nMKTßA\n>u2\nMKıA\n>ok\nMKSSA\n"))
+    assert [t.id for t in parsed.targets] == ["ok"]
+    assert [p.record_id for p in parsed.problems] == ["u1", "u2"]
+    assert "'ß'" in parsed.problems[0].message
+
+
+def test_colabfold_a3m_input_with_comment_line(tmp_path: Path) -> None:
+    a3m = _write(tmp_path / "t1.a3m", "#8\t1\n>101\nMKTAYIAK\n>hit\nMKT-YIaAK\n")
+    parsed = read_targets(a3m)
+    assert [(t.id, t.sequence) for t in parsed.targets] == [("t1", "MKTAYIAK")]
+    junk = read_targets(_write(tmp_path / "junk.a3m", "MKTAYIAK\n"))
+    assert "\0" not in junk.problems[0].message
+    assert "before any '>' header" in junk.problems[0].message

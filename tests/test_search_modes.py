@@ -276,3 +276,30 @@ def test_cli_a3m_input_defaults_to_precomputed(mm_run: dict[str, object], querie
     assert "2 of 3 targets have features" in proc.stdout
     fs = read_feature_set(tmp_path / "out" / queries[0].id)
     assert fs.msa_mode == "precomputed" and fs.sequence == queries[0].sequence
+
+
+# --- review fixes: ColabFold A3M comments, BOM, very long ids ---
+
+
+def test_precomputed_a3m_with_comment_lines_and_bom(tmp_path: Path) -> None:
+    from parafold.search.precomputed import read_msa
+
+    target = Target("t1", "t1", "MKTAYIAK")
+    colabfold = tmp_path / "t1.a3m"  # ColabFold's files start with '#<length>\t<cardinality>'
+    colabfold.write_text("#8\t1\n>101\nMKTAYIAK\n>hit\nMKT-YIaAK\n")
+    msa = read_msa(colabfold, target)
+    assert list(msa.sequences) == ["MKTAYIAK", "MKT-YIAK"]
+    bom = tmp_path / "bom.a3m"
+    bom.write_bytes(b"\xef\xbb\xbf>q\r\nMKTAYIAK\r\n")
+    assert list(read_msa(bom, target).sequences) == ["MKTAYIAK"]
+
+
+def test_precomputed_msa_of_a_very_long_id_is_found_by_its_safe_name(tmp_path: Path) -> None:
+    from parafold.inputs import safe_name
+    from parafold.search.precomputed import find_msa_file
+
+    long_id = "x" * 300  # too long for a file name: the lookup falls back to the safe name
+    target = Target(long_id, safe_name(long_id), "MKTAYIAK")
+    path = tmp_path / f"{target.name}.a3m"
+    path.write_text(">q\nMKTAYIAK\n")
+    assert find_msa_file(tmp_path, target) == path

@@ -212,3 +212,63 @@ def test_find_databases_layout_overrides_and_fingerprints(tmp_path: Path) -> Non
     status = {s.name: s for s in check_databases(reduced)}
     assert not status["small_bfd"].present and status["small_bfd"].required
     assert status["uniref90"].present and len(status["uniref90"].fingerprint) == 64
+
+
+def test_interrupted_wait_kills_the_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or any exception) while waiting must not leave the tool running: it sits in its
+    own session, so the terminal's SIGINT never reaches it."""
+    from parafold.search import tools
+
+    pid_file = tmp_path / "child.pid"
+    env = {**os.environ, "FAKE_PID_FILE": str(pid_file)}
+    real_join = threading.Thread.join
+
+    class InterruptedThread(threading.Thread):
+        interrupted = False
+
+        def join(self, timeout: float | None = None) -> None:
+            if timeout is not None and not InterruptedThread.interrupted:
+                InterruptedThread.interrupted = True
+                for _ in range(100):  # let the tool start its child first
+                    if pid_file.is_file() and pid_file.read_text().strip():
+                        break
+                    time.sleep(0.05)
+                raise KeyboardInterrupt
+            real_join(self, timeout)
+
+    monkeypatch.setattr(tools.threading, "Thread", InterruptedThread)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_tool([str(FAKES / "sleep_tool")], timeout_s=60, env=env)
+    assert time.monotonic() - start < 20
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        if not Path(f"/proc/{child}").exists() or "Z" in _state(child):
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
+
+
+def test_malformed_m8_row_is_a_feature_error() -> None:
+    from parafold.errors import FeatureError
+    from parafold.search.mmseqs_templates import hit_from_m8_row
+
+    good = ["q0", "1abc_A", "1.0", "4", "0", "0", "1", "4", "1", "4", "1e-5", "50.0", "4M",
+            "ACDE"]
+    assert hit_from_m8_row(0, "\t".join(good), "ACDE").query == "ACDE"
+    for column, value in ((6, "x"), (11, "n/a"), (6, "0")):
+        row = list(good)
+        row[column] = value
+        with pytest.raises(FeatureError, match="m8 row 0"):
+            hit_from_m8_row(0, "\t".join(row), "ACDE")
+
+
+def test_mmseqs_features_name_the_empty_msa_file(tmp_path: Path) -> None:
+    from parafold.errors import FeatureError
+    from parafold.search.features import mmseqs_features
+
+    (tmp_path / "uniref.a3m").write_text("\n")
+    with pytest.raises(FeatureError, match="uniref.a3m"):
+        mmseqs_features("ACDE", "query", tmp_path,
+                        databases=find_databases(None, msa_mode="mmseqs"),
+                        settings=SearchSettings(msa_mode="mmseqs"))

@@ -71,3 +71,10 @@ def test_foreign_pickle_needs_trust(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="trust-pickles"):
         read_feature_set(folder)
     assert read_feature_set(folder, trust_pickles=True).from_pickle
+
+
+def test_object_arrays_with_long_key_names_round_trip(tmp_path: Path) -> None:
+    key = "k" * 70  # longer than a fixed-width key list would keep
+    save_arrays(tmp_path / "a.npz", {key: np.array([b"x"], dtype=object)})
+    back = load_arrays(tmp_path / "a.npz")
+    assert back[key].dtype == object and back[key][0] == b"x"

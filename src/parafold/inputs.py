@@ -111,17 +111,17 @@ class _RawRecord:
     sequence: str
 
 
-def _fasta_records(path: Path) -> list[_RawRecord]:
+def _fasta_records(path: Path, comments: tuple[str, ...] = (";",)) -> list[_RawRecord]:
     records: list[_RawRecord] = []
     current: _RawRecord | None = None
     chunks: list[str] = []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+    try:  # utf-8-sig: a byte-order mark (Windows editors) must not hide the first header
+        text = path.read_text(encoding="utf-8-sig", errors="replace")
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
     for lineno, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
-        if not line or line.startswith(";"):
+        if not line or line.startswith(comments):
             continue
         if line.startswith(">"):
             if current is not None:
@@ -142,7 +142,7 @@ def _fasta_records(path: Path) -> list[_RawRecord]:
 
 def _csv_records(path: Path) -> list[_RawRecord]:
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8-sig", errors="replace")
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
     dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
@@ -165,13 +165,17 @@ def _csv_records(path: Path) -> list[_RawRecord]:
 
 
 def _a3m_records(path: Path) -> list[_RawRecord]:
-    """The first sequence of an A3M file (gaps removed) as one record named after the file."""
-    records = _fasta_records(path)
+    """The first sequence of an A3M file (gaps removed) as one record named after the file.
+
+    '#' lines (ColabFold's `#<length>\t<cardinality>` first line) are comments, as in
+    `precomputed.read_msa`.
+    """
+    records = _fasta_records(path, comments=(";", "#"))
     if not records:
         return [_RawRecord(str(path), 1, path.stem, "\0no sequence in the A3M file")]
     first = records[0]
     return [_RawRecord(first.source, first.line, path.stem,
-                       "\0" + first.sequence if first.sequence.startswith("\0")
+                       first.sequence if first.sequence.startswith("\0")
                        else first.sequence.replace("-", "").replace(".", ""))]
 
 
@@ -201,7 +205,11 @@ def _clean_sequence(raw: str) -> tuple[str, str | None]:
     """Upper-cased sequence without whitespace, or the reason it is unusable."""
     if raw.startswith("\0"):
         return "", raw[1:]
-    seq = "".join(raw.split()).upper().rstrip("*")
+    seq = "".join(raw.split())
+    if not seq.isascii():  # str.upper() would turn 'ß' into 'SS' and 'ı' into 'I'
+        shown = ", ".join(repr(c) for c in sorted({c for c in seq if not c.isascii()})[:10])
+        return "", f"characters that are not amino-acid letters: {shown}"
+    seq = seq.upper().rstrip("*")
     if not seq:
         return "", "empty sequence"
     if ":" in seq:

@@ -146,7 +146,7 @@ def save_arrays(path: Path | str, arrays: Mapping[str, Any]) -> None:
             width = max((len(v) for v in flat), default=1) or 1
             arr = np.array(flat, dtype=f"S{width}").reshape(arr.shape)
         plain[key] = arr
-    plain[_OBJECT_KEYS] = np.array(object_keys, dtype="U64") if object_keys else np.zeros(0, "U1")
+    plain[_OBJECT_KEYS] = np.array(object_keys, dtype=str) if object_keys else np.zeros(0, "U1")
     with atomic_writer(path, "wb") as handle:
         np.savez(handle, **plain)
 

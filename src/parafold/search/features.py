@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from alphafold.data import parsers, pipeline, templates
@@ -71,13 +70,8 @@ def build_features(sequence: str, description: str, msa_dir: Path, *,
         query_sequence=sequence, hits=hits)
     for warning in result.warnings:
         logger.debug("template warning: %s", warning)
-    features: dict[str, Any] = {
-        **pipeline.make_sequence_features(sequence=sequence, description=description,
-                                          num_res=len(sequence)),
-        **pipeline.make_msa_features((uniref90, bfd, mgnify)),
-        **result.features,
-    }
-    return features
+    return msa_feature_dict(sequence, description, (uniref90, bfd, mgnify),
+                            dict(result.features))
 
 
 def empty_template_features() -> dict[str, np.ndarray]:
@@ -125,15 +119,23 @@ def mmseqs_features(sequence: str, description: str, msa_dir: Path, *,
         path = msa_dir / MMSEQS_FILES[key]
         if key == "uniref" or path.is_file():
             try:
-                msas.append(parsers.parse_a3m(path.read_text()))
+                msa = parsers.parse_a3m(path.read_text())
             except OSError as exc:
                 raise FeatureError(f"{path}: cannot read search output: {exc.strerror}") from exc
             except (ValueError, IndexError) as exc:
                 raise FeatureError(f"{path}: malformed A3M: {exc}") from exc
+            if len(msa) == 0:
+                raise FeatureError(f"{path}: the MSA is empty (not even the query)")
+            msas.append(msa)
     m8 = msa_dir / MMSEQS_FILES["pdb"]
     template_features = None
     if m8.is_file() and databases.path("pdb_mmcif") is not None:
-        hits = parse_m8_hits(m8.read_text(), sequence)
+        try:
+            hits = parse_m8_hits(m8.read_text(), sequence)
+        except OSError as exc:
+            raise FeatureError(f"{m8}: cannot read search output: {exc.strerror}") from exc
+        except FeatureError as exc:
+            raise FeatureError(f"{m8}: {exc}") from exc
         result = make_template_featurizer(databases, settings).get_templates(
             query_sequence=sequence, hits=hits)
         for warning in result.warnings:

@@ -32,8 +32,13 @@ def hit_from_m8_row(index: int, row: str, query_sequence: str) -> parsers.Templa
     fields = row.rstrip("\n").split("\t")
     if len(fields) != _COLUMNS:
         raise FeatureError(f"m8 row {index}: {len(fields)} columns, expected {_COLUMNS}")
-    target, qstart, tstart, bits = fields[1], int(fields[6]) - 1, int(fields[8]) - 1, fields[11]
-    cigar, tseq = fields[12], fields[13]
+    target, cigar, tseq = fields[1], fields[12], fields[13]
+    try:
+        qstart, tstart, bits = int(fields[6]) - 1, int(fields[8]) - 1, float(fields[11])
+    except ValueError as exc:
+        raise FeatureError(f"m8 row {index} ({target}): {exc}") from exc
+    if qstart < 0 or tstart < 0:
+        raise FeatureError(f"m8 row {index} ({target}): start positions are 1-based")
     q_aln, t_aln, q_idx, t_idx = [], [], [], []
     qi, ti, aligned = qstart, tstart, 0
     for count, op in _CIGAR.findall(cigar):
@@ -58,7 +63,7 @@ def hit_from_m8_row(index: int, row: str, query_sequence: str) -> parsers.Templa
                 t_idx.append(-1)
             aligned += op == "M"
     return parsers.TemplateHit(index=index, name=f"{target} mmseqs2 hit", aligned_cols=aligned,
-                               sum_probs=float(bits), query="".join(q_aln),
+                               sum_probs=bits, query="".join(q_aln),
                                hit_sequence="".join(t_aln), indices_query=q_idx,
                                indices_hit=t_idx)
 

@@ -38,8 +38,11 @@ def find_msa_file(msa_dir: Path | str, target: Target) -> Path:
         for suffix in MSA_SUFFIXES:
             path = folder / f"{stem}{suffix}"
             tried.append(path.name)
-            if path.is_file():
-                return path
+            try:
+                if path.is_file():
+                    return path
+            except OSError:  # e.g. a very long id: ENAMETOOLONG; the safe name comes next
+                continue
     raise InputError(f"{target.id}: no precomputed MSA in {folder} (tried {', '.join(tried)})")
 
 
@@ -89,7 +92,7 @@ def read_msa(path: Path, target: Target) -> parsers.Msa:
         InputError: unreadable, empty, first sequence not the target, or ragged rows.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read MSA: {exc}") from exc
     if not text.strip():
@@ -105,7 +108,10 @@ def read_msa(path: Path, target: Target) -> parsers.Msa:
         if columns != target.length:
             raise InputError(f"{path}:{lineno}: row {name!r} aligns {columns} columns; the "
                              f"query has {target.length} (uppercase letters and '-' count)")
-    return parsers.parse_a3m(text)
+    # AlphaFold's parser has no comments: a '#' line (ColabFold's first line) would crash it
+    # before the first header, or be glued onto a sequence after it.
+    return parsers.parse_a3m("\n".join(
+        line for line in text.splitlines() if not line.strip().startswith("#")))
 
 
 def _read_stockholm(path: Path, text: str, target: Target) -> parsers.Msa:

@@ -94,11 +94,15 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
 
         waiter = threading.Thread(target=_wait, name=f"wait-{proc.pid}", daemon=True)
         waiter.start()
-        waiter.join(timeout_s)
+        try:
+            waiter.join(timeout_s)
+        except BaseException:  # Ctrl-C or a cancelled job: the tool is in its own session,
+            _kill_group(proc.pid)  # so no terminal signal reaches it; never leave it running
+            waiter.join()
+            raise
         timed_out = waiter.is_alive()
         if timed_out:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc.pid)
             waiter.join()
         wall = time.monotonic() - start
         status = int(waited["status"])  # type: ignore[call-overload]
@@ -113,6 +117,11 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
         raise ToolFailedError(cmd, run.returncode, tail)
     logger.debug("%s finished in %.2f s wall, %.2f s CPU", Path(cmd[0]).name, wall, cpu)
     return run
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def resolve_binary(binary: str) -> str:
