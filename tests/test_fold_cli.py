@@ -49,3 +49,14 @@ def test_predict_refuses_untrusted_pickles(tmp_path):
                                    "--params-dir", str(tmp_path / "w")])
     assert res.exit_code != 0
     assert not (tmp_path / "o" / "t1" / "ranked_0.pdb").exists()
+
+
+def test_run_with_a_malformed_params_record_is_a_usage_error(tmp_path):
+    """`run` reports a bad params folder as an error (exit 2), not a traceback (exit 1)."""
+    (tmp_path / "in.fasta").write_text(">a\nMKVLAAGIVGLLLA\n")
+    (tmp_path / "p" / "params").mkdir(parents=True)
+    (tmp_path / "p" / "params" / "parafold_params.json").write_text("{not json")
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "in.fasta"), "-o", str(tmp_path / "o"),
+                                   "--params-dir", str(tmp_path / "p")])
+    assert res.exit_code == 2, res.output
+    assert "malformed" in res.output

@@ -99,3 +99,45 @@ def test_oom_recognised_only_from_xla_words():
 
     assert is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
     assert not is_out_of_memory(RuntimeError("INVALID_ARGUMENT: shapes differ"))
+
+
+def test_low_memory_retry_failure_stays_with_its_target(tmp_path):
+    """A non-OOM error in the low-memory retry fails that target, not the whole `fold` call."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from parafold.errors import GpuOutOfMemoryError
+    from parafold.featureset import FeatureSet
+    from parafold.fold.buckets import ShapeKey
+    from parafold.fold.worker import FoldWorker, _Pass, _Run, _TargetState, _Unit
+
+    def launch(*_args):
+        raise RuntimeError("low-memory config failed to compile")
+
+    worker = FoldWorker.__new__(FoldWorker)  # no runner, params or pools: a fake runner below
+    worker.runner = SimpleNamespace(low_memory_key=lambda k: replace(k, low_memory=True),
+                                    stats=SimpleNamespace(compile_s=0.0), launch=launch)
+    worker._params = {"model_1": None}
+    fs = FeatureSet(name="t", target_id="t", sequence="A" * 20, path=tmp_path / "t",
+                    msa_depth=4, num_templates=0)
+    key = ShapeKey("no_templates", 32, 4, 1, 0)
+    unit = _Unit(key, _Run("model_1", "model_1", 0), (fs,))
+    ctx = _Pass(tmp_path, {"t": _TargetState(fs, 1)}, {})
+    worker._out_of_memory(unit, key, [fs], [{}], GpuOutOfMemoryError("oom"), ctx)
+    outcome = ctx.outcomes["t"]
+    assert not outcome.ok and "failed to compile" in (outcome.error or "")
+
+
+def test_host_pool_replaces_a_killed_helper():
+    """A helper killed mid-job fails that job only; later jobs get fresh helpers."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from parafold.fold.hostwork import HostPools
+
+    pools = HostPools(feature_workers=1, write_workers=0)
+    try:
+        with pytest.raises(BrokenProcessPool):
+            pools.features().submit(os._exit, 1).result(timeout=120)
+        assert pools.features().submit(os.getpid).result(timeout=120) > 0
+    finally:
+        pools.close()

@@ -41,3 +41,27 @@ def test_groups_fill_then_bounded_wait(tmp_path: Path) -> None:
         sched.ready["long"] = (long, time.time())
         sched.pending.clear()  # nothing more will come: no reason to wait
         assert [fs.name for fs in sched._choose_batch() or []] == ["long"]
+
+
+def test_features_searched_again_drop_the_old_prediction(tmp_path: Path, monkeypatch) -> None:
+    """Same sequence, new search key (databases, settings or precomputed MSA changed): the
+    target is searched again and its old prediction must not be kept as done."""
+    import json
+
+    import parafold.pipeline as pipeline
+    from parafold.featureset import MANIFEST_FILE
+    from parafold.fold.outputs import DONE_FILE
+
+    target = Target("t", "t", "MKVLAAGIVG")
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / MANIFEST_FILE).write_text(json.dumps({"sequence": target.sequence, "key": "old"}))
+    (folder / DONE_FILE).write_text("{}")
+    monkeypatch.setattr(pipeline, "_expected_key", lambda *_: "new")
+    settings = RunSettings(input=tmp_path / "in.fasta", out=tmp_path, params_dir=tmp_path,
+                           search=None, model=ModelSettings(config_size="tiny", models=(1,)))
+    with Ledger(tmp_path) as ledger:
+        ledger.register([target])
+        plan = pipeline._reconcile(ledger, [target], settings, databases=object())
+    assert [t.name for t in plan.to_search] == ["t"]
+    assert not (folder / DONE_FILE).exists()

@@ -374,7 +374,7 @@ def run_cmd(
     3: another live run holds OUT).
     """
     from parafold.engine.base import parse_gpus
-    from parafold.errors import InputError
+    from parafold.errors import PipelineError
     from parafold.fold.settings import ModelSettings, parse_model_numbers
     from parafold.pipeline import RunSettings
     from parafold.search.settings import DEFAULT_MAX_TEMPLATE_DATE, SearchSettings
@@ -395,7 +395,7 @@ def run_cmd(
             cache_dir=cache_dir, cpus=cpus, cpus_per_search=cpus_per_search,
             gpus=parse_gpus(gpus), engine=engine, address=address, max_batch=max_batch,
             max_wait_s=max_wait, progress=progress, plots=not no_plots)
-    except InputError as exc:
+    except PipelineError as exc:  # InputError, or ParamsError from the params folder's record
         raise _fail(str(exc)) from exc
     raise typer.Exit(_run_and_report(settings))
 

@@ -208,18 +208,27 @@ def _remove_partial_files(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _forget_stale_prediction(target: Target, folder: Path) -> None:
+def _forget_stale_prediction(target: Target, folder: Path, key: str | None) -> None:
     """A folder whose features are for another sequence (the input changed under the same
-    name) holds a prediction for that sequence too: drop its done marker so it is redone."""
+    name), or another search (databases, settings or precomputed MSA changed: another key),
+    holds a prediction from those features too: drop its done marker so it is redone from the
+    features this run makes."""
     from parafold.fold.outputs import DONE_FILE
 
     try:
         old = read_json(folder / MANIFEST_FILE)
     except (OSError, ValueError):
         return
-    if isinstance(old, dict) and old.get("sequence") not in (None, target.sequence):
-        logger.warning("%s: the sequence changed since the last run; predicting it again",
-                       target.name)
+    if not isinstance(old, dict):
+        return
+    if old.get("sequence") not in (None, target.sequence):
+        why = "the sequence changed"
+    elif key is not None and old.get("key") not in (None, "", key):
+        why = "its features are searched again (databases, settings or MSA changed)"
+    else:
+        return
+    if (folder / DONE_FILE).is_file():
+        logger.warning("%s: %s since the last run; predicting it again", target.name, why)
         (folder / DONE_FILE).unlink(missing_ok=True)
 
 
@@ -256,7 +265,7 @@ def _reconcile(ledger: Ledger, targets: Sequence[Target], settings: RunSettings,
             continue
         fs = _usable_features(t, folder, key)
         if fs is None:
-            _forget_stale_prediction(t, folder)
+            _forget_stale_prediction(t, folder, key)
         if fs is not None and prediction_complete(folder):
             if state is not State.DONE:
                 ledger.reconcile(t.name, State.DONE)

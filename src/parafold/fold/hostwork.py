@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,32 @@ class _Inline(cf.Executor):
         return future
 
 
+class _RestartingPool(cf.Executor):
+    """A spawn process pool that replaces itself once broken: when a helper is killed (say by
+    the OOM killer) its jobs in flight fail, and later jobs run in fresh helpers instead of
+    failing for the rest of the worker's life."""
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._pool = self._new()
+
+    def _new(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(max_workers=self._workers, initializer=_child_init,
+                                      mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        try:
+            return self._pool.submit(fn, *args, **kwargs)
+        except BrokenProcessPool:
+            log.warning("a helper process died; starting new helpers")
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new()
+            return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
 class HostPools:
     """A feature-processing pool and a file-writing pool, started on first use."""
 
@@ -103,8 +130,7 @@ class HostPools:
     def _make(workers: int) -> cf.Executor:
         if workers == 0:
             return _Inline()
-        return cf.ProcessPoolExecutor(max_workers=workers, initializer=_child_init,
-                                      mp_context=multiprocessing.get_context("spawn"))
+        return _RestartingPool(workers)
 
     def features(self) -> cf.Executor:
         if self._features is None:

@@ -381,6 +381,10 @@ class FoldWorker:
         except GpuOutOfMemoryError as again:
             self._out_of_memory(unit, low, members, feats, again, ctx)
             return
+        except _TARGET_ERRORS as exc:  # e.g. the low-memory config fails to compile
+            log.exception("%s: predict failed", low.describe())
+            self._fail(members, f"predict failed ({low.describe()}): {exc}", ctx)
+            return
         self._complete(_Pending(unit, low, members, feats, launched,
                                 self.runner.stats.compile_s - compile_before), ctx)
 
