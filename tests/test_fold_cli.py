@@ -60,3 +60,17 @@ def test_run_with_a_malformed_params_record_is_a_usage_error(tmp_path):
                                    "--params-dir", str(tmp_path / "p")])
     assert res.exit_code == 2, res.output
     assert "malformed" in res.output
+
+
+def test_predict_with_no_feature_sets_says_what_it_looked_for(tmp_path):
+    """An empty features folder is exit 2 with a message naming it and the files expected."""
+    (tmp_path / "feats" / "empty").mkdir(parents=True)
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "feats"), "-o", str(tmp_path / "o"),
+                                   "--params-dir", str(tmp_path / "w")])
+    assert res.exit_code == 2
+    assert str(tmp_path / "feats") in res.output
+    assert "features.json + features.npz" in res.output and "--trust-pickles" in res.output
+    # a path that does not exist is named too (an input error, not a traceback)
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "nowhere"), "-o",
+                                   str(tmp_path / "o"), "--params-dir", str(tmp_path / "w")])
+    assert res.exit_code == 2 and "nowhere: no such folder" in res.output, res.output

@@ -141,3 +141,46 @@ def test_host_pool_replaces_a_killed_helper():
         assert pools.features().submit(os.getpid).result(timeout=120) > 0
     finally:
         pools.close()
+
+
+def _prediction(model: str, plddt: float, n: int = 6):
+    from parafold.fold.outputs import Prediction
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((n, 37), np.float32)
+    mask[:, :3] = 1.0  # N, CA, C
+    result = {"plddt": np.full(n, plddt), "ptm": np.float32(0.5),
+              "predicted_aligned_error": np.ones((n, n)),
+              "max_predicted_aligned_error": np.float32(31.75),
+              "structure_module": {"final_atom_positions": rng.normal(size=(n, 37, 3)) * 5,
+                                   "final_atom_mask": mask}}
+    return Prediction(name=model, model_name=model, seed=0, result=result,
+                      aatype=np.zeros(n, np.int32), residue_index=np.arange(n), timings={})
+
+
+def test_repredicting_with_fewer_models_removes_stale_files(tmp_path, monkeypatch):
+    import parafold.fold.outputs as outputs
+
+    folder = tmp_path / "t"
+    three = [_prediction(f"model_{i}_ptm", 50.0 + i) for i in (1, 2, 3)]
+    outputs.write_target_outputs(folder, "t", three, {"predict": 1.0}, save_raw=True)
+    assert (folder / "ranked_2.cif").is_file() and (folder / "result_model_1_ptm.pkl").is_file()
+    (folder / "features.json").write_text("{}")  # other files in the folder are not ours
+    (folder / "msas").mkdir()
+    (folder / outputs.DONE_FILE).unlink()  # as the pipeline does before predicting again
+
+    seen: list[str] = []
+    real_write_json = outputs.atomic_write_json
+
+    def write_json(path, obj):
+        if path.name == outputs.DONE_FILE:  # the stale files are gone before the done marker
+            seen.extend(sorted(p.name for p in folder.iterdir()))
+        real_write_json(path, obj)
+
+    monkeypatch.setattr(outputs, "atomic_write_json", write_json)
+    outputs.write_target_outputs(folder, "t", [_prediction("model_2_ptm", 60.0)],
+                                 {"predict": 1.0}, save_raw=False)
+    expected = ["features.json", "msas", "pae_model_2_ptm.json", "ranked_0.cif", "ranked_0.pdb",
+                "scores_model_2_ptm.json", "timings.json", "unrelaxed_model_2_ptm.pdb"]
+    assert seen == expected
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*expected, outputs.DONE_FILE])

@@ -78,3 +78,104 @@ def test_object_arrays_with_long_key_names_round_trip(tmp_path: Path) -> None:
     save_arrays(tmp_path / "a.npz", {key: np.array([b"x"], dtype=object)})
     back = load_arrays(tmp_path / "a.npz")
     assert back[key].dtype == object and back[key][0] == b"x"
+
+
+def test_atomic_copy_temp_names_do_not_collide(tmp_path: Path, monkeypatch) -> None:
+    """Two copies to one destination in flight at once (threads of one process) both land."""
+    import os
+
+    from parafold.store import atomic_copy
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload")
+    dst = tmp_path / "out" / "dst.bin"
+    real_replace = os.replace
+    interleaved: list[bool] = []
+
+    def replace(a, b):  # the other "thread" runs its whole copy just before this rename
+        if not interleaved:
+            interleaved.append(True)
+            atomic_copy(src, dst)
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_copy(src, dst)
+    assert interleaved and dst.read_bytes() == b"payload"
+    assert [p.name for p in dst.parent.iterdir()] == ["dst.bin"]
+
+
+@pytest.mark.parametrize("link_works", [True, False])
+def test_atomic_copy_failure_leaves_no_part_file(tmp_path: Path, monkeypatch,
+                                                 link_works: bool) -> None:
+    import os
+
+    from parafold.store import atomic_copy
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload")
+    if not link_works:
+        def no_link(*_args):
+            raise OSError("cross-device link")
+
+        monkeypatch.setattr(os, "link", no_link)
+    dst = tmp_path / "out" / "dst"
+    (dst / "child").mkdir(parents=True)  # a non-empty folder: the final rename must fail
+    with pytest.raises(OSError):
+        atomic_copy(src, dst)
+    assert [p.name for p in dst.parent.iterdir()] == ["dst"]
+
+
+def test_atomic_copy_without_hard_links_copies(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from parafold.store import atomic_copy
+
+    def no_link(*_args):
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    (tmp_path / "src.bin").write_bytes(b"payload")
+    (tmp_path / "dst.bin").write_bytes(b"old")
+    atomic_copy(tmp_path / "src.bin", tmp_path / "dst.bin")
+    assert (tmp_path / "dst.bin").read_bytes() == b"payload"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.bin", "src.bin"]
+
+
+def test_find_feature_sets_names_a_missing_root(tmp_path: Path) -> None:
+    from parafold.featureset import find_feature_sets
+
+    with pytest.raises(InputError, match="nowhere: no such folder"):
+        find_feature_sets(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="file: not a folder"):
+        find_feature_sets(tmp_path / "file")
+
+
+def test_empty_sequence_array_is_a_feature_error(tmp_path: Path) -> None:
+    from parafold.errors import FeatureError
+
+    feats = {"aatype": np.zeros((0, 21)), "msa": np.zeros((1, 0), np.int32),
+             "sequence": np.array([], dtype=object), "seq_length": np.zeros(0, np.int32),
+             "residue_index": np.zeros(0, np.int32)}
+    with pytest.raises(FeatureError, match="t9: .*empty 'sequence'"):
+        write_feature_set(tmp_path / "t9", name="t9", target_id="t9", features=feats)
+
+
+def test_search_features_exports_what_other_modules_import() -> None:
+    from parafold.search import features
+
+    for name in ("build_features", "make_template_featurizer", "msa_feature_dict",
+                 "mmseqs_features", "single_sequence_features", "empty_template_features"):
+        assert name in features.__all__, name
+    assert all(callable(getattr(features, name)) for name in features.__all__)
+
+
+def test_atomic_copy_onto_its_own_link_leaves_no_part_file(tmp_path: Path) -> None:
+    """Copying again onto a hard link of the source: rename of two links is a no-op (POSIX)."""
+    from parafold.store import atomic_copy
+
+    (tmp_path / "src.bin").write_bytes(b"payload")
+    atomic_copy(tmp_path / "src.bin", tmp_path / "dst.bin")
+    atomic_copy(tmp_path / "src.bin", tmp_path / "dst.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.bin", "src.bin"]
+    assert (tmp_path / "dst.bin").read_bytes() == b"payload"

@@ -279,6 +279,11 @@ def predict(
         for problem in problems:
             log.error("%s", problem)
         if not sets:
+            if not problems:
+                searched = ", ".join(str(root) for root in features)
+                typer.echo(f"error: no feature sets found in {searched}: expected "
+                           "features.json + features.npz (or features.pkl with --trust-pickles) "
+                           "in each folder given or in its immediate subfolders", err=True)
             raise typer.Exit(2)
         with FoldWorker(params_dir, settings, trust_pickles=trust_pickles) as worker:
             worker.load_params()

@@ -62,7 +62,10 @@ def _check_feature_dict(name: str, feats: dict[str, Any]) -> tuple[str, int, int
     for key in ("aatype", "msa", "sequence", "seq_length", "residue_index"):
         if key not in feats:
             raise FeatureError(f"{name}: feature dict has no {key!r}")
-    seq_raw = np.asarray(feats["sequence"]).ravel()[0]
+    seq_array = np.asarray(feats["sequence"]).ravel()
+    if seq_array.size == 0:
+        raise FeatureError(f"{name}: feature dict has an empty 'sequence' array")
+    seq_raw = seq_array[0]
     sequence = seq_raw.decode() if isinstance(seq_raw, bytes | np.bytes_) else str(seq_raw)
     if np.asarray(feats["aatype"]).shape[0] != len(sequence):
         raise FeatureError(f"{name}: aatype length does not match the sequence")
@@ -133,8 +136,15 @@ def load_features(folder: Path, *, trust_pickles: bool = False) -> dict[str, np.
 
 
 def find_feature_sets(root: Path, *, trust_pickles: bool = False) -> tuple[list[FeatureSet], list[str]]:
-    """Feature sets in `root` itself or in its immediate subfolders, and problems found."""
+    """Feature sets in `root` itself or in its immediate subfolders, and problems found.
+
+    Raises:
+        InputError: `root` does not exist or is not a folder.
+    """
     root = Path(root)
+    if not root.is_dir():
+        what = "not a folder" if root.exists() else "no such folder"
+        raise InputError(f"{root}: {what}; expected a folder of feature sets")
     candidates = [root] if (root / MANIFEST_FILE).exists() or (root / PICKLE_FILE).exists() else [
         p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")
     ]

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -67,17 +68,27 @@ def atomic_write_json(path: Path | str, obj: Any) -> None:
 
 
 def atomic_copy(src: Path | str, dst: Path | str) -> None:
-    """Copy a file so that `dst` is whole or absent; a hard link when the file system allows."""
+    """Copy a file so that `dst` is whole or absent; a hard link when the file system allows.
+
+    The temporary name is unique per call (threads of one process, or hosts sharing a file
+    system, never meet on it), and is removed again if the copy fails.
+    """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(8)}.part")
     try:
-        os.link(src, tmp)
+        os.link(src, tmp)  # never overwrites: a taken name raises, and we copy instead
     except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        with open(src, "rb") as source, atomic_writer(dst, "wb") as target:
+            shutil.copyfileobj(source, target)
+        return
+    try:
+        os.replace(tmp, dst)
+    finally:
+        # Gone after a rename, except when `dst` already was a link to the same file: then
+        # rename does nothing and leaves `tmp` (POSIX). Also removes it when the rename failed.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 @contextlib.contextmanager

@@ -3,13 +3,15 @@
 Names and formats follow `run_alphafold.py`: `unrelaxed_<model>.pdb`, `ranked_<i>.pdb` (and
 `.cif`) with pLDDT in the B-factor column, `ranking_debug.json` (written last: the done
 marker), `timings.json`, `result_<model>.pkl` on request, plus per-model `scores_<model>.json`
-and `pae_<model>.json` in the AlphaFold Database's PAE format.
+and `pae_<model>.json` in the AlphaFold Database's PAE format. Files of these kinds left by an
+earlier prediction of the same target (other models, more ranks) are removed before the marker.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,10 @@ from parafold.store import atomic_write_json, atomic_write_text, atomic_writer
 __all__ = ["Prediction", "write_target_outputs", "is_complete", "DONE_FILE", "rank"]
 
 DONE_FILE = "ranking_debug.json"
+# The per-prediction files `write_target_outputs` owns; any it did not write this time is stale.
+_PREDICTION_FILE = re.compile(
+    r"(ranked_\d+\.(pdb|cif)|unrelaxed_.+\.pdb|scores_.+\.json|pae_.+\.json|result_.+\.pkl)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,29 +101,47 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    written: set[str] = set()
+
+    def write_text(file_name: str, text: str) -> None:
+        atomic_write_text(folder / file_name, text)
+        written.add(file_name)
+
     pdbs: dict[str, str] = {}
     prots: dict[str, Any] = {}
     for pred in predictions:
         prots[pred.name] = _protein(pred)
         pdbs[pred.name] = protein.to_pdb(prots[pred.name])
-        atomic_write_text(folder / f"unrelaxed_{pred.name}.pdb", pdbs[pred.name])
+        write_text(f"unrelaxed_{pred.name}.pdb", pdbs[pred.name])
         atomic_write_json(folder / f"scores_{pred.name}.json", _scores(pred))
+        written.add(f"scores_{pred.name}.json")
         if "predicted_aligned_error" in pred.result:
-            atomic_write_text(folder / f"pae_{pred.name}.json", _pae_json(pred))
+            write_text(f"pae_{pred.name}.json", _pae_json(pred))
         if save_raw:
             with atomic_writer(folder / f"result_{pred.name}.pkl", "wb") as handle:
                 pickle.dump(pred.result, handle, protocol=4)
+            written.add(f"result_{pred.name}.pkl")
     ranked = rank(predictions)
     for index, pred in enumerate(ranked):
-        atomic_write_text(folder / f"ranked_{index}.pdb", pdbs[pred.name])
+        write_text(f"ranked_{index}.pdb", pdbs[pred.name])
         cif = protein.to_mmcif(prots[pred.name], file_id=name, model_type="Monomer")
-        atomic_write_text(folder / f"ranked_{index}.cif", cif)
+        write_text(f"ranked_{index}.cif", cif)
     _merge_timings(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    _remove_stale(folder, written)
     atomic_write_json(folder / DONE_FILE, {
         "plddts": {p.name: p.ranking_confidence for p in predictions},
         "order": [p.name for p in ranked],
     })
     return [p.name for p in ranked]
+
+
+def _remove_stale(folder: Path, written: set[str]) -> None:
+    """Delete per-prediction files an earlier prediction left (a model or rank not made now),
+    so no downstream tool mistakes them for this prediction's."""
+    for path in folder.iterdir():
+        if (path.name not in written and _PREDICTION_FILE.fullmatch(path.name)
+                and path.is_file()):
+            path.unlink(missing_ok=True)
 
 
 def _merge_timings(path: Path, fold_timings: dict[str, float]) -> None:

@@ -19,7 +19,8 @@ from parafold.search.databases import DatabaseSet
 from parafold.search.msa_search import MSA_FILES
 from parafold.search.settings import SearchSettings
 
-__all__ = ["build_features", "make_template_featurizer"]
+__all__ = ["build_features", "make_template_featurizer", "msa_feature_dict", "mmseqs_features",
+           "single_sequence_features", "empty_template_features"]
 
 logger = logging.getLogger(__name__)
 
