@@ -144,7 +144,8 @@ def test_second_process_compiles_nothing(env, fold_run):
         from parafold.fold.settings import ModelSettings
         from parafold.fold.worker import FoldWorker
         s = ModelSettings(config_size="tiny", models=(3, 4), num_recycle=1, float32=True,
-                          compile_cache_dir=Path({str(settings.compile_cache_dir)!r}))
+                          compile_cache_dir=Path({str(settings.compile_cache_dir)!r}),
+                          executable_cache=False)  # level 1 alone: JAX's persistent cache
         w = FoldWorker(Path({str(root / "weights")!r}), s)
         fs = read_feature_set(Path({str(sets[0].path)!r}))
         out = w.fold([fs], Path({str(root / "out2")!r}))

@@ -247,6 +247,7 @@ def predict(
     float32: Annotated[bool, typer.Option("--float32", help="Run the model in float32.")] = False,
     compile_cache: Annotated[Path | None, typer.Option("--compile-cache", help="Persistent compilation cache folder.")] = None,
     no_compile_cache: Annotated[bool, typer.Option("--no-compile-cache", help="Do not use a persistent compilation cache.")] = False,
+    executable_cache: Annotated[bool, typer.Option("--executable-cache", help="Experimental: also keep serialized executables in the compile cache, so a warm process skips tracing and lowering.")] = False,
     no_depth_buckets: Annotated[bool, typer.Option("--no-msa-depth-buckets", help="Pad every MSA to the config's full sizes.")] = False,
     save_raw: Annotated[bool, typer.Option("--save-raw", help="Also write result_<model>.pkl.")] = False,
     trust_pickles: Annotated[bool, typer.Option("--trust-pickles", help="Load features.pkl files (a pickle can run code).")] = False,
@@ -268,7 +269,7 @@ def predict(
             num_recycle=num_recycle, recycle_early_stop_tolerance=tolerance,
             num_seeds=num_seeds, random_seed=random_seed,
             config_size=_predict_config(params_dir, config), use_pallas=pallas,
-            float32=float32, compile_cache_dir=cache_dir,
+            float32=float32, compile_cache_dir=cache_dir, executable_cache=executable_cache,
             msa_depth_buckets=not no_depth_buckets, save_raw=save_raw, max_batch=max_batch,
             force_batch=force_batch, host_workers=host_workers)
         sets, problems = [], []

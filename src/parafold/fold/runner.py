@@ -6,6 +6,10 @@ is one call of the executable, as in the fork (`AlphaFold_noE` with `batch['prev
 number of recycles never changes a shape. Executables are built ahead of time
 (`jit(...).lower(...).compile()`) into a dict keyed by `ShapeKey`: that dict is the compile
 counter the tests read, and compile time is measured apart from prediction time.
+
+Two cache levels sit under that dict: serialized executables (`fold.exec_cache`, no tracing
+or lowering on a hit) and then JAX's persistent compilation cache (tracing and lowering,
+no XLA compile on a hit).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from parafold.errors import GpuOutOfMemoryError, InferenceError
 from parafold.fold.buckets import ShapeKey, shape_key
 from parafold.fold.config import model_config, resolve_pallas
+from parafold.fold.exec_cache import ExecutableCache
 from parafold.fold.settings import ModelSettings
 
 if TYPE_CHECKING:
@@ -146,10 +151,16 @@ def probe_batch(model_name: str, settings: ModelSettings) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class RunnerStats:
-    """Counters of the runner; `xla_compiles` excludes executables the persistent cache gave."""
+    """Counters of the runner.
+
+    `compiles` counts executables made ready in this process by any route: `executable_hits`
+    were loaded from serialized executables (no tracing), `persistent_hits` were traced and
+    lowered but JAX's persistent cache gave the binary, `xla_compiles` the rest.
+    """
 
     compiles: int = 0
     persistent_hits: int = 0
+    executable_hits: int = 0
     compile_s: float = 0.0
     predict_s: float = 0.0
     predictions: int = 0
@@ -159,11 +170,17 @@ class RunnerStats:
     compile_keys: list[str] = field(default_factory=list)
 
     @property
+    def traced(self) -> int:
+        """Executables this process traced and lowered (not loaded ready-made)."""
+        return self.compiles - self.executable_hits
+
+    @property
     def xla_compiles(self) -> int:
-        return self.compiles - self.persistent_hits
+        return self.traced - self.persistent_hits
 
     def as_dict(self) -> dict[str, Any]:
         return {"compiles": self.compiles, "persistent_hits": self.persistent_hits,
+                "executable_hits": self.executable_hits, "traced": self.traced,
                 "xla_compiles": self.xla_compiles, "compile_s": round(self.compile_s, 3),
                 "predict_s": round(self.predict_s, 3), "predictions": self.predictions,
                 "launches": self.launches, "batched_members": self.batched_members,
@@ -174,6 +191,7 @@ class RunnerStats:
 class _Entry:
     compiled: Any
     fingerprint: str
+    disk_key: str = ""  # set when loaded from the executable cache
 
 
 @dataclass(slots=True)
@@ -249,6 +267,9 @@ class ModelRunner:
         self.platform = jax.default_backend()
         self.stats = RunnerStats()
         self._cache: dict[ShapeKey, _Entry] = {}
+        self._disk: ExecutableCache | None = None
+        if settings.compile_cache_dir is not None and settings.executable_cache:
+            self._disk = ExecutableCache(Path(settings.compile_cache_dir) / "executables")
 
     @property
     def compiled_keys(self) -> list[ShapeKey]:
@@ -271,7 +292,8 @@ class ModelRunner:
 
     def executable(self, model_name: str, key: ShapeKey, params: Any, batch: dict[str, Any]
                    ) -> Any:
-        """The executable for `key`, compiled on first use (from the persistent cache if there).
+        """The executable for `key`, made ready on first use: loaded from the executable cache,
+        else traced and compiled (from the persistent cache if there) and then stored.
 
         `key.batch > 1` compiles the vmapped iteration; `batch` then has a leading member axis.
         """
@@ -291,6 +313,21 @@ class ModelRunner:
             rng = np.zeros((key.batch,) + tuple(rng.shape), rng.dtype)
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                           (params, rng, batch, self._prev(key.length, key.batch)))
+        disk_key = ""
+        if self._disk is not None:
+            started = time.perf_counter()
+            disk_key = self._disk.key(key, fingerprint, abstract)
+            loaded = self._disk.load(disk_key, jax.tree_util.tree_structure((abstract, {})))
+            if loaded is not None:
+                seconds = time.perf_counter() - started
+                self.stats.compiles += 1
+                self.stats.executable_hits += 1
+                self.stats.compile_s += seconds
+                self.stats.compile_keys.append(key.describe())
+                log.info("loaded %s in %.2f s (executable cache)", key.describe(), seconds)
+                self._cache[key] = _Entry(compiled=loaded, fingerprint=fingerprint,
+                                          disk_key=disk_key)
+                return loaded
         step = _batched_step_fn(transform) if key.batch > 1 else _step_fn(transform)
         events = _events()
         hits_before = events.hits
@@ -310,6 +347,10 @@ class ModelRunner:
         log.info("compiled %s in %.1f s%s", key.describe(), seconds,
                  " (persistent cache)" if hit else "")
         self._cache[key] = _Entry(compiled=compiled, fingerprint=fingerprint)
+        # An executable JAX's persistent cache gave back re-serializes broken on XLA:CPU (it
+        # loads, then fails at dispatch: "Function ..._fusion not found"): store fresh ones only.
+        if self._disk is not None and not hit:
+            self._disk.store(disk_key, compiled, key.describe())
         return compiled
 
     def launch(self, model_name: str, key: ShapeKey, params: Any, feats: dict[str, np.ndarray],
@@ -342,13 +383,18 @@ class ModelRunner:
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise GpuOutOfMemoryError(f"out of memory predicting {key.describe()}") from exc
+            self._run_failed(key, exc)
             raise
         self.stats.launches += 1
         return Launched(key=key, outputs=outputs, iterations=done, started=started)
 
     def fetch(self, launched: Launched) -> tuple[dict[str, Any], float]:
         """Wait for a launched prediction; its outputs as numpy and seconds since launch."""
-        result = _to_host(launched.outputs, launched.key)
+        try:
+            result = _to_host(launched.outputs, launched.key)
+        except Exception as exc:
+            self._run_failed(launched.key, exc)
+            raise
         seconds = time.perf_counter() - launched.started
         self.stats.predict_s += seconds
         self.stats.predictions += 1
@@ -401,6 +447,7 @@ class ModelRunner:
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise GpuOutOfMemoryError(f"out of memory predicting {key.describe()}") from exc
+            self._run_failed(key, exc)
             raise
         self.stats.launches += 1
         self.stats.batched_members += count
@@ -412,7 +459,11 @@ class ModelRunner:
         """Wait for a batch; one numpy result per real member and seconds since launch."""
         from parafold.fold.batching import split_members
 
-        host = _to_host(launched.outputs, launched.key)
+        try:
+            host = _to_host(launched.outputs, launched.key)
+        except Exception as exc:
+            self._run_failed(launched.key, exc)
+            raise
         seconds = time.perf_counter() - launched.started
         self.stats.predict_s += seconds
         self.stats.predictions += launched.count
@@ -420,6 +471,17 @@ class ModelRunner:
         for result, ran in zip(results, launched.iterations, strict=True):
             result["num_recycles"] = np.int32(ran - 1)
         return results, seconds
+
+    def _run_failed(self, key: ShapeKey, exc: BaseException) -> None:
+        """A loaded executable that fails to run (not out of memory) is deleted from the
+        executable cache, so the next process compiles it; this call still raises."""
+        entry = self._cache.get(key)
+        if entry is None or not entry.disk_key or self._disk is None or is_out_of_memory(exc):
+            return
+        log.warning("executable for %s from the executable cache failed (%s); removing it",
+                    key.describe(), exc)
+        self._disk.discard(entry.disk_key)
+        del self._cache[key]
 
     def low_memory_key(self, key: ShapeKey) -> ShapeKey:
         return replace(key, low_memory=True)

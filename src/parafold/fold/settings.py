@@ -45,7 +45,9 @@ class ModelSettings:
     """Model, recycling, seeds, numerics and compilation choices for `predict`.
 
     `use_pallas=None` means auto: fused kernels on a GPU that runs them, off on the CPU.
-    `compile_cache_dir=None` turns JAX's persistent compilation cache off.
+    `compile_cache_dir=None` turns JAX's persistent compilation cache off; `executable_cache`
+    (opt-in, experimental: not yet run on a GPU) also keeps serialized executables there (`<dir>/executables`), so a warm process skips
+    tracing and lowering (see `parafold.fold.exec_cache`).
     Bucket ladders are the padded sizes a target may be put in; see `parafold.fold.buckets`.
     `max_batch` caps proteins per forward pass (the memory model may choose fewer); the CPU
     runs one at a time unless `force_batch` (it gains nothing from batching). `host_workers`
@@ -74,6 +76,7 @@ class ModelSettings:
     host_workers: int | None = None
     write_workers: int | None = None
     device_memory_bytes: int | None = None
+    executable_cache: bool = False  # experimental until checked on a GPU (fused-kernel calls)
 
     def __post_init__(self) -> None:
         if self.model_preset not in MODEL_PRESETS:
