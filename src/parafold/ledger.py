@@ -8,13 +8,15 @@ so a SIGKILL loses at most the transition in flight, which `reconcile` recovers 
 
 The lock (`OUT/.parafold.lock`, `fcntl.flock`) belongs to the process that holds its file
 descriptor: the kernel drops it when that process dies, however it dies, so a killed run never
-leaves a stale lock behind.
+leaves a stale lock behind. Whether a run is live is judged by probing that lock
+(`lock_is_held`), never by the PID written in the file, which the system may have reused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fcntl
 import json
 import os
@@ -39,6 +41,7 @@ __all__ = [
     "RunLock",
     "LockHolder",
     "read_lock_holder",
+    "lock_is_held",
     "LEDGER_FILE",
     "LOCK_FILE",
 ]
@@ -46,6 +49,9 @@ __all__ = [
 LEDGER_FILE = "parafold.sqlite"
 LOCK_FILE = ".parafold.lock"
 _BUSY_TIMEOUT_S = 30.0
+# How long `RunLock.acquire` keeps trying before it refuses: long enough to wait out a
+# `parafold status` probe (which holds a shared lock for an instant), far too short to matter.
+_LOCK_RETRY_S = 1.0
 
 
 class State(enum.StrEnum):
@@ -107,6 +113,11 @@ CREATE TABLE IF NOT EXISTS runs (
     ended_at REAL,
     exit_code INTEGER,
     settings TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS run_targets (
+    run_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    PRIMARY KEY (run_id, name)
 );
 CREATE TABLE IF NOT EXISTS input_problems (
     run_id INTEGER NOT NULL,
@@ -241,15 +252,20 @@ class Ledger:
 
     # --- targets ---
 
-    def register(self, targets: Iterable[Target]) -> list[str]:
+    def register(self, targets: Iterable[Target], run_id: int | None = None) -> list[str]:
         """Add new targets as queued; a known name whose sequence changed starts over.
 
+        With `run_id`, also records that every one of `targets` (new or known) is part of that
+        run's input, so `parafold status` can tell them from earlier runs' leftovers.
         Returns the names that were (re)queued by this call.
         """
         now = time.time()
         fresh: list[str] = []
         with self._tx() as db:
             for t in targets:
+                if run_id is not None:
+                    db.execute("INSERT OR IGNORE INTO run_targets (run_id, name) VALUES (?, ?)",
+                               (run_id, t.name))
                 row = db.execute("SELECT sequence_hash FROM targets WHERE name = ?",
                                  (t.name,)).fetchone()
                 if row is not None and row[0] == t.sequence_hash:
@@ -356,19 +372,44 @@ class Ledger:
         row = self._db.execute("SELECT * FROM targets WHERE name = ?", (name,)).fetchone()
         return None if row is None else _record(row)
 
-    def targets(self, state: State | None = None) -> list[TargetRecord]:
-        if state is None:
-            rows = self._db.execute("SELECT * FROM targets ORDER BY name").fetchall()
-        else:
-            rows = self._db.execute("SELECT * FROM targets WHERE state = ? ORDER BY name",
-                                    (state.value,)).fetchall()
+    def has_run_targets(self, run_id: int) -> bool:
+        """Whether `run_id` recorded its targets (False in ledgers from before runs did)."""
+        known = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'run_targets'"
+        ).fetchone()
+        if known is None:  # an older ledger opened read-only: the table was never created
+            return False
+        row = self._db.execute("SELECT 1 FROM run_targets WHERE run_id = ? LIMIT 1",
+                               (run_id,)).fetchone()
+        return row is not None
+
+    def targets(self, state: State | None = None, *,
+                run_id: int | None = None) -> list[TargetRecord]:
+        """Targets (in one state), all of them or only those in `run_id`'s input."""
+        where, args = _where(state, run_id)
+        rows = self._db.execute(f"SELECT * FROM targets{where} ORDER BY name", args).fetchall()
         return [_record(r) for r in rows]
 
-    def counts(self) -> dict[State, int]:
+    def counts(self, *, run_id: int | None = None) -> dict[State, int]:
+        """Targets per state, all of them or only those in `run_id`'s input."""
+        where, args = _where(None, run_id)
         out = {s: 0 for s in State}
-        for state, n in self._db.execute("SELECT state, COUNT(*) FROM targets GROUP BY state"):
+        for state, n in self._db.execute(
+                f"SELECT state, COUNT(*) FROM targets{where} GROUP BY state", args):
             out[State(state)] = int(n)
         return out
+
+
+def _where(state: State | None, run_id: int | None) -> tuple[str, tuple[Any, ...]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    if state is not None:
+        clauses.append("state = ?")
+        args.append(state.value)
+    if run_id is not None:
+        clauses.append("name IN (SELECT name FROM run_targets WHERE run_id = ?)")
+        args.append(run_id)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
 
 
 def _record(row: sqlite3.Row) -> TargetRecord:
@@ -408,7 +449,8 @@ class LockHolder:
 
 
 def read_lock_holder(out: Path | str) -> LockHolder | None:
-    """Who last took the lock (it may have died since: check `alive_here`)."""
+    """Who last took the lock (it may have died since, and its PID been reused: to tell
+    whether a run is live, use `lock_is_held`)."""
     try:
         data = json.loads((Path(out) / LOCK_FILE).read_text(encoding="utf-8"))
         return LockHolder(int(data["pid"]), str(data["host"]), float(data["since"]))
@@ -416,8 +458,37 @@ def read_lock_holder(out: Path | str) -> LockHolder | None:
         return None
 
 
+def lock_is_held(out: Path | str) -> bool | None:
+    """Whether a live process holds OUT's run lock, found by trying to take it (never blocks).
+
+    The probe takes a shared lock without waiting and drops it at once; `RunLock.acquire`
+    retries for a moment, so a run starting during that instant is not refused. Returns None
+    when the lock file cannot be opened (e.g. permissions): the caller cannot tell.
+    """
+    try:
+        fd = os.open(Path(out) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # no run ever took it
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """Exclusive hold on an output directory for one live run.
+
+    `acquire` retries for up to a second before refusing, so a `parafold status` probe's
+    momentary shared hold never makes a run fail to start.
 
     Raises:
         RunLockedError: (on `acquire`) another live process holds the directory.
@@ -431,21 +502,32 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            self._lock(fd)
+        except BaseException:
             os.close(fd)
-            holder = read_lock_holder(self.path.parent)
-            who = holder.describe() if holder else "another process"
-            raise RunLockedError(
-                f"{self.path.parent} is in use by a live parafold run ({who}). Wait for it to "
-                "finish, watch it with `parafold status`, or choose another output directory."
-            ) from None
+            raise
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "since": time.time()}).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, info, 0)
         self._fd = fd
         return self
+
+    def _lock(self, fd: int) -> None:
+        deadline = time.monotonic() + _LOCK_RETRY_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+            time.sleep(0.02)
+        holder = read_lock_holder(self.path.parent)
+        who = holder.describe() if holder else "another process"
+        raise RunLockedError(
+            f"{self.path.parent} is in use by a live parafold run ({who}). Wait for it to "
+            "finish, watch it with `parafold status`, or choose another output directory.")
 
     def release(self) -> None:
         if self._fd is not None:

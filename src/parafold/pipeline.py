@@ -313,7 +313,7 @@ def _run(settings: RunSettings, ledger: Ledger, run_id: int, started: float,
     ledger.record_input_problems(run_id, problems)
     for p in problems:
         logger.warning("input: %s", p)
-    ledger.register(targets)
+    ledger.register(targets, run_id=run_id)
     databases = None
     if settings.db_dir is not None or settings.db_overrides or not _needs_databases(settings):
         # A missing database is fine if nothing needs searching (raised below if so).

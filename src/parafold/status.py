@@ -1,7 +1,13 @@
 """`parafold status OUT`: where a run stands, read from its ledger (also while it runs).
 
 Throughput is measured over the latest run only (targets finished since it started), so a
-resumed run's ETA is not flattered by work an earlier run did.
+resumed run's ETA is not flattered by work an earlier run did. Counts, failures and the ETA
+cover the latest run's input (the targets it registered); targets that only earlier runs had
+(say, a rerun with a smaller FASTA on the same OUT) are counted on one line of their own. A
+ledger whose latest run recorded no targets (older ledgers) counts every target, as before.
+
+A run is live when its ledger row is open and OUT's run lock is held, found by probing the lock
+(`lock_is_held`), not from the PID in the lock file, which may have been reused.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parafold.inputs import InputProblem
-from parafold.ledger import Ledger, LockHolder, State, read_lock_holder
+from parafold.ledger import Ledger, LockHolder, State, lock_is_held, read_lock_holder
 
 __all__ = ["RunStatus", "read_status"]
 
@@ -28,6 +34,7 @@ class RunStatus:
     run_ended: float | None
     done_this_run: int
     now: float
+    other_runs: int = 0  # targets in the ledger that are not in the latest run's input
 
     @property
     def total(self) -> int:
@@ -58,8 +65,9 @@ class RunStatus:
         return self.remaining / rate * 3600
 
     def lines(self) -> list[str]:
-        if self.live and self.holder is not None:
-            head = f"{self.out}: running ({self.holder.describe()})"
+        if self.live:
+            head = f"{self.out}: running" + (f" ({self.holder.describe()})" if self.holder
+                                             else "")
         else:
             head = f"{self.out}: not running"
         out = [head, "  " + ", ".join(f"{s.value} {n}" for s, n in self.counts.items()),
@@ -70,6 +78,9 @@ class RunStatus:
                        f" ({rate:.0f} proteins/hour)")
         if self.eta_s is not None:
             out.append(f"  estimated time left: {_hms(self.eta_s)}")
+        if self.other_runs:
+            out.append(f"  {self.other_runs} targets from earlier runs are not in the latest "
+                       "run's input (not counted above)")
         if self.failures:
             out.append(f"  failed ({len(self.failures)}):")
             out.extend(f"    {name} [{stage}]: {error}" for name, stage, error in self.failures)
@@ -94,22 +105,29 @@ def read_status(out: Path | str) -> RunStatus:
     """
     out = Path(out)
     with Ledger(out, readonly=True) as ledger:
-        counts = ledger.counts()
-        failed = ledger.targets(State.FAILED)
         runs = ledger.runs()
-        problems = ledger.input_problems()
         latest = runs[-1] if runs else None
+        scope = latest.id if latest is not None and ledger.has_run_targets(latest.id) else None
+        counts = ledger.counts(run_id=scope)
+        other_runs = 0
+        if scope is not None:
+            other_runs = sum(ledger.counts().values()) - sum(counts.values())
+        failed = ledger.targets(State.FAILED, run_id=scope)
+        problems = ledger.input_problems()
         done_this_run = 0
         if latest is not None:
-            done_this_run = sum(1 for r in ledger.targets(State.DONE)
+            done_this_run = sum(1 for r in ledger.targets(State.DONE, run_id=scope)
                                 if r.stamps.get("done", 0) >= latest.started_at)
     holder = read_lock_holder(out)
-    live = bool(latest is not None and latest.ended_at is None and holder is not None
-                and holder.pid == latest.pid and holder.alive_here() is not False)
+    held = lock_is_held(out)
+    if held is None:  # the lock file cannot be probed: fall back to the PID it names
+        held = bool(holder is not None and latest is not None and holder.pid == latest.pid
+                    and holder.alive_here() is not False)
+    live = bool(latest is not None and latest.ended_at is None and held)
     return RunStatus(
         out=out, counts=counts,
         failures=tuple((r.name, r.failed_stage or "?", r.error or "") for r in failed),
         input_problems=tuple(problems), live=live, holder=holder,
         run_started=latest.started_at if latest else None,
         run_ended=latest.ended_at if latest else None, done_this_run=done_this_run,
-        now=time.time())
+        now=time.time(), other_runs=other_runs)

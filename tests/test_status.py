@@ -1,0 +1,120 @@
+"""`parafold status`: counts scoped to the latest run's input, liveness probed from the lock."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from parafold.inputs import Target
+from parafold.ledger import LOCK_FILE, Ledger, RunLock, State, lock_is_held
+from parafold.status import read_status
+
+
+def _targets(names: list[str]) -> list[Target]:
+    return [Target(n, n, "ACDEFGHIKL") for n in names]
+
+
+def _finish(led: Ledger, name: str) -> None:
+    led.start_search(name)
+    led.features_ready(name)
+    led.start_predict([name])
+    led.done(name)
+
+
+def test_status_counts_only_the_latest_runs_targets(tmp_path: Path) -> None:
+    with Ledger(tmp_path) as led:
+        first = led.begin_run()
+        led.register(_targets(["a", "b", "c", "d", "e"]), run_id=first)
+        _finish(led, "a")
+        led.end_run(first, 1)
+        second = led.begin_run()  # rerun with a smaller FASTA: a, b only
+        led.register(_targets(["a", "b"]), run_id=second)
+        led.start_search("b")
+        led.fail("b", "search", "boom")
+    status = read_status(tmp_path)
+    assert status.total == 2 and status.remaining == 0
+    assert status.counts[State.QUEUED] == 0 and status.counts[State.DONE] == 1
+    assert status.other_runs == 3
+    text = "\n".join(status.lines())
+    assert "1/2 done, 0 to go" in text
+    assert "3 targets from earlier runs are not in the latest run's input" in text
+
+
+def test_status_eta_covers_the_latest_run_only(tmp_path: Path) -> None:
+    with RunLock(tmp_path), Ledger(tmp_path) as led:
+        first = led.begin_run()
+        led.register(_targets([f"old{i}" for i in range(90)]), run_id=first)
+        led.end_run(first, 1)
+        run = led.begin_run()
+        names = [f"t{i}" for i in range(4)]
+        led.register(_targets(names), run_id=run)
+        _finish(led, "t0")
+        status = read_status(tmp_path)
+    assert status.live and status.remaining == 3 and status.other_runs == 90
+    assert status.eta_s is not None and status.proteins_per_hour is not None
+    assert abs(status.eta_s - 3 / status.proteins_per_hour * 3600) < 1e-6
+
+
+def test_status_without_run_targets_counts_everything(tmp_path: Path) -> None:
+    # A ledger written before runs recorded their targets: today's behaviour.
+    with Ledger(tmp_path) as led:
+        led.begin_run()
+        led.register(_targets(["a", "b", "c"]))
+    status = read_status(tmp_path)
+    assert status.total == 3 and status.other_runs == 0
+    assert "earlier runs" not in "\n".join(status.lines())
+
+
+def test_status_opens_a_ledger_without_the_run_targets_table(tmp_path: Path) -> None:
+    with Ledger(tmp_path) as led:
+        led.begin_run()
+        led.register(_targets(["a", "b"]))
+        led._db.execute("DROP TABLE run_targets")  # as written by an older parafold
+    status = read_status(tmp_path)
+    assert status.total == 2 and status.other_runs == 0
+
+
+def test_status_not_live_when_the_lock_file_names_a_reused_pid(tmp_path: Path) -> None:
+    # The run crashed (never ended); its PID now belongs to a live process (here: us).
+    with Ledger(tmp_path) as led:
+        led.begin_run()
+        led.register(_targets(["a"]))
+    (tmp_path / LOCK_FILE).write_text(json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+    assert lock_is_held(tmp_path) is False
+    status = read_status(tmp_path)
+    assert not status.live and status.eta_s is None
+    assert "not running" in status.lines()[0]
+
+
+def test_status_live_while_the_lock_is_held(tmp_path: Path) -> None:
+    with RunLock(tmp_path), Ledger(tmp_path) as led:
+        led.begin_run()
+        assert lock_is_held(tmp_path) is True
+        status = read_status(tmp_path)
+        assert status.live and "running (PID" in status.lines()[0]
+    assert lock_is_held(tmp_path) is False
+
+
+def test_lock_probe_without_lock_file(tmp_path: Path) -> None:
+    assert lock_is_held(tmp_path) is False
+    assert not (tmp_path / LOCK_FILE).exists()  # the probe creates nothing
+
+
+def test_run_lock_waits_out_a_status_probe(tmp_path: Path) -> None:
+    # A status probe holds a shared lock for an instant; a run starting then must not fail.
+    (tmp_path / LOCK_FILE).touch()
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    release = threading.Timer(0.2, lambda: (fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd)))
+    release.start()
+    try:
+        with RunLock(tmp_path):
+            assert lock_is_held(tmp_path) is True
+    finally:
+        release.join()
