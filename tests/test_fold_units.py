@@ -101,6 +101,19 @@ def test_oom_recognised_only_from_xla_words():
     assert not is_out_of_memory(RuntimeError("INVALID_ARGUMENT: shapes differ"))
 
 
+def test_device_errors_name_the_shape_only_for_out_of_memory():
+    from parafold.errors import GpuOutOfMemoryError
+    from parafold.fold.buckets import ShapeKey
+    from parafold.fold.runner import _oom_as_error
+
+    key = ShapeKey("no_templates", 64, 32, 64, 0)
+    with pytest.raises(GpuOutOfMemoryError, match="out of memory compiling .*64"), \
+            _oom_as_error(key, "compiling"):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    with pytest.raises(RuntimeError, match="shapes differ"), _oom_as_error(key, "predicting"):
+        raise RuntimeError("INVALID_ARGUMENT: shapes differ")
+
+
 def test_low_memory_retry_failure_stays_with_its_target(tmp_path):
     """A non-OOM error in the low-memory retry fails that target, not the whole `fold` call."""
     from dataclasses import replace

@@ -14,9 +14,11 @@ no XLA compile on a hit).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,16 +103,17 @@ def enable_persistent_cache(cache_dir: Path | None) -> None:
     log.info("persistent compilation cache: %s", cache_dir)
 
 
-def _to_host(outputs: Any, key: ShapeKey) -> Any:
-    """Device outputs as numpy; an XLA out-of-memory becomes `GpuOutOfMemoryError` (async
-    dispatch reports it here, at the first wait, not at launch)."""
-    import jax
-
+@contextlib.contextmanager
+def _oom_as_error(key: ShapeKey, doing: str) -> Iterator[None]:
+    """XLA's out-of-memory inside the block becomes `GpuOutOfMemoryError` naming the shape;
+    anything else passes unchanged."""
     try:
-        return jax.device_get(outputs)
+        yield
+    except GpuOutOfMemoryError:
+        raise
     except Exception as exc:
         if is_out_of_memory(exc):
-            raise GpuOutOfMemoryError(f"out of memory predicting {key.describe()}") from exc
+            raise GpuOutOfMemoryError(f"out of memory {doing} {key.describe()}") from exc
         raise
 
 
@@ -332,12 +335,8 @@ class ModelRunner:
         events = _events()
         hits_before = events.hits
         started = time.perf_counter()
-        try:
+        with _oom_as_error(key, "compiling"):
             compiled = jax.jit(step).lower(*abstract).compile()
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise GpuOutOfMemoryError(f"out of memory compiling {key.describe()}") from exc
-            raise
         seconds = time.perf_counter() - started
         hit = events.hits > hits_before
         self.stats.compiles += 1
@@ -368,7 +367,7 @@ class ModelRunner:
         first = {k: v[0] for k, v in feats.items()}
         compiled = self.executable(model_name, key, params, first)
         started = time.perf_counter()
-        try:
+        with self._running(key):
             rng = jax.random.PRNGKey(seed)
             prev: Any = self._prev(key.length)
             outputs: Any = None
@@ -380,21 +379,15 @@ class ModelRunner:
                 done = r + 1
                 if tolerance > 0 and r > 0 and float(outputs["tol"]) < tolerance:
                     break
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise GpuOutOfMemoryError(f"out of memory predicting {key.describe()}") from exc
-            self._run_failed(key, exc)
-            raise
         self.stats.launches += 1
         return Launched(key=key, outputs=outputs, iterations=done, started=started)
 
     def fetch(self, launched: Launched) -> tuple[dict[str, Any], float]:
         """Wait for a launched prediction; its outputs as numpy and seconds since launch."""
-        try:
-            result = _to_host(launched.outputs, launched.key)
-        except Exception as exc:
-            self._run_failed(launched.key, exc)
-            raise
+        import jax
+
+        with self._running(launched.key):  # async dispatch reports failures at the first wait
+            result = jax.device_get(launched.outputs)
         seconds = time.perf_counter() - launched.started
         self.stats.predict_s += seconds
         self.stats.predictions += 1
@@ -425,7 +418,7 @@ class ModelRunner:
         done = np.zeros(key.batch, bool)
         done[count:] = True  # dummy slots: never waited for
         ran = [iterations] * count
-        try:
+        with self._running(key):
             subs = _member_keys(list(seeds) + [seeds[0]] * (key.batch - count), iterations)
             # zeros made on the device: no host->device copy of B pair-sized arrays per launch
             prev: Any = {k: jnp.zeros(v.shape, v.dtype)
@@ -444,11 +437,6 @@ class ModelRunner:
                     done |= stopped
                     if done[:count].all():
                         break
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise GpuOutOfMemoryError(f"out of memory predicting {key.describe()}") from exc
-            self._run_failed(key, exc)
-            raise
         self.stats.launches += 1
         self.stats.batched_members += count
         self.stats.padded_slots += key.batch - count
@@ -457,13 +445,12 @@ class ModelRunner:
 
     def fetch_batch(self, launched: LaunchedBatch) -> tuple[list[dict[str, Any]], float]:
         """Wait for a batch; one numpy result per real member and seconds since launch."""
+        import jax
+
         from parafold.fold.batching import split_members
 
-        try:
-            host = _to_host(launched.outputs, launched.key)
-        except Exception as exc:
-            self._run_failed(launched.key, exc)
-            raise
+        with self._running(launched.key):
+            host = jax.device_get(launched.outputs)
         seconds = time.perf_counter() - launched.started
         self.stats.predict_s += seconds
         self.stats.predictions += launched.count
@@ -472,11 +459,24 @@ class ModelRunner:
             result["num_recycles"] = np.int32(ran - 1)
         return results, seconds
 
+    @contextlib.contextmanager
+    def _running(self, key: ShapeKey) -> Iterator[None]:
+        """Device work with the executable for `key`: out of memory is reported as such; any
+        other failure also evicts an executable that came from the executable cache."""
+        try:
+            with _oom_as_error(key, "predicting"):
+                yield
+        except GpuOutOfMemoryError:
+            raise
+        except Exception as exc:
+            self._run_failed(key, exc)
+            raise
+
     def _run_failed(self, key: ShapeKey, exc: BaseException) -> None:
         """A loaded executable that fails to run (not out of memory) is deleted from the
         executable cache, so the next process compiles it; this call still raises."""
         entry = self._cache.get(key)
-        if entry is None or not entry.disk_key or self._disk is None or is_out_of_memory(exc):
+        if entry is None or not entry.disk_key or self._disk is None:
             return
         log.warning("executable for %s from the executable cache failed (%s); removing it",
                     key.describe(), exc)
