@@ -74,3 +74,44 @@ def test_predict_with_no_feature_sets_says_what_it_looked_for(tmp_path):
     res = CliRunner().invoke(app, ["predict", str(tmp_path / "nowhere"), "-o",
                                    str(tmp_path / "o"), "--params-dir", str(tmp_path / "w")])
     assert res.exit_code == 2 and "nowhere: no such folder" in res.output, res.output
+
+
+def test_predict_gives_same_named_folders_of_two_roots_their_own_output(tmp_path, monkeypatch):
+    """rootA/prot1 and rootB/prot1 must not both be written to OUT/prot1 (the fold worker is
+    a stub: this checks what `predict` hands it, not a prediction)."""
+    from types import SimpleNamespace
+
+    import parafold.fold.worker as worker
+    from parafold.fold.synthetic import make_features
+
+    handed: list[tuple[str, str]] = []
+
+    class StubWorker:
+        stats = "stub"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def load_params(self):
+            pass
+
+        def fold(self, sets, out):
+            handed.extend((fs.name, fs.path.parent.name) for fs in sets)
+            return [SimpleNamespace(name=fs.name, length=fs.length, ok=True, skipped=False,
+                                    error=None) for fs in sets]
+
+    monkeypatch.setattr(worker, "FoldWorker", StubWorker)
+    for root, seq in (("rootA", "MKTAYIAKQR"), ("rootB", "MKTAYIAKQRQISF")):
+        write_feature_set(tmp_path / root / "prot1", name="prot1", target_id="prot1",
+                          features=make_features(seq, 4))
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "rootA"), str(tmp_path / "rootB"),
+                                   "-o", str(tmp_path / "out"), "--params-dir", str(tmp_path),
+                                   "--config", "tiny", "--no-compile-cache"])
+    assert res.exit_code == 0, res.output
+    assert handed == [("prot1", "rootA"), ("prot1_2", "rootB")]

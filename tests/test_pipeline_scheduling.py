@@ -65,3 +65,38 @@ def test_features_searched_again_drop_the_old_prediction(tmp_path: Path, monkeyp
         plan = pipeline._reconcile(ledger, [target], settings, databases=object())
     assert [t.name for t in plan.to_search] == ["t"]
     assert not (folder / DONE_FILE).exists()
+
+
+def test_ctrl_c_is_recorded_as_exit_code_130(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C mid-run: `parafold run` exits 130, and the ledger's row for the run says so too."""
+    import contextlib
+    from collections.abc import Iterator
+    from types import SimpleNamespace
+
+    import pytest
+
+    import parafold.pipeline as pipeline
+    from parafold.search.settings import SearchSettings
+
+    class InterruptedScheduler:  # the stage that runs when Ctrl-C arrives
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def run(self) -> None:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def executor(_settings: RunSettings) -> Iterator[SimpleNamespace]:
+        yield SimpleNamespace(describe=lambda: "stub executor")
+
+    monkeypatch.setattr(pipeline, "Scheduler", InterruptedScheduler)
+    (tmp_path / "in.fasta").write_text(">t1\nMKVLAAGIVG\n")
+    settings = RunSettings(input=tmp_path / "in.fasta", out=tmp_path / "out",
+                           params_dir=tmp_path, search=SearchSettings(msa_mode="single_sequence"),
+                           model=ModelSettings(config_size="tiny", models=(1,)), plots=False)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(settings, executor_factory=executor)
+    with Ledger(settings.out, readonly=True) as ledger:
+        (run,) = ledger.runs()
+    assert run.exit_code == 130 and run.ended_at is not None
+    assert pipeline.EXIT_INTERRUPTED == 130

@@ -303,3 +303,27 @@ def test_precomputed_msa_of_a_very_long_id_is_found_by_its_safe_name(tmp_path: P
     path = tmp_path / f"{target.name}.a3m"
     path.write_text(">q\nMKTAYIAK\n")
     assert find_msa_file(tmp_path, target) == path
+
+
+def test_precomputed_stockholm_rows_aligned_with_spaces_and_tabs(tmp_path: Path) -> None:
+    """Stockholm allows any run of whitespace between a row's name and its sequence."""
+    from parafold.errors import InputError
+    from parafold.search.precomputed import read_msa
+
+    target = Target("sto2", "sto2", "ACDEFGHIKL")
+    sto = ("# STOCKHOLM 1.0\n\n#=GS hitA DE some hit\n"
+           "sto2      ACDEF\nhitA\tACDE-\nhitB  \t  AC--F\n\n"  # two blocks, columns padded
+           "sto2      GHIKL\nhitA\tGHIKV\nhitB  \t  GHIKL\n//\n")
+    path = tmp_path / "sto2.sto"
+    path.write_text(sto)
+    msa = read_msa(path, target)
+    assert list(msa.sequences) == ["ACDEFGHIKL", "ACDE-GHIKV", "AC--FGHIKL"]
+    assert list(msa.descriptions) == ["sto2", "hitA", "hitB"]
+    ragged = tmp_path / "ragged.sto"
+    ragged.write_text("# STOCKHOLM 1.0\nsto2\t\tACDEFGHIKL\nhitA     ACDEFGHIK\n//\n")
+    with pytest.raises(InputError, match="row 'hitA' has 9 columns, the first row 10"):
+        read_msa(ragged, target)
+    no_sequence = tmp_path / "no_sequence.sto"
+    no_sequence.write_text("# STOCKHOLM 1.0\nsto2 ACDEFGHIKL\nhitA\n//\n")
+    with pytest.raises(InputError, match=r"no_sequence.sto:3: expected"):
+        read_msa(no_sequence, target)

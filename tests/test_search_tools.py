@@ -214,6 +214,52 @@ def test_find_databases_layout_overrides_and_fingerprints(tmp_path: Path) -> Non
     assert status["uniref90"].present and len(status["uniref90"].fingerprint) == 64
 
 
+
+_MMSEQS_FILES = ("", ".dbtype", ".index", ".lookup", ".source", ".idx", ".idx.dbtype",
+                 ".idx.index", "_h", "_h.dbtype", "_h.index", "_seq", "_seq.dbtype", "_seq.index",
+                 "_seq.lookup", "_seq_h", "_seq_h.dbtype", "_seq_h.index", "_aln.0", "_aln.1",
+                 "_aln.dbtype", "_aln.index", "_mapping", "_taxonomy")
+
+
+def _mmseqs_db(prefix: Path) -> Path:
+    """The files `mmseqs createdb`/`createindex` and ColabFold's setup leave for one database."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in _MMSEQS_FILES:
+        prefix.with_name(prefix.name + suffix).write_text("x")
+    return prefix
+
+
+def test_sibling_mmseqs_database_does_not_change_fingerprint(tmp_path: Path) -> None:
+    """`pdb` and `pdb100_db`, `uniref30_db` and `uniref30_db2`: one name starts the other, but
+    the files of one database are never counted as the other's."""
+    folder = tmp_path / "db" / "mmseqs"
+    uniref, pdb = _mmseqs_db(folder / "uniref30_db"), _mmseqs_db(folder / "pdb")
+    before = find_databases(tmp_path / "db", msa_mode="mmseqs")
+    prints = before.fingerprint_map()
+    status = {s.name: s.fingerprint for s in check_databases(before)}
+    assert set(prints) == {"mmseqs_uniref30", "mmseqs_pdb"}
+    _mmseqs_db(folder / "uniref30_db2")
+    _mmseqs_db(folder / "pdb100_db")
+    after = find_databases(tmp_path / "db", msa_mode="mmseqs")
+    assert after.path("mmseqs_uniref30") == uniref.absolute()
+    assert after.path("mmseqs_pdb") == pdb.absolute()
+    assert after.fingerprint_map() == prints
+    assert {s.name: s.fingerprint for s in check_databases(after)} == status
+    from parafold.search.databases import mmseqs_db_files
+    from parafold.search.mmseqs import _shadow
+
+    # the database's own files, all of them; none of the sibling's
+    for prefix in (uniref, pdb):
+        assert [p.name for p in mmseqs_db_files(prefix)] == sorted(
+            prefix.name + suffix for suffix in _MMSEQS_FILES)
+    # a changed file of its own still changes it
+    os.utime(folder / "pdb_seq.index", ns=(1, 1))
+    assert find_databases(tmp_path / "db", msa_mode="mmseqs").fingerprint_map() != prints
+    # a read-only database's shadow links its own files only
+    shadow = _shadow(pdb, tmp_path / "index")
+    assert sorted(p.name for p in shadow.parent.iterdir()) == sorted(
+        "pdb" + suffix for suffix in _MMSEQS_FILES if not suffix.startswith(".idx"))
+
 def test_interrupted_wait_kills_the_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C (or any exception) while waiting must not leave the tool running: it sits in its
     own session, so the terminal's SIGINT never reaches it."""
@@ -248,6 +294,26 @@ def test_interrupted_wait_kills_the_tool(tmp_path: Path, monkeypatch: pytest.Mon
         time.sleep(0.1)
     assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
 
+
+
+def test_background_children_do_not_outlive_a_finished_tool(tmp_path: Path) -> None:
+    """A tool that exits 0 but leaves a child running in the background: run_tool kills it."""
+    import signal
+
+    pid_file = tmp_path / "child.pid"
+    env = {**os.environ, "FAKE_PID_FILE": str(pid_file)}
+    run = run_tool([str(FAKES / "orphan_tool")], timeout_s=30, env=env)
+    assert run.returncode == 0
+    child = int(pid_file.read_text())
+    try:
+        for _ in range(50):  # the orphan is reaped by init (or left a zombie) after the kill
+            if not Path(f"/proc/{child}").exists() or "Z" in _state(child):
+                break
+            time.sleep(0.1)
+        assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
+    finally:  # never leave a 300 s sleep behind when this fails
+        if Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+            os.kill(child, signal.SIGKILL)
 
 def test_malformed_m8_row_is_a_feature_error() -> None:
     from parafold.errors import FeatureError

@@ -151,6 +151,39 @@ def test_find_feature_sets_names_a_missing_root(tmp_path: Path) -> None:
         find_feature_sets(tmp_path / "file")
 
 
+
+def test_feature_sets_of_two_roots_with_one_folder_name_get_unique_names(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`predict rootA rootB` with rootA/prot1 and rootB/prot1: one OUT folder each, named the
+    way `parafold features` makes ids unique, and a warning naming both folders."""
+    import logging
+
+    from parafold.featureset import collect_feature_sets
+    from parafold.fold.synthetic import make_features
+
+    for root, seq in (("rootA", "MKTAYIAKQR"), ("rootB", "MKTAYIAKQRQISF")):
+        write_feature_set(tmp_path / root / "prot1", name="prot1", target_id="prot1",
+                          features=make_features(seq, 4))
+    write_feature_set(tmp_path / "rootB" / "Other", name="Other", target_id="Other",
+                      features=make_features("ACDEFGHIK", 4))
+    write_feature_set(tmp_path / "rootC" / "other", name="other", target_id="other",
+                      features=make_features("ACDEFGHIKL", 4))
+    roots = [tmp_path / "rootA", tmp_path / "rootB", tmp_path / "rootC"]
+    with caplog.at_level(logging.WARNING):
+        sets, problems = collect_feature_sets(roots)
+    assert problems == []
+    assert [(fs.name, fs.path.relative_to(tmp_path).as_posix()) for fs in sets] == [
+        ("prot1", "rootA/prot1"), ("Other", "rootB/Other"), ("prot1_2", "rootB/prot1"),
+        ("other_2", "rootC/other")]  # case-insensitively unique, as target names are
+    assert [fs.length for fs in sets] == [10, 9, 14, 10]  # renamed, not mixed up
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert str(tmp_path / "rootA" / "prot1") in warnings[0]
+    assert str(tmp_path / "rootB" / "prot1") in warnings[0] and "prot1_2" in warnings[0]
+    assert str(tmp_path / "rootB" / "Other") in warnings[1]
+    assert str(tmp_path / "rootC" / "other") in warnings[1]
+    assert collect_feature_sets(roots)[0] == sets  # the same names on a rerun
+
 def test_empty_sequence_array_is_a_feature_error(tmp_path: Path) -> None:
     from parafold.errors import FeatureError
 

@@ -257,7 +257,7 @@ def predict(
 ) -> None:
     """Predict structures from features (GPU stage); exit 0 only if every target succeeded."""
     from parafold.errors import PipelineError
-    from parafold.featureset import find_feature_sets
+    from parafold.featureset import collect_feature_sets
     from parafold.fold.settings import ModelSettings, default_compile_cache_dir, parse_model_numbers
     from parafold.fold.worker import FoldWorker
 
@@ -272,11 +272,7 @@ def predict(
             float32=float32, compile_cache_dir=cache_dir, executable_cache=executable_cache,
             msa_depth_buckets=not no_depth_buckets, save_raw=save_raw, max_batch=max_batch,
             force_batch=force_batch, host_workers=host_workers)
-        sets, problems = [], []
-        for root in features:
-            found, issues = find_feature_sets(root, trust_pickles=trust_pickles)
-            sets.extend(found)
-            problems.extend(issues)
+        sets, problems = collect_feature_sets(features, trust_pickles=trust_pickles)
         for problem in problems:
             log.error("%s", problem)
         if not sets:

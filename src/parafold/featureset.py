@@ -8,18 +8,23 @@ this folder or, only when the user trusts it, an AlphaFold/ParaFold `features.pk
 
 from __future__ import annotations
 
+import logging
 import pickle
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from parafold.errors import FeatureError, InputError
+from parafold.inputs import safe_name, unique_name
 from parafold.store import atomic_write_json, load_arrays, read_json, save_arrays
 
 __all__ = ["FeatureSet", "FEATURES_FILE", "MANIFEST_FILE", "PICKLE_FILE", "write_feature_set",
-           "read_feature_set", "load_features", "find_feature_sets"]
+           "read_feature_set", "load_features", "find_feature_sets", "collect_feature_sets"]
+
+logger = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.npz"
 MANIFEST_FILE = "features.json"
@@ -118,8 +123,6 @@ def read_feature_set(folder: Path, *, trust_pickles: bool = False) -> FeatureSet
             )
         feats = load_features(folder, trust_pickles=True)
         sequence, depth, templates = _check_feature_dict(folder.name, feats)
-        from parafold.inputs import safe_name
-
         return FeatureSet(name=safe_name(folder.name), target_id=folder.name, sequence=sequence,
                           path=folder, msa_depth=depth, num_templates=templates, from_pickle=True)
     raise InputError(f"{folder}: no {MANIFEST_FILE} + {FEATURES_FILE} (or {PICKLE_FILE}) here")
@@ -157,4 +160,34 @@ def find_feature_sets(root: Path, *, trust_pickles: bool = False) -> tuple[list[
             sets.append(read_feature_set(folder, trust_pickles=trust_pickles))
         except (InputError, FeatureError) as exc:
             problems.append(str(exc))
+    return sets, problems
+
+
+def collect_feature_sets(roots: Iterable[Path], *,
+                         trust_pickles: bool = False) -> tuple[list[FeatureSet], list[str]]:
+    """`find_feature_sets` of every root, each set with an output name unique among them all.
+
+    Two roots may hold folders of one name (`rootA/prot1`, `rootB/prot1`) or manifests naming
+    the same target: the later set is renamed `prot1_2` (`_3`, ...) the way `read_targets` makes
+    target names unique, with a warning naming both folders, so no two write to one OUT/<name>.
+    The order (roots as given, folders sorted) makes the names the same on a rerun.
+
+    Raises:
+        InputError: a root does not exist or is not a folder.
+    """
+    sets: list[FeatureSet] = []
+    problems: list[str] = []
+    used: set[str] = set()
+    holders: dict[str, Path] = {}  # lowercase name -> the folder of the set that has it
+    for root in roots:
+        found, issues = find_feature_sets(root, trust_pickles=trust_pickles)
+        problems.extend(issues)
+        for fs in found:
+            name = unique_name(fs.name, used)
+            if name != fs.name:
+                logger.warning("%s and %s are both named %r; writing the second to %r",
+                               holders[fs.name.lower()], fs.path, fs.name, name)
+                fs = replace(fs, name=name)
+            holders[name.lower()] = fs.path
+            sets.append(fs)
     return sets, problems

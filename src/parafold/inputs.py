@@ -22,6 +22,7 @@ __all__ = [
     "read_targets",
     "is_a3m_input",
     "safe_name",
+    "unique_name",
     "sequence_hash",
     "STANDARD_AA",
     "ACCEPTED_AA",
@@ -101,6 +102,20 @@ def safe_name(raw: str) -> str:
     name = _UNSAFE.sub("_", raw).strip("._-")
     name = name[:MAX_NAME_LEN].rstrip("._-")
     return name or "target"
+
+
+def unique_name(base: str, used: set[str]) -> str:
+    """`base`, or else `base_2`, `base_3`, ...: the first not in `used`, which it joins.
+
+    Compared case-insensitively (`used` holds lowercase names), so two names never share a
+    folder on a case-insensitive file system either.
+    """
+    name, n = base, 1
+    while name.lower() in used:
+        n += 1
+        name = f"{base[: MAX_NAME_LEN - 6]}_{n}"
+    used.add(name.lower())
+    return name
 
 
 @dataclass(slots=True)
@@ -249,11 +264,6 @@ def read_targets(path: Path | str) -> ParsedInput:
                 problems.append(InputProblem(rec.source, rec.line, record_id, problem))
                 continue
             seen_ids[record_id] = f"{rec.source}:{rec.line}"
-            name = base = safe_name(record_id)
-            n = 1
-            while name.lower() in used_names:
-                n += 1
-                name = f"{base[: MAX_NAME_LEN - 6]}_{n}"
-            used_names.add(name.lower())
+            name = unique_name(safe_name(record_id), used_names)
             targets.append(Target(record_id, name, seq, f"{rec.source}:{rec.line}"))
     return ParsedInput(tuple(targets), tuple(problems))

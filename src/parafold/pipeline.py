@@ -30,7 +30,7 @@ from parafold.ledger import LEDGER_FILE, LOCK_FILE, Ledger, RunLock, State
 from parafold.store import atomic_write_json, read_json
 
 __all__ = ["RunSettings", "RunSummary", "Failure", "run_pipeline", "prediction_complete",
-           "RESERVED_NAMES"]
+           "RESERVED_NAMES", "EXIT_INTERRUPTED"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 RESERVED_NAMES = frozenset({LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm", LOCK_FILE,
                             "timings.json", "databases", "params", "report", "report.html",
                             "demo_queries.fasta"})
+# The exit code of a run stopped by Ctrl-C (128 + SIGINT, as shells report it): `parafold run`
+# exits with it, and the ledger records it for the run.
+EXIT_INTERRUPTED = 130
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +304,9 @@ def run_pipeline(settings: RunSettings, *,
                 summary = _run(settings, ledger, run_id, started,
                                executor_factory or _default_executor)
                 exit_code = summary.exit_code
+            except KeyboardInterrupt:
+                exit_code = EXIT_INTERRUPTED
+                raise
             finally:
                 ledger.end_run(run_id, exit_code)
         # Still under the lock, after the run is closed in the ledger: the report shows it ended.

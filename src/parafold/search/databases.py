@@ -8,8 +8,10 @@ cost hours. A copied or touched database gets a new fingerprint, which only cost
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from parafold.errors import DatabaseNotFoundError, InputError
 from parafold.search.settings import MSA_MODES, PRESETS
 
 __all__ = ["DatabaseSet", "DatabaseStatus", "DB_NAMES", "find_databases", "check_databases",
-           "fingerprint_files", "required_databases"]
+           "fingerprint_files", "mmseqs_db_files", "required_databases"]
 
 DB_NAMES = ("uniref90", "mgnify", "bfd", "uniref30", "small_bfd", "pdb70", "pdb_mmcif",
             "pdb_seqres", "mmseqs_uniref30", "mmseqs_env", "mmseqs_pdb")
@@ -47,6 +49,15 @@ _LAYOUT: dict[str, tuple[str, str, str]] = {
 # files of these names are not databases in their own right.
 _MMSEQS_COMPANIONS = ("_h", "_seq", "_seq_h", "_aln", "_ss", "_ca3m", ".idx", "_mapping",
                       "_taxonomy")
+# What may follow an MMseqs2 database prefix in the name of one of its own files: nothing (the
+# data), `.<ext>` (`.dbtype`, `.index`, `.lookup`, `.source`, `.idx*`, `.0`, `.1`, ... of a
+# threaded write), or one of its parts (`_h`, `_seq`, `_seq_h`, `_aln`, the taxonomy files),
+# themselves followed by nothing or `.<ext>`. Anything else is a sibling database whose name
+# merely starts the same (`pdb` and `pdb100_db`, `uniref30_db` and `uniref30_db2`).
+_MMSEQS_PARTS = ("h", "seq", "seq_h", "aln", "ss", "ss_h", "ca3m", "ca3m_h", "mapping",
+                 "taxonomy", "nodes", "names", "merged", "delnodes")
+_MMSEQS_OWN_SUFFIX = re.compile(
+    "(?:_(?:" + "|".join(sorted(_MMSEQS_PARTS, key=len, reverse=True)) + r"))?(?:\..+)?")
 
 
 def required_databases(preset: str, msa_mode: str = "classic") -> tuple[str, ...]:
@@ -150,10 +161,20 @@ def _database_files(name: str, path: Path) -> list[Path]:
     if kind == "hh":
         return sorted(path.parent.glob(path.name + "_*"))
     if kind == "mmseqs":  # indexes are ours, made later: they must not change the fingerprint
-        return sorted(p for p in path.parent.glob(path.name + "*")
-                      if p.is_file() and ".idx" not in p.name[len(path.name):])
+        return [p for p in mmseqs_db_files(path) if ".idx" not in p.name[len(path.name):]]
     files = sorted(p for p in (path / "mmcif_files").iterdir() if p.is_file())
     return files + [p for p in (path / "obsolete.dat",) if p.is_file()]
+
+
+def mmseqs_db_files(prefix: Path) -> list[Path]:
+    """The files of the MMseqs2 database `prefix` (its parts and indexes included), sorted.
+
+    Never a sibling database's files, though its name starts with `prefix` too.
+    """
+    if not prefix.parent.is_dir():
+        return []
+    return sorted(p for p in prefix.parent.glob(glob.escape(prefix.name) + "*")
+                  if _MMSEQS_OWN_SUFFIX.fullmatch(p.name[len(prefix.name):]) and p.is_file())
 
 
 def fingerprint_files(files: list[Path]) -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parafold.errors import DatabaseNotFoundError, ToolFailedError, ToolTimeoutError
+from parafold.search.databases import mmseqs_db_files
 from parafold.search.msa_search import QUERY_NAME, ToolTiming
 from parafold.search.settings import SearchSettings
 from parafold.search.tools import ToolRun, resolve_binary, run_tool
@@ -132,7 +133,7 @@ def _shadow(prefix: Path, index_dir: Path) -> Path:
     tag = hashlib.sha256(str(prefix.absolute()).encode()).hexdigest()[:16]
     folder = index_dir / f"{prefix.name}-{tag}"
     folder.mkdir(parents=True, exist_ok=True)
-    for src in prefix.parent.glob(prefix.name + "*"):
+    for src in mmseqs_db_files(prefix):  # its own files: not a sibling's of the same stem
         link = folder / src.name
         if ".idx" not in src.name[len(prefix.name):] and not link.exists():
             with contextlib.suppress(FileExistsError):

@@ -117,11 +117,17 @@ def read_msa(path: Path, target: Target) -> parsers.Msa:
 def _read_stockholm(path: Path, text: str, target: Target) -> parsers.Msa:
     lengths: dict[str, int] = {}
     first = ""
-    for line in text.splitlines():
-        if line.strip() and not line.startswith(("#", "//")):
-            name, _, seq = line.partition(" ")
-            lengths[name] = lengths.get(name, 0) + len(seq.strip())
-            first = first or name
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith(("#", "//")):
+            continue
+        fields = line.split(None, 1)  # any run of spaces or tabs between name and sequence
+        if len(fields) != 2 or len(fields[1].split()) != 1:
+            raise InputError(f"{path}:{lineno}: expected '<name> <aligned sequence>', got "
+                             f"{line[:60]!r}")
+        name, seq = fields
+        lengths[name] = lengths.get(name, 0) + len(seq)
+        first = first or name
     if not lengths:
         raise InputError(f"{path}: no sequences in the Stockholm MSA")
     ragged = {n: ln for n, ln in lengths.items() if ln != lengths[first]}

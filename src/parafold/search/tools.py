@@ -1,7 +1,8 @@
 """The search programs: one subprocess recipe and one small class per binary.
 
 Every call goes through `run_tool`: an argument list (never a shell), its own process group so
-a timeout kills the tool and everything it started, and the child's own resource usage from
+a timeout kills the tool and everything it started (and whatever it left running in the
+background when it exits), and the child's own resource usage from
 `os.wait4` (per-call CPU seconds stay right when many tools run at once from many threads,
 which `getrusage(RUSAGE_CHILDREN)` deltas do not). Command building is pure, so it is tested
 without any binary.
@@ -104,6 +105,8 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
         if timed_out:
             _kill_group(proc.pid)
             waiter.join()
+        else:  # the tool exited: children it left in the background must not outlive it
+            _kill_group(proc.pid)
         wall = time.monotonic() - start
         status = int(waited["status"])  # type: ignore[call-overload]
         usage = waited["usage"]
