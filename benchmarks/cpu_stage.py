@@ -46,6 +46,9 @@ def _args() -> argparse.Namespace:
                    help="total sequences in the synthetic set (1000000 works; build takes longer)")
     p.add_argument("--families", type=int, default=8, help="planted families = queries")
     p.add_argument("--db", type=Path, default=None, help="database folder (built if needed)")
+    p.add_argument("--uniref90-redundancy", type=int, default=1,
+                   help="unrelated uniref90 sequences in clusters of this many relatives, as "
+                        "real UniRef90 within UniRef30 clusters (about 5); 1: all unrelated")
     p.add_argument("--cpus", type=int, default=default_cpus(), help="core budget")
     p.add_argument("--threads", type=int, default=1, help="threads per search in part 1-2")
     p.add_argument("--preset", default="full_dbs", choices=("full_dbs", "reduced_dbs"))
@@ -53,8 +56,9 @@ def _args() -> argparse.Namespace:
                    help="compare MSA modes, e.g. classic,mmseqs (part 4; default: skip)")
     p.add_argument("--skip-single", action="store_true",
                    help="skip parts 1-3 (one protein sequential/concurrent, classic throughput)")
-    p.add_argument("--mmseqs-sensitivity", type=float, default=8.0,
-                   help="mmseqs -s in part 4 (ColabFold: 8; lower is faster, finds less)")
+    p.add_argument("--mmseqs-sensitivity", type=float, default=None,
+                   help="mmseqs -s in part 4 (default: ColabFold's --k-score seq:96,prof:80; "
+                        "older ColabFold used -s 8; lower is faster, finds less)")
     p.add_argument("--max-queries", type=int, default=0,
                    help="use only the first N queries in part 4 (0: all)")
     return p.parse_args()
@@ -145,9 +149,13 @@ def compare_modes(db: Path, modes: list[str], queries: list[Target], args: argpa
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _args()
-    db = args.db or Path(tempfile.gettempdir()) / f"parafold-bench-{args.sequences}-{args.families}"
+    name = f"parafold-bench-{args.sequences}-{args.families}"
+    if args.uniref90_redundancy != 1:
+        name += f"-r{args.uniref90_redundancy}"
+    db = args.db or Path(tempfile.gettempdir()) / name
     t0 = time.monotonic()
-    summary = build_testdata(db, families=args.families, sequences=args.sequences)
+    summary = build_testdata(db, families=args.families, sequences=args.sequences,
+                             uniref90_redundancy=args.uniref90_redundancy)
     print(f"database: {db} ({summary.counts}), ready in {time.monotonic() - t0:.1f} s"
           f"{' (reused)' if summary.reused else ''}")
     dbs = find_databases(db, args.preset).fingerprinted()

@@ -93,13 +93,38 @@ def test_mmseqs_searches_all_queries_in_one_batch(mm_run: dict[str, object],
                                                   queries: list[Target]) -> None:
     outcomes = _ok(mm_run["outcomes"])
     log = Path(mm_run["log"])  # type: ignore[arg-type]
-    assert len(_calls(log, "search")) == 3  # uniref30, env, pdb: once each for 8 queries
+    searches = _calls(log, "search")
+    assert len(searches) == 3  # uniref30, env, pdb: once each for 8 queries
+    # ColabFold's default k-mer thresholds for the profile searches, -s 7.5 for templates
+    assert sum("--k-score seq:96,prof:80" in c and " -s " not in c for c in searches) == 2
+    assert sum(" -s 7.5 " in c for c in searches) == 1
     assert len(_calls(log, "createdb")) == 1 and not _calls(log, "createindex")
     assert sum(o.tool_calls for o in outcomes) == len(log.read_text().splitlines())
     first = read_feature_set(Path(mm_run["out"]) / queries[0].name)  # type: ignore[arg-type]
     assert first.msa_mode == "mmseqs" and first.msa_depth > 5
     assert sum(o.feature_set.num_templates > 0 for o in outcomes  # type: ignore[union-attr]
                ) >= len(queries) // 2 - 1  # every other family has a template
+
+
+def test_mmseqs_sensitivity_is_passed_checked_and_keyed(tmp_path: Path, db: Path,
+                                                        queries: list[Target]) -> None:
+    from parafold.errors import InputError
+
+    with pytest.raises(InputError, match="sensitivity"):
+        SearchSettings(msa_mode="mmseqs", mmseqs_sensitivity=0)
+    default = SearchSettings(msa_mode="mmseqs")
+    fast = SearchSettings(msa_mode="mmseqs", mmseqs_sensitivity=6.0)
+    dbs = find_databases(db, msa_mode="mmseqs").fingerprinted()
+    seq = queries[0].sequence
+    assert cache_key(seq, dbs, default) != cache_key(seq, dbs, fast)
+    wrapper, log = _logged_mmseqs(tmp_path)
+    _ok(featurize_many(queries[:1], out_dir=tmp_path / "out", databases=dbs,
+                       settings=SearchSettings(msa_mode="mmseqs", mmseqs_sensitivity=6.0,
+                                               mmseqs_binary=str(wrapper)),
+                       cpus=CPUS, cache_dir=tmp_path / "cache"))
+    searches = _calls(log, "search")
+    assert sum(" -s 6.0 " in c for c in searches) == 2
+    assert not any("--k-score" in c for c in searches)
 
 
 def test_mmseqs_index_is_made_once_and_reused(tmp_path: Path, db: Path,

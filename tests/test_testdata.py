@@ -21,7 +21,13 @@ from parafold.testdata import (
     read_testdata,
     read_truth,
 )
-from parafold.testdata.sequences import AlignedSeq, mutate, random_sequence, to_a3m
+from parafold.testdata.sequences import (
+    AlignedSeq,
+    mutate,
+    random_sequence,
+    redundant_sequences,
+    to_a3m,
+)
 
 HH_DBS = ("bfd", "uniref30", "pdb70")
 FASTA_DBS = ("uniref90", "mgnify", "small_bfd")
@@ -84,6 +90,24 @@ def test_mutate_stays_near_the_requested_identity() -> None:
         member = mutate(rng, ancestor, identity)
         assert abs(member.identity_to(ancestor) - identity) < 0.08
         assert "-" not in member.sequence
+
+
+def test_redundant_background_comes_in_clusters_of_relatives() -> None:
+    def identity(a: str, b: str) -> float:
+        return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+    seqs = list(redundant_sequences(np.random.default_rng(3), 23, min_len=60, max_len=90,
+                                    per_cluster=5))
+    assert len(seqs) == 23  # the last cluster is cut short
+    clusters = [seqs[i:i + 5] for i in range(0, 23, 5)]
+    for cluster in clusters:
+        assert len({len(s) for s in cluster}) == 1
+        # relatives of one ancestor at 70-95%: pairwise identity well above random (~6%)
+        assert min(identity(a, b) for a in cluster for b in cluster) > 0.4
+    a, b = clusters[0][0], clusters[1][0]
+    assert len(a) != len(b) or identity(a, b) < 0.2
+    with pytest.raises(InputError, match="redundancy"):
+        build_testdata(Path("/nonexistent/never-built"), uniref90_redundancy=0)
 
 
 def test_a3m_master_defines_the_match_columns() -> None:

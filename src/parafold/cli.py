@@ -29,7 +29,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 # --- search stage (features, databases, testdata) ---
 
 from pathlib import Path  # noqa: E402  (section-local imports; typer reads the annotations)
-from typing import Annotated  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
 
 from parafold.search.databases import DatabaseSet  # noqa: E402  (light: no alphafold import)
 
@@ -42,6 +42,8 @@ app.add_typer(databases_app, name="databases")
 _MSA_MODE_HELP = ("classic (jackhmmer/hhblits/hhsearch), mmseqs (MMseqs2 batch search), "
                   "precomputed (--msa-dir), or single_sequence (no search). Default: "
                   "precomputed when INPUT holds .a3m files, else classic.")
+_MMSEQS_S_HELP = ("MMseqs2 sensitivity -s (mmseqs mode; lower is faster and finds fewer remote "
+                  "homologs). Default: ColabFold's k-mer thresholds (--k-score seq:96,prof:80).")
 _MSA_DIR_HELP = ("Folder of <id>.a3m or <id>.sto MSAs (precomputed mode; default: INPUT's "
                  "folder when INPUT holds .a3m files).")
 
@@ -93,10 +95,11 @@ def _msa_mode_and_dir(input_path: Path, msa_mode: str | None,
     return mode, str(folder) if folder is not None else ""
 
 
-def _msa_settings(input_path: Path, msa_mode: str | None, msa_dir: Path | None) -> dict[str, str]:
-    """`msa_mode` and `msa_dir` of SearchSettings from the command line (`run`, `features`)."""
+def _msa_settings(input_path: Path, msa_mode: str | None, msa_dir: Path | None,
+                  mmseqs_sensitivity: float | None) -> dict[str, Any]:
+    """The MSA fields of SearchSettings from the command line (`run`, `features`)."""
     mode, folder = _msa_mode_and_dir(input_path, msa_mode, msa_dir)
-    return {"msa_mode": mode, "msa_dir": folder}
+    return {"msa_mode": mode, "msa_dir": folder, "mmseqs_sensitivity": mmseqs_sensitivity}
 
 
 @app.command("features")
@@ -120,6 +123,7 @@ def features_cmd(
     write_pkl: Annotated[bool, typer.Option("--write-pkl", help="Also write AlphaFold's features.pkl.")] = False,
     msa_mode: Annotated[str | None, typer.Option("--msa-mode", help=_MSA_MODE_HELP)] = None,
     msa_dir: Annotated[Path | None, typer.Option("--msa-dir", help=_MSA_DIR_HELP)] = None,
+    mmseqs_sensitivity: Annotated[float | None, typer.Option(help=_MMSEQS_S_HELP)] = None,
 ) -> None:
     """CPU stage: MSA and template searches, then AlphaFold features, for every input record."""
     from parafold.errors import DatabaseNotFoundError, InputError
@@ -130,11 +134,11 @@ def features_cmd(
 
     try:
         parsed = read_targets(input_path)
-        mode, folder = _msa_mode_and_dir(input_path, msa_mode, msa_dir)
         settings = SearchSettings(preset=db_preset, timeout_s=timeout,
                                   threads_per_search=threads_per_search,
                                   max_template_date=max_template_date or DEFAULT_MAX_TEMPLATE_DATE,
-                                  msa_mode=mode, msa_dir=folder)
+                                  **_msa_settings(input_path, msa_mode, msa_dir,
+                                                  mmseqs_sensitivity))
     except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -170,6 +174,7 @@ def testdata_cmd(
         help="Total sequence ids, members plus unrelated (default: a tiny set).")] = None,
     seed: Annotated[int, typer.Option(help="Same seed and options, same databases.")] = 0,
     mmseqs: Annotated[bool, typer.Option(help="Also write and index the MMseqs2 databases (mmseqs/uniref30_db, env_db, pdb_seqres_db).")] = True,
+    uniref90_redundancy: Annotated[int, typer.Option(help="Unrelated uniref90 sequences come in clusters of this many relatives (real UniRef90: about 5 per UniRef30 cluster); 1: all unrelated.")] = 1,
 ) -> None:
     """Synthetic databases with planted families, queries.fasta and truth.tsv (for tests, demo
     and benchmarks)."""
@@ -177,7 +182,8 @@ def testdata_cmd(
     from parafold.testdata import build_testdata
 
     try:
-        s = build_testdata(out, families=families, sequences=sequences, seed=seed, mmseqs=mmseqs)
+        s = build_testdata(out, families=families, sequences=sequences, seed=seed, mmseqs=mmseqs,
+                           uniref90_redundancy=uniref90_redundancy)
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -367,6 +373,7 @@ def run_cmd(
     progress: Annotated[bool, typer.Option(help="Progress bars on a terminal.")] = True,
     msa_mode: Annotated[str | None, typer.Option("--msa-mode", help=_MSA_MODE_HELP)] = None,
     msa_dir: Annotated[Path | None, typer.Option("--msa-dir", help=_MSA_DIR_HELP)] = None,
+    mmseqs_sensitivity: Annotated[float | None, typer.Option(help=_MMSEQS_S_HELP)] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help=_RUN_HELP["no_plots"])] = False,
 ) -> None:
     """Both stages in one run, overlapped: GPU work starts on the first finished features.
@@ -389,7 +396,8 @@ def run_cmd(
             db_overrides=tuple((k, v) for k, v in overrides.items() if v is not None),
             search=SearchSettings(preset=db_preset, timeout_s=timeout,
                                   max_template_date=max_template_date or DEFAULT_MAX_TEMPLATE_DATE,
-                                  **_msa_settings(input_path, msa_mode, msa_dir)),
+                                  **_msa_settings(input_path, msa_mode, msa_dir,
+                                                  mmseqs_sensitivity)),
             model=ModelSettings(model_preset=model_preset, models=parse_model_numbers(models),
                                 num_recycle=num_recycle, num_seeds=num_seeds,
                                 config_size=_predict_config(params_dir, config),

@@ -212,6 +212,12 @@ class _Batch:
     def __init__(self, mm: Mmseqs, work: Path, settings: SearchSettings) -> None:
         self.mm, self.w, self.s = mm, work, settings
 
+    def sensitivity(self) -> tuple[object, ...]:
+        """`-s N` when set, else ColabFold's k-mer score thresholds (its default)."""
+        if self.s.mmseqs_sensitivity is None:
+            return ("--k-score", "seq:96,prof:80")
+        return ("-s", self.s.mmseqs_sensitivity)
+
     def msa(self, tag: str, query: Path, profile: Path, db: MmseqsDatabase, hits: Path) -> Path:
         """Hits -> (expanded, realigned, filtered) -> result2msa A3M database."""
         w = self.w
@@ -239,7 +245,7 @@ class _Batch:
         s, w = self.s, self.w
         res, tmp = w / "uniref_res", w / "tmp_uniref"
         self.mm.run("search_uniref", "search", qdb, db.prefix, res, tmp,
-                    "--num-iterations", s.mmseqs_num_iterations, "-s", s.mmseqs_sensitivity,
+                    "--num-iterations", s.mmseqs_num_iterations, *self.sensitivity(),
                     "-a", "-e", s.mmseqs_e_value, "--max-seqs", s.mmseqs_max_seqs)
         profile = w / "prof_res"
         # iteration i searches with profile_{i-2}; the last profile holds iterations 1..n-1
@@ -256,7 +262,7 @@ class _Batch:
         s, w = self.s, self.w
         res = w / "env_res"
         self.mm.run("search_env", "search", profile, db.prefix, res, w / "tmp_env",
-                    "-s", s.mmseqs_sensitivity, "-a", "-e", s.mmseqs_e_value,
+                    *self.sensitivity(), "-a", "-e", s.mmseqs_e_value,
                     "--max-seqs", s.mmseqs_max_seqs)
         return self.msa("env", qdb, profile, db, res)
 

@@ -42,9 +42,11 @@ class SearchSettings:
     hhblits_min_prefilter_hits: int = 1000
     hhsearch_maxseq: int = 1_000_000
     msa_mode: str = "classic"
-    # MMseqs2 (msa_mode "mmseqs"): ColabFold's search parameters.
+    # MMseqs2 (msa_mode "mmseqs"): ColabFold's search parameters. No sensitivity means
+    # colabfold_search's current default, the k-mer score thresholds `--k-score seq:96,prof:80`
+    # (its server uses them too); a number is `-s` (older ColabFold releases used -s 8).
     mmseqs_num_iterations: int = 3
-    mmseqs_sensitivity: float = 8.0
+    mmseqs_sensitivity: float | None = None
     mmseqs_e_value: float = 0.1
     mmseqs_max_seqs: int = 10_000
     # ColabFold realigns expanded cluster members with -e 10 (keeping weak rows that its
@@ -73,6 +75,8 @@ class SearchSettings:
             raise InputError("MSA mode 'precomputed' needs a folder of MSAs (--msa-dir)")
         if self.mmseqs_num_iterations < 1 or self.mmseqs_max_seqs < 1:
             raise InputError("mmseqs iterations and max seqs must be >= 1")
+        if self.mmseqs_sensitivity is not None and self.mmseqs_sensitivity <= 0:
+            raise InputError(f"mmseqs sensitivity must be > 0, not {self.mmseqs_sensitivity}")
         if self.preset not in PRESETS:
             raise InputError(f"unknown database preset {self.preset!r}; use one of {PRESETS}")
         try:

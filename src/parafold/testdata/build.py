@@ -9,7 +9,8 @@ Where each sequence goes:
 - Every other family (0, 2, 4, ...) gets a template chain, families 0, 4, 8, ... a second one:
   an mmCIF entry, a pdb_seqres line and a pdb70 HMM built from the chain plus three fresh
   relatives (ids `PDBMSA_SYN...`).
-- Unrelated random sequences fill the rest: a few decoy templates, singleton clusters in bfd
+- Unrelated random sequences fill the rest (in uniref90 optionally as clusters of close
+  relatives of each other, `uniref90_redundancy`, modelling what UniRef30 clusters away): a few decoy templates, singleton clusters in bfd
   and uniref30 (a tenth of them, capped at `HH_SINGLETON_CAP` per database: cstranslate costs
   about 1 ms of CPU per column, so a million-sequence benchmark keeps its HH-suite build to
   a minute, and hhblits' cost there is the prefilter anyway), and the remainder split
@@ -43,6 +44,7 @@ from parafold.testdata.sequences import (
     mutate,
     random_sequence,
     random_sequences,
+    redundant_sequences,
     to_a3m,
 )
 
@@ -203,12 +205,14 @@ def _header(db: str, seq_id: str) -> str:
 
 
 def _write_fasta_db(path: Path, db: str, members: list[tuple[str, str, str]], n_unrelated: int,
-                    rng: np.random.Generator, ids: _Ids, truth: IO[str]) -> int:
-    """Members at random positions among streamed unrelated sequences; returns the count."""
+                    rng: np.random.Generator, ids: _Ids, truth: IO[str],
+                    per_cluster: int = 1) -> int:
+    """Members at random positions among streamed unrelated sequences (in background clusters
+    of `per_cluster`); returns the count."""
     total = len(members) + n_unrelated
     slots = set(rng.choice(total, size=len(members), replace=False).tolist()) if members else set()
-    unrelated = random_sequences(rng, n_unrelated, min_len=UNRELATED_LENGTHS[0],
-                                 max_len=UNRELATED_LENGTHS[1])
+    unrelated = redundant_sequences(rng, n_unrelated, min_len=UNRELATED_LENGTHS[0],
+                                    max_len=UNRELATED_LENGTHS[1], per_cluster=per_cluster)
     member_iter = iter(members)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="ascii", buffering=1 << 20) as fh:
@@ -270,10 +274,14 @@ def _write_templates(root: Path, families: list[_Family], decoys: int, seed: int
 
 
 def _params(families: int, sequences: int | None, seed: int, members_per_family: int,
-            identity_range: tuple[float, float], mmseqs: bool) -> dict[str, Any]:
-    return {"format": FORMAT_VERSION, "families": families, "sequences": sequences,
-            "seed": seed, "members_per_family": members_per_family,
-            "identity_range": list(identity_range), "mmseqs": mmseqs}
+            identity_range: tuple[float, float], mmseqs: bool,
+            uniref90_redundancy: int) -> dict[str, Any]:
+    params = {"format": FORMAT_VERSION, "families": families, "sequences": sequences,
+              "seed": seed, "members_per_family": members_per_family,
+              "identity_range": list(identity_range), "mmseqs": mmseqs}
+    if uniref90_redundancy != 1:  # absent when 1, so sets built before it stay reusable
+        params["uniref90_redundancy"] = uniref90_redundancy
+    return params
 
 
 def _build_into(root: Path, params: dict[str, Any], tools: HHTools, mmseqs_bin: str | None,
@@ -297,8 +305,10 @@ def _build_into(root: Path, params: dict[str, Any], tools: HHTools, mmseqs_bin: 
         truth.write("sequence_id\tfamily\n")
         for k, db in enumerate(_FASTA_DBS):
             members = [(sid, s.sequence, f.name) for f in families for sid, s in f.members[db]]
+            per_cluster = params.get("uniref90_redundancy", 1) if db == "uniref90" else 1
             counts[db] = _write_fasta_db(root / LAYOUT[db], db, members, plan[db],
-                                         np.random.default_rng([seed, 2, k]), ids, truth)
+                                         np.random.default_rng([seed, 2, k]), ids, truth,
+                                         per_cluster)
         pdb70, n_templates = _write_templates(root, families, plan["decoys"], seed, ids, truth)
         hh_dbs: dict[Path, Iterable[tuple[str, str]]] = {root / LAYOUT["pdb70"]: pdb70}
         for k, db in enumerate(("bfd", "uniref30")):
@@ -368,7 +378,7 @@ def read_truth(path: Path | str) -> dict[str, str]:
 def build_testdata(out: Path | str, *, families: int = 8, sequences: int | None = None,
                    seed: int = 0, members_per_family: int = 16,
                    identity_range: tuple[float, float] = (0.35, 0.95),
-                   mmseqs: bool = True) -> TestdataSummary:
+                   mmseqs: bool = True, uniref90_redundancy: int = 1) -> TestdataSummary:
     """Write a synthetic AlphaFold database set to `out` (reused if already built alike).
 
     Args:
@@ -380,6 +390,10 @@ def build_testdata(out: Path | str, *, families: int = 8, sequences: int | None 
         members_per_family: planted members per family across the five sequence databases.
         identity_range: identity of members to their family's ancestor (the query).
         mmseqs: also write `mmseqs/uniref30_db` with `mmseqs createdb`.
+        uniref90_redundancy: unrelated uniref90 sequences come in clusters of this many close
+            relatives (70-95% identity), as real UniRef90 entries do within UniRef30 clusters;
+            1 (default) leaves them all unrelated. The other databases stay non-redundant, as
+            MGnify and BFD cluster representatives are.
 
     Raises:
         InputError: bad parameters, or `out` is a folder that is not ours.
@@ -390,7 +404,10 @@ def build_testdata(out: Path | str, *, families: int = 8, sequences: int | None 
         raise InputError(f"need >= 1 family and >= {len(_DEAL_ORDER)} members per family")
     if not 0.0 < identity_range[0] <= identity_range[1] <= 1.0:
         raise InputError(f"identity range must be within (0, 1], got {identity_range}")
-    params = _params(families, sequences, seed, members_per_family, identity_range, mmseqs)
+    if uniref90_redundancy < 1:
+        raise InputError(f"uniref90 redundancy must be >= 1, got {uniref90_redundancy}")
+    params = _params(families, sequences, seed, members_per_family, identity_range, mmseqs,
+                     uniref90_redundancy)
     tools = find_hh_tools()
     mmseqs_bin = shutil.which("mmseqs") if mmseqs else None
     if mmseqs and mmseqs_bin is None:

@@ -18,6 +18,7 @@ __all__ = [
     "AlignedSeq",
     "random_sequence",
     "random_sequences",
+    "redundant_sequences",
     "mutate",
     "to_a3m",
 ]
@@ -77,6 +78,29 @@ def random_sequences(rng: np.random.Generator, count: int, *, min_len: int, max_
             yield letters[start:end]
             start = end
         done += n
+
+
+def redundant_sequences(rng: np.random.Generator, count: int, *, min_len: int, max_len: int,
+                        per_cluster: int, identity: tuple[float, float] = (0.7, 0.95)
+                        ) -> Iterator[str]:
+    """`count` background sequences in clusters of `per_cluster` relatives of one random
+    ancestor (`identity` to it, substitutions only): the redundancy of UniRef90 that UniRef30's
+    profile clusters fold away (roughly five UniRef90 entries per UniRef30 cluster in the
+    2022 releases). 1: all unrelated."""
+    if per_cluster <= 1:
+        yield from random_sequences(rng, count, min_len=min_len, max_len=max_len)
+        return
+    bg = background()
+    made = 0
+    for ancestor in random_sequences(rng, -(-count // per_cluster), min_len=min_len,
+                                     max_len=max_len):
+        codes = np.frombuffer(ancestor.encode("ascii"), dtype=np.uint8)
+        n = min(per_cluster, count - made)
+        keep = rng.random((n, codes.size)) < rng.uniform(*identity, size=(n, 1))
+        fresh = _LETTERS[rng.choice(20, size=(n, codes.size), p=bg)]
+        for row in np.where(keep, codes, fresh):
+            yield row.tobytes().decode("ascii")
+        made += n
 
 
 @dataclass(frozen=True, slots=True)
