@@ -18,7 +18,7 @@ from parafold.errors import (
     ToolTimeoutError,
 )
 from parafold.search.budget import CpuBudget, threads_per_search
-from parafold.search.databases import check_databases, find_databases
+from parafold.search.databases import check_databases, find_databases, fingerprint_files
 from parafold.search.settings import SearchSettings
 from parafold.search.tools import HHBlits, HHSearch, Jackhmmer, run_tool
 
@@ -259,6 +259,31 @@ def test_sibling_mmseqs_database_does_not_change_fingerprint(tmp_path: Path) -> 
     shadow = _shadow(pdb, tmp_path / "index")
     assert sorted(p.name for p in shadow.parent.iterdir()) == sorted(
         "pdb" + suffix for suffix in _MMSEQS_FILES if not suffix.startswith(".idx"))
+
+
+def test_sibling_hh_database_does_not_change_fingerprint(tmp_path: Path) -> None:
+    """`pdb70` beside `pdb70_2023_a3m.ffdata`...: the sibling is not part of pdb70."""
+    from parafold.search.databases import hh_db_files
+    from parafold.search.tools import HHSearch
+
+    folder = tmp_path / "pdb70"
+    folder.mkdir()
+
+    def hh_db(prefix: str) -> Path:
+        for part in ("a3m", "cs219", "hhm"):
+            for ext in ("ffdata", "ffindex"):
+                (folder / f"{prefix}_{part}.{ext}").write_text(prefix)
+        return folder / prefix
+
+    own = hh_db("pdb70")
+    prints = fingerprint_files(hh_db_files(own))
+    hh_db("pdb70_2023")
+    assert [p.name for p in hh_db_files(own)] == sorted(
+        f"pdb70_{part}.{ext}" for part in ("a3m", "cs219", "hhm") for ext in ("ffdata", "ffindex"))
+    assert fingerprint_files(hh_db_files(own)) == prints
+    with pytest.raises(DatabaseNotFoundError, match="no database files"):
+        HHSearch(databases=[folder / "pdb7"])
+
 
 def test_interrupted_wait_kills_the_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C (or any exception) while waiting must not leave the tool running: it sits in its

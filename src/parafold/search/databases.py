@@ -19,7 +19,7 @@ from parafold.errors import DatabaseNotFoundError, InputError
 from parafold.search.settings import MSA_MODES, PRESETS
 
 __all__ = ["DatabaseSet", "DatabaseStatus", "DB_NAMES", "find_databases", "check_databases",
-           "fingerprint_files", "mmseqs_db_files", "required_databases"]
+           "fingerprint_files", "hh_db_files", "mmseqs_db_files", "required_databases"]
 
 DB_NAMES = ("uniref90", "mgnify", "bfd", "uniref30", "small_bfd", "pdb70", "pdb_mmcif",
             "pdb_seqres", "mmseqs_uniref30", "mmseqs_env", "mmseqs_pdb")
@@ -54,6 +54,7 @@ _MMSEQS_COMPANIONS = ("_h", "_seq", "_seq_h", "_aln", "_ss", "_ca3m", ".idx", "_
 # threaded write), or one of its parts (`_h`, `_seq`, `_seq_h`, `_aln`, the taxonomy files),
 # themselves followed by nothing or `.<ext>`. Anything else is a sibling database whose name
 # merely starts the same (`pdb` and `pdb100_db`, `uniref30_db` and `uniref30_db2`).
+HH_PARTS = ("a3m", "cs219", "hhm")  # sorted: fingerprints list files in name order
 _MMSEQS_PARTS = ("h", "seq", "seq_h", "aln", "ss", "ss_h", "ca3m", "ca3m_h", "mapping",
                  "taxonomy", "nodes", "names", "merged", "delnodes")
 _MMSEQS_OWN_SUFFIX = re.compile(
@@ -159,11 +160,18 @@ def _database_files(name: str, path: Path) -> list[Path]:
     if kind == "file":
         return [path]
     if kind == "hh":
-        return sorted(path.parent.glob(path.name + "_*"))
+        return hh_db_files(path)
     if kind == "mmseqs":  # indexes are ours, made later: they must not change the fingerprint
         return [p for p in mmseqs_db_files(path) if ".idx" not in p.name[len(path.name):]]
     files = sorted(p for p in (path / "mmcif_files").iterdir() if p.is_file())
     return files + [p for p in (path / "obsolete.dat",) if p.is_file()]
+
+
+def hh_db_files(prefix: Path) -> list[Path]:
+    """The ffindex files of the HH-suite database `prefix` (`_a3m`, `_hhm`, `_cs219`), sorted;
+    never a sibling's (`pdb70` vs `pdb70_2023_...`), which a `prefix_*` glob would take."""
+    return [f for part in HH_PARTS for ext in (".ffdata", ".ffindex")
+            if (f := prefix.with_name(f"{prefix.name}_{part}{ext}")).is_file()]
 
 
 def mmseqs_db_files(prefix: Path) -> list[Path]:
@@ -221,7 +229,7 @@ def _override(name: str, path: Path) -> Path | None:
     if path.is_dir():
         return _glob_in(name, path)
     if kind == "hh":
-        return path if any(path.parent.glob(path.name + "_*")) else None
+        return path if hh_db_files(path) else None
     if kind == "mmseqs":
         return path if path.with_name(path.name + ".dbtype").is_file() else None
     return path if path.is_file() else None

@@ -30,6 +30,7 @@ from parafold.errors import (
     ToolNotFoundError,
     ToolTimeoutError,
 )
+from parafold.search.databases import hh_db_files
 
 __all__ = [
     "ToolRun",
@@ -140,7 +141,7 @@ def resolve_binary(binary: str) -> str:
 
 
 def _hh_prefix_exists(prefix: Path) -> bool:
-    return any(prefix.parent.glob(prefix.name + "_*")) if prefix.parent.is_dir() else False
+    return bool(hh_db_files(prefix))
 
 
 def _check_hh_databases(tool: str, databases: Sequence[Path]) -> tuple[Path, ...]:
