@@ -27,12 +27,12 @@ R = TypeVar("R")
 
 @dataclass(frozen=True, slots=True)
 class Resources:
-    """What one job needs; engines that can reserve resources (Ray) do, others respect cpus."""
+    """What one job needs; engines that can reserve resources (Ray) do, others respect cpus.
+    (No time limit here: each search tool call has its own timeout, `SearchSettings.timeout_s`.)"""
 
     cpus: int = 1
     gpus: int = 0
     memory_gb: float | None = None
-    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.cpus < 0 or self.gpus < 0:
