@@ -87,7 +87,7 @@ def test_predict_gives_same_named_folders_of_two_roots_their_own_output(tmp_path
     handed: list[tuple[str, str]] = []
 
     class StubWorker:
-        stats = "stub"
+        stats: dict[str, object] = {"compiles": 0}
 
         def __init__(self, *args, **kwargs):
             pass

@@ -10,11 +10,17 @@ counter the tests read, and compile time is measured apart from prediction time.
 Two cache levels sit under that dict: serialized executables (`fold.exec_cache`, no tracing
 or lowering on a hit) and then JAX's persistent compilation cache (tracing and lowering,
 no XLA compile on a hit).
+
+The cache is thread-safe so the worker can compile upcoming shapes in background threads
+while the device runs the current one (`ModelSettings.compile_ahead`); `input_shapes` gives
+those threads a shape's inputs before any target of it is processed.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -36,7 +42,7 @@ if TYPE_CHECKING:
     import ml_collections
 
 __all__ = ["ModelRunner", "RunnerStats", "enable_persistent_cache", "forward_transform",
-           "probe_batch", "is_out_of_memory", "Launched", "LaunchedBatch"]
+           "probe_batch", "input_shapes", "is_out_of_memory", "Launched", "LaunchedBatch"]
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +53,30 @@ _OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM whe
 
 
 class _CacheEvents:
-    """Counts JAX's persistent-cache events (process-wide; listeners cannot be removed)."""
+    """Counts JAX's persistent-cache events (process-wide; listeners cannot be removed).
+
+    Hits are also counted per thread: JAX reports them in the thread that compiles, and with
+    several compiling at once only that count tells whose compile the cache served.
+    """
 
     def __init__(self) -> None:
         self.hits = 0
         self.writes = 0
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     def __call__(self, event: str, **_: Any) -> None:
         if event == "/jax/compilation_cache/cache_hits":
             with self._lock:
                 self.hits += 1
+            self._local.hits = self.thread_hits() + 1
         elif event == "/jax/compilation_cache/cache_misses":
             with self._lock:
                 self.writes += 1
+
+    def thread_hits(self) -> int:
+        """Hits seen by the calling thread."""
+        return int(getattr(self._local, "hits", 0))
 
 
 _EVENTS: _CacheEvents | None = None
@@ -152,6 +168,46 @@ def probe_batch(model_name: str, settings: ModelSettings) -> dict[str, Any]:
     return {k: v[0] for k, v in feats.items()}
 
 
+def input_shapes(model_name: str, settings: ModelSettings, key: ShapeKey) -> dict[str, Any]:
+    """`jax.ShapeDtypeStruct`s of one iteration of `process_features`' output at `key`, with
+    the member axis when `key.batch > 1` (dtypes then as `jax.device_put` makes them), so an
+    executable can be compiled before any target of that shape is processed.
+
+    Padding fixes every shape: each axis AlphaFold's schema (`data.eval.feat`) names is padded
+    to the key's size, the others come from a small probe target. The probe runs AlphaFold's
+    numpy TF backend, whose random state is global: call this from the thread that processes
+    features, never from a compile thread.
+    """
+    import jax
+    from alphafold.model.tf import shape_placeholders as sp
+
+    sizes = {sp.NUM_RES: key.length, sp.NUM_MSA_SEQ: key.clusters, sp.NUM_EXTRA_SEQ: key.extra,
+             sp.NUM_TEMPLATES: key.templates}
+    lead = (key.batch,) if key.batch > 1 else ()
+    out = {}
+    for name, (axes, dtype) in _feature_schema(model_name, settings).items():
+        # as AlphaFold's make_fixed_size: an axis padded to size 0 keeps the data's size
+        shape = tuple(sizes.get(axis, 0) or probed for axis, probed in axes)
+        out[name] = jax.ShapeDtypeStruct(
+            lead + shape, jax.dtypes.canonicalize_dtype(dtype) if lead else dtype)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _feature_schema(model_name: str, settings: ModelSettings
+                    ) -> dict[str, tuple[tuple[tuple[str, int], ...], np.dtype]]:
+    """Per processed feature: each axis as (padding placeholder, or "" where not padded, and
+    the probe's size), and the dtype."""
+    schema = forward_transform(model_name, settings, low_memory=False)[1].data.eval.feat
+    out = {}
+    for name, value in probe_batch(model_name, settings).items():
+        named = [axis or "" for axis in schema[name]] if name in schema else []
+        if len(named) != value.ndim:
+            named = [""] * value.ndim
+        out[name] = (tuple(zip(named, value.shape, strict=True)), value.dtype)
+    return out
+
+
 @dataclass(slots=True)
 class RunnerStats:
     """Counters of the runner.
@@ -159,6 +215,10 @@ class RunnerStats:
     `compiles` counts executables made ready in this process by any route: `executable_hits`
     were loaded from serialized executables (no tracing), `persistent_hits` were traced and
     lowered but JAX's persistent cache gave the binary, `xla_compiles` the rest.
+    `compiled_ahead` of them (`compile_ahead_s` seconds) were made by compile-ahead threads;
+    `compile_spans` holds
+    (shape, requested, ready) `time.perf_counter` times of each, so a benchmark can see how
+    compiles overlapped the device's work.
     """
 
     compiles: int = 0
@@ -171,6 +231,9 @@ class RunnerStats:
     batched_members: int = 0
     padded_slots: int = 0
     compile_keys: list[str] = field(default_factory=list)
+    compiled_ahead: int = 0
+    compile_ahead_s: float = 0.0
+    compile_spans: list[tuple[str, float, float]] = field(default_factory=list)
 
     @property
     def traced(self) -> int:
@@ -187,7 +250,10 @@ class RunnerStats:
                 "xla_compiles": self.xla_compiles, "compile_s": round(self.compile_s, 3),
                 "predict_s": round(self.predict_s, 3), "predictions": self.predictions,
                 "launches": self.launches, "batched_members": self.batched_members,
-                "padded_slots": self.padded_slots}
+                "padded_slots": self.padded_slots, "compiled_ahead": self.compiled_ahead,
+                "compile_ahead_s": round(self.compile_ahead_s, 3),
+                "compile_spans": [[k, round(a, 4), round(b, 4)]
+                                  for k, a, b in self.compile_spans]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +261,7 @@ class _Entry:
     compiled: Any
     fingerprint: str
     disk_key: str = ""  # set when loaded from the executable cache
+    seconds: float = 0.0  # loading or compiling it
 
 
 @dataclass(slots=True)
@@ -270,17 +337,30 @@ class ModelRunner:
         self.platform = jax.default_backend()
         self.stats = RunnerStats()
         self._cache: dict[ShapeKey, _Entry] = {}
+        # Guards the cache, the builds in flight and the compile counters: compile-ahead
+        # threads and the worker's loop ask for executables at the same time.
+        self._lock = threading.Lock()
+        self._building: dict[ShapeKey, cf.Future[_Entry]] = {}
+        self._unclaimed: dict[ShapeKey, float] = {}
         self._disk: ExecutableCache | None = None
         if settings.compile_cache_dir is not None and settings.executable_cache:
             self._disk = ExecutableCache(Path(settings.compile_cache_dir) / "executables")
 
     @property
     def compiled_keys(self) -> list[ShapeKey]:
-        return sorted(self._cache)
+        with self._lock:
+            return sorted(self._cache)
 
     def has(self, key: ShapeKey) -> bool:
         """True when `key` is compiled in this process already."""
-        return key in self._cache
+        with self._lock:
+            return key in self._cache
+
+    def take_compile_s(self, key: ShapeKey) -> float:
+        """Seconds `key`'s executable took to make ready, once (then 0): the first unit that
+        runs it is charged, whichever thread compiled it."""
+        with self._lock:
+            return self._unclaimed.pop(key, 0.0)
 
     def config(self, model_name: str, key: ShapeKey) -> ml_collections.ConfigDict:
         return forward_transform(model_name, self.settings, low_memory=key.low_memory, key=key,
@@ -293,24 +373,71 @@ class ModelRunner:
                 "prev_pair": np.zeros(lead + (length, length, 128), np.float32),
                 "prev_pos": np.zeros(lead + (length, 37, 3), np.float32)}
 
-    def executable(self, model_name: str, key: ShapeKey, params: Any, batch: dict[str, Any]
-                   ) -> Any:
+    def executable(self, model_name: str, key: ShapeKey, params: Any, batch: dict[str, Any],
+                   *, ahead: bool = False) -> Any:
         """The executable for `key`, made ready on first use: loaded from the executable cache,
         else traced and compiled (from the persistent cache if there) and then stored.
 
         `key.batch > 1` compiles the vmapped iteration; `batch` then has a leading member axis.
+        Only the shapes and dtypes of `params` and `batch` are read (`jax.ShapeDtypeStruct`s
+        will do). Safe from several threads: the first caller for a key builds it and the
+        others wait for that build and share its result or error, so each key compiles once.
+        `ahead` marks a build for a later unit (`RunnerStats.compiled_ahead`).
         """
-        import jax
-
+        requested = time.perf_counter()
         transform, cfg = forward_transform(model_name, self.settings, low_memory=key.low_memory,
                                            key=key, pallas=self.pallas)
         fingerprint = cfg.model.to_json()
-        entry = self._cache.get(key)
-        if entry is not None:
-            if entry.fingerprint != fingerprint:
-                raise InferenceError(f"{model_name}: model config differs from the one compiled "
-                                     f"for {key.describe()}")
-            return entry.compiled
+        with self._lock:
+            entry = self._cache.get(key)
+            building = self._building.get(key)
+            owner = entry is None and building is None
+            if owner:
+                building = self._building[key] = cf.Future()
+        if entry is None:
+            assert building is not None
+            entry = (self._build(building, key, params, batch, transform, fingerprint,
+                                 requested=requested, ahead=ahead)
+                     if owner else building.result())
+        if entry.fingerprint != fingerprint:
+            raise InferenceError(f"{model_name}: model config differs from the one compiled "
+                                 f"for {key.describe()}")
+        return entry.compiled
+
+    def _build(self, building: cf.Future[_Entry], key: ShapeKey, params: Any,
+               batch: dict[str, Any], transform: hk.Transformed, fingerprint: str, *,
+               requested: float, ahead: bool) -> _Entry:
+        """Make `key`'s executable (`building` is this thread's registered build) and publish
+        it, or its error, to the threads waiting for it."""
+        try:
+            entry, source = self._make(key, params, batch, transform, fingerprint)
+        except BaseException as exc:
+            with self._lock:
+                del self._building[key]
+            building.set_exception(exc)
+            raise
+        ready = time.perf_counter()
+        with self._lock:
+            self._cache[key] = entry
+            del self._building[key]
+            self._unclaimed[key] = entry.seconds
+            stats = self.stats
+            stats.compiles += 1
+            stats.executable_hits += int(source == "executable cache")
+            stats.persistent_hits += int(source == "persistent cache")
+            stats.compiled_ahead += int(ahead)
+            stats.compile_ahead_s += entry.seconds if ahead else 0.0
+            stats.compile_s += entry.seconds
+            stats.compile_keys.append(key.describe())
+            stats.compile_spans.append((key.describe(), requested, ready))
+        building.set_result(entry)
+        return entry
+
+    def _make(self, key: ShapeKey, params: Any, batch: dict[str, Any],
+              transform: hk.Transformed, fingerprint: str) -> tuple[_Entry, str]:
+        """Load or compile the executable for `key`; also says where it came from."""
+        import jax
+
         rng = jax.random.PRNGKey(0)
         if key.batch > 1:
             rng = np.zeros((key.batch,) + tuple(rng.shape), rng.dtype)
@@ -323,34 +450,25 @@ class ModelRunner:
             loaded = self._disk.load(disk_key, jax.tree_util.tree_structure((abstract, {})))
             if loaded is not None:
                 seconds = time.perf_counter() - started
-                self.stats.compiles += 1
-                self.stats.executable_hits += 1
-                self.stats.compile_s += seconds
-                self.stats.compile_keys.append(key.describe())
                 log.info("loaded %s in %.2f s (executable cache)", key.describe(), seconds)
-                self._cache[key] = _Entry(compiled=loaded, fingerprint=fingerprint,
-                                          disk_key=disk_key)
-                return loaded
+                return (_Entry(compiled=loaded, fingerprint=fingerprint, disk_key=disk_key,
+                               seconds=seconds), "executable cache")
         step = _batched_step_fn(transform) if key.batch > 1 else _step_fn(transform)
         events = _events()
-        hits_before = events.hits
+        hits_before = events.thread_hits()
         started = time.perf_counter()
         with _oom_as_error(key, "compiling"):
             compiled = jax.jit(step).lower(*abstract).compile()
         seconds = time.perf_counter() - started
-        hit = events.hits > hits_before
-        self.stats.compiles += 1
-        self.stats.persistent_hits += int(hit)
-        self.stats.compile_s += seconds
-        self.stats.compile_keys.append(key.describe())
+        hit = events.thread_hits() > hits_before
         log.info("compiled %s in %.1f s%s", key.describe(), seconds,
                  " (persistent cache)" if hit else "")
-        self._cache[key] = _Entry(compiled=compiled, fingerprint=fingerprint)
         # An executable JAX's persistent cache gave back re-serializes broken on XLA:CPU (it
         # loads, then fails at dispatch: "Function ..._fusion not found"): store fresh ones only.
         if self._disk is not None and not hit:
             self._disk.store(disk_key, compiled, key.describe())
-        return compiled
+        return (_Entry(compiled=compiled, fingerprint=fingerprint, seconds=seconds),
+                "persistent cache" if hit else "compiled")
 
     def launch(self, model_name: str, key: ShapeKey, params: Any, feats: dict[str, np.ndarray],
                seed: int) -> Launched:
@@ -475,13 +593,14 @@ class ModelRunner:
     def _run_failed(self, key: ShapeKey, exc: BaseException) -> None:
         """A loaded executable that fails to run (not out of memory) is deleted from the
         executable cache, so the next process compiles it; this call still raises."""
-        entry = self._cache.get(key)
-        if entry is None or not entry.disk_key or self._disk is None:
-            return
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is None or not entry.disk_key or self._disk is None:
+                return
+            del self._cache[key]
         log.warning("executable for %s from the executable cache failed (%s); removing it",
                     key.describe(), exc)
         self._disk.discard(entry.disk_key)
-        del self._cache[key]
 
     def low_memory_key(self, key: ShapeKey) -> ShapeKey:
         return replace(key, low_memory=True)

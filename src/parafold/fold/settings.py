@@ -53,7 +53,10 @@ class ModelSettings:
     runs one at a time unless `force_batch` (it gains nothing from batching). `host_workers`
     processes features and `write_workers` write files in background processes (None: auto,
     0: inline in the calling thread); `device_memory_bytes` overrides the device's reported
-    memory for the batch-size model.
+    memory for the batch-size model. `compile_ahead` threads compile the executables a `fold`
+    call will need, in the order it needs them, while earlier shapes run (a full-model compile
+    takes ~25-29 s per shape on a GPU, which would otherwise leave the device idle); 0 compiles
+    each shape when the loop reaches it.
     """
 
     model_preset: str = "monomer_ptm"
@@ -77,6 +80,7 @@ class ModelSettings:
     write_workers: int | None = None
     device_memory_bytes: int | None = None
     executable_cache: bool = False  # experimental until checked on a GPU (fused-kernel calls)
+    compile_ahead: int = 1
 
     def __post_init__(self) -> None:
         if self.model_preset not in MODEL_PRESETS:
@@ -103,6 +107,8 @@ class ModelSettings:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InputError(f"{name} must be >= 0, got {value}")
+        if self.compile_ahead < 0:
+            raise InputError(f"compile_ahead must be >= 0, got {self.compile_ahead}")
         if self.device_memory_bytes is not None and self.device_memory_bytes <= 0:
             raise InputError("device memory must be positive")
 

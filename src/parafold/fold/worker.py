@@ -6,7 +6,9 @@ run over thousands of targets compiles once per shape. Targets of one shape run 
 software-pipelined: features of the next units are processed in helper processes, the next
 unit's inputs are sent to the device and launched behind the running one (JAX dispatch is
 asynchronous), and finished targets' files are written by helper processes, so the device
-waits for the host as little as possible.
+waits for the host as little as possible. Compiles are pipelined too: `fold` knows every shape
+it will need up front, and background threads compile them in that order while earlier units
+run (`ModelSettings.compile_ahead`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from parafold.errors import GpuOutOfMemoryError, PipelineError
+from parafold.errors import GpuOutOfMemoryError, InferenceError, PipelineError
 from parafold.featureset import FeatureSet
 from parafold.fold.batching import batch_size, batched_key, next_pow2, stack_members
 from parafold.fold.buckets import ShapeKey, shape_key
@@ -126,17 +128,26 @@ class FoldWorker:
                                auto_workers(settings.write_workers, platform, gpu_default=2))
         self._meter = BusyMeter()
         self._wall_s = 0.0
+        # compile-ahead state of the running `fold` call (empty outside one)
+        self._compiler: cf.ThreadPoolExecutor | None = None
+        self._ahead: dict[ShapeKey, cf.Future[None]] = {}
+        self._planned: dict[ShapeKey, str] = {}
+        self._compile_wait_s = 0.0
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Runner counters plus the device's busy time over the wall time of `fold` calls."""
+        """Runner counters plus the device's busy time over the wall time of `fold` calls, and
+        how long the loop waited for compile-ahead threads."""
         busy = self._meter.busy_s()
         return {**self.runner.stats.as_dict(), "busy_s": round(busy, 3),
                 "fold_wall_s": round(self._wall_s, 3),
-                "busy_fraction": round(busy / self._wall_s, 4) if self._wall_s else None}
+                "busy_fraction": round(busy / self._wall_s, 4) if self._wall_s else None,
+                "compile_wait_s": round(self._compile_wait_s, 3)}
 
     def close(self) -> None:
-        """Stop the helper processes (they start again on the next `fold`)."""
+        """Stop the helper processes (they start again on the next `fold`) and any
+        compile-ahead threads."""
+        self._stop_compiles()
         self.pools.close()
 
     def __enter__(self) -> FoldWorker:
@@ -208,12 +219,86 @@ class FoldWorker:
         return units
 
     def _exec_batch(self, key: ShapeKey, count: int) -> int:
-        """The batch to run `count` members of `key` at: the smallest already compiled one that
-        holds them, else the next power of two (few shapes, few dummy slots), within the cap."""
+        """The batch to run `count` members of `key` at: the smallest already compiled (or
+        planned for compiling ahead) one that holds them, else the next power of two (few
+        shapes, few dummy slots), within the cap."""
         cap = self.batch_cap(key)
-        compiled = [k.batch for k in self.runner.compiled_keys
+        compiled = [k.batch for k in [*self.runner.compiled_keys, *self._planned]
                     if replace(k, batch=1) == key and count <= k.batch <= cap]
         return min(compiled) if compiled else min(cap, next_pow2(count))
+
+    def _exec_key(self, key: ShapeKey, count: int) -> ShapeKey:
+        batch = self._exec_batch(key, count)
+        return batched_key(key, batch) if batch > 1 else key
+
+    def _start_compiles(self, units: Sequence[_Unit]) -> None:
+        """Compile the executables of `units` in background threads, in the order the loop
+        needs them, so each is ready or under way when the loop gets there: a full-model
+        compile takes ~25-29 s per shape on a GPU, and the device idles through each one the
+        loop compiles itself. XLA's compile releases the GIL, so it overlaps the device's work
+        and the loop's Python. Each executable key is planned once, with the batch
+        `_exec_batch` will pick (planned keys count as compiled there, so the loop agrees).
+        """
+        workers = self.settings.compile_ahead
+        if workers == 0 or not units:
+            return
+        from parafold.fold.runner import input_shapes
+
+        for unit in units:
+            key = self._exec_key(unit.key, len(unit.members))
+            if key not in self._planned and not self.runner.has(key):
+                self._planned[key] = unit.run.model_name
+        if not self._planned:
+            return
+        self._compiler = cf.ThreadPoolExecutor(max_workers=workers,
+                                               thread_name_prefix="compile-ahead")
+        for key, model_name in self._planned.items():
+            try:  # the same params the loop will pass; probing shapes runs AlphaFold's
+                # feature pipeline, so it stays in this thread
+                params = self._device_params(model_name)
+                shapes = input_shapes(model_name, self.settings, key)
+            except _TARGET_ERRORS as exc:  # the loop meets it again and fails those targets
+                log.warning("%s: not compiling ahead: %s", key.describe(), exc)
+                continue
+            self._ahead[key] = self._compiler.submit(self._compile_ahead, model_name, key,
+                                                     params, shapes)
+        log.info("compiling %d shapes ahead in %d threads", len(self._ahead), workers)
+
+    def _compile_ahead(self, model_name: str, key: ShapeKey, params: Any,
+                       shapes: dict[str, Any]) -> None:
+        """One background compile; its error waits in the future for the loop."""
+        try:
+            self.runner.executable(model_name, key, params, shapes, ahead=True)
+        except Exception as exc:
+            log.warning("compiling %s ahead failed: %s", key.describe(), exc)
+            raise
+
+    def _await_compile(self, key: ShapeKey) -> None:
+        """Wait for the background compile of `key`, if there is one; a compile not started
+        yet is cancelled and left to the loop. Its error is this unit's, as if the loop had
+        compiled, except out of memory: that one may come from compiling beside the running
+        units (XLA autotunes on the device), so the loop compiles again, alone as before."""
+        future = self._ahead.pop(key, None)
+        if future is None or future.cancel():
+            return
+        started = time.perf_counter()
+        try:
+            future.result()
+        except GpuOutOfMemoryError as exc:
+            log.warning("%s while compiling ahead; compiling it again here", exc)
+        except _TARGET_ERRORS as exc:
+            raise InferenceError(f"compile failed: {exc}") from exc
+        finally:
+            self._compile_wait_s += time.perf_counter() - started
+
+    def _stop_compiles(self) -> None:
+        """Cancel the compiles not started and wait for the running ones: no thread outlives
+        `fold`."""
+        compiler, self._compiler = self._compiler, None
+        self._ahead.clear()
+        self._planned.clear()
+        if compiler is not None:
+            compiler.shutdown(wait=True, cancel_futures=True)
 
     def fold(self, feature_sets: Sequence[FeatureSet], out_root: Path) -> list[FoldOutcome]:
         """Predict and write `out_root/<name>/...` for each set; one outcome per set, in order."""
@@ -233,15 +318,19 @@ class FoldWorker:
         units = self._plan(todo)
         futures: dict[int, list[cf.Future[Any] | None]] = {}
         pending: _Pending | None = None
-        for i, unit in enumerate(units):
-            for j in range(i, min(len(units), i + _LOOKAHEAD + 1)):
-                if j not in futures:
-                    futures[j] = self._submit_features(units[j], ctx)
-            members, feats = self._gather(unit, futures.pop(i), ctx)
-            if members:
-                pending = self._dispatch(unit, members, feats, pending, ctx)
-        if pending is not None:
-            self._complete(pending, ctx)
+        try:
+            self._start_compiles(units)
+            for i, unit in enumerate(units):
+                for j in range(i, min(len(units), i + _LOOKAHEAD + 1)):
+                    if j not in futures:
+                        futures[j] = self._submit_features(units[j], ctx)
+                members, feats = self._gather(unit, futures.pop(i), ctx)
+                if members:
+                    pending = self._dispatch(unit, members, feats, pending, ctx)
+            if pending is not None:
+                self._complete(pending, ctx)
+        finally:
+            self._stop_compiles()
         self._collect(ctx)
         self._wall_s += time.perf_counter() - started
         return [ctx.outcomes[fs.name] for fs in feature_sets]
@@ -297,12 +386,12 @@ class FoldWorker:
             return pending
         key = batched_key(unit.key, batch) if batch > 1 else unit.key
         if pending is not None and not self.runner.has(key):
-            # A compile would stall the host: finish the pending unit first so its predict
-            # time does not include this compile.
+            # A compile (or waiting for one) would stall the host: finish the pending unit
+            # first so its predict time does not include this compile.
             self._complete(pending, ctx)
             pending = None
-        compile_before = self.runner.stats.compile_s
         try:
+            self._await_compile(key)
             launched = self._launch(key, unit.run, feats)
         except GpuOutOfMemoryError as exc:
             if pending is not None:
@@ -316,8 +405,7 @@ class FoldWorker:
         self._meter.watch(launched.started, launched.outputs)
         if pending is not None:
             self._complete(pending, ctx)
-        return _Pending(unit, key, members, feats, launched,
-                        self.runner.stats.compile_s - compile_before)
+        return _Pending(unit, key, members, feats, launched, self.runner.take_compile_s(key))
 
     def _complete(self, p: _Pending, ctx: _Pass) -> None:
         """Fetch a launched unit and record each member's prediction."""
@@ -375,7 +463,6 @@ class FoldWorker:
         log.warning("%s (%d residues, %s): %s; retrying with less memory", members[0].name,
                     members[0].length, key.describe(), exc)
         low = self.runner.low_memory_key(key)
-        compile_before = self.runner.stats.compile_s
         try:
             launched = self._launch(low, unit.run, feats)
         except GpuOutOfMemoryError as again:
@@ -386,7 +473,7 @@ class FoldWorker:
             self._fail(members, f"predict failed ({low.describe()}): {exc}", ctx)
             return
         self._complete(_Pending(unit, low, members, feats, launched,
-                                self.runner.stats.compile_s - compile_before), ctx)
+                            self.runner.take_compile_s(low)), ctx)
 
     def _fail(self, members: list[FeatureSet], error: str, ctx: _Pass) -> None:
         for fs in members:
