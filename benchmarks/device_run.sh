@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# GPU-stage checks on the GPU machine, in one go (prepared, run by the lead):
-#   1. batched throughput, cold persistent compile cache (240 proteins, 50-150 residues,
-#      1 model x 3 recycles, --max-batch 32), with useful FLOP/s and a measured bf16 peak;
-#   2. the same run again on the warm compile cache (compile reuse: xla_compiles should be 0,
-#      so its busy fraction and proteins/hour are the steady state), then the comparison on
-#      the same inputs: the stock loop on 2 proteins, colabfold_batch if installed (else
-#      reported as skipped, with the reason).
-# Nine length buckets x one depth bucket = 9 compiles (~15 s each) dominate step 1.
+# GPU-stage checks on the GPU machine, prepared to fit a 10-minute device call each:
+#   predict  (issue 3): 200 proteins of 50-300 residues, full config, 1 model x 3 recycles,
+#            --max-batch 32 (predict's default), compile-ahead 4 threads, executable cache on,
+#            cold caches; the stock loop
+#            (a fresh RunModel per protein) on 2 of them in the same run.  ~6 min.
+#   batched  (issue 5): 1,000 proteins of 50-150, --max-batch 32, cold, with useful FLOP/s and
+#            a measured bf16 peak; then the same inputs warm (the executable cache should give
+#            every shape: executable_hits == compiles), colabfold_batch if installed.  ~9 min.
 # Each step is bounded by `timeout`, writes JSON under $OUT and its log; a table follows.
 #
-#   PYTHONPATH=src:.device_carry/fold_site bash benchmarks/device_run.sh
+#   PYTHONPATH=src:.device_carry/fold_site OUT=$OUT bash benchmarks/device_run.sh predict
+#   PYTHONPATH=src:.device_carry/fold_site OUT=$OUT bash benchmarks/device_run.sh batched
 set -u
 OUT=${OUT:-/tmp/parafold-device}
 mkdir -p "$OUT"
@@ -18,7 +19,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 WORK=$(mktemp -d /tmp/parafold-bench-XXXX)
 CACHE="$WORK/jax-cache"
 BENCH=(python3 benchmarks/gpu_stage.py --workdir "$WORK" --models 1 --num-recycle 3)
-MAIN=(--n 240 --lengths 50-150 --depths 32-127 --max-batch 32)
+MAIN=(--n 1000 --lengths 50-150 --depths 32-127 --max-batch 32)
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$OUT/jax.txt"
@@ -32,19 +33,29 @@ step() {  # name, seconds, args...
   tail -n 8 "$OUT/$name.log"
 }
 
-step batched_cold 200 "${MAIN[@]}" --cache-dir "$CACHE" --stock-subset 0
-step batched_warm 140 "${MAIN[@]}" --cache-dir "$CACHE" --no-flops --stock-subset 2 \
-  --colabfold --colabfold-timeout 30
+PART=${1:-batched}
+AHEAD=(--compile-ahead "${COMPILE_AHEAD:-4}" --executable-cache)
+if [ "$PART" = predict ]; then
+  step predict_cold 420 --n 200 --lengths 50-300 --depths 64-500 --max-batch 32 \
+    --cache-dir "$CACHE" --stock-subset 2 --no-flops "${AHEAD[@]}"
+  NAMES="predict_cold"
+else
+  step batched_cold 330 "${MAIN[@]}" --cache-dir "$CACHE" --stock-subset 0 "${AHEAD[@]}"
+  step batched_warm 200 "${MAIN[@]}" --cache-dir "$CACHE" --no-flops --stock-subset 0 \
+    --colabfold --colabfold-timeout 30 "${AHEAD[@]}"
+  NAMES="batched_cold batched_warm"
+fi
 
-python3 - "$OUT" <<'EOF'
+python3 - "$OUT" $NAMES <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 cols = ("proteins_per_hour", "wall_s", "busy_fraction", "busy_fraction_nvidia_smi", "compiles",
-        "xla_compiles", "compile_s", "mean_batch", "useful_tflops_per_s",
+        "xla_compiles", "executable_hits", "compile_s", "compiled_ahead", "loop_compile_s",
+        "warm_s_per_prediction", "mean_batch", "useful_tflops_per_s",
         "fraction_of_bf16_peak", "peak_device_bytes", "memory_model_bytes_biggest_batch")
 print("\n=== summary ===")
-for name in ("batched_cold", "batched_warm"):
+for name in sys.argv[2:]:
     path = out / f"{name}.json"
     if not path.is_file():
         print(f"{name}: no result (see {name}.log)")
