@@ -6,11 +6,16 @@
 #            (a fresh RunModel per protein) on 2 of them in the same run.  ~6 min.
 #   batched  (issue 5): 1,000 proteins of 50-150, --max-batch 32, cold, with useful FLOP/s and
 #            a measured bf16 peak; then the same inputs warm (the executable cache should give
-#            every shape: executable_hits == compiles), colabfold_batch if installed.  ~9 min.
+#            every shape: executable_hits == compiles).  ~9 min.
+#   colabfold (issue 5): 200 proteins of 50-150 through parafold, then the same MSAs and random
+#            weights through colabfold_batch 1.6.3 in its own environment
+#            (.device_carry/colabfold_site, built with pip --target; Bio from fold_site), cold
+#            both, colabfold stopped after 300 s and counted by the proteins it finished.  ~9 min.
 # Each step is bounded by `timeout`, writes JSON under $OUT and its log; a table follows.
 #
 #   PYTHONPATH=src:.device_carry/fold_site OUT=$OUT bash benchmarks/device_run.sh predict
 #   PYTHONPATH=src:.device_carry/fold_site OUT=$OUT bash benchmarks/device_run.sh batched
+#   PYTHONPATH=src:.device_carry/fold_site OUT=$OUT bash benchmarks/device_run.sh colabfold
 set -u
 OUT=${OUT:-/tmp/parafold-device}
 mkdir -p "$OUT"
@@ -39,11 +44,18 @@ if [ "$PART" = predict ]; then
   step predict_cold 420 --n 200 --lengths 50-300 --depths 64-500 --max-batch 32 \
     --cache-dir "$CACHE" --stock-subset 2 --no-flops "${AHEAD[@]}"
   NAMES="predict_cold"
-else
+elif [ "$PART" = batched ]; then
   step batched_cold 330 "${MAIN[@]}" --cache-dir "$CACHE" --stock-subset 0 "${AHEAD[@]}"
   step batched_warm 200 "${MAIN[@]}" --cache-dir "$CACHE" --no-flops --stock-subset 0 \
-    --colabfold --colabfold-timeout 30 "${AHEAD[@]}"
+    "${AHEAD[@]}"
   NAMES="batched_cold batched_warm"
+fi
+if [ "$PART" = colabfold ]; then
+  CF_SITE="$PWD/.device_carry/colabfold_site:$PWD/.device_carry/fold_site"
+  step vs_colabfold 560 --n 200 --lengths 50-150 --depths 32-127 --max-batch 32 \
+    --cache-dir "$CACHE" --stock-subset 0 --no-flops "${AHEAD[@]}" --colabfold \
+    --colabfold-python python3 --colabfold-pythonpath "$CF_SITE" --colabfold-timeout 300
+  NAMES="vs_colabfold"
 fi
 
 python3 - "$OUT" $NAMES <<'EOF'
