@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,6 +126,7 @@ class _FakeFoldWorker:
     def __init__(self, name: str) -> None:
         self.name = name
         self.batches: list[tuple[list[str], object]] = []
+        self.restarts = 0
 
     def warm(self) -> object:
         raise AssertionError("not started by this test")
@@ -139,7 +141,7 @@ class _FakeFoldWorker:
         return JobHandle(future, label=self.name)
 
     def restart(self) -> None:
-        raise AssertionError("no worker dies in this test")
+        self.restarts += 1
 
     def finish_last(self) -> object:
         """Complete the newest batch with every target ok; returns its future."""
@@ -154,11 +156,17 @@ class _FakeFoldWorker:
             f"{self.name}@test:1", now - 1, now))
         return future
 
+    def fail_last(self, exc: Exception) -> object:
+        """Fail the newest batch as a whole (the worker's fault); returns its future."""
+        _, future = self.batches[-1]
+        future.set_exception(exc)  # type: ignore[attr-defined]
+        return future
+
 
 def test_idle_workers_share_groups_and_take_the_next_one(tmp_path: Path) -> None:
-    """Two idle workers: a partial group with nothing more coming is shared out over both;
-    the next group goes to whichever worker comes back idle first, never queued behind a
-    busy one."""
+    """Two idle workers: a partial group with nothing more coming (and no other group to run)
+    is shared out over both; the next group goes to whichever worker comes back idle first,
+    never queued behind a busy one."""
     from parafold.engine.inline import InlineExecutor
     from parafold.engine.scheduler import Scheduler
     from parafold.featureset import FeatureSet
@@ -183,14 +191,17 @@ def test_idle_workers_share_groups_and_take_the_next_one(tmp_path: Path) -> None
         sched = Scheduler(settings, ledger, 1, InlineExecutor(), None, [], [*short, long],
                           total=4, done_before=0)
         now = time.time()
-        sched.ready = {f.name: (f, now - 10) for f in short} | {"b0": (long, now - 5)}
+        sched.ready = {f.name: (f, now - 10) for f in short}
         sched.idle = [gpu0, gpu1]  # type: ignore[list-item]
 
         sched._dispatch_folds()
-        # The short group (oldest, 3 < max_batch, no searches left) is shared over both.
+        # The short group (3 < max_batch, no searches left) is shared over both.
         assert [b for b, _ in gpu0.batches] == [["a0", "a1"]]
         assert [b for b, _ in gpu1.batches] == [["a2"]]
-        assert list(sched.ready) == ["b0"] and not sched.idle
+        assert not sched.ready and not sched.idle
+        sched.ready["b0"] = (long, now - 5)  # its search finished meanwhile
+        sched._dispatch_folds()
+        assert list(sched.ready) == ["b0"]
 
         # gpu1 comes back first: it takes the long target at once.
         sched._fold_finished(gpu1.finish_last())  # type: ignore[arg-type]
@@ -206,3 +217,239 @@ def test_idle_workers_share_groups_and_take_the_next_one(tmp_path: Path) -> None
         assert workers == {"a0": "gpu0@test:1", "a1": "gpu0@test:1", "a2": "gpu1@test:1",
                            "b0": "gpu1@test:1"}
         assert all(ledger.get(n).state is State.DONE for n in workers)  # type: ignore[union-attr]
+
+
+def _ready_scheduler(tmp_path: Path, ledger: Ledger, lengths: dict[str, int], *,
+                     max_batch: int) -> tuple[object, dict[str, object]]:
+    """A scheduler with nothing left to search and these targets' features made (not yet in
+    its ready list: tests add them when they "arrive"); returns it and the feature sets."""
+    from parafold.engine.inline import InlineExecutor
+    from parafold.engine.scheduler import Scheduler
+    from parafold.featureset import FeatureSet
+    from parafold.fold.settings import ModelSettings
+    from parafold.inputs import Target
+    from parafold.pipeline import RunSettings
+
+    sets = {n: FeatureSet(name=n, target_id=n, sequence="A" * length, path=tmp_path / n,
+                          msa_depth=30, num_templates=0) for n, length in lengths.items()}
+    ledger.register([Target(n, n, fs.sequence) for n, fs in sets.items()])
+    for n in sets:
+        ledger.reconcile(n, State.FEATURES_READY)
+    settings = RunSettings(input=tmp_path / "in.fasta", out=tmp_path, params_dir=tmp_path,
+                           search=None, model=ModelSettings(config_size="tiny", models=(1,)),
+                           max_batch=max_batch, max_wait_s=30.0, plots=False)
+    sched = Scheduler(settings, ledger, 1, InlineExecutor(), None, [], [], total=len(sets),
+                      done_before=0)
+    return sched, sets  # type: ignore[return-value]
+
+
+def test_idle_workers_keep_the_shapes_they_compiled(tmp_path: Path) -> None:
+    """Groups of shapes A, B, A, B arriving: once each worker has run one shape, a group goes
+    to the worker that has its shape compiled, whichever came back idle first; a worker whose
+    shape is waiting takes it before an older group of another worker's shape, unless that
+    group has waited past the starvation bound."""
+    gpu0, gpu1 = _FakeFoldWorker("gpu0"), _FakeFoldWorker("gpu1")
+    lengths = {f"a{i}": 60 for i in range(5)} | {f"b{i}": 150 for i in range(5)}
+    with Ledger(tmp_path) as ledger:
+        sched: Any
+        sched, sets = _ready_scheduler(tmp_path, ledger, lengths, max_batch=4)
+        now = time.time()
+
+        def arrive(name: str, since: float) -> None:
+            sched.ready[name] = (sets[name], since)
+
+        def last(worker: _FakeFoldWorker) -> list[str]:
+            return worker.batches[-1][0]
+
+        sched.idle = [gpu0, gpu1]
+        arrive("a0", now - 20)
+        sched._dispatch_folds()
+        arrive("b0", now - 19)
+        sched._dispatch_folds()
+        assert (last(gpu0), last(gpu1)) == (["a0"], ["b0"])
+
+        # Both idle, gpu1 first: each group goes to the worker that ran its shape.
+        sched._fold_finished(gpu1.finish_last())
+        sched._fold_finished(gpu0.finish_last())
+        arrive("a1", now - 10)
+        arrive("b1", now - 9)
+        sched._dispatch_folds()
+        assert (last(gpu0), last(gpu1)) == (["a1"], ["b1"])
+        # ... and with gpu0 back first, and B the older group.
+        sched._fold_finished(gpu0.finish_last())
+        sched._fold_finished(gpu1.finish_last())
+        arrive("b2", now - 8)
+        arrive("a2", now - 7)
+        sched._dispatch_folds()
+        assert (last(gpu0), last(gpu1)) == (["a2"], ["b2"])
+
+        # gpu1 busy: idle gpu0 takes its own shape; the older B group waits for gpu1 ...
+        sched._fold_finished(gpu0.finish_last())
+        arrive("b3", now - 5)
+        arrive("a3", now - 1)
+        sched._dispatch_folds()
+        assert last(gpu0) == ["a3"] and list(sched.ready) == ["b3"]
+        sched._fold_finished(gpu1.finish_last())
+        sched._dispatch_folds()
+        assert last(gpu1) == ["b3"]
+
+        # ... but not forever: past the bound it goes to the next idle worker regardless.
+        sched._fold_finished(gpu0.finish_last())
+        arrive("b4", time.time() - sched.starve_s - 1)
+        arrive("a4", time.time())
+        sched._dispatch_folds()
+        assert last(gpu0) == ["b4"] and list(sched.ready) == ["a4"]
+        # A worker never idles while a group waits: gpu1 compiles A rather than wait.
+        sched._fold_finished(gpu1.finish_last())
+        sched._dispatch_folds()
+        assert last(gpu1) == ["a4"]
+        sched._fold_finished(gpu0.finish_last())
+        sched._fold_finished(gpu1.finish_last())
+
+        assert sched.predicted == 10 and sched.failed == 0 and not sched.ready
+        assert [b for b, _ in gpu0.batches] == [["a0"], ["a1"], ["a2"], ["a3"], ["b4"]]
+        assert [b for b, _ in gpu1.batches] == [["b0"], ["b1"], ["b2"], ["b3"], ["a4"]]
+
+
+def test_a_worker_failing_every_batch_is_retired_and_its_batches_redone(tmp_path: Path) -> None:
+    """A worker that fails batches for reasons of its own (here: its device is lost) is
+    restarted once, taken out of rotation after the second batch in a row, and both batches
+    it failed are redone by the healthy worker: no target fails."""
+    gpu0, gpu1 = _FakeFoldWorker("gpu0"), _FakeFoldWorker("gpu1")
+    names = [f"t{i}" for i in range(4)]
+    with Ledger(tmp_path) as ledger:
+        sched: Any
+        sched, sets = _ready_scheduler(tmp_path, ledger, dict.fromkeys(names, 60), max_batch=1)
+        now = time.time()
+        sched.ready = {n: (sets[n], now - 10 + i) for i, n in enumerate(names)}
+        sched.idle = [gpu0, gpu1]
+        sched._dispatch_folds()
+        assert ([b for b, _ in gpu0.batches], [b for b, _ in gpu1.batches]) == ([["t0"]], [["t1"]])
+
+        sched._fold_finished(gpu0.fail_last(RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")))
+        assert ledger.get("t0").state is State.FEATURES_READY  # type: ignore[union-attr]
+        assert gpu0.restarts == 1 and not sched.retired
+        sched._dispatch_folds()  # t0 is not given back to the worker that failed it
+        assert gpu0.batches[-1][0] == ["t2"]
+        sched._fold_finished(gpu0.fail_last(RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")))
+        assert list(sched.retired) == ["gpu0"] and gpu0 not in sched.idle
+        assert gpu0.restarts == 1
+
+        for _ in range(4):
+            sched._fold_finished(gpu1.finish_last())
+            sched._dispatch_folds()
+        assert [b for b, _ in gpu1.batches] == [["t1"], ["t0"], ["t2"], ["t3"]]
+        assert len(gpu0.batches) == 2 and sched.idle == [gpu1] and not sched.ready
+
+        assert sched.predicted == 4 and sched.failed == 0
+        assert all(ledger.get(n).state is State.DONE for n in names)  # type: ignore[union-attr]
+        predicts = ledger.events("predict")
+        assert all(e.ok and e.worker == "gpu1@test:1" for e in predicts), predicts
+        (event,) = ledger.worker_events()
+        assert (event.worker, event.kind) == ("gpu0", "retired")
+        assert "2 batches in a row" in event.reason and "CUDA_ERROR_ILLEGAL_ADDRESS" in event.reason
+
+
+class _AutoFoldWorker:
+    """A fold worker whose batches finish at once, all ok; or, when it cannot start, whose
+    start and every batch fail (the real worker builds itself on its first batch too)."""
+
+    def __init__(self, name: str, start_error: Exception | None = None) -> None:
+        self.name = name
+        self.start_error = start_error
+        self.batches: list[list[str]] = []
+
+    def _handle(self, result: object) -> object:
+        import concurrent.futures as cf
+
+        from parafold.engine.base import JobHandle
+
+        future: cf.Future[object] = cf.Future()
+        if self.start_error is not None:
+            future.set_exception(self.start_error)
+        else:
+            future.set_result(result)
+        return JobHandle(future, label=self.name)
+
+    def warm(self) -> object:
+        return self._handle(f"{self.name}@test:1")
+
+    def fold(self, feature_sets: list, out_root: Path) -> object:
+        from types import SimpleNamespace
+
+        from parafold.engine.jobs import FoldBatchResult
+
+        names = [fs.name for fs in feature_sets]
+        self.batches.append(names)
+        now = time.time()
+        return self._handle(FoldBatchResult(
+            tuple(SimpleNamespace(name=n, ok=True, timings={}) for n in names),
+            f"{self.name}@test:1", now, now))
+
+    def restart(self) -> None:
+        return None
+
+
+def _run_with_workers(tmp_path: Path, workers: list[_AutoFoldWorker]) -> tuple[object, Path]:
+    """`parafold run` of four single-sequence targets (two shapes) on these fold workers, in a
+    thread: a run that hangs fails the test instead of blocking it."""
+    import threading
+
+    from parafold.engine.inline import InlineExecutor
+    from parafold.fold.settings import ModelSettings
+    from parafold.pipeline import RunSettings, run_pipeline
+    from parafold.search.settings import SearchSettings
+
+    class Executor(InlineExecutor):
+        def start_fold_workers(self, spec: object) -> list:  # type: ignore[override]
+            return list(workers)
+
+    (tmp_path / "in.fasta").write_text("".join(
+        f">t{i}\n{'MKVLAAGIVG' * (4 + 2 * (i // 2))}\n" for i in range(4)))
+    out = tmp_path / "out"
+    settings = RunSettings(input=tmp_path / "in.fasta", out=out, params_dir=tmp_path,
+                           search=SearchSettings(msa_mode="single_sequence"),
+                           model=ModelSettings(config_size="tiny", models=(1,)),
+                           engine="inline", max_batch=2, max_wait_s=0.0, progress=False,
+                           plots=False)
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(
+        run_pipeline(settings, executor_factory=lambda _: Executor())), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the run hangs"
+    assert result, "the run raised (see the log)"
+    return result[0], out
+
+
+def test_a_worker_that_cannot_start_is_retired(tmp_path: Path) -> None:
+    """One of two fold workers fails to start (its device is broken): the other does every
+    target, the run exits 0, and the ledger says which worker was retired and why."""
+    broken = _AutoFoldWorker("gpu0", RuntimeError("no CUDA device visible"))
+    healthy = _AutoFoldWorker("gpu1")
+    summary: Any
+    summary, out = _run_with_workers(tmp_path, [broken, healthy])
+
+    assert summary.exit_code == 0 and summary.done == summary.predicted == 4, summary.lines()
+    assert sorted(n for b in healthy.batches for n in b) == ["t0", "t1", "t2", "t3"]
+    with Ledger(out, readonly=True) as ledger:
+        (event,) = ledger.worker_events()
+        predicts = ledger.events("predict")
+    assert (event.worker, event.kind) == ("gpu0", "retired")
+    assert event.reason == "failed to start: RuntimeError: no CUDA device visible"
+    assert all(e.ok and e.worker == "gpu1@test:1" for e in predicts), predicts
+
+
+def test_no_worker_left_fails_every_target_and_ends_the_run(tmp_path: Path) -> None:
+    """The only fold worker fails to start: every target fails with the cause, and the run
+    ends with exit 1 instead of waiting for a worker that will never come."""
+    summary: Any
+    summary, out = _run_with_workers(
+        tmp_path, [_AutoFoldWorker("gpu0", RuntimeError("no CUDA device visible"))])
+
+    assert summary.exit_code == 1 and summary.done == 0, summary.lines()
+    assert sorted(f.name for f in summary.failures) == ["t0", "t1", "t2", "t3"]
+    message = "no fold worker left: gpu0 failed to start: RuntimeError: no CUDA device visible"
+    assert all(f.error == message for f in summary.failures), summary.lines()
+    with Ledger(out, readonly=True) as ledger:
+        assert [(e.worker, e.kind) for e in ledger.worker_events()] == [("gpu0", "retired")]

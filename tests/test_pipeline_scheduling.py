@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from parafold.engine.inline import InlineExecutor
 from parafold.featureset import FeatureSet
@@ -31,16 +32,24 @@ def test_groups_fill_then_bounded_wait(tmp_path: Path) -> None:
         sched = Scheduler(settings, ledger, 1, InlineExecutor(), None,
                           [Target("later", "later", "MKV")], [long, *short], total=4,
                           done_before=0)
-        sched.idle = [object()]  # type: ignore[list-item]  # one idle worker
-        batch = sched._choose_batch()
-        assert batch is not None and sorted(fs.name for fs in batch) == ["s0", "s1"]
+        worker = SimpleNamespace(name="gpu0")
+        sched.idle = [worker]  # type: ignore[list-item]  # one idle worker
+
+        def chosen() -> list[str] | None:
+            choice = sched._choose_batch()
+            if choice is None:
+                return None
+            assert choice[0] is worker
+            return sorted(fs.name for fs in choice[1])
+
+        assert chosen() == ["s0", "s1"]
         del sched.ready["s0"], sched.ready["s1"]
-        assert sched._choose_batch() is None  # alone in its shape, searches still coming
+        assert chosen() is None  # alone in its shape, searches still coming
         sched.ready["long"] = (long, time.time() - 31)  # waited past max_wait_s
-        assert [fs.name for fs in sched._choose_batch() or []] == ["long"]
+        assert chosen() == ["long"]
         sched.ready["long"] = (long, time.time())
         sched.pending.clear()  # nothing more will come: no reason to wait
-        assert [fs.name for fs in sched._choose_batch() or []] == ["long"]
+        assert chosen() == ["long"]
 
 
 def test_features_searched_again_drop_the_old_prediction(tmp_path: Path, monkeypatch) -> None:

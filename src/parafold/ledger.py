@@ -35,6 +35,7 @@ __all__ = [
     "State",
     "TargetRecord",
     "EventRecord",
+    "WorkerEvent",
     "RunRecord",
     "Ledger",
     "LedgerError",
@@ -119,6 +120,13 @@ CREATE TABLE IF NOT EXISTS run_targets (
     name TEXT NOT NULL,
     PRIMARY KEY (run_id, name)
 );
+CREATE TABLE IF NOT EXISTS worker_events (
+    run_id INTEGER,
+    worker TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS input_problems (
     run_id INTEGER NOT NULL,
     source TEXT NOT NULL,
@@ -159,6 +167,17 @@ class EventRecord:
     start: float
     end: float | None
     ok: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEvent:
+    """Something that happened to a worker rather than to a target (e.g. it was retired)."""
+
+    run_id: int | None
+    worker: str
+    kind: str
+    at: float
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +330,12 @@ class Ledger:
     def start_predict(self, names: Iterable[str]) -> None:
         self._move(names, State.PREDICTING, allowed=_FROM[State.PREDICTING])
 
+    def requeue_predict(self, names: Iterable[str]) -> None:
+        """Back to features_ready: the fold worker failed, not these targets (their features
+        are kept, so the stamp of when they became ready is left as it was)."""
+        self._move(names, State.FEATURES_READY, allowed=frozenset({State.PREDICTING}),
+                   stamp=False)
+
     def done(self, name: str, timings: Mapping[str, Any] | None = None) -> None:
         self._move([name], State.DONE, allowed=_FROM[State.DONE],
                    extra_sql=", error = NULL, failed_stage = NULL, timings = json_patch(timings, ?)",
@@ -356,6 +381,20 @@ class Ledger:
                 "UPDATE events SET end = ?, ok = ?, worker = COALESCE(?, worker), "
                 "start = COALESCE(?, start) WHERE id = ?",
                 (end, int(ok), worker, start, event_id))
+
+    def add_worker_event(self, *, run_id: int | None, worker: str, kind: str,
+                         reason: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO worker_events (run_id, worker, kind, at, reason) "
+                       "VALUES (?, ?, ?, ?, ?)", (run_id, worker, kind, time.time(), reason))
+
+    def worker_events(self) -> list[WorkerEvent]:
+        try:
+            rows = self._db.execute("SELECT * FROM worker_events ORDER BY rowid").fetchall()
+        except sqlite3.OperationalError:  # a ledger from before the table, opened read-only
+            return []
+        return [WorkerEvent(r["run_id"], r["worker"], r["kind"], r["at"], r["reason"])
+                for r in rows]
 
     def events(self, kind: str | None = None) -> list[EventRecord]:
         sql, args = "SELECT * FROM events", ()

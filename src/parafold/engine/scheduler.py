@@ -4,9 +4,14 @@ One thread, one writer of the ledger. Searches are admitted up to the executor's
 (so `searching` in the ledger means running, not waiting in a queue); in MMseqs2 mode every
 queued target goes into one batch job with all the CPUs, since MMseqs2 gains from many queries
 per database pass. Finished feature sets go to a ready list grouped by shape key; an idle fold
-worker gets a full group at once, or the oldest group once it has waited `max_wait_s` or no
-more searches are coming. A finished target's plots are drawn by a small CPU job, so the fold
-worker goes straight on to its next batch.
+worker gets a full group at once, or a group once it has waited `max_wait_s` or no more
+searches are coming, preferring shapes it has compiled already (see `_choose_batch`). A
+finished target's plots are drawn by a small CPU job, so the fold worker goes straight on to
+its next batch.
+
+A fold worker that cannot work (it fails to start, or fails batches in a row for reasons of
+its own) is taken out of rotation and its batch goes to another worker; with no worker left,
+what remains fails with the cause, so a run never waits for a worker that will not come.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from parafold.engine.jobs import (
     search_batch_job,
     search_job,
 )
-from parafold.errors import PipelineError
+from parafold.errors import FeatureError, InferenceError, PipelineError
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
 from parafold.ledger import Ledger
@@ -41,6 +46,14 @@ __all__ = ["Scheduler"]
 
 logger = logging.getLogger(__name__)
 _TICK_S = 1.0
+# About one compile of a shape on a GPU (25-29 s): a group waits no longer than this for the
+# worker that has its shape compiled, since compiling it elsewhere would cost no more.
+_COMPILE_S = 30.0
+# A worker that fails this many batches in a row, for reasons not the targets' own, is broken.
+_RETIRE_AFTER = 2
+# A target whose batch failed this many times fails itself: a batch that kills any worker it
+# is given (say, a target too large for the host's memory) must not take them all out.
+_TRIES = 2
 
 
 class Scheduler:
@@ -58,9 +71,16 @@ class Scheduler:
         self.searching: dict[cf.Future[Any], tuple[Target, ...]] = {}
         self.ready: dict[str, tuple[FeatureSet, float]] = {fs.name: (fs, time.time())
                                                           for fs in ready}
-        self.folding: dict[cf.Future[Any], tuple[FoldWorkerHandle, list[FeatureSet], int]] = {}
+        # future -> (worker, batch, batch number, when its oldest member became ready)
+        self.folding: dict[cf.Future[Any],
+                           tuple[FoldWorkerHandle, list[FeatureSet], int, float]] = {}
         self.plotting: dict[cf.Future[Any], str] = {}
         self.idle: list[FoldWorkerHandle] = []
+        self.retired: dict[str, str] = {}  # worker name -> why it is out of rotation
+        self._warming: dict[cf.Future[Any], FoldWorkerHandle] = {}
+        self._shapes: dict[str, set[Any]] = {}  # worker name -> shapes it has been given
+        self._streak: dict[str, int] = {}  # worker name -> batches failed in a row
+        self._failed_on: dict[str, list[str]] = {}  # target -> workers that failed its batch
         self.total = total
         self.featured = done_before + len(ready)
         self.finished = done_before + failed_before
@@ -80,7 +100,7 @@ class Scheduler:
         if self.ready or self.pending:
             self.idle = list(self.executor.start_fold_workers(spec))
             for worker in self.idle:  # imports and weights load while the first searches run
-                worker.warm().future.add_done_callback(_log_warm_failure)
+                self._warming[worker.warm().future] = worker
         capacity = self.executor.cpu_capacity()
         # Never ask for more CPUs per search than exist, or the search could never start.
         self.search_cpus = min(self.settings.search_cpus, capacity)
@@ -90,14 +110,17 @@ class Scheduler:
                 self._submit_searches(slots)
                 self._dispatch_folds()
                 progress.update()
-                futures = [*self.searching, *self.folding, *self.plotting]
+                futures = [*self.searching, *self.folding, *self.plotting, *self._warming]
                 timeout = self._timeout()
                 if not futures:
                     time.sleep(timeout)
                     continue
                 done, _ = cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
-                for future in done:
-                    if future in self.searching:
+                # Start failures first: a batch the worker failed meanwhile is then its fault.
+                for future in sorted(done, key=lambda f: f not in self._warming):
+                    if future in self._warming:
+                        self._warm_finished(future)
+                    elif future in self.searching:
                         self._search_finished(future)
                     elif future in self.plotting:
                         self._plots_finished(future)
@@ -196,59 +219,103 @@ class Scheduler:
             self._key_cache[fs.name] = key
         return key
 
-    def _choose_batch(self) -> list[FeatureSet] | None:
-        """The group an idle worker should take now, or None to wait for groups to fill."""
-        groups: dict[Any, list[tuple[FeatureSet, float]]] = {}
-        for fs, since in self.ready.values():
-            groups.setdefault(self._shape(fs), []).append((fs, since))
-        if not groups:
+    @property
+    def starve_s(self) -> float:
+        """How long a group may wait for the worker that has its shape compiled (at least
+        twice `max_wait_s`, so that groups waiting to fill are not all "starved")."""
+        return max(_COMPILE_S, 2 * self.settings.max_wait_s)
+
+    def _live_workers(self) -> list[FoldWorkerHandle]:
+        """Workers in rotation: idle ones, and busy ones not retired meanwhile."""
+        busy = [w for w, *_ in self.folding.values() if w.name not in self.retired]
+        return [*self.idle, *busy]
+
+    def _may_take(self, worker: FoldWorkerHandle, name: str, live: set[str]) -> bool:
+        """A target whose batch failed on `worker` goes to another live worker if there is one
+        (else the same worker may try again)."""
+        failed = self._failed_on.get(name)
+        return not failed or worker.name not in failed or live <= set(failed)
+
+    def _choose_batch(self) -> tuple[FoldWorkerHandle, list[FeatureSet]] | None:
+        """The idle worker to use now and the group it takes, or None to wait for groups to fill.
+
+        A group may go once it is full, has waited `max_wait_s`, or nothing more is coming.
+        Compiling a shape costs each worker ~25-29 s on a GPU, so a worker prefers a group of
+        a shape it has run, then one of a shape no other live worker has run, then the oldest
+        (it never idles while a group may go); a group that has waited `starve_s` goes to the
+        first idle worker regardless.
+        """
+        s, now = self.settings, time.time()
+        more_coming = bool(self.pending or self.searching)
+        live = self._live_workers()
+        live_names = {w.name for w in live}
+        best: tuple[tuple[Any, ...], FoldWorkerHandle, list[tuple[FeatureSet, float]]] | None
+        best = None
+        due: set[Any] = set()  # shapes with a group that may go now
+        for i, worker in enumerate(self.idle):
+            groups: dict[Any, list[tuple[FeatureSet, float]]] = {}
+            for fs, since in self.ready.values():
+                if self._may_take(worker, fs.name, live_names):
+                    groups.setdefault(self._shape(fs), []).append((fs, since))
+            own = self._shapes.get(worker.name, set())
+            others = set().union(*(self._shapes.get(w.name, ()) for w in live if w is not worker))
+            for shape, group in groups.items():
+                oldest = min(since for _, since in group)
+                if more_coming and len(group) < s.max_batch and now - oldest < s.max_wait_s:
+                    continue
+                due.add(shape)
+                affinity = 0 if shape in own else 1 if shape not in others else 2
+                # Starved groups first, oldest first; then by affinity, then by age.
+                rank = ((0, oldest, affinity, i) if now - oldest >= self.starve_s
+                        else (1, affinity, oldest, i))
+                if best is None or rank < best[0]:
+                    best = (rank, worker, group)
+        if best is None:
             return None
-        cap = self.settings.max_batch
-        by_age = sorted(groups.values(), key=lambda g: min(since for _, since in g))
-        full = [g for g in by_age if len(g) >= cap]
-        if full:
-            chosen, size = full[0], cap
-        else:
-            oldest = by_age[0]
-            more_coming = bool(self.pending or self.searching)
-            waited = time.time() - min(since for _, since in oldest)
-            if more_coming and waited < self.settings.max_wait_s:
-                return None
-            chosen = oldest
-            # Nothing more of this shape soon: share it out over the idle workers.
-            size = min(cap, math.ceil(len(chosen) / max(1, len(self.idle))))
+        _, worker, chosen = best
+        size = s.max_batch
+        if len(chosen) < size:
+            # Nothing more of this shape soon: share it out over the idle workers that no
+            # other group due now will occupy.
+            size = math.ceil(len(chosen) / max(1, len(self.idle) - len(due) + 1))
         chosen.sort(key=lambda item: item[1])
-        return [fs for fs, _ in chosen[:size]]
+        return worker, [fs for fs, _ in chosen[:size]]
 
     def _dispatch_folds(self) -> None:
+        if self.retired and not self._live_workers():
+            self._fail_without_workers()
+            return
         while self.idle and self.ready:
-            batch = self._choose_batch()
-            if batch is None:
+            choice = self._choose_batch()
+            if choice is None:
                 return
-            worker = self.idle.pop(0)
-            for fs in batch:
-                del self.ready[fs.name]
+            worker, batch = choice
+            self.idle.remove(worker)
+            since = min(self.ready.pop(fs.name)[1] for fs in batch)
+            self._shapes.setdefault(worker.name, set()).add(self._shape(batch[0]))
             self.ledger.start_predict([fs.name for fs in batch])
             batch_no = self._next_batch()
             handle = worker.fold(batch, self.settings.out)
-            self.folding[handle.future] = (worker, batch, batch_no)
+            self.folding[handle.future] = (worker, batch, batch_no, since)
             logger.debug("batch %d (%d targets) to %s", batch_no, len(batch), worker.name)
 
     def _fold_finished(self, future: cf.Future[Any]) -> None:
-        worker, batch, batch_no = self.folding.pop(future)
-        self.idle.append(worker)
+        worker, batch, batch_no, since = self.folding.pop(future)
         now = time.time()
         try:
             result: FoldBatchResult = future.result()
-        except Exception as exc:  # the worker failed as a whole (died, or could not start)
-            reason = describe_error(exc)
-            logger.error("fold worker %s failed on a batch of %d: %s", worker.name, len(batch),
-                         reason)
-            if not isinstance(exc, PipelineError):
-                worker.restart()
-            for fs in batch:
-                self._fold_failed(fs.name, reason, worker.name, now, batch_no)
+        except Exception as exc:  # the batch failed as a whole
+            if _is_target_error(exc):
+                reason = describe_error(exc)
+                logger.error("a batch of %d failed on %s: %s", len(batch), worker.name, reason)
+                self._back_in_rotation(worker)
+                for fs in batch:
+                    self._fold_failed(fs.name, reason, worker.name, now, batch_no)
+            else:
+                self._worker_failed(worker, batch, batch_no, since, exc)
             return
+        self._streak[worker.name] = 0
+        self._back_in_rotation(worker)
         self._stats[worker.name] = result.stats
         by_name = {getattr(o, "name", None): o for o in result.outcomes}
         for fs in batch:
@@ -265,6 +332,84 @@ class Scheduler:
             self.predicted += 1
             self.finished += 1
             self._submit_plots(fs.name)
+
+    def _back_in_rotation(self, worker: FoldWorkerHandle) -> None:
+        if worker.name not in self.retired:
+            self.idle.append(worker)
+
+    # --- workers that cannot work ---
+
+    def _warm_finished(self, future: cf.Future[Any]) -> None:
+        worker = self._warming.pop(future)
+        try:
+            future.result()
+        except Exception as exc:  # it would fail every batch it is given
+            self._retire(worker, f"failed to start: {describe_error(exc)}")
+
+    def _worker_failed(self, worker: FoldWorkerHandle, batch: list[FeatureSet], batch_no: int,
+                       since: float, exc: Exception) -> None:
+        """The worker failed (died, lost its device), not the targets: the batch goes back to
+        the ready list, for another worker if there is one. A batch that failed before is not
+        held against the worker (it may be the batch's fault), and its targets fail at their
+        `_TRIES`th failure."""
+        reason = describe_error(exc)
+        logger.error("fold worker %s failed on a batch of %d: %s", worker.name, len(batch),
+                     reason)
+        if worker.name in self.retired:  # it failed to start meanwhile: its fault, not theirs
+            self._requeue(batch, since)
+            return
+        again = any(fs.name in self._failed_on for fs in batch)
+        for fs in batch:
+            failed_on = self._failed_on.setdefault(fs.name, [])
+            failed_on.append(worker.name)
+            if len(failed_on) >= _TRIES:
+                on = ", ".join(dict.fromkeys(failed_on))
+                self._fold_failed(fs.name, f"its batch failed {len(failed_on)} times (on {on}): "
+                                  f"{reason}", worker.name, time.time(), batch_no)
+            else:
+                self._requeue([fs], since)
+        if not again:
+            self._streak[worker.name] = self._streak.get(worker.name, 0) + 1
+            if self._streak[worker.name] >= _RETIRE_AFTER:
+                self._retire(worker, f"failed {_RETIRE_AFTER} batches in a row: {reason}")
+                return
+        if not isinstance(exc, PipelineError):  # its process or actor died: a new one
+            worker.restart()
+            self._shapes.pop(worker.name, None)  # ... has compiled nothing yet
+        self.idle.append(worker)
+
+    def _requeue(self, batch: list[FeatureSet], since: float) -> None:
+        """Back to the ready list with their old age, so they are not passed over."""
+        self.ledger.requeue_predict([fs.name for fs in batch])
+        for fs in batch:
+            self.ready[fs.name] = (fs, since)
+
+    def _retire(self, worker: FoldWorkerHandle, reason: str) -> None:
+        """Out of rotation for the rest of the run, so the healthy workers run its share."""
+        if worker.name in self.retired:
+            return
+        self.retired[worker.name] = reason
+        if worker in self.idle:
+            self.idle.remove(worker)
+        logger.error("fold worker %s is out of rotation: %s", worker.name, reason)
+        self.ledger.add_worker_event(run_id=self.run_id, worker=worker.name, kind="retired",
+                                     reason=reason)
+
+    def _fail_without_workers(self) -> None:
+        """No worker left: fail what is queued or ready (searches running finish, and their
+        targets fail here next), rather than wait for a worker that will never come."""
+        names = [t.name for t in self.pending] + list(self.ready)
+        if not names:
+            return
+        reason = "no fold worker left: " + "; ".join(
+            f"{name} {why}" for name, why in self.retired.items())
+        logger.error("%s; %d targets fail", reason, len(names))
+        for name in names:
+            self.ledger.fail(name, "predict", reason)
+        self.failed += len(names)
+        self.finished += len(names)
+        self.pending.clear()
+        self.ready.clear()
 
     def _next_batch(self) -> int:
         """A run-unique number tying together the events of one batch job."""
@@ -298,12 +443,13 @@ class Scheduler:
         self.finished += 1
 
     def _timeout(self) -> float:
-        """Until the next thing to do: a group's wait running out, or a progress tick."""
+        """Until the next thing to do: a group's wait running out, or a progress tick. (Waits
+        already over do not count: what is left of them waits for a worker, not the clock.)"""
         if not (self.idle and self.ready) or not (self.pending or self.searching):
             return _TICK_S
-        oldest = min(since for _, since in self.ready.values())
-        left = oldest + self.settings.max_wait_s - time.time()
-        return min(_TICK_S, max(0.05, left))
+        now = time.time()
+        left = [since + self.settings.max_wait_s - now for _, since in self.ready.values()]
+        return min(_TICK_S, max(0.05, min((t for t in left if t > 0), default=_TICK_S)))
 
 
 def _outcome_timings(outcome: Any) -> dict[str, Any]:
@@ -315,10 +461,13 @@ def _outcome_timings(outcome: Any) -> dict[str, Any]:
     return timings
 
 
-def _log_warm_failure(future: cf.Future[Any]) -> None:
-    exc = future.exception()
-    if exc is not None:
-        logger.error("a fold worker could not start: %s", describe_error(exc))
+def _is_target_error(exc: BaseException) -> bool:
+    """Whether a batch's error is its targets' own (the model or their features failed), not
+    the worker's (it died, lost its device, could not load its weights)."""
+    cause = getattr(exc, "cause", None)  # Ray wraps a task's own exception
+    if isinstance(cause, BaseException) and cause is not exc:
+        return _is_target_error(cause)
+    return isinstance(exc, InferenceError | FeatureError)
 
 
 class _Progress:
