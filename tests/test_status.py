@@ -45,6 +45,21 @@ def test_status_counts_only_the_latest_runs_targets(tmp_path: Path) -> None:
     assert "3 targets from earlier runs are not in the latest run's input" in text
 
 
+def test_status_names_retired_fold_workers_of_the_latest_run(tmp_path: Path) -> None:
+    with Ledger(tmp_path) as led:
+        first = led.begin_run()
+        led.add_worker_event(run_id=first, worker="gpu0", kind="retired", reason="old news")
+        led.end_run(first, 1)
+        second = led.begin_run()
+        led.register(_targets(["a"]), run_id=second)
+        led.add_worker_event(run_id=second, worker="gpu1", kind="retired",
+                             reason="failed to start: RuntimeError: CUDA_ERROR_NO_DEVICE")
+    text = "\n".join(read_status(tmp_path).lines())
+    assert "fold workers out of rotation (1):" in text
+    assert "gpu1: failed to start: RuntimeError: CUDA_ERROR_NO_DEVICE" in text
+    assert "old news" not in text
+
+
 def test_status_eta_covers_the_latest_run_only(tmp_path: Path) -> None:
     with RunLock(tmp_path), Ledger(tmp_path) as led:
         first = led.begin_run()

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parafold.inputs import InputProblem
-from parafold.ledger import Ledger, LockHolder, State, lock_is_held, read_lock_holder
+from parafold.ledger import (
+    Ledger,
+    LockHolder,
+    State,
+    WorkerEvent,
+    lock_is_held,
+    read_lock_holder,
+)
 
 __all__ = ["RunStatus", "read_status"]
 
@@ -35,6 +42,7 @@ class RunStatus:
     done_this_run: int
     now: float
     other_runs: int = 0  # targets in the ledger that are not in the latest run's input
+    worker_events: tuple[WorkerEvent, ...] = ()  # the latest run's (e.g. a retired GPU worker)
 
     @property
     def total(self) -> int:
@@ -84,6 +92,9 @@ class RunStatus:
         if self.failures:
             out.append(f"  failed ({len(self.failures)}):")
             out.extend(f"    {name} [{stage}]: {error}" for name, stage, error in self.failures)
+        if self.worker_events:
+            out.append(f"  fold workers out of rotation ({len(self.worker_events)}):")
+            out.extend(f"    {e.worker}: {e.reason}" for e in self.worker_events)
         if self.input_problems:
             out.append(f"  input records skipped ({len(self.input_problems)}):")
             out.extend(f"    {p}" for p in self.input_problems)
@@ -114,6 +125,8 @@ def read_status(out: Path | str) -> RunStatus:
             other_runs = sum(ledger.counts().values()) - sum(counts.values())
         failed = ledger.targets(State.FAILED, run_id=scope)
         problems = ledger.input_problems()
+        worker_events = tuple(e for e in ledger.worker_events()
+                              if latest is not None and e.run_id == latest.id)
         done_this_run = 0
         if latest is not None:
             done_this_run = sum(1 for r in ledger.targets(State.DONE, run_id=scope)
@@ -130,4 +143,4 @@ def read_status(out: Path | str) -> RunStatus:
         input_problems=tuple(problems), live=live, holder=holder,
         run_started=latest.started_at if latest else None,
         run_ended=latest.ended_at if latest else None, done_this_run=done_this_run,
-        now=time.time(), other_runs=other_runs)
+        now=time.time(), other_runs=other_runs, worker_events=worker_events)
