@@ -37,3 +37,14 @@ def test_batched_predict_events_give_busy_at_most_one(tmp_path: Path) -> None:
     predict_col = COLUMNS.index("predict_s")
     # each member's own share from the GPU stage, not the batch's whole 8 s span
     assert [row[predict_col] for row in data["rows"]] == [2.0] * 4
+
+
+def test_retired_fold_workers_are_in_the_summary(tmp_path: Path) -> None:
+    with Ledger(tmp_path) as ledger:
+        run_id = ledger.begin_run({})
+        ledger.register([Target("t0", "t0", "MKTAYIAKQR")])
+        ledger.add_worker_event(run_id=run_id, worker="gpu1", kind="retired",
+                                reason="failed to start: RuntimeError: no device")
+        ledger.end_run(run_id, 0)
+    summary = collect_run(tmp_path)["summary"]
+    assert summary["workers_retired"] == [["gpu1", "failed to start: RuntimeError: no device"]]

@@ -47,7 +47,12 @@ def _page_data(report: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory):
+    from parafold.ledger import Ledger
+
     run = make_synthetic_run(tmp_path_factory.mktemp("out"), n_targets=4, n_models=2, n_failed=1)
+    with Ledger(run.out) as ledger:  # a GPU that failed to start, as the scheduler records it
+        ledger.add_worker_event(run_id=ledger.runs()[-1].id, worker="gpu1", kind="retired",
+                                reason="failed to start: RuntimeError: no device")
     return run, write_report(run.out)
 
 
@@ -214,6 +219,8 @@ def test_report_in_chromium(browser: Any, report) -> None:
     pixels = shot.get_flattened_data() if hasattr(shot, "get_flattened_data") else shot.getdata()
     drawn = sum(1 for px in pixels if px != background)
     assert drawn > 0.01 * shot.width * shot.height, f"3D view looks blank ({drawn} px drawn)"
+    retired = browser.find_element(By.CSS_SELECTOR, "#pf-failures details:last-child")
+    assert "1 fold worker(s) out of rotation" in retired.text
     assert _severe(browser) == []
 
 

@@ -81,22 +81,23 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def _read_ledger(out_dir: Path) -> tuple[list[Any], list[Any], list[Any]]:
-    """Targets, events and runs from the ledger; three empty lists when there is none."""
+def _read_ledger(out_dir: Path) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """Targets, events, runs and worker events from the ledger; empty lists when there is
+    none."""
     from parafold.errors import SchedulerError
 
     try:
         from parafold.ledger import LEDGER_FILE, Ledger
     except ImportError:  # a tree without the pipeline: folders only
-        return [], [], []
+        return [], [], [], []
     if not (out_dir / LEDGER_FILE).is_file():
-        return [], [], []
+        return [], [], [], []
     try:
         with Ledger(out_dir, readonly=True) as ledger:
-            return ledger.targets(), ledger.events(), ledger.runs()
+            return ledger.targets(), ledger.events(), ledger.runs(), ledger.worker_events()
     except (SchedulerError, sqlite3.Error, OSError, ValueError) as exc:
         log.warning("%s: ledger unreadable (%s); report from folders only", out_dir, exc)
-        return [], [], []
+        return [], [], [], []
 
 
 def _fill_from_folder(row: _Row, folder: Path) -> None:
@@ -196,7 +197,7 @@ def _timeline(events: list[Any], index: Mapping[str, int]) -> tuple[list[dict[st
 def collect_run(out_dir: Path | str) -> dict[str, Any]:
     """Everything the report page shows, as JSON-ready data (see `COLUMNS` for the rows)."""
     out_dir = Path(out_dir)
-    records, events, runs = _read_ledger(out_dir)
+    records, events, runs, worker_events = _read_ledger(out_dir)
     rows: dict[str, _Row] = {}
     for rec in records:
         row = rows.setdefault(rec.name, _Row(rec.name))
@@ -266,6 +267,8 @@ def collect_run(out_dir: Path | str) -> dict[str, Any]:
         "compile_s": round(compile_s, 1),
         "gpu_busy": round(gpu_busy / (span * n_gpu), 3) if span > 0 and n_gpu else None,
         "failures": [[r.name, r.error or "no reason recorded"] for r in failed],
+        # fold workers taken out of rotation (a GPU that failed to start or kept failing)
+        "workers_retired": [[e.worker, e.reason] for e in worker_events if e.kind == "retired"],
     }
     return {"summary": summary, "columns": COLUMNS,
             "rows": [rows[n].as_list() for n in names], "lanes": lanes, "events": timeline}

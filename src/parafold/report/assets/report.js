@@ -67,6 +67,13 @@
         text: s.failed + " failed: reasons" }), list]);
       $("pf-failures").appendChild(det);
     }
+    var retired = s.workers_retired || [];
+    if (retired.length) {
+      $("pf-failures").appendChild(el("details", {}, [
+        el("summary", { "class": "fail",
+          text: retired.length + " fold worker(s) out of rotation" }),
+        el("ul", {}, retired.map(function (w) { return el("li", { text: w[0] + ": " + w[1] }); }))]));
+    }
   }
 
   /* --- timeline --- */
