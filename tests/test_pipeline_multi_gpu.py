@@ -453,3 +453,74 @@ def test_no_worker_left_fails_every_target_and_ends_the_run(tmp_path: Path) -> N
     assert all(f.error == message for f in summary.failures), summary.lines()
     with Ledger(out, readonly=True) as ledger:
         assert [(e.worker, e.kind) for e in ledger.worker_events()] == [("gpu0", "retired")]
+
+
+def test_no_search_starts_once_no_worker_is_left(tmp_path: Path) -> None:
+    """Once the last fold worker is out of rotation, queued targets fail at once: none of them
+    is searched first (a search can take hours, and its features could never be folded)."""
+    summary: Any
+    summary, out = _run_with_workers(
+        tmp_path, [_AutoFoldWorker("gpu0", RuntimeError("no CUDA device visible"))])
+
+    assert summary.exit_code == 1 and summary.done == 0, summary.lines()
+    with Ledger(out, readonly=True) as ledger:
+        searched = sorted(e.target for e in ledger.events("search"))
+    # t0 was searched (and its batch sent) before the worker's start failure was seen
+    assert searched == ["t0"], searched
+
+
+def test_batches_that_kill_any_worker_do_not_retire_the_last_one(tmp_path: Path) -> None:
+    """Two targets that each kill whatever worker runs them (say, too large for the host's
+    memory), and a healthy one, on one fold worker: each killer fails after its second try,
+    which also shows its first failure was its own, not the worker's; the worker stays in
+    rotation and folds the healthy target."""
+    gpu0 = _FakeFoldWorker("gpu0")
+    names = ["x", "z", "y"]
+    killed = RuntimeError("A process in the process pool was terminated abruptly")
+    with Ledger(tmp_path) as ledger:
+        sched: Any
+        sched, sets = _ready_scheduler(tmp_path, ledger, dict.fromkeys(names, 60), max_batch=1)
+        now = time.time()
+        sched.ready = {n: (sets[n], now - 10 + i) for i, n in enumerate(names)}
+        sched.idle = [gpu0]
+        for killer in ("x", "x", "z", "z"):
+            sched._dispatch_folds()
+            assert gpu0.batches[-1][0] == [killer], gpu0.batches
+            sched._fold_finished(gpu0.fail_last(killed))
+            assert not sched.retired, sched.retired
+        sched._dispatch_folds()
+        assert gpu0.batches[-1][0] == ["y"]
+        sched._fold_finished(gpu0.finish_last())
+
+        assert sched.predicted == 1 and sched.failed == 2
+        assert ledger.get("y").state is State.DONE  # type: ignore[union-attr]
+        assert all(ledger.get(n).state is State.FAILED  # type: ignore[union-attr]
+                   for n in ("x", "z"))
+        assert not ledger.worker_events()
+
+
+def test_a_worker_whose_process_died_while_idle_is_restarted(tmp_path: Path) -> None:
+    """Handing a batch to a fold process that died while idle raises at once
+    (BrokenProcessPool): that batch is a failed one, the worker is restarted and redoes it;
+    the run does not crash."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    class DiesOnce(_AutoFoldWorker):
+        restarts = 0
+        died = False
+
+        def fold(self, feature_sets: list, out_root: Path) -> object:
+            if not self.died:
+                self.died = True
+                raise BrokenProcessPool("a child process terminated abruptly")
+            return super().fold(feature_sets, out_root)
+
+        def restart(self) -> None:
+            self.restarts += 1
+
+    worker = DiesOnce("gpu0")
+    summary: Any
+    summary, _ = _run_with_workers(tmp_path, [worker])
+    assert summary.exit_code == 0 and summary.done == 4, summary.lines()
+    assert worker.restarts == 1
+    assert sorted(n for b in worker.batches for n in b) == ["t0", "t1", "t2", "t3"]

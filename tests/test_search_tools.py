@@ -363,3 +363,26 @@ def test_mmseqs_features_name_the_empty_msa_file(tmp_path: Path) -> None:
         mmseqs_features("ACDE", "query", tmp_path,
                         databases=find_databases(None, msa_mode="mmseqs"),
                         settings=SearchSettings(msa_mode="mmseqs"))
+
+
+def test_group_is_killed_before_the_tool_is_reaped(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killing a finished tool's group must happen while its leader is still an unreaped
+    zombie: once reaped, its pid (the group id) may be reused by an unrelated process group,
+    such as another thread's tool, which the kill would then hit."""
+    killed: list[tuple[int, bool]] = []
+    real_killpg = os.killpg
+
+    def killpg(pgid: int, sig: int) -> None:
+        stat = Path(f"/proc/{pgid}/stat")
+        ours = stat.is_file() and int(stat.read_text().split(")")[1].split()[1]) == os.getpid()
+        killed.append((pgid, ours))
+        real_killpg(pgid, sig)
+
+    monkeypatch.setattr(os, "killpg", killpg)
+    run = run_tool([sys.executable, "-c", "pass"], timeout_s=30)
+    assert run.returncode == 0
+    assert killed and all(ours for _, ours in killed), killed
+    with pytest.raises(ToolTimeoutError):
+        run_tool([sys.executable, "-c", "import time; time.sleep(30)"], timeout_s=0.5)
+    assert all(ours for _, ours in killed), killed

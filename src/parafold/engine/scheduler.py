@@ -79,7 +79,8 @@ class Scheduler:
         self.retired: dict[str, str] = {}  # worker name -> why it is out of rotation
         self._warming: dict[cf.Future[Any], FoldWorkerHandle] = {}
         self._shapes: dict[str, set[Any]] = {}  # worker name -> shapes it has been given
-        self._streak: dict[str, int] = {}  # worker name -> batches failed in a row
+        self._streak: dict[str, set[int]] = {}  # worker name -> batches failed in a row
+        self._failed_in: dict[str, int] = {}  # target -> the batch it first failed in
         self._failed_on: dict[str, list[str]] = {}  # target -> workers that failed its batch
         self.total = total
         self.featured = done_before + len(ready)
@@ -141,6 +142,8 @@ class Scheduler:
 
     def _submit_searches(self, slots: int) -> None:
         s = self.settings
+        if self.retired and not self._live_workers():  # its features could never be folded
+            return
         if getattr(s.search, "msa_mode", "classic") == "mmseqs":
             self._submit_search_batch()
             return
@@ -295,8 +298,12 @@ class Scheduler:
             self._shapes.setdefault(worker.name, set()).add(self._shape(batch[0]))
             self.ledger.start_predict([fs.name for fs in batch])
             batch_no = self._next_batch()
-            handle = worker.fold(batch, self.settings.out)
-            self.folding[handle.future] = (worker, batch, batch_no, since)
+            try:
+                future = worker.fold(batch, self.settings.out).future
+            except Exception as exc:  # e.g. its process died while idle (BrokenProcessPool):
+                future = cf.Future()  # handled as a failed batch, so the worker is restarted
+                future.set_exception(exc)
+            self.folding[future] = (worker, batch, batch_no, since)
             logger.debug("batch %d (%d targets) to %s", batch_no, len(batch), worker.name)
 
     def _fold_finished(self, future: cf.Future[Any]) -> None:
@@ -314,7 +321,7 @@ class Scheduler:
             else:
                 self._worker_failed(worker, batch, batch_no, since, exc)
             return
-        self._streak[worker.name] = 0
+        self._streak.pop(worker.name, None)
         self._back_in_rotation(worker)
         self._stats[worker.name] = result.stats
         by_name = {getattr(o, "name", None): o for o in result.outcomes}
@@ -359,7 +366,13 @@ class Scheduler:
             self._requeue(batch, since)
             return
         again = any(fs.name in self._failed_on for fs in batch)
+        if again:  # failing again makes it the batch's fault: its earlier failure is no
+            # longer held against the worker it happened on (else killer batches retire all)
+            earlier = {self._failed_in[fs.name] for fs in batch if fs.name in self._failed_in}
+            for held in self._streak.values():
+                held -= earlier
         for fs in batch:
+            self._failed_in.setdefault(fs.name, batch_no)
             failed_on = self._failed_on.setdefault(fs.name, [])
             failed_on.append(worker.name)
             if len(failed_on) >= _TRIES:
@@ -369,8 +382,9 @@ class Scheduler:
             else:
                 self._requeue([fs], since)
         if not again:
-            self._streak[worker.name] = self._streak.get(worker.name, 0) + 1
-            if self._streak[worker.name] >= _RETIRE_AFTER:
+            held = self._streak.setdefault(worker.name, set())
+            held.add(batch_no)
+            if len(held) >= _RETIRE_AFTER:
                 self._retire(worker, f"failed {_RETIRE_AFTER} batches in a row: {reason}")
                 return
         if not isinstance(exc, PipelineError):  # its process or actor died: a new one

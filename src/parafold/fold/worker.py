@@ -257,7 +257,8 @@ class FoldWorker:
                 # feature pipeline, so it stays in this thread
                 params = self._device_params(model_name)
                 shapes = input_shapes(model_name, self.settings, key)
-            except _TARGET_ERRORS as exc:  # the loop meets it again and fails those targets
+            except Exception as exc:  # only an optimisation: the loop compiles it itself (and
+                # meets a target's error again there)
                 log.warning("%s: not compiling ahead: %s", key.describe(), exc)
                 continue
             self._ahead[key] = self._compiler.submit(self._compile_ahead, model_name, key,

@@ -88,11 +88,10 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
                                     start_new_session=True)
         except OSError as exc:
             raise ToolNotFoundError(f"cannot start {cmd[0]}: {exc.strerror or exc}") from exc
-        waited: dict[str, object] = {}
 
-        def _wait() -> None:
-            _, status, usage = os.wait4(proc.pid, 0)
-            waited["status"], waited["usage"] = status, usage
+        def _wait() -> None:  # until it exits, but not reaped: until `wait4` below, its pid
+            # (the group's id) cannot be reused, so killing the group never hits another's
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
 
         waiter = threading.Thread(target=_wait, name=f"wait-{proc.pid}", daemon=True)
         waiter.start()
@@ -101,16 +100,15 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
         except BaseException:  # Ctrl-C or a cancelled job: the tool is in its own session,
             _kill_group(proc.pid)  # so no terminal signal reaches it; never leave it running
             waiter.join()
+            os.wait4(proc.pid, 0)
             raise
         timed_out = waiter.is_alive()
-        if timed_out:
-            _kill_group(proc.pid)
-            waiter.join()
-        else:  # the tool exited: children it left in the background must not outlive it
-            _kill_group(proc.pid)
+        # a timeout: the tool and its children; else children it left in the background,
+        # which must not outlive it
+        _kill_group(proc.pid)
+        waiter.join()
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.monotonic() - start
-        status = int(waited["status"])  # type: ignore[call-overload]
-        usage = waited["usage"]
         proc.returncode = os.waitstatus_to_exitcode(status)
         cpu = float(usage.ru_utime + usage.ru_stime)  # type: ignore[attr-defined]
         if timed_out:
