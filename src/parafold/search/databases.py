@@ -45,18 +45,17 @@ _LAYOUT: dict[str, tuple[str, str, str]] = {
     "mmseqs_env": ("mmseqs", "*env*.dbtype", "mmseqs"),
     "mmseqs_pdb": ("mmseqs", "pdb*.dbtype", "mmseqs"),
 }
-# Companion databases of an MMseqs2 database (headers, cluster members, alignments, lookups);
-# files of these names are not databases in their own right.
-_MMSEQS_COMPANIONS = ("_h", "_seq", "_seq_h", "_aln", "_ss", "_ca3m", ".idx", "_mapping",
-                      "_taxonomy")
-# What may follow an MMseqs2 database prefix in the name of one of its own files: nothing (the
-# data), `.<ext>` (`.dbtype`, `.index`, `.lookup`, `.source`, `.idx*`, `.0`, `.1`, ... of a
-# threaded write), or one of its parts (`_h`, `_seq`, `_seq_h`, `_aln`, the taxonomy files),
-# themselves followed by nothing or `.<ext>`. Anything else is a sibling database whose name
-# merely starts the same (`pdb` and `pdb100_db`, `uniref30_db` and `uniref30_db2`).
 HH_PARTS = ("a3m", "cs219", "hhm")  # sorted: fingerprints list files in name order
+# The parts of an MMseqs2 database `P` (headers, cluster members, alignments, taxonomy), each
+# `P_<part>`: a `.dbtype` of such a name is not a database in its own right.
 _MMSEQS_PARTS = ("h", "seq", "seq_h", "aln", "ss", "ss_h", "ca3m", "ca3m_h", "mapping",
                  "taxonomy", "nodes", "names", "merged", "delnodes")
+_MMSEQS_COMPANIONS = tuple(f"_{part}" for part in _MMSEQS_PARTS)
+# What may follow an MMseqs2 database prefix in the name of one of its own files: nothing (the
+# data), `.<ext>` (`.dbtype`, `.index`, `.lookup`, `.source`, `.idx*`, `.0`, `.1`, ... of a
+# threaded write), or one of its parts, itself followed by nothing or `.<ext>`. Anything else
+# is a sibling database whose name merely starts the same (`pdb` and `pdb100_db`,
+# `uniref30_db` and `uniref30_db2`).
 _MMSEQS_OWN_SUFFIX = re.compile(
     "(?:_(?:" + "|".join(sorted(_MMSEQS_PARTS, key=len, reverse=True)) + r"))?(?:\..+)?")
 
