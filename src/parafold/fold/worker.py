@@ -229,7 +229,7 @@ class FoldWorker:
 
     def _exec_key(self, key: ShapeKey, count: int) -> ShapeKey:
         batch = self._exec_batch(key, count)
-        return batched_key(key, batch) if batch > 1 else key
+        return batched_key(key, batch)
 
     def _start_compiles(self, units: Sequence[_Unit]) -> None:
         """Compile the executables of `units` in background threads, in the order the loop
@@ -385,7 +385,7 @@ class FoldWorker:
                 pending = self._dispatch(unit, members[i:i + batch], feats[i:i + batch],
                                          pending, ctx)
             return pending
-        key = batched_key(unit.key, batch) if batch > 1 else unit.key
+        key = batched_key(unit.key, batch)
         if pending is not None and not self.runner.has(key):
             # A compile (or waiting for one) would stall the host: finish the pending unit
             # first so its predict time does not include this compile.
