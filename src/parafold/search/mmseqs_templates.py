@@ -20,6 +20,21 @@ _CIGAR = re.compile(r"(\d+)([MID])")
 _COLUMNS = 14  # M8_FIELDS in mmseqs.py
 
 
+def _column(seq: str, pos: int, advances: bool, aligned: list[str], idx: list[int],
+            row_name: str, side: str) -> int:
+    """One alignment column of one side: its residue (or a gap) and index (or -1) appended;
+    returns the next position in `seq`."""
+    if not advances:
+        aligned.append("-")
+        idx.append(-1)
+        return pos
+    if pos >= len(seq):
+        raise FeatureError(f"{row_name}: alignment past the {side}")
+    aligned.append(seq[pos])
+    idx.append(pos)
+    return pos + 1
+
+
 def hit_from_m8_row(index: int, row: str, query_sequence: str) -> parsers.TemplateHit:
     """One convertalis row -> TemplateHit (sum_probs: the bit score, which orders the hits).
 
@@ -41,26 +56,11 @@ def hit_from_m8_row(index: int, row: str, query_sequence: str) -> parsers.Templa
         raise FeatureError(f"m8 row {index} ({target}): start positions are 1-based")
     q_aln, t_aln, q_idx, t_idx = [], [], [], []
     qi, ti, aligned = qstart, tstart, 0
+    row_name = f"m8 row {index} ({target})"
     for count, op in _CIGAR.findall(cigar):
         for _ in range(int(count)):
-            if op in "MI":
-                if qi >= len(query_sequence):
-                    raise FeatureError(f"m8 row {index} ({target}): alignment past the query")
-                q_aln.append(query_sequence[qi])
-                q_idx.append(qi)
-                qi += 1
-            else:
-                q_aln.append("-")
-                q_idx.append(-1)
-            if op in "MD":
-                if ti >= len(tseq):
-                    raise FeatureError(f"m8 row {index} ({target}): alignment past the target")
-                t_aln.append(tseq[ti])
-                t_idx.append(ti)
-                ti += 1
-            else:
-                t_aln.append("-")
-                t_idx.append(-1)
+            qi = _column(query_sequence, qi, op in "MI", q_aln, q_idx, row_name, "query")
+            ti = _column(tseq, ti, op in "MD", t_aln, t_idx, row_name, "target")
             aligned += op == "M"
     return parsers.TemplateHit(index=index, name=f"{target} mmseqs2 hit", aligned_cols=aligned,
                                sum_probs=bits, query="".join(q_aln),
