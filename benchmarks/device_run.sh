@@ -7,6 +7,9 @@
 #   batched  (issue 5): 1,000 proteins of 50-150, --max-batch 32, cold, with useful FLOP/s and
 #            a measured bf16 peak; then the same inputs warm (the executable cache should give
 #            every shape: executable_hits == compiles).  ~9 min.
+#   both     issues 3 and 5 in one call: predict_cold (stock loop first, parafold stopped at
+#            200 s) then batched_cold (stopped at 150 s); a stopped run reports the proteins
+#            finished by its limit (stopped_at_time_limit).  ~9 min.
 #   colabfold (issue 5): 200 proteins of 50-150 through parafold, then the same MSAs and random
 #            weights through colabfold_batch 1.6.3 in its own environment
 #            (.device_carry/colabfold_site, built with pip --target; Bio from fold_site), cold
@@ -32,7 +35,7 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$OU
 step() {  # name, seconds, args...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout --signal=INT --kill-after=10 "$limit" "${BENCH[@]}" "$@" --json "$OUT/$name.json" \
+  timeout --signal=INT --kill-after=30 "$limit" "${BENCH[@]}" "$@" --json "$OUT/$name.json" \
     > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
   tail -n 8 "$OUT/$name.log"
@@ -50,6 +53,13 @@ elif [ "$PART" = batched ]; then
     "${AHEAD[@]}"
   NAMES="batched_cold batched_warm"
 fi
+if [ "$PART" = both ]; then  # issues 3 and 5 in one ~9-minute call, each run time-limited
+  step predict_cold 340 --n 200 --lengths 50-300 --depths 64-500 --max-batch 32 \
+    --cache-dir "$WORK/cache-predict" --stock-subset 2 --no-flops --time-limit 200 "${AHEAD[@]}"
+  step batched_cold 230 "${MAIN[@]}" --cache-dir "$WORK/cache-batched" --stock-subset 0 \
+    --time-limit 150 "${AHEAD[@]}"
+  NAMES="predict_cold batched_cold"
+fi
 if [ "$PART" = colabfold ]; then
   CF_SITE="$PWD/.device_carry/colabfold_site:$PWD/.device_carry/fold_site"
   step vs_colabfold 560 --n 200 --lengths 50-150 --depths 32-127 --max-batch 32 \
@@ -62,7 +72,7 @@ python3 - "$OUT" $NAMES <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-cols = ("proteins_per_hour", "wall_s", "busy_fraction", "busy_fraction_nvidia_smi", "compiles",
+cols = ("proteins_per_hour", "ok", "stopped_at_time_limit", "wall_s", "busy_fraction", "busy_fraction_nvidia_smi", "compiles",
         "xla_compiles", "executable_hits", "compile_s", "compiled_ahead", "loop_compile_s",
         "warm_s_per_prediction", "mean_batch", "useful_tflops_per_s",
         "fraction_of_bf16_peak", "peak_device_bytes", "memory_model_bytes_biggest_batch")

@@ -23,6 +23,7 @@ the first `--stock-n` proteins only; its proteins/hour is extrapolated from thos
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import logging
@@ -139,6 +140,7 @@ def _useful_flops(flop_jobs: dict, sets: list, settings, iterations: int) -> flo
 def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sampler) -> dict:
     import jax
 
+    from parafold.fold.outputs import DONE_FILE, is_complete
     from parafold.fold.settings import ModelSettings
     from parafold.fold.worker import FoldWorker
 
@@ -153,11 +155,35 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
     worker.pools.features(), worker.pools.writes()  # helper start-up is not stage time
     mark = sampler.mark()
     started = time.perf_counter()
-    outcomes = worker.fold(sets, out)
-    wall = time.perf_counter() - started
+    stopped_at: list[tuple[float, float]] = []  # (perf_counter, wall clock) at the limit
+
+    def stop() -> None:  # --time-limit: a device call is bounded, a partial rate still counts
+        stopped_at.append((time.perf_counter(), time.time()))
+        _thread.interrupt_main()
+
+    timer = threading.Timer(args.time_limit, stop) if args.time_limit else None
+    if timer is not None:
+        timer.start()
+    try:
+        outcomes = worker.fold(sets, out)
+    except KeyboardInterrupt:
+        if not stopped_at:
+            raise
+        outcomes = None
+    finally:
+        if timer is not None:
+            timer.cancel()
+    wall = (stopped_at[0][0] if stopped_at else time.perf_counter()) - started
     stats = worker.stats
     worker.close()
-    ok = sum(o.ok for o in outcomes)
+    if outcomes is None:  # count the targets whose outputs were complete at the limit
+        log.warning("stopped at the %.0f s time limit", args.time_limit)
+        ok = sum(1 for fs in sets if is_complete(out / fs.name)
+                 and (out / fs.name / DONE_FILE).stat().st_mtime <= stopped_at[0][1])
+        if stats["busy_fraction"] is None:
+            stats["busy_fraction"] = round(stats.get("busy_s", 0.0) / wall, 4)
+    else:
+        ok = sum(o.ok for o in outcomes)
     mem = jax.devices()[0].memory_stats() or {}
     per_model = ok * len(settings.models)
     # what the loop itself spent on compiles: its own compiles plus waits for background ones
@@ -165,6 +191,7 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
                            + stats["compile_wait_s"], 3)
     report = {
         "proteins": len(sets), "ok": ok, "models": list(settings.models),
+        "stopped_at_time_limit": outcomes is None,
         "wall_s": round(wall, 2), "proteins_per_hour": round(ok / wall * 3600, 1),
         "compiles": stats["compiles"], "xla_compiles": stats["xla_compiles"],
         "persistent_hits": stats["persistent_hits"], "executable_hits": stats["executable_hits"],
@@ -173,7 +200,8 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
         "loop_compile_s": loop_compile_s,
         "predict_s": stats["predict_s"], "launches": stats["launches"],
         "mean_batch": round(stats["batched_members"] / max(1, stats["launches"]), 2),
-        "padded_slots": stats["padded_slots"], "shapes": sorted({o.bucket for o in outcomes}),
+        "padded_slots": stats["padded_slots"],
+        "shapes": sorted({o.bucket for o in outcomes or ()}),
         "busy_fraction": stats["busy_fraction"],
         "busy_fraction_nvidia_smi": sampler.mean_since(mark),
         "warm_s_per_prediction": round((wall - loop_compile_s) / max(per_model, 1), 4),
@@ -183,7 +211,8 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
     }
     if flop_jobs is not None:
         flops = _useful_flops(flop_jobs, [o for o in sets], settings, args.num_recycle + 1)
-        ok_names = {o.name for o in outcomes if o.ok}
+        ok_names = ({o.name for o in outcomes if o.ok} if outcomes is not None
+                    else set(range(ok)))
         if flops is not None and ok_names:
             flops *= len(ok_names) / len(sets)  # failed targets did no useful work
             report["useful_tflop"] = round(flops / 1e12, 2)
@@ -359,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
                              "with pip --target); ours is not passed on")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="persistent compile cache (default: a fresh one in the workdir)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="stop parafold's run after this many seconds and report the "
+                             "proteins finished by then (labeled stopped_at_time_limit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="reused if it holds params and features from an earlier run")
@@ -396,9 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cache = args.cache_dir or work / f"jax-cache-{time.time_ns()}"
         out = work / f"out-{time.time_ns()}"
-        ours = run_parafold(args, work / "weights", sets, out, cache, sampler)
+        # the stock loop first: a --time-limit then cuts parafold's run, not the baseline
         stock = (run_stock(args, work / "weights", sets, sampler)
                  if args.stock_subset > 0 else None)
+        ours = run_parafold(args, work / "weights", sets, out, cache, sampler)
     finally:
         sampler.stop()
     colab = run_colabfold(args, work / "weights", sets, work) if args.colabfold else None
