@@ -158,3 +158,47 @@ def test_second_process_compiles_nothing(env, fold_run):
     stats = json.loads(line[5:])
     assert stats["ok"] and stats["compiles"] == 1
     assert stats["persistent_hits"] == 1 and stats["xla_compiles"] == 0
+
+
+def test_a_sparse_depth_group_runs_in_the_deeper_bucket_with_the_same_result(env):
+    """A shallow target beside a deep one of the same length bucket runs at the deep one's
+    MSA-depth bucket (one compile, not two) and its structure is the one it gets alone."""
+    from dataclasses import replace
+
+    from parafold.fold.synthetic import make_features, random_sequence
+    from parafold.fold.worker import FoldWorker
+
+    root, settings, _ = env
+    rng = np.random.default_rng(11)
+    sets = [write_feature_set(root / "depth" / name, name=name, target_id=name,
+                              features=make_features(random_sequence(length, rng), depth,
+                                                     seed=i, description=name))
+            for i, (name, length, depth) in enumerate((("shallow", 26, 10),
+                                                       ("deep", 28, 60)))]
+    runs = {}
+    for merge in (32, 0):
+        worker = FoldWorker(root / "weights", replace(settings, depth_merge_max=merge))
+        outcomes = worker.fold(sets, root / f"depth-out-{merge}")
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+        runs[merge] = worker, outcomes
+    merged, alone = runs[32], runs[0]
+    assert [(k.length, k.extra) for k in alone[0].runner.compiled_keys] == [(32, 1), (32, 64)]
+    assert [(k.length, k.extra) for k in merged[0].runner.compiled_keys] == [(32, 64)]
+    # a later call (as `run` makes one per group) reuses the deeper shape compiled before
+    later = merged[0].fold(sets[:1], root / "depth-out-later")
+    assert later[0].ok and later[0].bucket == merged[1][1].bucket
+    assert merged[0].stats["compiles"] == 1
+    assert merged[1][0].bucket == merged[1][1].bucket == alone[1][1].bucket
+    for model in settings.model_names:
+        coords, plddt = {}, {}
+        for merge in (32, 0):
+            folder = root / f"depth-out-{merge}" / "shallow"
+            atoms = [line for line in (folder / f"unrelaxed_{model}.pdb").read_text().splitlines()
+                     if line.startswith("ATOM")]
+            coords[merge] = np.array([[float(line[c:c + 8]) for c in (30, 38, 46)]
+                                      for line in atoms])
+            plddt[merge] = np.array(json.loads((folder / f"scores_{model}.json").read_text())
+                                    ["plddt"])
+        assert coords[32].shape == coords[0].shape and len(coords[0]) > 26 * 4
+        assert np.abs(coords[32] - coords[0]).max() <= 0.01
+        assert np.abs(plddt[32] - plddt[0]).max() <= 0.01

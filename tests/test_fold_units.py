@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import replace
 
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
                       "--xla_llvm_disable_expensive_passes=true")
@@ -24,6 +26,30 @@ def test_length_buckets_bound_waste_and_count():
         assert buckets.padding_waste(length, bucket) <= s.max_length_waste + 1e-9
     shapes = {buckets.length_bucket(n, s) for n in range(50, 301)}
     assert len(shapes) <= 14
+
+
+def test_sparse_depth_groups_join_a_deeper_bucket_of_their_length():
+    from collections import Counter
+
+    s = ModelSettings()
+    key = functools.partial(buckets.shape_key, model_name="model_1_ptm", settings=s)
+    shallow, deep = key(120, 100), key(120, 400)
+    other_length = key(200, 100)
+    assert shallow.clusters < deep.clusters and shallow.length == deep.length
+    counts = Counter({shallow: 3, deep: 5, other_length: 2})
+    dest = buckets.merge_sparse_depths(counts, max_members=32)
+    assert dest == {shallow: deep, deep: deep, other_length: other_length}
+    # a big shallow group keeps its own, cheaper shape; 0 turns merging off
+    assert buckets.merge_sparse_depths(Counter({shallow: 33, deep: 5}), 32)[shallow] == shallow
+    assert buckets.merge_sparse_depths(counts, 0)[shallow] == shallow
+    # a group that grew by a merge moves on, and only into a bucket at least as deep in both
+    # MSA parts: every target ends in the one deepest shape
+    deepest = replace(deep, extra=deep.extra * 4)
+    chain = Counter({shallow: 2, deep: 2, deepest: 1})
+    assert set(buckets.merge_sparse_depths(chain, 32).values()) == {deepest}
+    crossed = replace(shallow, extra=deep.extra * 4)  # more extra rows, fewer clusters
+    wider = Counter({deep: 1, crossed: 1})  # neither holds the other: both stay
+    assert buckets.merge_sparse_depths(wider, 32) == {deep: deep, crossed: crossed}
 
 
 def test_depth_buckets_follow_alphafold_split():

@@ -524,3 +524,34 @@ def test_a_worker_whose_process_died_while_idle_is_restarted(tmp_path: Path) -> 
     assert summary.exit_code == 0 and summary.done == 4, summary.lines()
     assert worker.restarts == 1
     assert sorted(n for b in worker.batches for n in b) == ["t0", "t1", "t2", "t3"]
+
+
+def test_a_small_group_goes_to_the_worker_with_a_deeper_bucket_of_its_length(tmp_path: Path
+                                                                            ) -> None:
+    """A few shallow-MSA targets go to the worker that ran a deeper MSA-depth bucket of their
+    length (it runs them there, no compile), not to the first idle worker."""
+    from dataclasses import replace
+
+    gpu0, gpu1 = _FakeFoldWorker("gpu0"), _FakeFoldWorker("gpu1")
+    lengths = {"deep": 60, "long": 150, "shallow0": 60, "shallow1": 60}
+    with Ledger(tmp_path) as ledger:
+        sched: Any
+        sched, sets = _ready_scheduler(tmp_path, ledger, lengths, max_batch=4)
+        sets["deep"] = replace(sets["deep"], msa_depth=60)
+        for name in ("shallow0", "shallow1"):
+            sets[name] = replace(sets[name], msa_depth=10)
+        assert sched._shape(sets["shallow0"]) != sched._shape(sets["deep"])
+        now = time.time()
+        sched.idle = [gpu0, gpu1]
+        sched.ready["deep"] = (sets["deep"], now - 20)
+        sched._dispatch_folds()
+        sched.ready["long"] = (sets["long"], now - 19)
+        sched._dispatch_folds()
+        assert (gpu0.batches[-1][0], gpu1.batches[-1][0]) == (["deep"], ["long"])
+        sched._fold_finished(gpu1.finish_last())  # gpu1 is idle first ...
+        sched._fold_finished(gpu0.finish_last())
+        sched.ready["shallow0"] = (sets["shallow0"], now - 10)
+        sched.ready["shallow1"] = (sets["shallow1"], now - 10)
+        sched._dispatch_folds()
+        # ... but the shallow pair goes to gpu0, whole
+        assert gpu0.batches[-1][0] == ["shallow0", "shallow1"] and len(gpu1.batches) == 1

@@ -260,7 +260,8 @@ def predict(
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most proteins of one shape per forward pass (the memory model may choose fewer; 1 on the CPU unless --force-batch).")] = 32,
     force_batch: Annotated[bool, typer.Option("--force-batch", help="Batch proteins on the CPU too.")] = False,
     host_workers: Annotated[int | None, typer.Option("--host-workers", help="Feature-processing processes (default: 4 on a GPU, inline on the CPU).")] = None,
-    compile_ahead: Annotated[int, typer.Option("--compile-ahead", help="Threads compiling the next shapes while the current ones run (0: compile each shape when first needed).")] = 1,
+    compile_ahead: Annotated[int, typer.Option("--compile-ahead", help="Threads compiling the next shapes while the current ones run (0: compile each shape when first needed; more than 1 slows each compile on a GPU).")] = 1,
+    depth_merge_max: Annotated[int, typer.Option("--depth-merge-max", help="A group of at most this many targets runs in a deeper MSA-depth bucket of its length that runs anyway, saving a compile (0: never).")] = 32,
 ) -> None:
     """Predict structures from features (GPU stage); exit 0 only if every target succeeded."""
     from parafold.errors import PipelineError
@@ -278,7 +279,8 @@ def predict(
             config_size=_predict_config(params_dir, config), use_pallas=pallas,
             float32=float32, compile_cache_dir=cache_dir, executable_cache=executable_cache,
             msa_depth_buckets=not no_depth_buckets, save_raw=save_raw, max_batch=max_batch,
-            force_batch=force_batch, host_workers=host_workers, compile_ahead=compile_ahead)
+            force_batch=force_batch, host_workers=host_workers, compile_ahead=compile_ahead,
+            depth_merge_max=depth_merge_max)
         sets, problems = collect_feature_sets(features, trust_pickles=trust_pickles)
         for problem in problems:
             log.error("%s", problem)

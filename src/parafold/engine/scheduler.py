@@ -244,15 +244,19 @@ class Scheduler:
 
         A group may go once it is full, has waited `max_wait_s`, or nothing more is coming.
         Compiling a shape costs each worker ~25-29 s on a GPU, so a worker prefers a group of
-        a shape it has run, then one of a shape no other live worker has run, then the oldest
+        a shape it has run (or a small group its worker will run in a deeper MSA-depth bucket
+        it has run, `ModelSettings.depth_merge_max`), then one of a shape no other live worker
+        has run, then the oldest
         (it never idles while a group may go); a group that has waited `starve_s` goes to the
         first idle worker regardless.
         """
+        from parafold.fold.buckets import holds
+
         s, now = self.settings, time.time()
         more_coming = bool(self.pending or self.searching)
         live = self._live_workers()
         live_names = {w.name for w in live}
-        best: tuple[tuple[Any, ...], FoldWorkerHandle, list[tuple[FeatureSet, float]]] | None
+        best: tuple[tuple[Any, ...], FoldWorkerHandle, list[tuple[FeatureSet, float]], int] | None
         best = None
         due: set[Any] = set()  # shapes with a group that may go now
         for i, worker in enumerate(self.idle):
@@ -267,19 +271,22 @@ class Scheduler:
                 if more_coming and len(group) < s.max_batch and now - oldest < s.max_wait_s:
                     continue
                 due.add(shape)
-                affinity = 0 if shape in own else 1 if shape not in others else 2
+                # a small group rides in a deeper bucket of its length the worker has compiled
+                runs_warm = shape in own or (len(group) <= s.model.depth_merge_max
+                                             and any(holds(k, shape) for k in own))
+                affinity = 0 if runs_warm else 1 if shape not in others else 2
                 # Starved groups first, oldest first; then by affinity, then by age.
                 rank = ((0, oldest, affinity, i) if now - oldest >= self.starve_s
                         else (1, affinity, oldest, i))
                 if best is None or rank < best[0]:
-                    best = (rank, worker, group)
+                    best = (rank, worker, group, affinity)
         if best is None:
             return None
-        _, worker, chosen = best
+        _, worker, chosen, affinity = best
         size = s.max_batch
-        if len(chosen) < size:
-            # Nothing more of this shape soon: share it out over the idle workers that no
-            # other group due now will occupy.
+        if len(chosen) < size and affinity > 0:
+            # Nothing more of this shape soon and no worker has it compiled: share it out
+            # over the idle workers that no other group due now will occupy.
             size = math.ceil(len(chosen) / max(1, len(self.idle) - len(due) + 1))
         chosen.sort(key=lambda item: item[1])
         return worker, [fs for fs, _ in chosen[:size]]

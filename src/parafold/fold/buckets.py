@@ -10,13 +10,14 @@ shallow MSA is not padded to 512 clusters and 5,120 extra rows; padded rows are 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 
 from parafold.fold.config import DepthCaps, depth_caps, family_of
 from parafold.fold.settings import ModelSettings
 
 __all__ = ["ShapeKey", "length_ladder", "length_bucket", "depth_ladder", "depth_bucket",
-           "shape_key", "padding_waste"]
+           "shape_key", "padding_waste", "holds", "merge_sparse_depths"]
 
 _DEPTH_FACTOR = 4
 
@@ -108,3 +109,39 @@ def shape_key(length: int, msa_depth: int, model_name: str, settings: ModelSetti
     return ShapeKey(family=family_of(model_name), length=length_bucket(length, settings),
                     clusters=clusters, extra=extra, templates=caps.templates,
                     low_memory=low_memory)
+
+
+def holds(big: ShapeKey, small: ShapeKey) -> bool:
+    """`big` can run `small`'s targets: same length and family, both MSA parts as deep."""
+    return (replace(big, clusters=small.clusters, extra=small.extra) == small
+            and big.clusters >= small.clusters and big.extra >= small.extra)
+
+
+def merge_sparse_depths(counts: Mapping[ShapeKey, int], max_members: int,
+                        available: Iterable[ShapeKey] = ()) -> dict[ShapeKey, ShapeKey]:
+    """The key each key's targets run under: a key with at most `max_members` targets joins
+    the nearest deeper key that `holds` it and runs anyway (in `counts`, or `available`: run
+    before, so compiled). That saves a compile (~25 s on a GPU) for some padded MSA rows (a
+    fraction of a second per target); padded rows are masked, so no result changes. Keys
+    that stay map to themselves; `max_members` 0 merges nothing.
+    """
+    dest = {key: key for key in counts}
+    if max_members <= 0:
+        return dest
+    size = dict(counts)
+    ready = [k for k in available if k not in counts]
+    # shallowest first, so a group that grew by a merge can still move on to a deeper one
+    for key in sorted(counts, key=lambda k: (k.clusters, k.extra)):
+        if size[key] > max_members:
+            continue
+        deeper = [k for k in [*counts, *ready] if k != key and dest.get(k, k) == k
+                  and holds(k, key)]
+        if not deeper:
+            continue
+        target = min(deeper, key=lambda k: (k.clusters, k.extra))
+        for k, d in dest.items():
+            if d == key:
+                dest[k] = target
+        size[target] = size.get(target, 0) + size[key]
+        size[key] = 0
+    return dest

@@ -56,7 +56,11 @@ class ModelSettings:
     memory for the batch-size model. `compile_ahead` threads compile the executables a `fold`
     call will need, in the order it needs them, while earlier shapes run (a full-model compile
     takes ~25-29 s per shape on a GPU, which would otherwise leave the device idle); 0 compiles
-    each shape when the loop reaches it.
+    each shape when the loop reaches it; more than one thread slows each compile on a GPU
+    (measured on an H100: 6 threads made each compile 52-160 s instead of 25-30 s). A
+    `fold` call runs a group of at most `depth_merge_max` targets in a deeper MSA-depth
+    bucket of the same length when that bucket runs anyway, saving its compile
+    (`buckets.merge_sparse_depths`; 0: never).
     """
 
     model_preset: str = "monomer_ptm"
@@ -81,6 +85,7 @@ class ModelSettings:
     device_memory_bytes: int | None = None
     executable_cache: bool = False  # experimental until checked on a GPU (fused-kernel calls)
     compile_ahead: int = 1
+    depth_merge_max: int = 32
 
     def __post_init__(self) -> None:
         if self.model_preset not in MODEL_PRESETS:
@@ -109,6 +114,8 @@ class ModelSettings:
                 raise InputError(f"{name} must be >= 0, got {value}")
         if self.compile_ahead < 0:
             raise InputError(f"compile_ahead must be >= 0, got {self.compile_ahead}")
+        if self.depth_merge_max < 0:
+            raise InputError(f"depth_merge_max must be >= 0, got {self.depth_merge_max}")
         if self.device_memory_bytes is not None and self.device_memory_bytes <= 0:
             raise InputError("device memory must be positive")
 
