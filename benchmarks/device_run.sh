@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# GPU-stage checks on the GPU machine, prepared to fit a 10-minute device call each:
-#   predict  (issue 3): 200 proteins of 50-300 residues, full config, 1 model x 3 recycles,
-#            --max-batch 32 (predict's default), compile-ahead 4 threads, executable cache on,
-#            cold caches; the stock loop
-#            (a fresh RunModel per protein) on 2 of them in the same run.  ~6 min.
-#   batched  (issue 5): 1,000 proteins of 50-150, --max-batch 32, cold, with useful FLOP/s and
-#            a measured bf16 peak; then the same inputs warm (the executable cache should give
-#            every shape: executable_hits == compiles).  ~9 min.
-#   both     issues 3 and 5 in one call: predict_cold (stock loop first, parafold stopped at
-#            200 s) then batched_cold (stopped at 150 s); a stopped run reports the proteins
-#            finished by its limit (stopped_at_time_limit).  ~9 min.
+# GPU-stage checks on the GPU machine, prepared to fit a 10-minute device call each (a
+# session has 15 minutes of device time: one part per session, two if the machine starts
+# fast). Runs past their --time-limit report the proteins finished by then, labeled
+# stopped_at_time_limit. One compile-ahead thread: on an H100, 6 threads made each compile
+# 52-160 s instead of 25-30 s (XLA's compiles and autotuning contend).
+#   predict  (issue 3): the stock loop (a fresh RunModel per protein) on 2 proteins, then 200
+#            proteins of 50-300 residues, full config, 1 model x 3 recycles, --max-batch 32,
+#            cold caches, stopped at 250 s; then the same again warm (persistent and
+#            executable caches filled by the cold run), stopped at 60 s.  ~9 min.
+#   batched  (issue 5): 1,000 proteins of 50-150, cold, with useful FLOP/s and a measured bf16
+#            peak, stopped at 280 s; then the same inputs warm, stopped at 150 s.  ~9 min.
 #   colabfold (issue 5): 200 proteins of 50-150 through parafold, then the same MSAs and random
 #            weights through colabfold_batch 1.6.3 in its own environment
 #            (.device_carry/colabfold_site, built with pip --target; Bio from fold_site), cold
@@ -42,23 +42,18 @@ step() {  # name, seconds, args...
 }
 
 PART=${1:-batched}
-AHEAD=(--compile-ahead "${COMPILE_AHEAD:-4}" --executable-cache)
+AHEAD=(--compile-ahead "${COMPILE_AHEAD:-1}" --executable-cache)
+PREDICT=(--n 200 --lengths 50-300 --depths 64-500 --max-batch 32 --cache-dir "$CACHE" --no-flops)
 if [ "$PART" = predict ]; then
-  step predict_cold 420 --n 200 --lengths 50-300 --depths 64-500 --max-batch 32 \
-    --cache-dir "$CACHE" --stock-subset 2 --no-flops "${AHEAD[@]}"
-  NAMES="predict_cold"
+  step predict_cold 450 "${PREDICT[@]}" --stock-subset 2 --time-limit 250 "${AHEAD[@]}"
+  step predict_warm 100 "${PREDICT[@]}" --stock-subset 0 --time-limit 60 "${AHEAD[@]}"
+  NAMES="predict_cold predict_warm"
 elif [ "$PART" = batched ]; then
-  step batched_cold 330 "${MAIN[@]}" --cache-dir "$CACHE" --stock-subset 0 "${AHEAD[@]}"
-  step batched_warm 200 "${MAIN[@]}" --cache-dir "$CACHE" --no-flops --stock-subset 0 \
+  step batched_cold 340 "${MAIN[@]}" --cache-dir "$CACHE" --stock-subset 0 --time-limit 280 \
     "${AHEAD[@]}"
-  NAMES="batched_cold batched_warm"
-fi
-if [ "$PART" = both ]; then  # issues 3 and 5 in one ~9-minute call, each run time-limited
-  step predict_cold 340 --n 200 --lengths 50-300 --depths 64-500 --max-batch 32 \
-    --cache-dir "$WORK/cache-predict" --stock-subset 2 --no-flops --time-limit 200 "${AHEAD[@]}"
-  step batched_cold 230 "${MAIN[@]}" --cache-dir "$WORK/cache-batched" --stock-subset 0 \
+  step batched_warm 200 "${MAIN[@]}" --cache-dir "$CACHE" --no-flops --stock-subset 0 \
     --time-limit 150 "${AHEAD[@]}"
-  NAMES="predict_cold batched_cold"
+  NAMES="batched_cold batched_warm"
 fi
 if [ "$PART" = colabfold ]; then
   CF_SITE="$PWD/.device_carry/colabfold_site:$PWD/.device_carry/fold_site"
