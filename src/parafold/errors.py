@@ -1,10 +1,13 @@
 """The project's exception hierarchy: one base, one branch per kind of failure.
 
 Callers catch `PipelineError` at the per-target boundary and record the message in the ledger;
-everything else is a bug and should surface.
+everything else is a bug and should surface. Every error pickles (it may be raised in a worker
+process): one whose constructor takes more than the message says how to rebuild it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "PipelineError",
@@ -53,6 +56,9 @@ class ToolFailedError(ToolError):
         name = cmd[0] if cmd else "?"
         super().__init__(f"{name} exited with code {returncode}: {stderr_tail.strip()[-2000:]}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.cmd, self.returncode, self.stderr_tail), self.__dict__
+
 
 class ToolTimeoutError(ToolError, TimeoutError):
     """The program ran past its timeout and was killed with its process group."""
@@ -62,6 +68,9 @@ class ToolTimeoutError(ToolError, TimeoutError):
         self.timeout_s = timeout_s
         name = cmd[0] if cmd else "?"
         super().__init__(f"{name} ran past its timeout of {timeout_s:g} s and was killed")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.cmd, self.timeout_s), self.__dict__
 
 
 class FeatureError(PipelineError):

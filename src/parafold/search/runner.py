@@ -12,16 +12,26 @@ protein at a time (`featurize_prepared`); `mmseqs` searches every missing sequen
 in one MMseqs2 batch (`featurize_batch`, under one cache-wide batch lock); `precomputed` and
 `single_sequence` run no tool. The key holds the mode's settings and the databases it reads,
 and for precomputed MSAs the file's content.
+
+After an MMseqs2 batch, building each query's features (mostly Biopython parsing template
+mmCIFs, pure Python under the GIL) runs in spawned worker processes when the batch is large
+enough to repay their start-up; threads would use one core's worth of it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import logging
+import multiprocessing
+import os
 import shutil
+import signal
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +68,9 @@ __all__ = ["featurize_target", "featurize_prepared", "featurize_batch", "cache_k
 logger = logging.getLogger(__name__)
 
 TIMINGS_FILE = "timings.json"
+# Smaller MMseqs2 batches build features in threads: a spawned process spends ~0.5 s importing
+# AlphaFold's feature code, more than a few queries' features cost.
+PROCESS_FILL_MIN_QUERIES = 8
 
 
 def cache_key(sequence: str, databases: DatabaseSet, settings: SearchSettings, *,
@@ -251,8 +264,15 @@ def _has_features(cache_dir: Path, key: str) -> bool:
 def _fill_mmseqs_entry(entry: Path, sequence: str, msas: dict[str, str], *,
                        databases: DatabaseSet, settings: SearchSettings, key: str,
                        batch: dict[str, Any]) -> None:
+    """One query's MSAs, features and timings into its cache entry (runs in a fill process).
+
+    Raises:
+        PipelineError: this query's features could not be built (see `mmseqs_features`).
+    """
     started = time.monotonic()
     with file_lock(entry / ".lock"):
+        for partial in entry.rglob("*.part"):  # left by a killed fill; we hold the entry's lock
+            partial.unlink(missing_ok=True)
         for tag, text in msas.items():
             atomic_write_text(entry / "msas" / MMSEQS_FILES[tag], text)
         feats = mmseqs_features(sequence, QUERY_NAME, entry / "msas", databases=databases,
@@ -266,15 +286,86 @@ def _fill_mmseqs_entry(entry: Path, sequence: str, msas: dict[str, str], *,
                           key=key, msa_mode=_mode_label(settings))
 
 
+def _fill_child_init(log_level: int, absl_level: int) -> None:
+    """A fill process: off the accelerator, logging like its parent, dead with its parent, and
+    deaf to Ctrl-C, so the parent alone decides to stop (it lets the fills in flight finish)."""
+    from parafold.lifecycle import die_with_parent
+
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s")
+    logging.getLogger("absl").setLevel(absl_level)
+
+
+def _fill_child_ready() -> None:
+    """A no-op: submitted once per process so that all of them start (and import) at once."""
+
+
+@contextlib.contextmanager
+def _fill_pool(workers: int, queries: int) -> Iterator[cf.ProcessPoolExecutor | None]:
+    """Spawn fill processes (not fork: the parent has threads) for a batch that repays them,
+    started now so that they import while MMseqs2 searches; None: fill in threads."""
+    if workers < 2 or queries < PROCESS_FILL_MIN_QUERIES:
+        yield None
+        return
+    pool = cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_fill_child_init,
+        initargs=(logging.getLogger().getEffectiveLevel(),
+                  logging.getLogger("absl").getEffectiveLevel()))
+    try:
+        for _ in range(workers):
+            pool.submit(_fill_child_ready)
+        yield pool
+    finally:  # also on Ctrl-C: fills not started are dropped, those in flight finish
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _fill_in_processes(pool: cf.ProcessPoolExecutor, names: Sequence[str],
+                       job: Callable[[str], tuple[tuple[Any, ...], dict[str, Any]]]
+                       ) -> tuple[dict[str, BaseException], list[str]]:
+    """`_fill_mmseqs_entry(*args, **kwargs)` for each query name in the pool; returns the
+    per-query failures by name and the names a dead process left unfinished."""
+    futures: dict[str, cf.Future[None]] = {}
+    for name in names:
+        args, kwargs = job(name)
+        try:
+            futures[name] = pool.submit(_fill_mmseqs_entry, *args, **kwargs)
+        except BrokenProcessPool:
+            break
+    cf.wait(futures.values())
+    failed: dict[str, BaseException] = {}
+    lost = [n for n in names if n not in futures]
+    for name, future in futures.items():
+        exc = future.exception()
+        if isinstance(exc, BrokenProcessPool):
+            lost.append(name)
+        elif isinstance(exc, PipelineError):
+            failed[name] = exc
+        elif exc is not None:
+            raise exc
+    return failed, lost
+
+
 def _search_and_fill(pending: dict[str, str], *, databases: DatabaseSet,
                      settings: SearchSettings, budget: CpuBudget,
                      cache_dir: Path) -> tuple[dict[str, BaseException], int]:
-    """One MMseqs2 batch for every pending (key -> sequence); returns failures and calls."""
+    """One MMseqs2 batch for every pending (key -> sequence); returns failures and calls.
+
+    Each query's features are built in one of min(cores, queries) spawned processes (threads
+    below `PROCESS_FILL_MIN_QUERIES` queries or with one core): the work is GIL-bound Python.
+    A query's `PipelineError` is its failure, the others go on; queries left unfinished by a
+    process that died are filled here, in threads, so the batch's searches are not lost.
+    """
     names = {f"q{i}": key for i, key in enumerate(pending)}
     logger.info("mmseqs: searching %d sequences in one batch", len(names))
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     with budget.hold(budget.total) as cores, \
-            tempfile.TemporaryDirectory(prefix=".tmp-mmseqs-", dir=cache_dir) as tmp:
+            tempfile.TemporaryDirectory(prefix=".tmp-mmseqs-", dir=cache_dir) as tmp, \
+            _fill_pool(min(cores, len(names)), len(names)) as pool:
         try:
             result = search_batch([(n, pending[k]) for n, k in names.items()], Path(tmp),
                                   uniref=databases.require("mmseqs_uniref30"),
@@ -290,17 +381,29 @@ def _search_and_fill(pending: dict[str, str], *, databases: DatabaseSet,
                           "wall_s": result.wall_s, "threads": cores}}
         failed: dict[str, BaseException] = {}
 
-        def fill(name: str) -> None:
+        def job(name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
             key = names[name]
-            try:
-                _fill_mmseqs_entry(_entry(cache_dir, key), pending[key], result.msas[name],
-                                   databases=databases, settings=settings, key=key,
-                                   batch=batch)
-            except PipelineError as exc:  # one query's features; the others go on
-                failed[key] = exc
+            return ((_entry(cache_dir, key), pending[key], result.msas[name]),
+                    {"databases": databases, "settings": settings, "key": key, "batch": batch})
 
-        with ThreadPoolExecutor(max(1, cores), thread_name_prefix="mmseqs-features") as pool:
-            list(pool.map(fill, names))
+        def fill(name: str) -> None:
+            args, kwargs = job(name)
+            try:
+                _fill_mmseqs_entry(*args, **kwargs)
+            except PipelineError as exc:  # one query's features; the others go on
+                failed[names[name]] = exc
+
+        in_threads: Sequence[str] = list(names)
+        if pool is not None:
+            by_name, lost = _fill_in_processes(pool, in_threads, job)
+            failed.update({names[n]: exc for n, exc in by_name.items()})
+            in_threads = [n for n in lost if not _has_features(cache_dir, names[n])]
+            if in_threads:
+                logger.warning("mmseqs: a feature process died; building the features of %d "
+                               "queries in this process", len(in_threads))
+        if in_threads:
+            with ThreadPoolExecutor(max(1, cores), thread_name_prefix="mmseqs-features") as tp:
+                list(tp.map(fill, in_threads))
     return failed, len(result.timings)
 
 
@@ -333,16 +436,22 @@ def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: Data
                                                  settings=settings, budget=budget,
                                                  cache_dir=cache_dir)
                 searched = set(pending) - set(failed)
-    for i, (target, key) in enumerate(zip(targets, keys, strict=True)):
+    writes: list[tuple[int, bool, int]] = []  # (target index, searched now, its tool calls)
+    for i, key in enumerate(keys):
         if results[i] is not None:
             continue
         if key in failed:
             results[i] = failed[key]
             continue
-        entry = _entry(cache_dir, key)
         fresh = key in searched
         searched.discard(key)  # the first target of a sequence was searched, twins reuse it
         tool_calls, calls = (calls, 0) if fresh else (0, calls)
+        writes.append((i, fresh, tool_calls))
+
+    def write(job: tuple[int, bool, int]) -> FeatureSet | BaseException:
+        i, fresh, tool_calls = job
+        target, key = targets[i], keys[i]
+        entry = _entry(cache_dir, key)
         try:
             timings = {**read_json(entry / TIMINGS_FILE), "key": key, "tool_calls": tool_calls,
                        "cache_hit": not fresh}
@@ -350,8 +459,13 @@ def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: Data
                                msa_names=names, timings=timings, databases=databases,
                                settings=settings, write_pkl=write_pkl)
         except (PipelineError, OSError) as exc:
-            results[i] = exc
-            continue
-        results[i] = replace(fs, extra={**fs.extra, "tool_calls": tool_calls,
-                                        "reused": "" if fresh else "cache"})
+            return exc
+        return replace(fs, extra={**fs.extra, "tool_calls": tool_calls,
+                                  "reused": "" if fresh else "cache"})
+
+    # each target its own folder; the time goes to reading, writing and fsync (GIL released)
+    with ThreadPoolExecutor(max(1, min(budget.total, len(writes))),
+                            thread_name_prefix="mmseqs-targets") as pool:
+        for (i, _, _), outcome in zip(writes, pool.map(write, writes), strict=True):
+            results[i] = outcome
     return [r for r in results if r is not None]
