@@ -149,7 +149,8 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
                              max_batch=args.max_batch, force_batch=args.force_batch,
                              host_workers=args.host_workers, compile_ahead=args.compile_ahead,
                              executable_cache=args.executable_cache,
-                             depth_merge_max=args.depth_merge_max)
+                             merge_max_members=args.merge_max,
+                             merge_max_waste=args.merge_max_waste)
     flop_jobs = _flop_jobs(args, sets, settings) if args.flops else None
     worker = FoldWorker(params_dir, settings)
     worker.load_params()
@@ -368,9 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-workers", type=int, default=None)
     parser.add_argument("--compile-ahead", type=int, default=1,
                         help="threads compiling the next shapes while others run (0: off)")
-    parser.add_argument("--depth-merge-max", type=int, default=32,
-                        help="targets of a sparse MSA-depth group that run in a deeper bucket "
-                             "of their length instead of compiling their own (0: never)")
+    parser.add_argument("--merge-max", type=int, default=32,
+                        help="a group of at most this many targets runs in a bigger shape "
+                             "that runs anyway instead of compiling its own (0: never)")
+    parser.add_argument("--merge-max-waste", type=float, default=0.3,
+                        help="most padding a merged target's length may get")
     parser.add_argument("--executable-cache", action="store_true",
                         help="also keep serialized executables (a warm run skips tracing)")
     parser.add_argument("--stock-subset", "--stock-n", dest="stock_subset", type=int, default=6,

@@ -160,9 +160,10 @@ def test_second_process_compiles_nothing(env, fold_run):
     assert stats["persistent_hits"] == 1 and stats["xla_compiles"] == 0
 
 
-def test_a_sparse_depth_group_runs_in_the_deeper_bucket_with_the_same_result(env):
-    """A shallow target beside a deep one of the same length bucket runs at the deep one's
-    MSA-depth bucket (one compile, not two) and its structure is the one it gets alone."""
+def test_small_groups_run_in_a_bigger_shape_with_the_same_result(env):
+    """Three targets in three shapes (a shallow MSA and a deep one at length bucket 32, a deep
+    one at 38) run in one: the deepest, longest (one compile, not three), and each target's
+    structure and pLDDT are the ones it gets in its own shape."""
     from dataclasses import replace
 
     from parafold.fold.synthetic import make_features, random_sequence
@@ -170,35 +171,38 @@ def test_a_sparse_depth_group_runs_in_the_deeper_bucket_with_the_same_result(env
 
     root, settings, _ = env
     rng = np.random.default_rng(11)
-    sets = [write_feature_set(root / "depth" / name, name=name, target_id=name,
+    specs = (("shallow", 26, 10), ("deep", 30, 60), ("long", 34, 60))
+    sets = [write_feature_set(root / "merge" / name, name=name, target_id=name,
                               features=make_features(random_sequence(length, rng), depth,
                                                      seed=i, description=name))
-            for i, (name, length, depth) in enumerate((("shallow", 26, 10),
-                                                       ("deep", 28, 60)))]
+            for i, (name, length, depth) in enumerate(specs)]
     runs = {}
     for merge in (32, 0):
-        worker = FoldWorker(root / "weights", replace(settings, depth_merge_max=merge))
-        outcomes = worker.fold(sets, root / f"depth-out-{merge}")
+        worker = FoldWorker(root / "weights", replace(settings, merge_max_members=merge,
+                                                      merge_max_waste=0.35))
+        outcomes = worker.fold(sets, root / f"merge-out-{merge}")
         assert all(o.ok for o in outcomes), [o.error for o in outcomes]
         runs[merge] = worker, outcomes
     merged, alone = runs[32], runs[0]
-    assert [(k.length, k.extra) for k in alone[0].runner.compiled_keys] == [(32, 1), (32, 64)]
-    assert [(k.length, k.extra) for k in merged[0].runner.compiled_keys] == [(32, 64)]
-    # a later call (as `run` makes one per group) reuses the deeper shape compiled before
-    later = merged[0].fold(sets[:1], root / "depth-out-later")
-    assert later[0].ok and later[0].bucket == merged[1][1].bucket
+    assert [(k.length, k.extra) for k in alone[0].runner.compiled_keys] == [
+        (32, 1), (32, 64), (38, 64)]
+    assert [(k.length, k.extra) for k in merged[0].runner.compiled_keys] == [(38, 64)]
+    assert len({o.bucket for o in merged[1]}) == 1 and merged[1][2].bucket == alone[1][2].bucket
+    # a later call (as `run` makes one per group) reuses the shape compiled before
+    later = merged[0].fold(sets[:1], root / "merge-out-later")
+    assert later[0].ok and later[0].bucket == merged[1][2].bucket
     assert merged[0].stats["compiles"] == 1
-    assert merged[1][0].bucket == merged[1][1].bucket == alone[1][1].bucket
-    for model in settings.model_names:
+    for (name, length, _), model in [(spec, m) for spec in specs[:2]
+                                     for m in settings.model_names]:
         coords, plddt = {}, {}
         for merge in (32, 0):
-            folder = root / f"depth-out-{merge}" / "shallow"
+            folder = root / f"merge-out-{merge}" / name
             atoms = [line for line in (folder / f"unrelaxed_{model}.pdb").read_text().splitlines()
                      if line.startswith("ATOM")]
             coords[merge] = np.array([[float(line[c:c + 8]) for c in (30, 38, 46)]
                                       for line in atoms])
             plddt[merge] = np.array(json.loads((folder / f"scores_{model}.json").read_text())
                                     ["plddt"])
-        assert coords[32].shape == coords[0].shape and len(coords[0]) > 26 * 4
-        assert np.abs(coords[32] - coords[0]).max() <= 0.01
-        assert np.abs(plddt[32] - plddt[0]).max() <= 0.01
+        assert coords[32].shape == coords[0].shape and len(coords[0]) > length * 4
+        assert np.abs(coords[32] - coords[0]).max() <= 0.01, (name, model)
+        assert np.abs(plddt[32] - plddt[0]).max() <= 0.01, (name, model)

@@ -28,28 +28,43 @@ def test_length_buckets_bound_waste_and_count():
     assert len(shapes) <= 14
 
 
-def test_sparse_depth_groups_join_a_deeper_bucket_of_their_length():
+def test_small_groups_join_a_bigger_shape_that_runs_anyway():
     from collections import Counter
 
     s = ModelSettings()
     key = functools.partial(buckets.shape_key, model_name="model_1_ptm", settings=s)
     shallow, deep = key(120, 100), key(120, 400)
-    other_length = key(200, 100)
+    far = key(200, 100)
     assert shallow.clusters < deep.clusters and shallow.length == deep.length
-    counts = Counter({shallow: 3, deep: 5, other_length: 2})
-    dest = buckets.merge_sparse_depths(counts, max_members=32)
-    assert dest == {shallow: deep, deep: deep, other_length: other_length}
-    # a big shallow group keeps its own, cheaper shape; 0 turns merging off
-    assert buckets.merge_sparse_depths(Counter({shallow: 33, deep: 5}), 32)[shallow] == shallow
-    assert buckets.merge_sparse_depths(counts, 0)[shallow] == shallow
-    # a group that grew by a merge moves on, and only into a bucket at least as deep in both
+    counts = Counter({shallow: 3, deep: 5, far: 2})
+    dest = buckets.merge_small_groups(counts, max_members=32)
+    assert dest == {shallow: deep, deep: deep, far: far}
+    # a big group keeps its own, cheaper shape; 0 turns merging off
+    assert buckets.merge_small_groups(Counter({shallow: 33, deep: 5}), 32)[shallow] == shallow
+    assert buckets.merge_small_groups(counts, 0)[shallow] == shallow
+    # a group that grew by a merge moves on, and only into a shape at least as deep in both
     # MSA parts: every target ends in the one deepest shape
     deepest = replace(deep, extra=deep.extra * 4)
     chain = Counter({shallow: 2, deep: 2, deepest: 1})
-    assert set(buckets.merge_sparse_depths(chain, 32).values()) == {deepest}
+    assert set(buckets.merge_small_groups(chain, 32).values()) == {deepest}
     crossed = replace(shallow, extra=deep.extra * 4)  # more extra rows, fewer clusters
     wider = Counter({deep: 1, crossed: 1})  # neither holds the other: both stay
-    assert buckets.merge_sparse_depths(wider, 32) == {deep: deep, crossed: crossed}
+    assert buckets.merge_small_groups(wider, 32) == {deep: deep, crossed: crossed}
+    # longer buckets: only while the group's shortest target stays within the padding bound
+    longer = replace(deep, length=136)
+    pair = Counter({deep: 4, longer: 9})
+    assert buckets.merge_small_groups(pair, 32, shortest={deep: 105}, max_waste=0.3)[deep] == longer
+    assert buckets.merge_small_groups(pair, 32, shortest={deep: 90}, max_waste=0.3)[deep] == deep
+    assert buckets.merge_small_groups(pair, 32, shortest={deep: 105})[deep] == deep  # bound 0
+    # the bound holds for every target that moves along a chain (the 90 stops at 120)
+    chain = Counter({key(100, 400): 2, deep: 2, longer: 1})
+    short = {key(100, 400): 90, deep: 118}
+    dest = buckets.merge_small_groups(chain, 32, shortest=short, max_waste=0.3)
+    assert dest[key(100, 400)] == deep and dest[deep] == deep
+    assert buckets.padding_waste(90, deep.length) <= 0.3 < buckets.padding_waste(90, 136)
+    # shapes run by an earlier call count too
+    assert buckets.merge_small_groups(Counter({shallow: 1}), 32, available=[deep]) == {
+        shallow: deep}
 
 
 def test_depth_buckets_follow_alphafold_split():

@@ -245,7 +245,7 @@ class Scheduler:
         A group may go once it is full, has waited `max_wait_s`, or nothing more is coming.
         Compiling a shape costs each worker ~25-29 s on a GPU, so a worker prefers a group of
         a shape it has run (or a small group its worker will run in a deeper MSA-depth bucket
-        it has run, `ModelSettings.depth_merge_max`), then one of a shape no other live worker
+        it has run, `ModelSettings.merge_max_members`), then one of a shape no other live worker
         has run, then the oldest
         (it never idles while a group may go); a group that has waited `starve_s` goes to the
         first idle worker regardless.
@@ -271,9 +271,12 @@ class Scheduler:
                 if more_coming and len(group) < s.max_batch and now - oldest < s.max_wait_s:
                     continue
                 due.add(shape)
-                # a small group rides in a deeper bucket of its length the worker has compiled
-                runs_warm = shape in own or (len(group) <= s.model.depth_merge_max
-                                             and any(holds(k, shape) for k in own))
+                # a small group rides in a bigger shape the worker has compiled
+                shortest = min(fs.length for fs, _ in group)
+                runs_warm = shape in own or (
+                    len(group) <= s.model.merge_max_members
+                    and any(holds(k, shape, shortest=shortest, max_waste=s.model.merge_max_waste)
+                            for k in own))
                 affinity = 0 if runs_warm else 1 if shape not in others else 2
                 # Starved groups first, oldest first; then by affinity, then by age.
                 rank = ((0, oldest, affinity, i) if now - oldest >= self.starve_s

@@ -5,6 +5,9 @@ wastes at most `max_length_waste` of its residues on padding for any target of a
 `min_length_bucket` residues; the ladder grows geometrically, so 50-300 residues need about a
 dozen shapes. MSA depth buckets are a coarse ladder (factor 4 up to the config's size) so a
 shallow MSA is not padded to 512 clusters and 5,120 extra rows; padded rows are masked.
+A small group may run in a bigger shape that runs anyway (`merge_small_groups`): up to
+`ModelSettings.merge_max_waste` padding, for at most `merge_max_members` targets, because a
+compile costs a GPU far more than their padding does.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from parafold.fold.config import DepthCaps, depth_caps, family_of
 from parafold.fold.settings import ModelSettings
 
 __all__ = ["ShapeKey", "length_ladder", "length_bucket", "depth_ladder", "depth_bucket",
-           "shape_key", "padding_waste", "holds", "merge_sparse_depths"]
+           "shape_key", "padding_waste", "holds", "merge_small_groups"]
 
 _DEPTH_FACTOR = 4
 
@@ -111,37 +114,52 @@ def shape_key(length: int, msa_depth: int, model_name: str, settings: ModelSetti
                     low_memory=low_memory)
 
 
-def holds(big: ShapeKey, small: ShapeKey) -> bool:
-    """`big` can run `small`'s targets: same length and family, both MSA parts as deep."""
-    return (replace(big, clusters=small.clusters, extra=small.extra) == small
-            and big.clusters >= small.clusters and big.extra >= small.extra)
+def holds(big: ShapeKey, small: ShapeKey, *, shortest: int | None = None,
+          max_waste: float = 0.0) -> bool:
+    """`big` can run `small`'s targets: same family and templates, both MSA parts as deep, and
+    the same length, or longer while the shortest of them (`shortest` residues) wastes at most
+    `max_waste` of `big`'s length on padding."""
+    if (replace(big, length=small.length, clusters=small.clusters, extra=small.extra) != small
+            or big.clusters < small.clusters or big.extra < small.extra):
+        return False
+    if big.length == small.length:
+        return True
+    return (big.length > small.length and shortest is not None
+            and padding_waste(shortest, big.length) <= max_waste)
 
 
-def merge_sparse_depths(counts: Mapping[ShapeKey, int], max_members: int,
-                        available: Iterable[ShapeKey] = ()) -> dict[ShapeKey, ShapeKey]:
+def merge_small_groups(counts: Mapping[ShapeKey, int], max_members: int, *,
+                       shortest: Mapping[ShapeKey, int] | None = None, max_waste: float = 0.0,
+                       available: Iterable[ShapeKey] = ()) -> dict[ShapeKey, ShapeKey]:
     """The key each key's targets run under: a key with at most `max_members` targets joins
-    the nearest deeper key that `holds` it and runs anyway (in `counts`, or `available`: run
-    before, so compiled). That saves a compile (~25 s on a GPU) for some padded MSA rows (a
-    fraction of a second per target); padded rows are masked, so no result changes. Keys
-    that stay map to themselves; `max_members` 0 merges nothing.
+    the nearest key that `holds` it and runs anyway (in `counts`, or `available`: run before,
+    so compiled): a deeper MSA bucket of its length, or a longer bucket while its shortest
+    target (`shortest[key]` residues) wastes at most `max_waste` on padding.
+
+    A compile costs ~25-30 s on a GPU (measured on an H100) and a small protein's prediction
+    0.1-0.4 s, so for a few targets padding beats compiling; padded rows and residues are
+    masked, so no result changes. Keys that stay map to themselves; `max_members` 0 merges
+    nothing.
     """
     dest = {key: key for key in counts}
     if max_members <= 0:
         return dest
-    size = dict(counts)
+    size, low = dict(counts), dict(shortest or {})
     ready = [k for k in available if k not in counts]
-    # shallowest first, so a group that grew by a merge can still move on to a deeper one
-    for key in sorted(counts, key=lambda k: (k.clusters, k.extra)):
+    # smallest first, so a group that grew by a merge can still move on to a bigger one
+    for key in sorted(counts, key=lambda k: (k.length, k.clusters, k.extra)):
         if size[key] > max_members:
             continue
-        deeper = [k for k in [*counts, *ready] if k != key and dest.get(k, k) == k
-                  and holds(k, key)]
-        if not deeper:
+        bigger = [k for k in [*counts, *ready] if k != key and dest.get(k, k) == k
+                  and holds(k, key, shortest=low.get(key), max_waste=max_waste)]
+        if not bigger:
             continue
-        target = min(deeper, key=lambda k: (k.clusters, k.extra))
+        target = min(bigger, key=lambda k: (k.length, k.clusters, k.extra))
         for k, d in dest.items():
             if d == key:
                 dest[k] = target
         size[target] = size.get(target, 0) + size[key]
         size[key] = 0
+        if key in low:
+            low[target] = min(low.get(target, low[key]), low[key])
     return dest

@@ -27,7 +27,7 @@ import numpy as np
 from parafold.errors import GpuOutOfMemoryError, InferenceError, PipelineError
 from parafold.featureset import FeatureSet
 from parafold.fold.batching import batch_size, batched_key, next_pow2, stack_members
-from parafold.fold.buckets import ShapeKey, merge_sparse_depths, shape_key
+from parafold.fold.buckets import ShapeKey, merge_small_groups, shape_key
 from parafold.fold.hostwork import BusyMeter, HostPools, auto_workers, process_job, write_job
 from parafold.fold.outputs import Prediction, is_complete
 from parafold.fold.settings import ModelSettings
@@ -124,7 +124,8 @@ class FoldWorker:
         self.runner = ModelRunner(settings)
         self._params: dict[str, Any] = {}
         self._caps: dict[ShapeKey, int] = {}
-        self._merged_rows: dict[str, int] = {}  # target -> MSA rows its key is made for
+        # target -> (length, MSA rows) its merged key is made for (`group`)
+        self._merged_into: dict[str, tuple[int, int]] = {}
         self._key_rows: dict[ShapeKey, int] = {}  # keys grouped so far -> their deepest rows
         platform = self.runner.platform
         self.pools = HostPools(auto_workers(settings.host_workers, platform, gpu_default=4),
@@ -160,10 +161,11 @@ class FoldWorker:
         self.close()
 
     def shape_key(self, fs: FeatureSet, model_name: str | None = None) -> ShapeKey:
-        """`fs`'s key for a model; a target `group` moved to a deeper MSA bucket counts the
-        rows of that bucket's deepest own target, so every model's key moves along."""
-        return shape_key(fs.length, self._merged_rows.get(fs.name, fs.msa_depth),
-                         model_name or self.settings.model_names[0], self.settings)
+        """`fs`'s key for a model; a target `group` moved to a bigger shape counts that shape's
+        length and the rows of its deepest own target, so every model's key moves along."""
+        length, rows = self._merged_into.get(fs.name, (fs.length, fs.msa_depth))
+        return shape_key(length, rows, model_name or self.settings.model_names[0],
+                         self.settings)
 
     def batch_cap(self, key: ShapeKey) -> int:
         """Most members per pass for `key` (memory model, lowered after an out-of-memory)."""
@@ -174,13 +176,18 @@ class FoldWorker:
 
     def group(self, feature_sets: Sequence[FeatureSet]) -> list[list[FeatureSet]]:
         """Feature sets grouped by the shape key of the first model, in key order, each group
-        at most the batch size of its shape. A group of at most `depth_merge_max` goes into a
-        deeper MSA-depth bucket of its length that this call or an earlier one runs."""
-        self._merged_rows = {}
+        at most the batch size of its shape. A group of at most `merge_max_members` goes into a
+        bigger shape that this call or an earlier one runs (`buckets.merge_small_groups`)."""
+        self._merged_into = {}
         own = {fs.name: self.shape_key(fs) for fs in feature_sets}
+        shortest: dict[ShapeKey, int] = {}
+        for fs in feature_sets:
+            shortest[own[fs.name]] = min(shortest.get(own[fs.name], fs.length), fs.length)
         compiled = {replace(k, batch=1) for k in self.runner.compiled_keys}
-        dest = merge_sparse_depths(Counter(own.values()), self.settings.depth_merge_max,
-                                   available=[k for k in self._key_rows if k in compiled])
+        dest = merge_small_groups(
+            Counter(own.values()), self.settings.merge_max_members, shortest=shortest,
+            max_waste=self.settings.merge_max_waste,
+            available=[k for k in self._key_rows if k in compiled])
         deepest = self._key_rows  # a key -> MSA rows of the deepest target run under it
         for fs in feature_sets:
             if dest[own[fs.name]] == own[fs.name]:
@@ -189,11 +196,11 @@ class FoldWorker:
         for fs in feature_sets:
             key = dest[own[fs.name]]
             if key != own[fs.name]:
-                self._merged_rows[fs.name] = deepest[key]
+                self._merged_into[fs.name] = (key.length, deepest[key])
             groups.setdefault(key, []).append(fs)
         for key in sorted({k for k in own.values() if dest[k] != k}):
-            log.info("%s: its %d targets run at clusters=%d extra=%d (saves a compile)",
-                     key.describe(), sum(k == key for k in own.values()),
+            log.info("%s: its %d targets run at L=%d clusters=%d extra=%d (saves a compile)",
+                     key.describe(), sum(k == key for k in own.values()), dest[key].length,
                      dest[key].clusters, dest[key].extra)
         out = []
         for key in sorted(groups):
