@@ -7,7 +7,7 @@
 #   predict  (issue 3): the stock loop (a fresh RunModel per protein) on 2 proteins, then 200
 #            proteins of 50-300 residues, full config, 1 model x 3 recycles, --max-batch 32,
 #            cold caches, stopped at 250 s; then the same again warm (persistent and
-#            executable caches filled by the cold run), stopped at 60 s.  ~9 min.
+#            executable caches filled by the cold run), stopped at 90 s.  ~9.5 min (timeout_s=590).
 #   batched  (issue 5): 1,000 proteins of 50-150, cold, with useful FLOP/s and a measured bf16
 #            peak, stopped at 280 s; then the same inputs warm, stopped at 150 s.  ~9 min.
 #   colabfold (issue 5): 200 proteins of 50-150 through parafold, then the same MSAs and random
@@ -45,8 +45,8 @@ PART=${1:-batched}
 AHEAD=(--compile-ahead "${COMPILE_AHEAD:-1}" --executable-cache)
 PREDICT=(--n 200 --lengths 50-300 --depths 64-500 --max-batch 32 --cache-dir "$CACHE" --no-flops)
 if [ "$PART" = predict ]; then
-  step predict_cold 450 "${PREDICT[@]}" --stock-subset 2 --time-limit 250 "${AHEAD[@]}"
-  step predict_warm 100 "${PREDICT[@]}" --stock-subset 0 --time-limit 60 "${AHEAD[@]}"
+  step predict_cold 440 "${PREDICT[@]}" --stock-subset 2 --time-limit 250 "${AHEAD[@]}"
+  step predict_warm 130 "${PREDICT[@]}" --stock-subset 0 --time-limit 90 "${AHEAD[@]}"
   NAMES="predict_cold predict_warm"
 elif [ "$PART" = batched ]; then
   step batched_cold 340 "${MAIN[@]}" --cache-dir "$CACHE" --stock-subset 0 --time-limit 280 \
