@@ -277,3 +277,39 @@ def test_a_killed_fill_process_loses_no_query(tmp_path: Path, queries: list[Targ
     for target in queries:
         _assert_same_features(tmp_path / "out" / target.name, threaded / "out" / target.name)
     assert not list(_entry(tmp_path, keys[0]).rglob("*.part"))
+
+
+def test_a_missing_template_mmcif_fails_only_its_query(
+        tmp_path: Path, queries: list[Target], dbs: DatabaseSet, threaded: Path) -> None:
+    """A PDB mirror missing one hit's mmCIF: the query that hit it gets a FeatureError naming
+    the file (AlphaFold's featurizer stops there with an OSError, which used to end the whole
+    batch); every other query gets its features."""
+    from dataclasses import replace
+
+    m8 = {t.name: (threaded / "out" / t.name / "msas" / "pdb_hits.m8").read_text()
+          for t in queries}
+    victim = next(t for t in queries if m8[t.name].strip())
+    codes = {row.split("\t")[1].split("_")[0].lower() for row in m8[victim.name].splitlines()
+             if row.strip()}
+    spared = [t for t in queries if t is not victim and not any(
+        row.split("\t")[1].split("_")[0].lower() in codes
+        for row in m8[t.name].splitlines() if row.strip())]
+    assert spared, "every query hit the victim's templates"
+    mirror = tmp_path / "pdb_mmcif"
+    shutil.copytree(dbs.require("pdb_mmcif"), mirror)
+    for code in codes:
+        (mirror / "mmcif_files" / f"{code}.cif").unlink(missing_ok=True)
+        (mirror / f"{code}.cif").unlink(missing_ok=True)
+    broken = replace(dbs, paths=tuple((n, mirror if n == "pdb_mmcif" else p)
+                                      for n, p in dbs.paths))
+    assert broken.mmcif_dir is not None and not any(
+        (broken.mmcif_dir / f"{code}.cif").exists() for code in codes)
+    results = dict(zip((t.name for t in queries),
+                       _batch(queries, tmp_path, broken, SearchSettings(msa_mode="mmseqs")),
+                       strict=True))
+    failure = results[victim.name]
+    assert type(failure) is errors.FeatureError, failure
+    assert ".cif" in str(failure) and "pdb_mmcif" in str(failure)
+    assert str(broken.mmcif_dir) in str(failure)
+    for target in spared:
+        assert isinstance(results[target.name], FeatureSet), (target.name, results[target.name])

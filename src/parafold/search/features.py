@@ -67,12 +67,29 @@ def build_features(sequence: str, description: str, msa_dir: Path, *,
     for name, msa in (("uniref90", uniref90), ("mgnify", mgnify), ("bfd", bfd)):
         if len(msa) == 0:
             raise FeatureError(f"{msa_dir}: the {name} MSA is empty (not even the query)")
-    result = make_template_featurizer(databases, settings).get_templates(
-        query_sequence=sequence, hits=hits)
+    return msa_feature_dict(sequence, description, (uniref90, bfd, mgnify),
+                            _template_features(databases, settings, sequence, hits))
+
+
+def _template_features(databases: DatabaseSet, settings: SearchSettings, sequence: str,
+                       hits: list[parsers.TemplateHit]) -> dict[str, np.ndarray]:
+    """AlphaFold's template features for `hits`. AlphaFold stops at a hit whose mmCIF file it
+    cannot read (OSError); that becomes this query's FeatureError, naming the file, so the
+    other queries of a batch go on.
+
+    Raises:
+        FeatureError: a hit's mmCIF file is missing or unreadable.
+        ToolNotFoundError: kalign is missing.
+    """
+    try:
+        result = make_template_featurizer(databases, settings).get_templates(
+            query_sequence=sequence, hits=hits)
+    except OSError as exc:
+        raise FeatureError(f"template hit's mmCIF {exc.filename}: {exc.strerror} (is the "
+                           f"pdb_mmcif folder complete?)") from exc
     for warning in result.warnings:
         logger.debug("template warning: %s", warning)
-    return msa_feature_dict(sequence, description, (uniref90, bfd, mgnify),
-                            dict(result.features))
+    return dict(result.features)
 
 
 def empty_template_features() -> dict[str, np.ndarray]:
@@ -137,9 +154,5 @@ def mmseqs_features(sequence: str, description: str, msa_dir: Path, *,
             raise FeatureError(f"{m8}: cannot read search output: {exc.strerror}") from exc
         except FeatureError as exc:
             raise FeatureError(f"{m8}: {exc}") from exc
-        result = make_template_featurizer(databases, settings).get_templates(
-            query_sequence=sequence, hits=hits)
-        for warning in result.warnings:
-            logger.debug("template warning: %s", warning)
-        template_features = dict(result.features)
+        template_features = _template_features(databases, settings, sequence, hits)
     return msa_feature_dict(sequence, description, tuple(msas), template_features)
