@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["die_with_parent"]
+__all__ = ["die_with_parent", "helper_process_init"]
 
 
 def die_with_parent() -> None:
@@ -24,3 +24,16 @@ def die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def helper_process_init() -> None:
+    """A spawned CPU helper (feature processing, file writing, MMseqs2 features): dead with
+    its parent, off the accelerator, single-threaded (many run at once), and deaf to Ctrl-C.
+    Ctrl-C reaches the whole process group; the parent gets it too and stops its helpers (a
+    helper interrupted mid-task would break the pool the parent is shutting down)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -38,16 +37,11 @@ log = logging.getLogger(__name__)
 
 
 def _child_init() -> None:
-    """Keep spawned helpers off the accelerator and single-threaded (many run at once), and
-    have them die with the worker, so a killed run leaves no writer behind. Ctrl-C reaches
-    the whole process group: helpers ignore it and the worker, which gets it too, stops them
-    (a helper interrupted mid-task would break the pool the worker is shutting down)."""
-    from parafold.lifecycle import die_with_parent
+    """A feature or writer helper (`lifecycle.helper_process_init`): a killed run leaves no
+    writer behind, and Ctrl-C is the worker's to handle."""
+    from parafold.lifecycle import helper_process_init
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    helper_process_init()
 
 
 def process_job(fs: FeatureSet, model_name: str, settings: ModelSettings, key: ShapeKey,

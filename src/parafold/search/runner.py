@@ -24,9 +24,7 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import multiprocessing
-import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -287,14 +285,11 @@ def _fill_mmseqs_entry(entry: Path, sequence: str, msas: dict[str, str], *,
 
 
 def _fill_child_init(log_level: int, absl_level: int) -> None:
-    """A fill process: off the accelerator, logging like its parent, dead with its parent, and
-    deaf to Ctrl-C, so the parent alone decides to stop (it lets the fills in flight finish)."""
-    from parafold.lifecycle import die_with_parent
+    """A fill process (`lifecycle.helper_process_init`: the parent alone decides to stop, and
+    lets the fills in flight finish), logging like its parent."""
+    from parafold.lifecycle import helper_process_init
 
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    helper_process_init()
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s")
     logging.getLogger("absl").setLevel(absl_level)
