@@ -431,22 +431,16 @@ def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: Data
                                                  settings=settings, budget=budget,
                                                  cache_dir=cache_dir)
                 searched = set(pending) - set(failed)
-    writes: list[tuple[int, bool, int]] = []  # (target index, searched now, its tool calls)
-    for i, key in enumerate(keys):
+    for i, (target, key) in enumerate(zip(targets, keys, strict=True)):
         if results[i] is not None:
             continue
         if key in failed:
             results[i] = failed[key]
             continue
+        entry = _entry(cache_dir, key)
         fresh = key in searched
         searched.discard(key)  # the first target of a sequence was searched, twins reuse it
         tool_calls, calls = (calls, 0) if fresh else (0, calls)
-        writes.append((i, fresh, tool_calls))
-
-    def write(job: tuple[int, bool, int]) -> FeatureSet | BaseException:
-        i, fresh, tool_calls = job
-        target, key = targets[i], keys[i]
-        entry = _entry(cache_dir, key)
         try:
             timings = {**read_json(entry / TIMINGS_FILE), "key": key, "tool_calls": tool_calls,
                        "cache_hit": not fresh}
@@ -454,13 +448,8 @@ def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: Data
                                msa_names=names, timings=timings, databases=databases,
                                settings=settings, write_pkl=write_pkl)
         except (PipelineError, OSError) as exc:
-            return exc
-        return replace(fs, extra={**fs.extra, "tool_calls": tool_calls,
-                                  "reused": "" if fresh else "cache"})
-
-    # each target its own folder; the time goes to reading, writing and fsync (GIL released)
-    with ThreadPoolExecutor(max(1, min(budget.total, len(writes))),
-                            thread_name_prefix="mmseqs-targets") as pool:
-        for (i, _, _), outcome in zip(writes, pool.map(write, writes), strict=True):
-            results[i] = outcome
+            results[i] = exc
+            continue
+        results[i] = replace(fs, extra={**fs.extra, "tool_calls": tool_calls,
+                                        "reused": "" if fresh else "cache"})
     return [r for r in results if r is not None]
