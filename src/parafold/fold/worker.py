@@ -183,9 +183,10 @@ class FoldWorker:
         shortest: dict[ShapeKey, int] = {}
         for fs in feature_sets:
             shortest[own[fs.name]] = min(shortest.get(own[fs.name], fs.length), fs.length)
+        counts = Counter(own.values())
         compiled = {replace(k, batch=1) for k in self.runner.compiled_keys}
         dest = merge_small_groups(
-            Counter(own.values()), self.settings.merge_max_members, shortest=shortest,
+            counts, self.settings.merge_max_members, shortest=shortest,
             max_waste=self.settings.merge_max_waste,
             available=[k for k in self._key_rows if k in compiled])
         deepest = self._key_rows  # a key -> MSA rows of the deepest target run under it
@@ -198,10 +199,10 @@ class FoldWorker:
             if key != own[fs.name]:
                 self._merged_into[fs.name] = (key.length, deepest[key])
             groups.setdefault(key, []).append(fs)
-        for key in sorted({k for k in own.values() if dest[k] != k}):
+        for key in sorted(k for k in counts if dest[k] != k):
             log.info("%s: its %d targets run at L=%d clusters=%d extra=%d (saves a compile)",
-                     key.describe(), sum(k == key for k in own.values()), dest[key].length,
-                     dest[key].clusters, dest[key].extra)
+                     key.describe(), counts[key], dest[key].length, dest[key].clusters,
+                     dest[key].extra)
         out = []
         for key in sorted(groups):
             members = sorted(groups[key], key=lambda f: (f.length, f.name))
