@@ -6,9 +6,9 @@ fused kernels are custom calls it cannot see into. We count `dot_general` FLOPs 
 the jaxpr instead, multiplying scan bodies by their length, with fused kernels off (they do the
 same math). Matmuls are what the GPU's bf16 matrix peak measures, so the ratio is meaningful.
 
-Useful work is counted at each protein's real length: for one depth bucket the count is a cubic
-polynomial in L (triangle ops L^3, pair ops L^2, MSA ops L), fitted exactly from four traces.
-MSA rows padded up to the depth bucket are counted as work (a known overestimate).
+These traces are the ground truth of `parafold.fold.workmodel`, whose polynomial in length
+and MSA depths gives the same count without tracing (the benchmarks and the merge planner use
+it; `benchmarks/fit_work_model.py` refits it from here).
 """
 
 from __future__ import annotations
@@ -16,13 +16,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
 from parafold.fold.buckets import ShapeKey
 from parafold.fold.settings import ModelSettings
 
-__all__ = ["matmul_flops", "iteration_flops", "flops_polynomial", "polynomial_flops",
-           "measure_bf16_peak"]
+__all__ = ["matmul_flops", "iteration_flops", "measure_bf16_peak"]
 
 
 def _subjaxprs(value: Any) -> list[Any]:
@@ -72,22 +69,6 @@ def iteration_flops(model_name: str, settings: ModelSettings, key: ShapeKey) -> 
     params = jax.eval_shape(transform.init, jax.random.PRNGKey(0), {**batch, "prev": prev})
     jaxpr = jax.make_jaxpr(_step_fn(transform))(params, jax.random.PRNGKey(0), batch, prev)
     return matmul_flops(jaxpr.jaxpr)
-
-
-def flops_polynomial(model_name: str, settings: ModelSettings, key: ShapeKey,
-                     lengths: tuple[int, ...] = (16, 24, 32, 40)) -> tuple[float, ...]:
-    """Cubic coefficients (highest first) of FLOPs per iteration in the real length, at
-    `key`'s MSA depth; plain floats so a helper process can return them."""
-    from dataclasses import replace
-
-    ys = [iteration_flops(model_name, settings, replace(key, length=n, batch=1))
-          for n in lengths]
-    coeffs = np.polyfit(np.asarray(lengths, float), np.asarray(ys), 3)
-    return tuple(float(c) for c in coeffs)
-
-
-def polynomial_flops(coeffs: tuple[float, ...], length: int) -> float:
-    return float(np.polyval(np.asarray(coeffs), float(length)))
 
 
 def measure_bf16_peak(n: int = 8192, repeats: int = 20) -> float:
