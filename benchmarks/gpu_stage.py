@@ -2,11 +2,11 @@
 
 Reports proteins/hour counting feature processing and every output file, the GPU's busy
 fraction (union of [dispatch, ready] of each launch over the stage's wall time; nvidia-smi's
-utilization too where present), compiles, and useful FLOP/s: matmul FLOPs counted in the traced
-program (scan bodies times their length, fused kernels off) at each protein's real length
-(`parafold.fold.flops`; MSA-depth padding counted as work), over the stage's wall time, and that
-as a fraction of a bf16 matmul peak measured in the same run. `--colabfold` also times
-`colabfold_batch` on the same inputs when it is installed (skipped, with the reason, otherwise).
+utilization too where present), compiles, and useful FLOP/s: the matmul FLOPs of the traced
+program at each finished protein's real length (`parafold.fold.workmodel`, fitted exactly from
+traces; MSA-depth padding counted as work), over the stage's wall time, and that as a fraction
+of a bf16 matmul peak measured in the same run. `--colabfold` also times `colabfold_batch`
+on the same inputs when it is installed (skipped, with the reason, otherwise).
 
 Random weights of the real architecture (`--config full`; `tiny` for a CPU smoke run), one
 model, 3 recycles, N synthetic proteins with random MSAs. parafold runs every protein through
@@ -94,47 +94,18 @@ def make_inputs(root: Path, n: int, min_len: int, max_len: int, min_depth: int,
     return sets
 
 
-def _flop_jobs(args, sets: list, settings) -> dict:
-    """Start FLOP-polynomial fits per depth bucket in helper processes (off the timed path)."""
-    import concurrent.futures as cf
-    import multiprocessing
+def _useful_flops(done: list, settings, iterations: int) -> float:
+    """Matmul FLOPs of the finished targets at their real lengths, in their own MSA-depth
+    buckets (`workmodel.shape_flops`: exact, no tracing); padding to a bigger shape is not
+    useful work, the depth bucket's padded rows are counted (a known overestimate)."""
     from dataclasses import replace
 
     from parafold.fold.buckets import shape_key
-    from parafold.fold.flops import flops_polynomial
-    from parafold.fold.hostwork import _child_init
+    from parafold.fold.workmodel import shape_flops
 
-    buckets = {}
-    for fs in sets:
-        for name in settings.model_names:
-            key = replace(shape_key(fs.length, fs.msa_depth, name, settings), length=16)
-            buckets.setdefault((name, key), None)
-    pool = cf.ProcessPoolExecutor(max_workers=args.flop_workers, initializer=_child_init,
-                                  mp_context=multiprocessing.get_context("spawn"))
-    arch = replace(settings, compile_cache_dir=None)
-    return {"pool": pool, "jobs": {bk: pool.submit(flops_polynomial, bk[0], arch, bk[1])
-                                   for bk in buckets}}
-
-
-def _useful_flops(flop_jobs: dict, sets: list, settings, iterations: int) -> float | None:
-    from dataclasses import replace
-
-    from parafold.fold.buckets import shape_key
-    from parafold.fold.flops import polynomial_flops
-
-    try:
-        coeffs = {bk: job.result(timeout=600) for bk, job in flop_jobs["jobs"].items()}
-    except Exception as exc:  # a benchmark figure, not a result: report and go on
-        log.warning("FLOP count failed: %s", exc)
-        return None
-    finally:
-        flop_jobs["pool"].shutdown(cancel_futures=True)
-    total = 0.0
-    for fs in sets:
-        for name in settings.model_names:
-            key = replace(shape_key(fs.length, fs.msa_depth, name, settings), length=16)
-            total += iterations * polynomial_flops(coeffs[(name, key)], fs.length)
-    return total
+    return sum(iterations * shape_flops(replace(shape_key(fs.length, fs.msa_depth, name, settings),
+                                                length=fs.length), settings.config_size)
+               for fs in done for name in settings.model_names)
 
 
 def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sampler) -> dict:
@@ -149,9 +120,8 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
                              max_batch=args.max_batch, force_batch=args.force_batch,
                              host_workers=args.host_workers, compile_ahead=args.compile_ahead,
                              executable_cache=args.executable_cache,
-                             merge_max_members=args.merge_max,
+                             compile_cost_s=args.compile_cost,
                              merge_max_waste=args.merge_max_waste)
-    flop_jobs = _flop_jobs(args, sets, settings) if args.flops else None
     worker = FoldWorker(params_dir, settings)
     worker.load_params()
     worker.pools.features(), worker.pools.writes()  # helper start-up is not stage time
@@ -180,12 +150,13 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
     worker.close()
     if outcomes is None:  # count the targets whose outputs were complete at the limit
         log.warning("stopped at the %.0f s time limit", args.time_limit)
-        ok = sum(1 for fs in sets if is_complete(out / fs.name)
-                 and (out / fs.name / DONE_FILE).stat().st_mtime <= stopped_at[0][1])
+        done = [fs for fs in sets if is_complete(out / fs.name)
+                and (out / fs.name / DONE_FILE).stat().st_mtime <= stopped_at[0][1]]
         if stats["busy_fraction"] is None:
             stats["busy_fraction"] = round(stats.get("busy_s", 0.0) / wall, 4)
     else:
-        ok = sum(o.ok for o in outcomes)
+        done = [fs for fs, o in zip(sets, outcomes, strict=True) if o.ok]
+    ok = len(done)
     mem = jax.devices()[0].memory_stats() or {}
     per_model = ok * len(settings.models)
     # what the loop itself spent on compiles: its own compiles plus waits for background ones
@@ -211,16 +182,11 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
         "peak_device_bytes": mem.get("peak_bytes_in_use"),
         "host_workers": worker.pools.feature_workers,
     }
-    if flop_jobs is not None:
-        flops = _useful_flops(flop_jobs, [o for o in sets], settings, args.num_recycle + 1)
-        ok_names = ({o.name for o in outcomes if o.ok} if outcomes is not None
-                    else set(range(ok)))
-        if flops is not None and ok_names:
-            flops *= len(ok_names) / len(sets)  # failed targets did no useful work
-            report["useful_tflop"] = round(flops / 1e12, 2)
-            report["useful_tflops_per_s"] = round(flops / wall / 1e12, 2)
-            report["useful_tflops_per_busy_s"] = round(
-                flops / max(stats["busy_s"], 1e-9) / 1e12, 2)
+    if args.flops and done:
+        flops = _useful_flops(done, settings, args.num_recycle + 1)
+        report["useful_tflop"] = round(flops / 1e12, 2)
+        report["useful_tflops_per_s"] = round(flops / wall / 1e12, 2)
+        report["useful_tflops_per_busy_s"] = round(flops / max(stats["busy_s"], 1e-9) / 1e12, 2)
     if worker.runner.platform != "cpu":
         from parafold.fold.batching import member_bytes
         biggest = max((k for k in worker.runner.compiled_keys), key=lambda k: k.batch * k.length)
@@ -369,10 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-workers", type=int, default=None)
     parser.add_argument("--compile-ahead", type=int, default=1,
                         help="threads compiling the next shapes while others run (0: off)")
-    parser.add_argument("--merge-max", type=int, default=32,
-                        help="a group of at most this many targets runs in a bigger shape "
-                             "that runs anyway instead of compiling its own (0: never)")
-    parser.add_argument("--merge-max-waste", type=float, default=0.3,
+    parser.add_argument("--compile-cost", type=float, default=None,
+                        help="seconds a compile is worth when merging groups into bigger "
+                             "shapes (default: the platform's measured figure; 0: no merges)")
+    parser.add_argument("--merge-max-waste", type=float, default=0.5,
                         help="most padding a merged target's length may get")
     parser.add_argument("--executable-cache", action="store_true",
                         help="also keep serialized executables (a warm run skips tracing)")
@@ -380,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="proteins timed in the stock loop (0: skip it)")
     parser.add_argument("--no-flops", dest="flops", action="store_false",
                         help="skip the useful-FLOP count and the bf16 peak")
-    parser.add_argument("--flop-workers", type=int, default=2)
     parser.add_argument("--colabfold", action="store_true",
                         help="also time colabfold_batch on the same inputs, if installed")
     parser.add_argument("--colabfold-args", default="", help="extra colabfold_batch flags")

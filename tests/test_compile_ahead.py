@@ -35,8 +35,9 @@ def env(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ahead")
     # one persistent cache for the module: later workers trace and lower but skip XLA
+    # compile_cost_s=0: both shapes compile (no merging), so there is something to compile ahead
     settings = ModelSettings(config_size="tiny", models=(3,), num_recycle=1, float32=True,
-                             save_raw=True, compile_cache_dir=root / "jax-cache")
+                             save_raw=True, compile_cost_s=0.0, compile_cache_dir=root / "jax-cache")
     write_random_params(root / "weights", settings, seed=0)
     rng = np.random.default_rng(3)
     raws, sets = {}, []

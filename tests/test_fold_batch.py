@@ -34,7 +34,7 @@ def env(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("batch")
     settings = ModelSettings(config_size="tiny", models=(3,), num_recycle=1, float32=True,
-                             force_batch=True, max_batch=4,
+                             force_batch=True, max_batch=4, compile_cost_s=0.0,
                              compile_cache_dir=tmp_path_factory.getbasetemp() / "jax-cache-b")
     write_random_params(root / "weights", settings, seed=0)
     rng = np.random.default_rng(11)

@@ -79,7 +79,7 @@ def warm(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("exec")
     settings = ModelSettings(config_size="tiny", models=(3,), num_recycle=1, float32=True,
-                             executable_cache=True,
+                             executable_cache=True, compile_cost_s=0.0,
                              compile_cache_dir=root / "cache")
     write_random_params(root / "weights", settings, seed=0)
     first = _run(root, root / "first.npz")

@@ -30,7 +30,9 @@ def env(tmp_path_factory):
     from parafold.fold.synthetic import make_features, random_sequence
 
     root = tmp_path_factory.mktemp("fold")
+    # compile_cost_s=0: every shape compiles on its own (these tests count compiles per shape)
     settings = ModelSettings(config_size="tiny", models=(3, 4), num_recycle=1, float32=True,
+                             compile_cost_s=0.0,
                              compile_cache_dir=tmp_path_factory.getbasetemp() / "jax-cache")
     write_random_params(root / "weights", settings, seed=0)
     rng = np.random.default_rng(7)
@@ -177,13 +179,13 @@ def test_small_groups_run_in_a_bigger_shape_with_the_same_result(env):
                                                      seed=i, description=name))
             for i, (name, length, depth) in enumerate(specs)]
     runs = {}
-    for merge in (32, 0):
-        worker = FoldWorker(root / "weights", replace(settings, merge_max_members=merge,
+    for merge in (1000.0, 0.0):  # seconds a compile is worth: far above 3 tiny predictions
+        worker = FoldWorker(root / "weights", replace(settings, compile_cost_s=merge,
                                                       merge_max_waste=0.35))
         outcomes = worker.fold(sets, root / f"merge-out-{merge}")
         assert all(o.ok for o in outcomes), [o.error for o in outcomes]
         runs[merge] = worker, outcomes
-    merged, alone = runs[32], runs[0]
+    merged, alone = runs[1000.0], runs[0.0]
     assert [(k.length, k.extra) for k in alone[0].runner.compiled_keys] == [
         (32, 1), (32, 64), (38, 64)]
     assert [(k.length, k.extra) for k in merged[0].runner.compiled_keys] == [(38, 64)]
@@ -195,7 +197,7 @@ def test_small_groups_run_in_a_bigger_shape_with_the_same_result(env):
     for (name, length, _), model in [(spec, m) for spec in specs[:2]
                                      for m in settings.model_names]:
         coords, plddt = {}, {}
-        for merge in (32, 0):
+        for merge in (1000.0, 0.0):
             folder = root / f"merge-out-{merge}" / name
             atoms = [line for line in (folder / f"unrelaxed_{model}.pdb").read_text().splitlines()
                      if line.startswith("ATOM")]
@@ -203,6 +205,6 @@ def test_small_groups_run_in_a_bigger_shape_with_the_same_result(env):
                                       for line in atoms])
             plddt[merge] = np.array(json.loads((folder / f"scores_{model}.json").read_text())
                                     ["plddt"])
-        assert coords[32].shape == coords[0].shape and len(coords[0]) > length * 4
-        assert np.abs(coords[32] - coords[0]).max() <= 0.01, (name, model)
-        assert np.abs(plddt[32] - plddt[0]).max() <= 0.01, (name, model)
+        assert coords[1000.0].shape == coords[0.0].shape and len(coords[0]) > length * 4
+        assert np.abs(coords[1000.0] - coords[0.0]).max() <= 0.01, (name, model)
+        assert np.abs(plddt[1000.0] - plddt[0.0]).max() <= 0.01, (name, model)

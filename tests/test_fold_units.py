@@ -28,7 +28,7 @@ def test_length_buckets_bound_waste_and_count():
     assert len(shapes) <= 14
 
 
-def test_small_groups_join_a_bigger_shape_that_runs_anyway():
+def test_groups_join_a_bigger_shape_when_its_extra_work_costs_less_than_a_compile():
     from collections import Counter
 
     s = ModelSettings()
@@ -36,35 +36,56 @@ def test_small_groups_join_a_bigger_shape_that_runs_anyway():
     shallow, deep = key(120, 100), key(120, 400)
     far = key(200, 100)
     assert shallow.clusters < deep.clusters and shallow.length == deep.length
+
+    def run_s(k: buckets.ShapeKey) -> float:  # seconds per target: grows with L^2 and depth
+        return 0.1 * (k.length / 100) ** 2 * (1 + k.clusters / 128 + k.extra / 1024)
+
+    step = run_s(deep) - run_s(shallow)  # ~0.43 s a target
+    merge = functools.partial(buckets.merge_groups, compile_s=27.0, run_s=run_s)
     counts = Counter({shallow: 3, deep: 5, far: 2})
-    dest = buckets.merge_small_groups(counts, max_members=32)
-    assert dest == {shallow: deep, deep: deep, far: far}
-    # a big group keeps its own, cheaper shape; 0 turns merging off
-    assert buckets.merge_small_groups(Counter({shallow: 33, deep: 5}), 32)[shallow] == shallow
-    assert buckets.merge_small_groups(counts, 0)[shallow] == shallow
+    assert merge(counts) == {shallow: deep, deep: deep, far: far}
+    # a group whose extra work outweighs a compile keeps its own, cheaper shape; 0 turns it off
+    big = int(27.0 / step) + 1
+    assert merge(Counter({shallow: big, deep: 5}))[shallow] == shallow
+    assert merge(Counter({shallow: big - 1, deep: 5}))[shallow] == deep
+    assert buckets.merge_groups(counts, compile_s=0.0, run_s=run_s)[shallow] == shallow
     # a group that grew by a merge moves on, and only into a shape at least as deep in both
     # MSA parts: every target ends in the one deepest shape
     deepest = replace(deep, extra=deep.extra * 4)
-    chain = Counter({shallow: 2, deep: 2, deepest: 1})
-    assert set(buckets.merge_small_groups(chain, 32).values()) == {deepest}
+    assert set(merge(Counter({shallow: 2, deep: 2, deepest: 1})).values()) == {deepest}
+    # ... but only while the grown group still pays for the step (its own targets and those
+    # that joined it): `alone` targets would move on by themselves, not with `joined` more
+    onward = run_s(deepest) - run_s(deep)
+    alone, joined = int(27.0 / onward) - 1, int(27.0 / step) - 1
+    assert (alone + joined) * onward > 27.0
+    assert merge(Counter({deep: alone, deepest: 1}))[deep] == deepest
+    grown = merge(Counter({shallow: joined, deep: alone, deepest: 1}))
+    assert grown[shallow] == deep and grown[deep] == deep
     crossed = replace(shallow, extra=deep.extra * 4)  # more extra rows, fewer clusters
     wider = Counter({deep: 1, crossed: 1})  # neither holds the other: both stay
-    assert buckets.merge_small_groups(wider, 32) == {deep: deep, crossed: crossed}
+    assert merge(wider) == {deep: deep, crossed: crossed}
     # longer buckets: only while the group's shortest target stays within the padding bound
     longer = replace(deep, length=136)
     pair = Counter({deep: 4, longer: 9})
-    assert buckets.merge_small_groups(pair, 32, shortest={deep: 105}, max_waste=0.3)[deep] == longer
-    assert buckets.merge_small_groups(pair, 32, shortest={deep: 90}, max_waste=0.3)[deep] == deep
-    assert buckets.merge_small_groups(pair, 32, shortest={deep: 105})[deep] == deep  # bound 0
+    assert merge(pair, shortest={deep: 105}, max_waste=0.3)[deep] == longer
+    assert merge(pair, shortest={deep: 90}, max_waste=0.3)[deep] == deep
+    assert merge(pair, shortest={deep: 105})[deep] == deep  # bound 0
     # the bound holds for every target that moves along a chain (the 90 stops at 120)
     chain = Counter({key(100, 400): 2, deep: 2, longer: 1})
     short = {key(100, 400): 90, deep: 118}
-    dest = buckets.merge_small_groups(chain, 32, shortest=short, max_waste=0.3)
+    dest = merge(chain, shortest=short, max_waste=0.3)
     assert dest[key(100, 400)] == deep and dest[deep] == deep
     assert buckets.padding_waste(90, deep.length) <= 0.3 < buckets.padding_waste(90, 136)
-    # shapes run by an earlier call count too
-    assert buckets.merge_small_groups(Counter({shallow: 1}), 32, available=[deep]) == {
-        shallow: deep}
+    # of several shapes that hold a group, the one with the least extra work (here the longer
+    # one: a few more residues cost less than four times the MSA clusters)
+    wide = replace(shallow, length=136)
+    assert run_s(wide) - run_s(shallow) < step
+    both = Counter({shallow: 1, deep: 1, wide: 1})
+    assert merge(both, shortest={shallow: 118}, max_waste=0.3)[shallow] == wide
+    # shapes run by an earlier call count too, and a compiled shape never moves
+    assert merge(Counter({shallow: 1}), available=[deep]) == {shallow: deep}
+    assert merge(Counter({shallow: 1, deep: 1}), available=[shallow]) == {
+        shallow: shallow, deep: deep}
 
 
 def test_depth_buckets_follow_alphafold_split():
@@ -238,3 +259,29 @@ def test_repredicting_with_fewer_models_removes_stale_files(tmp_path, monkeypatc
                 "scores_model_2_ptm.json", "timings.json", "unrelaxed_model_2_ptm.pdb"]
     assert seen == expected
     assert sorted(p.name for p in folder.iterdir()) == sorted([*expected, outputs.DONE_FILE])
+
+
+def test_shape_costs_price_every_family_model_seed_and_iteration():
+    from parafold.fold.costs import shape_costs
+    from parafold.fold.workmodel import shape_flops
+
+    one = ModelSettings(models=(1,), num_recycle=3)
+    key = buckets.shape_key(100, 200, "model_1_ptm", one)
+    gpu = shape_costs(one, "gpu")
+    assert gpu.run_s(key) == pytest.approx(shape_flops(key, "full") * 4 / gpu.flops_per_s)
+    assert gpu.run_s(replace(key, batch=8)) == gpu.run_s(key)  # per target
+    assert gpu.run_s(replace(key, length=key.length + 16)) > gpu.run_s(key)
+    every = shape_costs(ModelSettings(num_seeds=2), "gpu")  # 5 models in 2 families, 2 seeds
+    assert every.compile_s == pytest.approx(2 * gpu.compile_s)
+    assert every.run_s(key) == pytest.approx(10 * gpu.run_s(key))
+    assert shape_costs(replace(one, compile_cost_s=3.0), "gpu").compile_s == 3.0
+    cpu = shape_costs(one, "cpu")
+    assert cpu.run_s(key) > 100 * gpu.run_s(key)  # a CPU predicts far slower than a GPU
+    # what that means on a GPU: a group of tens of targets moves one length rung up to save a
+    # compile, a proteome-sized group keeps its own shape
+    up = replace(key, length=buckets.length_bucket(key.length + 1, one))
+    for targets, moves in ((50, True), (5000, False)):
+        dest = buckets.merge_groups({key: targets, up: 50}, compile_s=gpu.compile_s,
+                                    run_s=gpu.run_s, shortest={key: key.length},
+                                    max_waste=one.merge_max_waste)
+        assert (dest[key] == up) is moves

@@ -123,6 +123,8 @@ def test_two_fold_workers_share_the_targets(multi_gpu_inputs: dict[str, Path],
 class _FakeFoldWorker:
     """A fold worker whose batches finish when the test says so (no jax, no process)."""
 
+    platform = "gpu"
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.batches: list[tuple[list[str], object]] = []
@@ -143,8 +145,9 @@ class _FakeFoldWorker:
     def restart(self) -> None:
         self.restarts += 1
 
-    def finish_last(self) -> object:
-        """Complete the newest batch with every target ok; returns its future."""
+    def finish_last(self, shapes: tuple = ()) -> object:
+        """Complete the newest batch with every target ok, the worker reporting `shapes` as
+        compiled; returns its future."""
         from types import SimpleNamespace
 
         from parafold.engine.jobs import FoldBatchResult
@@ -153,7 +156,7 @@ class _FakeFoldWorker:
         now = time.time()
         future.set_result(FoldBatchResult(  # type: ignore[attr-defined]
             tuple(SimpleNamespace(name=n, ok=True, timings={}) for n in names),
-            f"{self.name}@test:1", now - 1, now))
+            f"{self.name}@test:1", now - 1, now, shapes=shapes))
         return future
 
     def fail_last(self, exc: Exception) -> object:
@@ -555,3 +558,29 @@ def test_a_small_group_goes_to_the_worker_with_a_deeper_bucket_of_its_length(tmp
         sched._dispatch_folds()
         # ... but the shallow pair goes to gpu0, whole
         assert gpu0.batches[-1][0] == ["shallow0", "shallow1"] and len(gpu1.batches) == 1
+
+
+def test_the_scheduler_learns_the_shapes_a_worker_really_compiled(tmp_path: Path) -> None:
+    """A worker that ran a batch in a bigger shape (it merged the group) reports that shape,
+    and a later group of that shape goes to it rather than to the first idle worker."""
+    picked = {}
+    for reported in (False, True):
+        gpu0, gpu1 = _FakeFoldWorker("gpu0"), _FakeFoldWorker("gpu1")
+        (tmp_path / str(reported)).mkdir()
+        with Ledger(tmp_path / str(reported)) as ledger:
+            sched: Any
+            sched, sets = _ready_scheduler(tmp_path / str(reported), ledger,
+                                           {"short": 60, "long": 70}, max_batch=4)
+            bigger = sched._shape(sets["long"])
+            assert bigger != sched._shape(sets["short"])
+            now = time.time()
+            sched.idle = [gpu0, gpu1]
+            sched.ready["short"] = (sets["short"], now - 20)
+            sched._dispatch_folds()
+            assert gpu0.batches[-1][0] == ["short"]
+            sched._fold_finished(gpu0.finish_last(shapes=(bigger,) if reported else ()))
+            assert sched.idle == [gpu1, gpu0]
+            sched.ready["long"] = (sets["long"], now - 10)
+            sched._dispatch_folds()
+            picked[reported] = "gpu0" if len(gpu0.batches) == 2 else "gpu1"
+    assert picked == {False: "gpu1", True: "gpu0"}

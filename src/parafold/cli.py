@@ -261,8 +261,8 @@ def predict(
     force_batch: Annotated[bool, typer.Option("--force-batch", help="Batch proteins on the CPU too.")] = False,
     host_workers: Annotated[int | None, typer.Option("--host-workers", help="Feature-processing processes (default: 4 on a GPU, inline on the CPU).")] = None,
     compile_ahead: Annotated[int, typer.Option("--compile-ahead", help="Threads compiling the next shapes while the current ones run (0: compile each shape when first needed; more than 1 slows each compile on a GPU).")] = 1,
-    merge_max: Annotated[int, typer.Option("--merge-max", help="A group of at most this many targets runs in a bigger shape that runs anyway (a deeper MSA bucket of its length, or a longer bucket within --merge-max-waste), saving a compile (0: never).")] = 32,
-    merge_max_waste: Annotated[float, typer.Option("--merge-max-waste", help="Most padding a merged target's length may get (fraction of the bucket).")] = 0.3,
+    compile_cost: Annotated[float | None, typer.Option("--compile-cost", help="Seconds one compile is worth: a group of targets runs in a bigger shape that runs anyway (a deeper MSA bucket of its length, or a longer bucket within --merge-max-waste) when its extra device time there is less (default: the figure measured for the GPU or CPU; 0: never).")] = None,
+    merge_max_waste: Annotated[float, typer.Option("--merge-max-waste", help="Most padding a merged target's length may get (fraction of the bucket).")] = 0.5,
 ) -> None:
     """Predict structures from features (GPU stage); exit 0 only if every target succeeded."""
     from parafold.errors import PipelineError
@@ -281,7 +281,7 @@ def predict(
             float32=float32, compile_cache_dir=cache_dir, executable_cache=executable_cache,
             msa_depth_buckets=not no_depth_buckets, save_raw=save_raw, max_batch=max_batch,
             force_batch=force_batch, host_workers=host_workers, compile_ahead=compile_ahead,
-            merge_max_members=merge_max, merge_max_waste=merge_max_waste)
+            compile_cost_s=compile_cost, merge_max_waste=merge_max_waste)
         sets, problems = collect_feature_sets(features, trust_pickles=trust_pickles)
         for problem in problems:
             log.error("%s", problem)

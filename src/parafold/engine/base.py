@@ -70,9 +70,11 @@ class FoldWorkerSpec:
 
 
 class FoldWorkerHandle(abc.ABC):
-    """One long-lived GPU (or CPU) worker; it runs one batch at a time, in order."""
+    """One long-lived GPU (or CPU) worker; it runs one batch at a time, in order. `platform`
+    ("gpu" or "cpu") prices its compiles against its padding (`costs.shape_costs`)."""
 
     name: str
+    platform: str = "cpu"
 
     @abc.abstractmethod
     def fold(self, feature_sets: Sequence[Any], out_root: Path) -> JobHandle[Any]:

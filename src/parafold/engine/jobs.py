@@ -109,13 +109,16 @@ def plots_job(target_dir: Path) -> int:
 
 @dataclass(frozen=True, slots=True)
 class FoldBatchResult:
-    """What a fold worker did with one batch: per-target outcomes and its counters."""
+    """What a fold worker did with one batch: per-target outcomes, its counters, and the
+    shapes it has compiled so far (`FoldWorker.shapes_run`: what the scheduler's affinity
+    needs, merged shapes included)."""
 
     outcomes: tuple[Any, ...]
     worker: str
     start: float
     end: float
     stats: dict[str, Any] = field(default_factory=dict)
+    shapes: tuple[Any, ...] = ()
 
 
 class FoldSlot:
@@ -146,7 +149,8 @@ class FoldSlot:
         self.warm()
         outcomes = self._worker.fold(list(feature_sets), Path(out_root))
         return FoldBatchResult(tuple(outcomes), worker_label(self.kind), start, time.time(),
-                               _stats_dict(self._worker))
+                               _stats_dict(self._worker),
+                               tuple(getattr(self._worker, "shapes_run", ())))
 
 
 def _stats_dict(worker: Any) -> dict[str, Any]:

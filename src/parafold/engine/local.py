@@ -45,6 +45,7 @@ def _worker_log_level() -> int:
 class _ProcessFoldWorker(FoldWorkerHandle):
     def __init__(self, spec: FoldWorkerSpec, kind: str, env: dict[str, str]) -> None:
         self.name = kind
+        self.platform = "cpu" if kind == "cpu" else "gpu"
         self._spec = spec
         self._env = env
         self._pool = self._new_pool()

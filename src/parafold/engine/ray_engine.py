@@ -53,6 +53,7 @@ class _RayFoldWorker(FoldWorkerHandle):
         import ray
 
         self.name = kind
+        self.platform = "cpu" if kind == "cpu" else "gpu"
         self._spec = spec
         self._cls = ray.remote(_FoldActorImpl).options(**options)
         self._actor = self._new_actor()

@@ -244,14 +244,11 @@ class Scheduler:
 
         A group may go once it is full, has waited `max_wait_s`, or nothing more is coming.
         Compiling a shape costs each worker ~25-29 s on a GPU, so a worker prefers a group of
-        a shape it has run (or a small group its worker will run in a deeper MSA-depth bucket
-        it has run, `ModelSettings.merge_max_members`), then one of a shape no other live worker
-        has run, then the oldest
-        (it never idles while a group may go); a group that has waited `starve_s` goes to the
-        first idle worker regardless.
+        a shape it has run (or one its worker will run in a bigger shape it has run, because
+        the padding costs less than a compile: `buckets.merge_groups`), then one of a shape no
+        other live worker has run, then the oldest (it never idles while a group may go); a
+        group that has waited `starve_s` goes to the first idle worker regardless.
         """
-        from parafold.fold.buckets import holds
-
         s, now = self.settings, time.time()
         more_coming = bool(self.pending or self.searching)
         live = self._live_workers()
@@ -271,12 +268,8 @@ class Scheduler:
                 if more_coming and len(group) < s.max_batch and now - oldest < s.max_wait_s:
                     continue
                 due.add(shape)
-                # a small group rides in a bigger shape the worker has compiled
-                shortest = min(fs.length for fs, _ in group)
-                runs_warm = shape in own or (
-                    len(group) <= s.model.merge_max_members
-                    and any(holds(k, shape, shortest=shortest, max_waste=s.model.merge_max_waste)
-                            for k in own))
+                # a group may ride in a bigger shape the worker has compiled
+                runs_warm = shape in own or self._runs_in(worker, shape, group, own)
                 affinity = 0 if runs_warm else 1 if shape not in others else 2
                 # Starved groups first, oldest first; then by affinity, then by age.
                 rank = ((0, oldest, affinity, i) if now - oldest >= self.starve_s
@@ -293,6 +286,21 @@ class Scheduler:
             size = math.ceil(len(chosen) / max(1, len(self.idle) - len(due) + 1))
         chosen.sort(key=lambda item: item[1])
         return worker, [fs for fs, _ in chosen[:size]]
+
+    def _runs_in(self, worker: FoldWorkerHandle, shape: Any,
+                 group: list[tuple[FeatureSet, float]], compiled: set[Any]) -> bool:
+        """The worker would run this group in a bigger shape it has compiled (it decides the
+        same way, `FoldWorker.group`)."""
+        from parafold.fold.buckets import merge_groups
+        from parafold.fold.costs import shape_costs
+
+        if not compiled:
+            return False
+        costs = shape_costs(self.settings.model, getattr(worker, "platform", "cpu"))
+        dest = merge_groups({shape: len(group)}, compile_s=costs.compile_s, run_s=costs.run_s,
+                            shortest={shape: min(fs.length for fs, _ in group)},
+                            max_waste=self.settings.model.merge_max_waste, available=compiled)
+        return dest[shape] != shape
 
     def _dispatch_folds(self) -> None:
         if self.retired and not self._live_workers():
@@ -334,6 +342,8 @@ class Scheduler:
         self._streak.pop(worker.name, None)
         self._back_in_rotation(worker)
         self._stats[worker.name] = result.stats
+        if result.shapes:  # what it really compiled: a merged group ran in a bigger shape
+            self._shapes[worker.name] = set(result.shapes)
         by_name = {getattr(o, "name", None): o for o in result.outcomes}
         for fs in batch:
             o = by_name.get(fs.name)

@@ -5,22 +5,22 @@ wastes at most `max_length_waste` of its residues on padding for any target of a
 `min_length_bucket` residues; the ladder grows geometrically, so 50-300 residues need about a
 dozen shapes. MSA depth buckets are a coarse ladder (factor 4 up to the config's size) so a
 shallow MSA is not padded to 512 clusters and 5,120 extra rows; padded rows are masked.
-A small group may run in a bigger shape that runs anyway (`merge_small_groups`): up to
-`ModelSettings.merge_max_waste` padding, for at most `merge_max_members` targets, because a
-compile costs a GPU far more than their padding does.
+A group may run in a bigger shape that runs anyway (`merge_groups`) when its targets' extra
+work there costs less than a compile (`parafold.fold.costs.ShapeCosts`), with up to
+`ModelSettings.merge_max_waste` padding.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from parafold.fold.config import DepthCaps, depth_caps, family_of
 from parafold.fold.settings import ModelSettings
 
 __all__ = ["ShapeKey", "length_ladder", "length_bucket", "depth_ladder", "depth_bucket",
-           "shape_key", "padding_waste", "holds", "merge_small_groups"]
+           "shape_key", "padding_waste", "holds", "merge_groups"]
 
 _DEPTH_FACTOR = 4
 
@@ -128,33 +128,40 @@ def holds(big: ShapeKey, small: ShapeKey, *, shortest: int | None = None,
             and padding_waste(shortest, big.length) <= max_waste)
 
 
-def merge_small_groups(counts: Mapping[ShapeKey, int], max_members: int, *,
-                       shortest: Mapping[ShapeKey, int] | None = None, max_waste: float = 0.0,
-                       available: Iterable[ShapeKey] = ()) -> dict[ShapeKey, ShapeKey]:
-    """The key each key's targets run under: a key with at most `max_members` targets joins
-    the nearest key that `holds` it and runs anyway (in `counts`, or `available`: run before,
-    so compiled): a deeper MSA bucket of its length, or a longer bucket while its shortest
-    target (`shortest[key]` residues) wastes at most `max_waste` on padding.
+def merge_groups(counts: Mapping[ShapeKey, int], *, compile_s: float,
+                 run_s: Callable[[ShapeKey], float],
+                 shortest: Mapping[ShapeKey, int] | None = None, max_waste: float = 0.0,
+                 available: Iterable[ShapeKey] = ()) -> dict[ShapeKey, ShapeKey]:
+    """The key each key's targets run under: a group moves to a bigger key that runs anyway
+    when the extra device time of its targets there costs less than compiling its own.
 
-    A compile costs ~25-30 s on a GPU (measured on an H100) and a small protein's prediction
-    0.1-0.4 s, so for a few targets padding beats compiling; padded rows and residues are
-    masked, so no result changes. Keys that stay map to themselves; `max_members` 0 merges
-    nothing.
+    A key's group moves to the key that `holds` it (a deeper MSA bucket of its length, or a
+    longer bucket while its shortest target, `shortest[key]` residues, wastes at most
+    `max_waste` on padding) and runs anyway (in `counts`, or compiled before: `available`)
+    with the least extra time, `targets x (run_s(there) - run_s(own))`, if that is under
+    `compile_s`. Smallest keys first, so a group that grew by a merge may move on with all its
+    targets (each step is paid for by the compile it saves). A key in `available` is compiled
+    already and stays. Padded rows and residues are masked, so no result changes; only the
+    work grows. On an H100 a full-model compile took 25-30 s and a small protein 0.05-0.3 s,
+    so even a group of a few hundred proteins moves one rung up; `compile_s` 0 merges nothing.
     """
     dest = {key: key for key in counts}
-    if max_members <= 0:
+    if compile_s <= 0:
         return dest
     size, low = dict(counts), dict(shortest or {})
-    ready = [k for k in available if k not in counts]
-    # smallest first, so a group that grew by a merge can still move on to a bigger one
-    for key in sorted(counts, key=lambda k: (k.length, k.clusters, k.extra)):
-        if size[key] > max_members:
+    compiled = set(available)
+    candidates = [*counts, *(k for k in compiled if k not in counts)]
+    for key in sorted(counts, key=_size_order):
+        if key in compiled:
             continue
-        bigger = [k for k in [*counts, *ready] if k != key and dest.get(k, k) == k
-                  and holds(k, key, shortest=low.get(key), max_waste=max_waste)]
-        if not bigger:
+        options = [(size[key] * (run_s(k) - run_s(key)), _size_order(k), k)
+                   for k in candidates if k != key and dest.get(k, k) == k
+                   and holds(k, key, shortest=low.get(key), max_waste=max_waste)]
+        if not options:
             continue
-        target = min(bigger, key=lambda k: (k.length, k.clusters, k.extra))
+        extra_s, _, target = min(options)
+        if extra_s >= compile_s:
+            continue
         for k, d in dest.items():
             if d == key:
                 dest[k] = target
@@ -163,3 +170,7 @@ def merge_small_groups(counts: Mapping[ShapeKey, int], max_members: int, *,
         if key in low:
             low[target] = min(low.get(target, low[key]), low[key])
     return dest
+
+
+def _size_order(key: ShapeKey) -> tuple[int, int, int]:
+    return key.length, key.clusters, key.extra

@@ -58,10 +58,11 @@ class ModelSettings:
     takes ~25-29 s per shape on a GPU, which would otherwise leave the device idle); 0 compiles
     each shape when the loop reaches it; more than one thread slows each compile on a GPU
     (measured on an H100: 6 threads made each compile 52-160 s instead of 25-30 s). A
-    group of at most `merge_max_members` targets runs in a bigger shape that runs anyway
-    instead of compiling its own: a deeper MSA-depth bucket of its length, or a longer bucket
-    while its shortest target wastes at most `merge_max_waste` on padding
-    (`buckets.merge_small_groups`; 0 members: never).
+    group of targets runs in a bigger shape that runs anyway instead of compiling its own when
+    the extra device time costs less than a compile, `compile_cost_s` seconds (None: the
+    measured figure for the platform, `costs.ShapeCosts`; 0: never): a deeper MSA-depth
+    bucket of its length, or a longer bucket while its shortest target wastes at most
+    `merge_max_waste` on padding (`buckets.merge_groups`).
     """
 
     model_preset: str = "monomer_ptm"
@@ -86,8 +87,8 @@ class ModelSettings:
     device_memory_bytes: int | None = None
     executable_cache: bool = False  # experimental until checked on a GPU (fused-kernel calls)
     compile_ahead: int = 1
-    merge_max_members: int = 32
-    merge_max_waste: float = 0.3
+    compile_cost_s: float | None = None
+    merge_max_waste: float = 0.5
 
     def __post_init__(self) -> None:
         if self.model_preset not in MODEL_PRESETS:
@@ -116,8 +117,8 @@ class ModelSettings:
                 raise InputError(f"{name} must be >= 0, got {value}")
         if self.compile_ahead < 0:
             raise InputError(f"compile_ahead must be >= 0, got {self.compile_ahead}")
-        if self.merge_max_members < 0:
-            raise InputError(f"--merge-max must be >= 0, got {self.merge_max_members}")
+        if self.compile_cost_s is not None and self.compile_cost_s < 0:
+            raise InputError(f"--compile-cost must be >= 0, got {self.compile_cost_s}")
         if not 0.0 <= self.merge_max_waste < 1.0:
             raise InputError(f"--merge-max-waste must be in [0, 1), got {self.merge_max_waste}")
         if self.device_memory_bytes is not None and self.device_memory_bytes <= 0:

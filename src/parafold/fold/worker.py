@@ -27,7 +27,8 @@ import numpy as np
 from parafold.errors import GpuOutOfMemoryError, InferenceError, PipelineError
 from parafold.featureset import FeatureSet
 from parafold.fold.batching import batch_size, batched_key, next_pow2, stack_members
-from parafold.fold.buckets import ShapeKey, merge_small_groups, shape_key
+from parafold.fold.buckets import ShapeKey, merge_groups, shape_key
+from parafold.fold.costs import shape_costs
 from parafold.fold.hostwork import BusyMeter, HostPools, auto_workers, process_job, write_job
 from parafold.fold.outputs import Prediction, is_complete
 from parafold.fold.settings import ModelSettings
@@ -128,8 +129,11 @@ class FoldWorker:
         self._merged_into: dict[str, tuple[int, int]] = {}
         self._key_rows: dict[ShapeKey, int] = {}  # keys grouped so far -> their deepest rows
         platform = self.runner.platform
+        self.costs = shape_costs(settings, platform)
+        # 4 writers: a target's files take 130-250 ms of CPU at 60-150 residues (80% of it
+        # AlphaFold's mmCIF writer), a GPU predicts one every ~90 ms in batches
         self.pools = HostPools(auto_workers(settings.host_workers, platform, gpu_default=4),
-                               auto_workers(settings.write_workers, platform, gpu_default=2))
+                               auto_workers(settings.write_workers, platform, gpu_default=4))
         self._meter = BusyMeter()
         self._wall_s = 0.0
         # compile-ahead state of the running `fold` call (empty outside one)
@@ -167,6 +171,13 @@ class FoldWorker:
         return shape_key(length, rows, model_name or self.settings.model_names[0],
                          self.settings)
 
+    @property
+    def shapes_run(self) -> tuple[ShapeKey, ...]:
+        """The first model's shapes (batch 1) that targets were grouped under and that are
+        compiled: what a later group may run in without a compile."""
+        compiled = {replace(k, batch=1) for k in self.runner.compiled_keys}
+        return tuple(sorted(k for k in self._key_rows if k in compiled))
+
     def batch_cap(self, key: ShapeKey) -> int:
         """Most members per pass for `key` (memory model, lowered after an out-of-memory)."""
         if key not in self._caps:
@@ -176,19 +187,18 @@ class FoldWorker:
 
     def group(self, feature_sets: Sequence[FeatureSet]) -> list[list[FeatureSet]]:
         """Feature sets grouped by the shape key of the first model, in key order, each group
-        at most the batch size of its shape. A group of at most `merge_max_members` goes into a
-        bigger shape that this call or an earlier one runs (`buckets.merge_small_groups`)."""
+        at most the batch size of its shape. A group moves into a bigger shape that this call
+        or an earlier one runs when its extra device time costs less than a compile
+        (`buckets.merge_groups`, priced by `costs.ShapeCosts`)."""
         self._merged_into = {}
         own = {fs.name: self.shape_key(fs) for fs in feature_sets}
         shortest: dict[ShapeKey, int] = {}
         for fs in feature_sets:
             shortest[own[fs.name]] = min(shortest.get(own[fs.name], fs.length), fs.length)
         counts = Counter(own.values())
-        compiled = {replace(k, batch=1) for k in self.runner.compiled_keys}
-        dest = merge_small_groups(
-            counts, self.settings.merge_max_members, shortest=shortest,
-            max_waste=self.settings.merge_max_waste,
-            available=[k for k in self._key_rows if k in compiled])
+        dest = merge_groups(
+            counts, compile_s=self.costs.compile_s, run_s=self.costs.run_s, shortest=shortest,
+            max_waste=self.settings.merge_max_waste, available=self.shapes_run)
         deepest = self._key_rows  # a key -> MSA rows of the deepest target run under it
         for fs in feature_sets:
             if dest[own[fs.name]] == own[fs.name]:

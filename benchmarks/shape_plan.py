@@ -1,0 +1,110 @@
+"""How many shapes a protein set compiles, and what the merges cost in padded work: the plan
+`FoldWorker.group` makes, without an accelerator.
+
+For the same synthetic sets `gpu_stage.py` folds (same generator and seed, so the same
+lengths and MSA depths), prints the shapes with and without merging groups into bigger
+shapes (`buckets.merge_groups`), the padded matmul work of each plan relative to every
+target in its own bucket (`workmodel.shape_flops`), and a *modelled* cold time of the GPU
+stage: compiles x `compile_s` + device seconds from `ShapeCosts.run_s` (constants measured on
+an H100, see `parafold.fold.costs`). The model is the planner's own view, not a measurement: the GPU
+benchmark is what checks it.
+
+    python benchmarks/shape_plan.py                                   # issue 3's 200 of 50-300
+    python benchmarks/shape_plan.py --n 1000 --lengths 50-150 --depths 32-127
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+
+from parafold.fold.buckets import ShapeKey, merge_groups, shape_key
+from parafold.fold.costs import ShapeCosts, shape_costs
+from parafold.fold.settings import ModelSettings
+from parafold.fold.synthetic import random_sequence
+from parafold.fold.workmodel import shape_flops
+
+
+def sample_set(n: int, lengths: tuple[int, int], depths: tuple[int, int], seed: int
+               ) -> list[tuple[int, int]]:
+    """(length, MSA rows) of `gpu_stage.make_inputs`' proteins: it draws from one generator
+    in this order, with a random sequence between length and depth."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(lengths[0], lengths[1] + 1))
+        depth = int(rng.integers(depths[0], depths[1] + 1))
+        random_sequence(length, rng)
+        out.append((length, depth))
+    return out
+
+
+def plan(proteins: list[tuple[int, int]], settings: ModelSettings, costs: ShapeCosts, *,
+         merge: bool) -> dict[str, float]:
+    """Shapes, padded work and modelled seconds of one plan for the first model."""
+    model = settings.model_names[0]
+    own = [shape_key(length, rows, model, settings) for length, rows in proteins]
+    shortest: dict[ShapeKey, int] = {}
+    for key, (length, _) in zip(own, proteins, strict=True):
+        shortest[key] = min(shortest.get(key, length), length)
+    dest = merge_groups(Counter(own), compile_s=costs.compile_s if merge else 0.0,
+                        run_s=costs.run_s,
+                        shortest=shortest, max_waste=settings.merge_max_waste)
+    ran = [dest[key] for key in own]
+    own_work = sum(shape_flops(key, settings.config_size) for key in own)
+    ran_work = sum(shape_flops(key, settings.config_size) for key in ran)
+    real_work = sum(shape_flops(replace(key, length=length), settings.config_size)
+                    for key, (length, _) in zip(own, proteins, strict=True))
+    shapes = len(set(ran))
+    device_s = sum(costs.run_s(key) for key in ran)
+    return {"shapes": shapes, "work_vs_own_buckets": round(ran_work / own_work, 3),
+            "work_vs_real_lengths": round(ran_work / real_work, 3),
+            "compile_s": round(shapes * costs.compile_s, 1), "device_s": round(device_s, 1),
+            "modelled_cold_s": round(shapes * costs.compile_s + device_s, 1),
+            "modelled_per_hour": round(3600 * len(proteins)
+                                       / (shapes * costs.compile_s + device_s))}
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, high = text.split("-")
+    return int(low), int(high)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--lengths", type=_range, default=(50, 300))
+    parser.add_argument("--depths", type=_range, default=(64, 500))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default="1")
+    parser.add_argument("--num-recycle", type=int, default=3)
+    parser.add_argument("--config", default="full", choices=("full", "tiny"))
+    parser.add_argument("--platform", default="gpu", choices=("gpu", "cpu"))
+    parser.add_argument("--merge-max-waste", type=float, default=0.5)
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+
+    proteins = sample_set(args.n, args.lengths, args.depths, args.seed)
+    base = ModelSettings(models=tuple(int(m) for m in args.models.split(",")),
+                         num_recycle=args.num_recycle, config_size=args.config,
+                         merge_max_waste=args.merge_max_waste, compile_cache_dir=None)
+    costs = shape_costs(base, args.platform)
+    print(f"{args.n} proteins of {args.lengths[0]}-{args.lengths[1]} residues, "
+          f"{args.depths[0]}-{args.depths[1]} MSA rows; {args.config} config on {args.platform}: "
+          f"compile {costs.compile_s:.1f} s a shape, device model {costs.describe()}")
+    rows = {label: plan(proteins, base, costs, merge=merge)
+            for label, merge in (("no merges", False), ("merges (default)", True))}
+    width = max(len(k) for k in rows)
+    for label, row in rows.items():
+        print(f"{label:<{width}}  " + "  ".join(f"{k} {v}" for k, v in row.items()))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

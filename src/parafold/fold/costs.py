@@ -1,0 +1,74 @@
+"""What a shape costs a fold worker: seconds to compile it, and device seconds per target run
+in it. The planner (`buckets.merge_groups`) weighs the two: a group runs in a bigger shape
+that runs anyway when its targets' extra device time there is less than a compile.
+
+Device time is modelled as matmul work (`workmodel.shape_flops`, exact for the padded shape)
+over a rate measured on each platform; compiles as a measured constant per shape and model
+family. Measured figures (random weights, 1 model x 3 recycles):
+
+* GPU, full config (NVIDIA H100, jax 0.11.2, fused kernels, stop 10): compiles took 24.6-30.3 s
+  one at a time; the first 316 of 1,000 proteins (50-150 residues, 32-127 MSA rows; shapes
+  L=56-80, 127 clusters, 80 extra rows) took 27.5 s of device time in 12 batches of ~26: 0.087
+  s a protein, 6.1 TFLOP of matmul work each at their padded shapes (4 iterations), so ~70
+  TFLOP/s. Bigger shapes use the GPU better, so the rate overstates their time and merges
+  stay on the safe side. The tiny config on a GPU is not measured: its figures are guesses.
+* CPU, tiny config (this project's 2-core machine): compiles 18-29 s, ~20 GFLOP/s (6 proteins
+  of 43-113 residues, one model, 4 iterations, 4.4-14.6 s each, with a compile thread running
+  beside them). Full config on the CPU: see `_MEASURED`. The CPU matters for the demo and tests.
+
+Constants, not live measurements, so that a run plans the same shapes every time and a warm
+rerun hits the compilation caches. `ModelSettings.compile_cost_s` overrides the compile
+figure (0 turns merging off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from parafold.fold.buckets import ShapeKey
+from parafold.fold.config import family_of
+from parafold.fold.settings import ModelSettings
+
+__all__ = ["ShapeCosts", "shape_costs"]
+
+# (platform, config size) -> (seconds to compile one shape of one family, matmul FLOP/s)
+_MEASURED: dict[tuple[str, str], tuple[float, float]] = {
+    ("gpu", "full"): (27.0, 7.0e13),
+    ("gpu", "tiny"): (5.0, 7.0e13),  # not measured
+    ("cpu", "full"): (120.0, 5.0e10),
+    ("cpu", "tiny"): (20.0, 2.0e10),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeCosts:
+    """Seconds a worker pays to compile a shape (every model family of the run) and to run one
+    target in it (every model, seed and recycling iteration)."""
+
+    compile_s: float
+    flops_per_s: float
+    predictions: int
+    iterations: int
+    config_size: str
+
+    def run_s(self, key: ShapeKey) -> float:
+        """Device seconds of one target at `key`'s padded sizes, all its predictions."""
+        from parafold.fold.workmodel import shape_flops
+
+        work = shape_flops(replace(key, batch=1, low_memory=False), self.config_size)
+        return work * self.iterations * self.predictions / self.flops_per_s
+
+    def describe(self) -> str:
+        return (f"{self.flops_per_s / 1e12:.1f} TFLOP/s of matmul work, {self.predictions} "
+                f"prediction(s) x {self.iterations} iterations a target")
+
+
+def shape_costs(settings: ModelSettings, platform: str) -> ShapeCosts:
+    """The measured costs for `platform` ("gpu" for any accelerator, or "cpu")."""
+    compile_s, rate = _MEASURED[("cpu" if platform == "cpu" else "gpu", settings.config_size)]
+    families = {family_of(name) for name in settings.model_names}
+    if settings.compile_cost_s is not None:
+        compile_s = settings.compile_cost_s
+    return ShapeCosts(compile_s=compile_s * len(families), flops_per_s=rate,
+                      predictions=len(settings.model_names) * settings.num_seeds,
+                      iterations=settings.num_iterations, config_size=settings.config_size)
