@@ -361,6 +361,7 @@ class _AutoFoldWorker:
         self.name = name
         self.start_error = start_error
         self.batches: list[list[str]] = []
+        self.released = 0
 
     def _handle(self, result: object) -> object:
         import concurrent.futures as cf
@@ -391,6 +392,9 @@ class _AutoFoldWorker:
 
     def restart(self) -> None:
         return None
+
+    def release(self) -> None:
+        self.released += 1
 
 
 def _run_with_workers(tmp_path: Path, workers: list[_AutoFoldWorker]) -> tuple[object, Path]:
@@ -441,6 +445,8 @@ def test_a_worker_that_cannot_start_is_retired(tmp_path: Path) -> None:
     assert (event.worker, event.kind) == ("gpu0", "retired")
     assert event.reason == "failed to start: RuntimeError: no CUDA device visible"
     assert all(e.ok and e.worker == "gpu1@test:1" for e in predicts), predicts
+    # its process is stopped when it is retired, not at the end of the run
+    assert (broken.released, healthy.released) == (1, 0)
 
 
 def test_no_worker_left_fails_every_target_and_ends_the_run(tmp_path: Path) -> None:

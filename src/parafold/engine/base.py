@@ -88,6 +88,11 @@ class FoldWorkerHandle(abc.ABC):
         """Replace a worker that died (its process or actor is gone); default: nothing to do."""
         return None
 
+    def release(self) -> None:
+        """Stop its process or actor without waiting: it is out of rotation for the rest of
+        the run. Default: nothing held."""
+        return None
+
 
 class Executor(abc.ABC):
     """Where the pipeline's work runs. Use as a context manager so workers are shut down."""

@@ -71,6 +71,9 @@ class _ProcessFoldWorker(FoldWorkerHandle):
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = self._new_pool()
 
+    def release(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 

@@ -75,6 +75,9 @@ class _RayFoldWorker(FoldWorkerHandle):
         ray.kill(self._actor, no_restart=True)
         self._actor = self._new_actor()
 
+    def release(self) -> None:
+        self.shutdown()
+
     def shutdown(self) -> None:
         import ray
 

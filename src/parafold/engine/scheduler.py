@@ -363,6 +363,8 @@ class Scheduler:
     def _back_in_rotation(self, worker: FoldWorkerHandle) -> None:
         if worker.name not in self.retired:
             self.idle.append(worker)
+        else:  # retired while this batch ran
+            self._release(worker)
 
     # --- workers that cannot work ---
 
@@ -384,6 +386,7 @@ class Scheduler:
                      reason)
         if worker.name in self.retired:  # it failed to start meanwhile: its fault, not theirs
             self._requeue(batch, since)
+            self._release(worker)
             return
         again = any(fs.name in self._failed_on for fs in batch)
         if again:  # failing again makes it the batch's fault: its earlier failure is no
@@ -428,6 +431,20 @@ class Scheduler:
         logger.error("fold worker %s is out of rotation: %s", worker.name, reason)
         self.ledger.add_worker_event(run_id=self.run_id, worker=worker.name, kind="retired",
                                      reason=reason)
+        if not any(w is worker for w, *_ in self.folding.values()):
+            self._release(worker)  # else once its batch is back
+
+    @staticmethod
+    def _release(worker: FoldWorkerHandle) -> None:
+        """Stop a retired worker's process or actor now, so its GPU and memory are free for
+        the rest of the run (not only at its end)."""
+        release = getattr(worker, "release", None)
+        if release is None:
+            return
+        try:
+            release()
+        except Exception as exc:  # best effort: the run goes on without it either way
+            logger.warning("could not stop fold worker %s: %s", worker.name, exc)
 
     def _fail_without_workers(self) -> None:
         """No worker left: fail what is queued or ready (searches running finish, and their

@@ -59,7 +59,7 @@ class ShapeCosts:
         return work * self.iterations * self.predictions / self.flops_per_s
 
     def describe(self) -> str:
-        return (f"{self.flops_per_s / 1e12:.1f} TFLOP/s of matmul work, {self.predictions} "
+        return (f"{self.flops_per_s:.3g} FLOP/s of matmul work, {self.predictions} "
                 f"prediction(s) x {self.iterations} iterations a target")
 
 
