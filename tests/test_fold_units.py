@@ -275,6 +275,11 @@ def test_shape_costs_price_every_family_model_seed_and_iteration():
     assert every.compile_s == pytest.approx(2 * gpu.compile_s)
     assert every.run_s(key) == pytest.approx(10 * gpu.run_s(key))
     assert shape_costs(replace(one, compile_cost_s=3.0), "gpu").compile_s == 3.0
+    odd = replace(key, templates=2)  # shapes the work model was not fitted for: no guess
+    deeper = replace(odd, clusters=odd.clusters * 4)
+    assert gpu.run_s(odd) == float("inf") and buckets.holds(deeper, odd)
+    assert buckets.merge_groups({odd: 1, deeper: 1}, compile_s=1e9, run_s=gpu.run_s) == {
+        odd: odd, deeper: deeper}
     cpu = shape_costs(one, "cpu")
     assert cpu.run_s(key) > 100 * gpu.run_s(key)  # a CPU predicts far slower than a GPU
     # what that means on a GPU: a group of tens of targets moves one length rung up to save a

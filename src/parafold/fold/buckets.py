@@ -13,6 +13,7 @@ work there costs less than a compile (`parafold.fold.costs.ShapeCosts`), with up
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -143,7 +144,8 @@ def merge_groups(counts: Mapping[ShapeKey, int], *, compile_s: float,
     targets (each step is paid for by the compile it saves). A key in `available` is compiled
     already and stays. Padded rows and residues are masked, so no result changes; only the
     work grows. On an H100 a full-model compile took 25-30 s and a small protein 0.05-0.3 s,
-    so even a group of a few hundred proteins moves one rung up; `compile_s` 0 merges nothing.
+    so even a group of a few hundred proteins moves one rung up; `compile_s` 0 merges nothing,
+    and a shape `run_s` cannot price (infinite) is never a destination.
     """
     dest = {key: key for key in counts}
     if compile_s <= 0:
@@ -157,6 +159,7 @@ def merge_groups(counts: Mapping[ShapeKey, int], *, compile_s: float,
         options = [(size[key] * (run_s(k) - run_s(key)), _size_order(k), k)
                    for k in candidates if k != key and dest.get(k, k) == k
                    and holds(k, key, shortest=low.get(key), max_waste=max_waste)]
+        options = [option for option in options if math.isfinite(option[0])]  # unpriced: stay
         if not options:
             continue
         extra_s, _, target = min(options)

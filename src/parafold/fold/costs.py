@@ -23,6 +23,7 @@ figure (0 turns merging off).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from parafold.fold.buckets import ShapeKey
@@ -52,10 +53,14 @@ class ShapeCosts:
     config_size: str
 
     def run_s(self, key: ShapeKey) -> float:
-        """Device seconds of one target at `key`'s padded sizes, all its predictions."""
+        """Device seconds of one target at `key`'s padded sizes, all its predictions; infinite
+        for a shape the work model does not cover (nothing is merged on a guess)."""
         from parafold.fold.workmodel import shape_flops
 
-        work = shape_flops(replace(key, batch=1, low_memory=False), self.config_size)
+        try:
+            work = shape_flops(replace(key, batch=1, low_memory=False), self.config_size)
+        except ValueError:
+            return math.inf
         return work * self.iterations * self.predictions / self.flops_per_s
 
     def describe(self) -> str:

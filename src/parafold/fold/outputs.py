@@ -99,6 +99,8 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
     """Write every file for one target; returns prediction names best first."""
     from alphafold.common import protein
 
+    from parafold.fold import mmcif as fast_mmcif
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written: set[str] = set()
@@ -124,7 +126,7 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
     ranked = rank(predictions)
     for index, pred in enumerate(ranked):
         write_text(f"ranked_{index}.pdb", pdbs[pred.name])
-        cif = protein.to_mmcif(prots[pred.name], file_id=name, model_type="Monomer")
+        cif = fast_mmcif.to_mmcif(prots[pred.name], file_id=name, model_type="Monomer")
         write_text(f"ranked_{index}.cif", cif)
     _merge_timings(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     _remove_stale(folder, written)
