@@ -107,12 +107,13 @@ def _category(name: str, columns: Columns, *, plain: bool = False) -> str:
     if plain:
         widths = [max(map(len, values), default=0) for _, values in columns]
         template = "".join(f"%-{w + 1}s" for w in widths) + "\n"
-        body = "".join(map(template.__mod__, zip(*(values for _, values in columns))))
+        table = zip(*(values for _, values in columns), strict=True)
+        body = "".join(map(template.__mod__, table))
     else:
         widths = [max(map(_loop_width, values), default=0) for _, values in columns]
         body = "".join("".join(_IO._format_mmcif_col(value, w + 1)
                                for value, w in zip(row, widths, strict=True)) + "\n"
-                       for row in zip(*(values for _, values in columns)))
+                       for row in zip(*(values for _, values in columns), strict=True))
     return head + body + "#\n"
 
 
@@ -185,15 +186,16 @@ def _entity_poly_seq(aatype: np.ndarray, residue_index: np.ndarray, chain_index:
 
 
 def _float_width(values: np.ndarray, spec: str) -> int:
-    """Width of the widest `spec % value`: on each side of zero the text grows with |value|,
-    so the largest positive and the most negative value decide it (-0.0 prints its sign)."""
+    """Width of the widest `format(value, spec)`: on each side of zero the text grows with
+    |value|, so the largest positive and the most negative value decide it (-0.0 prints its
+    sign)."""
     negative = np.signbit(values)
     extremes = []
     if negative.any():
         extremes.append(values[negative].min())
     if not negative.all():
         extremes.append(values[~negative].max())
-    return max(len(spec % float(v)) for v in extremes)
+    return max(len(format(float(v), spec)) for v in extremes)
 
 
 def _atom_site(aatype: np.ndarray, residue_index: np.ndarray, res: np.ndarray,
@@ -203,8 +205,8 @@ def _atom_site(aatype: np.ndarray, residue_index: np.ndarray, res: np.ndarray,
     B-factors as written) and the sorted atom symbols."""
     # Each distinct B-factor formatted once; -0.0 stays apart from 0.0 (it prints "-0.00").
     bits, b_of_atom = np.unique(np.ascontiguousarray(bfac).view(np.uint64), return_inverse=True)
-    b_text = ["%.2f" % v for v in bits.view(np.float64).tolist()]
-    metric = "%.2f" % float(np.mean(np.array([float(t) for t in b_text])[b_of_atom.ravel()]))
+    b_text = [f"{v:.2f}" for v in bits.view(np.float64).tolist()]
+    metric = f"{np.mean(np.array([float(t) for t in b_text])[b_of_atom.ravel()]):.2f}"
     present_kinds = np.unique(kind).tolist()
     symbols = sorted({_ATOM_SYMBOLS[k] for k in present_kinds})
 
@@ -212,7 +214,7 @@ def _atom_site(aatype: np.ndarray, residue_index: np.ndarray, res: np.ndarray,
     resnames = _RESNAMES[aatype].tolist()
     if len(res) == 1:  # MMCIFIO writes a one-row table as key-value lines
         r, k = int(res[0]), int(kind[0])
-        x, y, z = ("%.3f" % v for v in xyz[0].tolist())
+        x, y, z = (f"{v:.3f}" for v in xyz[0].tolist())
         values = ["ATOM", "1", _ATOM_SYMBOLS[k], _ATOM_NAMES[k], ".", resnames[r], chain,
                   entity, seq[r], ".", x, y, z, "1.00", b_text[0], seq[r], chain, "1"]
         return (_category("_atom_site", [(item, [v]) for item, v in
@@ -232,13 +234,13 @@ def _atom_site(aatype: np.ndarray, residue_index: np.ndarray, res: np.ndarray,
                        zip(resnames, seq, strict=True)], dtype=object)
     tail = np.array([f"{num:<{w_seq}}{chain} 1 " for num in seq], dtype=object)
     b_cells = np.array([f"{t:<{w_b}}" for t in b_text], dtype=object)
-    wx, wy, wz = (_float_width(xyz[:, i], "%.3f") + 1 for i in range(3))
+    wx, wy, wz = (_float_width(xyz[:, i], ".3f") + 1 for i in range(3))
     row = (f"ATOM %-{len(str(len(res))) + 1}d%s%s"
            f"%-{wx}.3f%-{wy}.3f%-{wz}.3f1.00 %s%s\n")
     body = "".join(map(row.__mod__, zip(
         range(1, len(res) + 1), by_kind[kind].tolist(), by_res[res].tolist(),
         xyz[:, 0].tolist(), xyz[:, 1].tolist(), xyz[:, 2].tolist(),
-        b_cells[b_of_atom.ravel()].tolist(), tail[res].tolist())))
+        b_cells[b_of_atom.ravel()].tolist(), tail[res].tolist(), strict=True)))
     head = "loop_\n" + "".join(f"_atom_site.{item}\n" for item in _ATOM_SITE_ITEMS)
     return head + body + "#\n", metric, symbols
 
