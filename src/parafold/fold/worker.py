@@ -130,10 +130,10 @@ class FoldWorker:
         self._key_rows: dict[ShapeKey, int] = {}  # keys grouped so far -> their deepest rows
         platform = self.runner.platform
         self.costs = shape_costs(settings, platform)
-        # 4 writers: a target's files take 130-250 ms of CPU at 60-150 residues (80% of it
-        # AlphaFold's mmCIF writer), a GPU predicts one every ~90 ms in batches
+        # 2 writers: a target's files take 40-60 ms of CPU at 60-150 residues (`fold.mmcif`),
+        # a GPU predicts one every ~90 ms in batches
         self.pools = HostPools(auto_workers(settings.host_workers, platform, gpu_default=4),
-                               auto_workers(settings.write_workers, platform, gpu_default=4))
+                               auto_workers(settings.write_workers, platform, gpu_default=2))
         self._meter = BusyMeter()
         self._wall_s = 0.0
         # compile-ahead state of the running `fold` call (empty outside one)
