@@ -115,3 +115,30 @@ def test_predict_gives_same_named_folders_of_two_roots_their_own_output(tmp_path
                                    "--config", "tiny", "--no-compile-cache"])
     assert res.exit_code == 0, res.output
     assert handed == [("prot1", "rootA"), ("prot1_2", "rootB")]
+
+
+def test_run_takes_the_gpu_stage_options_predict_takes(tmp_path, monkeypatch):
+    """`run` builds the same model settings from the same options as `predict`: a cluster run
+    can point the compilation cache at a shared folder, tune merging, stop recycling early."""
+    from parafold import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_run_and_report", lambda settings: seen.append(settings) or 0)
+    (tmp_path / "in.fasta").write_text(">a\nMKVLAAGIVGLLLA\n")
+    args = ["run", str(tmp_path / "in.fasta"), "-o", str(tmp_path / "o"), "--params-dir",
+            str(tmp_path / "p"), "--models", "1,3", "--compile-cache", str(tmp_path / "jax"),
+            "--compile-cost", "0", "--merge-max-waste", "0.2", "--no-msa-depth-buckets",
+            "--recycle-early-stop-tolerance", "0.5", "--random-seed", "7", "--save-raw",
+            "--compile-ahead", "0", "--no-fused-kernels"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    model = seen[0].model
+    assert model.models == (1, 3) and model.compile_cache_dir == tmp_path / "jax"
+    assert (model.compile_cost_s, model.merge_max_waste) == (0.0, 0.2)
+    assert not model.msa_depth_buckets and model.recycle_early_stop_tolerance == 0.5
+    assert (model.random_seed, model.save_raw, model.compile_ahead) == (7, True, 0)
+    assert model.use_pallas is False
+    res = CliRunner().invoke(app, [*args[:6], "--no-compile-cache", "--compile-cost", "-1"])
+    assert res.exit_code == 2 and "--compile-cost must be >= 0" in res.output
+    res = CliRunner().invoke(app, [*args[:6], "--no-compile-cache"])
+    assert res.exit_code == 0 and seen[-1].model.compile_cache_dir is None

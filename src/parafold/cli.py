@@ -224,6 +224,38 @@ def params_random(
         typer.echo(str(path))
 
 
+# GPU-stage options shared by `predict` and `run` (typer needs each option on each command).
+_Tolerance = Annotated[float, typer.Option("--recycle-early-stop-tolerance", help="Stop recycling when CA distances change less (A).")]
+_RandomSeed = Annotated[int, typer.Option("--random-seed", help="Base random seed.")]
+_Pallas = Annotated[bool | None, typer.Option("--fused-kernels/--no-fused-kernels", help="Force fused kernels on or off (default: auto).")]
+_CompileCache = Annotated[Path | None, typer.Option("--compile-cache", help="Persistent compilation cache folder (default ~/.cache/parafold/jax; on a cluster, a shared folder lets every node reuse what one compiled).")]
+_NoCompileCache = Annotated[bool, typer.Option("--no-compile-cache", help="Do not use a persistent compilation cache.")]
+_NoDepthBuckets = Annotated[bool, typer.Option("--no-msa-depth-buckets", help="Pad every MSA to the config's full sizes.")]
+_SaveRaw = Annotated[bool, typer.Option("--save-raw", help="Also write result_<model>.pkl.")]
+_CompileAhead = Annotated[int, typer.Option("--compile-ahead", help="Threads compiling the next shapes while the current ones run (0: compile each shape when first needed; more than 1 slows each compile on a GPU).")]
+_CompileCost = Annotated[float | None, typer.Option("--compile-cost", help="Seconds one compile is worth: a group of targets runs in a bigger shape that runs anyway (a deeper MSA bucket of its length, or a longer bucket within --merge-max-waste) when its extra device time there is less (default: the figure measured for the GPU or CPU; 0: never).")]
+_MergeMaxWaste = Annotated[float, typer.Option("--merge-max-waste", help="Most padding a merged target's length may get (fraction of the bucket).")]
+
+
+def _model_settings(params_dir: Path, *, models: str, config: str | None,
+                    compile_cache: Path | None, no_compile_cache: bool,
+                    no_depth_buckets: bool, tolerance: float, compile_cost: float | None,
+                    **fields: Any) -> Any:
+    """The ModelSettings both commands build from their options (other fields pass through).
+
+    Raises:
+        InputError: a bad value; ParamsError: an unreadable params record.
+    """
+    from parafold.fold.settings import ModelSettings, default_compile_cache_dir, parse_model_numbers
+
+    cache_dir = None if no_compile_cache else (compile_cache or default_compile_cache_dir())
+    return ModelSettings(models=parse_model_numbers(models),
+                         config_size=_predict_config(params_dir, config),
+                         compile_cache_dir=cache_dir, msa_depth_buckets=not no_depth_buckets,
+                         recycle_early_stop_tolerance=tolerance, compile_cost_s=compile_cost,
+                         **fields)
+
+
 def _predict_config(params_dir: Path, config: str | None) -> str:
     from parafold.errors import InputError
     from parafold.fold.params import read_params_info
@@ -245,43 +277,41 @@ def predict(
     model_preset: Annotated[str, typer.Option("--model-preset", help="monomer or monomer_ptm.")] = "monomer_ptm",
     models: Annotated[str, typer.Option("--models", help="Model numbers, e.g. 1,2,3,4,5.")] = "1,2,3,4,5",
     num_recycle: Annotated[int, typer.Option("--num-recycle", help="Recycling iterations after the first.")] = 3,
-    tolerance: Annotated[float, typer.Option("--recycle-early-stop-tolerance", help="Stop recycling when CA distances change less (A).")] = 0.0,
+    tolerance: _Tolerance = 0.0,
     num_seeds: Annotated[int, typer.Option("--num-seeds", help="Predictions per model.")] = 1,
-    random_seed: Annotated[int, typer.Option("--random-seed", help="Base random seed.")] = 0,
+    random_seed: _RandomSeed = 0,
     config: Annotated[str | None, typer.Option("--config", help="full or tiny (default: what the params folder records, else full).")] = None,
-    pallas: Annotated[bool | None, typer.Option("--fused-kernels/--no-fused-kernels", help="Force fused kernels on or off (default: auto).")] = None,
+    pallas: _Pallas = None,
     float32: Annotated[bool, typer.Option("--float32", help="Run the model in float32.")] = False,
-    compile_cache: Annotated[Path | None, typer.Option("--compile-cache", help="Persistent compilation cache folder.")] = None,
-    no_compile_cache: Annotated[bool, typer.Option("--no-compile-cache", help="Do not use a persistent compilation cache.")] = False,
+    compile_cache: _CompileCache = None,
+    no_compile_cache: _NoCompileCache = False,
     executable_cache: Annotated[bool, typer.Option("--executable-cache", help="Experimental: also keep serialized executables in the compile cache, so a warm process skips tracing and lowering.")] = False,
-    no_depth_buckets: Annotated[bool, typer.Option("--no-msa-depth-buckets", help="Pad every MSA to the config's full sizes.")] = False,
-    save_raw: Annotated[bool, typer.Option("--save-raw", help="Also write result_<model>.pkl.")] = False,
+    no_depth_buckets: _NoDepthBuckets = False,
+    save_raw: _SaveRaw = False,
     trust_pickles: Annotated[bool, typer.Option("--trust-pickles", help="Load features.pkl files (a pickle can run code).")] = False,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most proteins of one shape per forward pass (the memory model may choose fewer; 1 on the CPU unless --force-batch).")] = 32,
     force_batch: Annotated[bool, typer.Option("--force-batch", help="Batch proteins on the CPU too.")] = False,
     host_workers: Annotated[int | None, typer.Option("--host-workers", help="Feature-processing processes (default: 4 on a GPU, inline on the CPU).")] = None,
-    compile_ahead: Annotated[int, typer.Option("--compile-ahead", help="Threads compiling the next shapes while the current ones run (0: compile each shape when first needed; more than 1 slows each compile on a GPU).")] = 1,
-    compile_cost: Annotated[float | None, typer.Option("--compile-cost", help="Seconds one compile is worth: a group of targets runs in a bigger shape that runs anyway (a deeper MSA bucket of its length, or a longer bucket within --merge-max-waste) when its extra device time there is less (default: the figure measured for the GPU or CPU; 0: never).")] = None,
-    merge_max_waste: Annotated[float, typer.Option("--merge-max-waste", help="Most padding a merged target's length may get (fraction of the bucket).")] = 0.5,
+    compile_ahead: _CompileAhead = 1,
+    compile_cost: _CompileCost = None,
+    merge_max_waste: _MergeMaxWaste = 0.5,
 ) -> None:
     """Predict structures from features (GPU stage); exit 0 only if every target succeeded."""
     from parafold.errors import PipelineError
     from parafold.featureset import collect_feature_sets
-    from parafold.fold.settings import ModelSettings, default_compile_cache_dir, parse_model_numbers
     from parafold.fold.worker import FoldWorker
 
     log = logging.getLogger("parafold.predict")
     try:
-        cache_dir = None if no_compile_cache else (compile_cache or default_compile_cache_dir())
-        settings = ModelSettings(
-            model_preset=model_preset, models=parse_model_numbers(models),
-            num_recycle=num_recycle, recycle_early_stop_tolerance=tolerance,
-            num_seeds=num_seeds, random_seed=random_seed,
-            config_size=_predict_config(params_dir, config), use_pallas=pallas,
-            float32=float32, compile_cache_dir=cache_dir, executable_cache=executable_cache,
-            msa_depth_buckets=not no_depth_buckets, save_raw=save_raw, max_batch=max_batch,
-            force_batch=force_batch, host_workers=host_workers, compile_ahead=compile_ahead,
-            compile_cost_s=compile_cost, merge_max_waste=merge_max_waste)
+        settings = _model_settings(
+            params_dir, models=models, config=config, compile_cache=compile_cache,
+            no_compile_cache=no_compile_cache, no_depth_buckets=no_depth_buckets,
+            tolerance=tolerance, compile_cost=compile_cost, model_preset=model_preset,
+            num_recycle=num_recycle, num_seeds=num_seeds, random_seed=random_seed,
+            use_pallas=pallas, float32=float32, executable_cache=executable_cache,
+            save_raw=save_raw, max_batch=max_batch, force_batch=force_batch,
+            host_workers=host_workers, compile_ahead=compile_ahead,
+            merge_max_waste=merge_max_waste)
         sets, problems = collect_feature_sets(features, trust_pickles=trust_pickles)
         for problem in problems:
             log.error("%s", problem)
@@ -370,6 +400,16 @@ def run_cmd(
     num_seeds: Annotated[int, typer.Option(help="Seeds per model.")] = 1,
     config: Annotated[str | None, typer.Option("--config", help="full or tiny (default: what the params folder records, else full).")] = None,
     float32: Annotated[bool, typer.Option("--float32", help="Full precision (default bf16 where the model uses it).")] = False,
+    tolerance: _Tolerance = 0.0,
+    random_seed: _RandomSeed = 0,
+    pallas: _Pallas = None,
+    compile_cache: _CompileCache = None,
+    no_compile_cache: _NoCompileCache = False,
+    no_depth_buckets: _NoDepthBuckets = False,
+    save_raw: _SaveRaw = False,
+    compile_ahead: _CompileAhead = 1,
+    compile_cost: _CompileCost = None,
+    merge_max_waste: _MergeMaxWaste = 0.5,
     max_batch: Annotated[int, typer.Option(help="Most same-shape proteins handed to a GPU worker at once (and per forward pass).")] = 32,
     max_wait: Annotated[float, typer.Option(help="Seconds a GPU worker waits for a same-shape group to fill.")] = 5.0,
     cache_dir: Annotated[Path | None, typer.Option(help="Search cache folder (default OUT/.cache).")] = None,
@@ -388,7 +428,6 @@ def run_cmd(
     """
     from parafold.engine.base import parse_gpus
     from parafold.errors import PipelineError
-    from parafold.fold.settings import ModelSettings, parse_model_numbers
     from parafold.pipeline import RunSettings
     from parafold.search.settings import DEFAULT_MAX_TEMPLATE_DATE, SearchSettings
 
@@ -402,10 +441,13 @@ def run_cmd(
                                   max_template_date=max_template_date or DEFAULT_MAX_TEMPLATE_DATE,
                                   **_msa_settings(input_path, msa_mode, msa_dir,
                                                   mmseqs_sensitivity)),
-            model=ModelSettings(model_preset=model_preset, models=parse_model_numbers(models),
-                                num_recycle=num_recycle, num_seeds=num_seeds,
-                                config_size=_predict_config(params_dir, config),
-                                float32=float32, max_batch=max_batch),
+            model=_model_settings(
+                params_dir, models=models, config=config, compile_cache=compile_cache,
+                no_compile_cache=no_compile_cache, no_depth_buckets=no_depth_buckets,
+                tolerance=tolerance, compile_cost=compile_cost, model_preset=model_preset,
+                num_recycle=num_recycle, num_seeds=num_seeds, random_seed=random_seed,
+                use_pallas=pallas, float32=float32, save_raw=save_raw, max_batch=max_batch,
+                compile_ahead=compile_ahead, merge_max_waste=merge_max_waste),
             cache_dir=cache_dir, cpus=cpus, cpus_per_search=cpus_per_search,
             gpus=parse_gpus(gpus), engine=engine, address=address, max_batch=max_batch,
             max_wait_s=max_wait, progress=progress, plots=not no_plots)
