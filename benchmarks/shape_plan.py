@@ -6,8 +6,10 @@ lengths and MSA depths), prints the shapes with and without merging groups into 
 shapes (`buckets.merge_groups`), the padded matmul work of each plan relative to every
 target in its own bucket (`workmodel.shape_flops`), and a *modelled* cold time of the GPU
 stage: compiles x `compile_s` + device seconds from `ShapeCosts.run_s` (constants measured on
-an H100, see `parafold.fold.costs`). The model is the planner's own view, not a measurement: the GPU
-benchmark is what checks it.
+an H100, see `parafold.fold.costs`), and the same with one compile-ahead thread overlapping
+the device perfectly (`pipelined_s`, shapes in the worker's order, most work first; and in
+plain key order for comparison). The model is the planner's own view, not a measurement: the
+GPU benchmark is what checks it.
 
     python benchmarks/shape_plan.py                                   # issue 3's 200 of 50-300
     python benchmarks/shape_plan.py --n 1000 --lengths 50-150 --depths 32-127
@@ -61,12 +63,29 @@ def plan(proteins: list[tuple[int, int]], settings: ModelSettings, costs: ShapeC
                     for key, (length, _) in zip(own, proteins, strict=True))
     shapes = len(set(ran))
     device_s = sum(costs.run_s(key) for key in ran)
+    work = Counter()
+    for key in ran:
+        work[key] += costs.run_s(key)
     return {"shapes": shapes, "work_vs_own_buckets": round(ran_work / own_work, 3),
             "work_vs_real_lengths": round(ran_work / real_work, 3),
             "compile_s": round(shapes * costs.compile_s, 1), "device_s": round(device_s, 1),
             "modelled_cold_s": round(shapes * costs.compile_s + device_s, 1),
             "modelled_per_hour": round(3600 * len(proteins)
-                                       / (shapes * costs.compile_s + device_s))}
+                                       / (shapes * costs.compile_s + device_s)),
+            "pipelined_key_order_s": round(pipelined_s([work[k] for k in sorted(work)],
+                                                       costs.compile_s), 1),
+            "pipelined_s": round(pipelined_s(sorted(work.values(), reverse=True),
+                                             costs.compile_s), 1)}
+
+
+def pipelined_s(run_s: list[float], compile_s: float) -> float:
+    """Wall time when one thread compiles the shapes in order while the device runs each
+    shape's work as soon as its compile is done and the shape before it has run."""
+    compiled = device = 0.0
+    for seconds in run_s:
+        compiled += compile_s
+        device = max(device, compiled) + seconds
+    return device
 
 
 def _range(text: str) -> tuple[int, int]:

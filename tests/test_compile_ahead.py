@@ -25,7 +25,7 @@ from parafold.featureset import write_feature_set  # noqa: E402
 from parafold.fold.settings import ModelSettings  # noqa: E402
 
 MODEL = "model_3_ptm"
-LENGTHS = {"a20": 20, "b34": 34}  # length buckets 32 and 38: two shapes, in that plan order
+LENGTHS = {"a20": 20, "b34": 34}  # length buckets 32 and 38: two shapes (38 has more work)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_compile_ahead_matches_and_overlaps(env, tmp_path):
         assert stats["compiled_ahead"] == (2 if ahead else 0)
         assert len(stats["compile_spans"]) == 2
         spans = {name: (start, end) for name, start, end in worker.runner.stats.compile_spans}
-        second = spans[keys[1].describe()]
+        _, second = sorted(spans.values())  # the shape with more work compiles first
         if not ahead:  # the loop compiles the second shape once the first unit is fetched
             assert second[0] > fetched[0], (spans, fetched)
         else:
@@ -228,3 +228,23 @@ def test_background_out_of_memory_compiles_again_in_the_loop(env, tmp_path):
         assert all(o.ok for o in outcomes), [o.error for o in outcomes]
         assert [c for c in calls if c[0] == 38] == [(38, "compile-ahead_0"), (38, "MainThread")]
         assert worker.stats["compiles"] == 2 and worker.stats["compiled_ahead"] == 1
+
+
+def test_the_shape_with_the_most_device_work_goes_first(env):
+    """Its run covers the next shapes' compiles: five targets of a short shape go before one
+    of a longer shape, one of each the other way round."""
+    from parafold.featureset import FeatureSet
+    from parafold.fold.worker import FoldWorker
+
+    root, settings, _, _ = env
+
+    def sets(counts: dict[int, int]) -> list[FeatureSet]:
+        return [FeatureSet(name=f"s{length}_{i}", target_id="t", sequence="A" * length,
+                           path=root / "none", msa_depth=10, num_templates=0)
+                for length, n in counts.items() for i in range(n)]
+
+    with FoldWorker(root / "weights", settings) as worker:
+        first = worker.group(sets({20: 5, 34: 1}))[0][0]
+        assert worker.shape_key(first).length == 32
+        first = worker.group(sets({20: 1, 34: 1}))[0][0]
+        assert worker.shape_key(first).length == 38

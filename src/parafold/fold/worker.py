@@ -186,8 +186,8 @@ class FoldWorker:
         return self._caps[key]
 
     def group(self, feature_sets: Sequence[FeatureSet]) -> list[list[FeatureSet]]:
-        """Feature sets grouped by the shape key of the first model, in key order, each group
-        at most the batch size of its shape. A group moves into a bigger shape that this call
+        """Feature sets grouped by the shape key of the first model, most device work first,
+        each group at most the batch size of its shape. A group moves into a bigger shape that this call
         or an earlier one runs when its extra device time costs less than a compile
         (`buckets.merge_groups`, priced by `costs.ShapeCosts`)."""
         self._merged_into = {}
@@ -213,8 +213,12 @@ class FoldWorker:
             log.info("%s: its %d targets run at L=%d clusters=%d extra=%d (saves a compile)",
                      key.describe(), counts[key], dest[key].length, dest[key].clusters,
                      dest[key].extra)
+        # The shape with the most device work first: while it runs, the compile-ahead thread
+        # compiles the next shapes (for equal compile times the order Johnson's rule gives;
+        # modelled on the 200-protein set: 361 s -> 334 s).
+        work = {key: len(members) * self.costs.run_s(key) for key, members in groups.items()}
         out = []
-        for key in sorted(groups):
+        for key in sorted(groups, key=lambda k: (-work[k], k)):
             members = sorted(groups[key], key=lambda f: (f.length, f.name))
             cap = self.batch_cap(key)
             out.extend(members[i:i + cap] for i in range(0, len(members), cap))
