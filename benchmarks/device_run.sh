@@ -6,8 +6,9 @@
 # 52-160 s instead of 25-30 s (XLA's compiles and autotuning contend).
 #   predict  (issue 3): the stock loop (a fresh RunModel per protein) on 2 proteins, then 200
 #            proteins of 50-300 residues, full config, 1 model x 3 recycles, --max-batch 32,
-#            cold caches, stopped at 400 s (modelled: 4 shapes after merging, ~330 s; a run cut
-#            short over-counts small proteins, which go first, so the whole set should finish).
+#            cold caches, stopped at 400 s (modelled: 4 shapes after merging, 330-420 s; a run
+#            cut short counts the wrong mix, the shapes with the most work go first, so the whole
+#            set should finish).
 #            ~9.5 min (timeout_s=590).
 #   batched  (issue 5): 1,000 proteins of 50-150, cold, with useful FLOP/s and a measured bf16
 #            peak, stopped at 280 s; then the same inputs warm, stopped at 180 s.  ~9.5 min.
