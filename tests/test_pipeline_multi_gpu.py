@@ -299,9 +299,9 @@ def test_idle_workers_keep_the_shapes_they_compiled(tmp_path: Path) -> None:
         # ... but not forever: past the bound it goes to the next idle worker regardless.
         sched._fold_finished(gpu0.finish_last())
         arrive("b4", time.time() - sched.starve_s - 1)
-        arrive("a4", time.time())
         sched._dispatch_folds()
-        assert last(gpu0) == ["b4"] and list(sched.ready) == ["a4"]
+        assert last(gpu0) == ["b4"]
+        arrive("a4", time.time())
         # A worker never idles while a group waits: gpu1 compiles A rather than wait.
         sched._fold_finished(gpu1.finish_last())
         sched._dispatch_folds()
@@ -590,3 +590,29 @@ def test_the_scheduler_learns_the_shapes_a_worker_really_compiled(tmp_path: Path
             sched._dispatch_folds()
             picked[reported] = "gpu0" if len(gpu0.batches) == 2 else "gpu1"
     assert picked == {False: "gpu1", True: "gpu0"}
+
+
+def test_the_last_idle_worker_takes_other_due_groups_along(tmp_path: Path) -> None:
+    """With one worker idle, the groups that may go now go in one call (planned together, the
+    worker merges their shapes and compiles ahead): not more of its own shape, not a group of
+    a shape another worker has compiled, not targets whose batch failed before, at most
+    4 x max_batch targets."""
+    gpu0, gpu1 = _FakeFoldWorker("gpu0"), _FakeFoldWorker("gpu1")
+    lengths = {"z0": 700, "a0": 60, "a1": 60, "b0": 150, "c0": 250, "d0": 400, "e0": 500,
+               "f0": 600, "g0": 800}
+    with Ledger(tmp_path) as ledger:
+        sched: Any
+        sched, sets = _ready_scheduler(tmp_path, ledger, lengths, max_batch=1)
+        now = time.time()
+        sched.idle = [gpu1]
+        sched.ready["z0"] = (sets["z0"], now - 30)
+        sched._dispatch_folds()
+        assert gpu1.batches[-1][0] == ["z0"]  # gpu1 is busy from here on
+        sched._shapes["gpu1"].add(sched._shape(sets["d0"]))  # ... and has D compiled
+        sched._failed_on["e0"] = ["gpu1"]  # e0's batch failed once before
+        for i, name in enumerate(n for n in lengths if n != "z0"):
+            sched.ready[name] = (sets[name], now - 20 + i)
+        sched.idle = [gpu0]
+        sched._dispatch_folds()
+        assert gpu0.batches[-1][0] == ["a0", "b0", "c0", "f0"], gpu0.batches
+        assert sorted(sched.ready) == ["a1", "d0", "e0", "g0"]

@@ -49,7 +49,8 @@ class RunSettings:
 
     `cpus` is the CPU budget for searches (0: every core here, or the whole Ray cluster);
     `cpus_per_search` is the share one protein's searches get (0: 3, one per concurrent
-    search, capped by the budget); `max_batch` caps the proteins handed to a fold worker at once;
+    search, capped by the budget); `max_batch` caps the proteins of one shape handed to a fold
+    worker at once (the last idle worker may take up to 4 such groups in one call);
     `max_wait_s` bounds how long a worker waits for a same-shape group to fill while searches
     are still running; `plots` draws each finished target's PNGs (the report is written
     either way).

@@ -49,6 +49,8 @@ _TICK_S = 1.0
 # About one compile of a shape on a GPU (25-29 s): a group waits no longer than this for the
 # worker that has its shape compiled, since compiling it elsewhere would cost no more.
 _COMPILE_S = 30.0
+# Groups (of up to `max_batch` each) the last idle fold worker takes in one call.
+_GROUPS_PER_CALL = 4
 # A worker that fails this many batches in a row, for reasons not the targets' own, is broken.
 _RETIRE_AFTER = 2
 # A target whose batch failed this many times fails itself: a batch that kills any worker it
@@ -287,6 +289,48 @@ class Scheduler:
         chosen.sort(key=lambda item: item[1])
         return worker, [fs for fs, _ in chosen[:size]]
 
+    def _companions(self, worker: FoldWorkerHandle, batch: list[FeatureSet]
+                    ) -> list[FeatureSet]:
+        """Other groups that may go now, for the last idle worker to take in the same fold call
+        (oldest first, up to `_GROUPS_PER_CALL` x `max_batch` targets in all, each group at most
+        `max_batch`): planned together, the worker merges their shapes into fewer (a compile
+        costs a GPU ~25-30 s) and compiles the next while it runs the first. With another
+        worker idle, each takes its own group instead; a group of a shape another live worker
+        has compiled waits for that worker, as in `_choose_batch` (unless starved). Targets of
+        a batch that failed before go without companions, and are no one's companion: a batch
+        that kills its worker fails all of its targets at their second try."""
+        s, now = self.settings, time.time()
+        if len(self.idle) != 1 or any(fs.name in self._failed_on for fs in batch):
+            return []
+        taken = {fs.name for fs in batch}
+        chosen = self._shape(batch[0])  # more of its shape: the next call (or another worker)
+        workers = self._live_workers()
+        live = {w.name for w in workers}
+        own = self._shapes.get(worker.name, set())
+        others = set().union(*(self._shapes.get(w.name, ()) for w in workers if w is not worker))
+        more_coming = bool(self.pending or self.searching)
+        groups: dict[Any, list[tuple[FeatureSet, float]]] = {}
+        for fs, since in self.ready.values():
+            if (fs.name not in taken and fs.name not in self._failed_on
+                    and self._shape(fs) != chosen and self._may_take(worker, fs.name, live)):
+                groups.setdefault(self._shape(fs), []).append((fs, since))
+        room = s.max_batch * _GROUPS_PER_CALL - len(batch)
+        extra: list[FeatureSet] = []
+        for group in sorted(groups.values(), key=lambda g: min(since for _, since in g)):
+            oldest = min(since for _, since in group)
+            if more_coming and len(group) < s.max_batch and now - oldest < s.max_wait_s:
+                continue  # still filling
+            shape = self._shape(group[0][0])
+            if (shape in others and now - oldest < self.starve_s and shape not in own
+                    and not self._runs_in(worker, shape, group, own)):
+                continue  # another worker has it compiled
+            group.sort(key=lambda item: item[1])
+            part = [fs for fs, _ in group[:min(s.max_batch, room - len(extra))]]
+            extra.extend(part)
+            if len(extra) >= room:
+                break
+        return extra
+
     def _runs_in(self, worker: FoldWorkerHandle, shape: Any,
                  group: list[tuple[FeatureSet, float]], compiled: set[Any]) -> bool:
         """The worker would run this group in a bigger shape it has compiled (it decides the
@@ -311,6 +355,7 @@ class Scheduler:
             if choice is None:
                 return
             worker, batch = choice
+            batch += self._companions(worker, batch)
             self.idle.remove(worker)
             since = min(self.ready.pop(fs.name)[1] for fs in batch)
             self._shapes.setdefault(worker.name, set()).add(self._shape(batch[0]))
