@@ -217,6 +217,10 @@ class FoldWorker:
         # compiles the next shapes (for equal compile times the order Johnson's rule gives;
         # modelled on the 200-protein set: 361 s -> 334 s).
         work = {key: len(members) * self.costs.run_s(key) for key, members in groups.items()}
+        if len(feature_sets) > 1:
+            log.info("%d targets fall in %d shapes and run in %d; modelled device time %.0f s, "
+                     "~%.0f s a compile (%s)", len(feature_sets), len(counts), len(groups),
+                     sum(work.values()), self.costs.compile_s, self.costs.describe())
         out = []
         for key in sorted(groups, key=lambda k: (-work[k], k)):
             members = sorted(groups[key], key=lambda f: (f.length, f.name))
