@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from parafold.fold.buckets import ShapeKey, merge_groups, shape_key
+from parafold.fold.buckets import merge_targets, shape_key
 from parafold.fold.costs import ShapeCosts, shape_costs
 from parafold.fold.settings import ModelSettings
 from parafold.fold.synthetic import random_sequence
@@ -50,12 +50,9 @@ def plan(proteins: list[tuple[int, int]], settings: ModelSettings, costs: ShapeC
     """Shapes, padded work and modelled seconds of one plan for the first model."""
     model = settings.model_names[0]
     own = [shape_key(length, rows, model, settings) for length, rows in proteins]
-    shortest: dict[ShapeKey, int] = {}
-    for key, (length, _) in zip(own, proteins, strict=True):
-        shortest[key] = min(shortest.get(key, length), length)
-    dest = merge_groups(Counter(own), compile_s=costs.compile_s if merge else 0.0,
-                        run_s=costs.run_s,
-                        shortest=shortest, max_waste=settings.merge_max_waste)
+    dest = merge_targets(own, [length for length, _ in proteins],
+                         compile_s=costs.compile_s if merge else 0.0, run_s=costs.run_s,
+                         max_waste=settings.merge_max_waste)
     ran = [dest[key] for key in own]
     own_work = sum(shape_flops(key, settings.config_size) for key in own)
     ran_work = sum(shape_flops(key, settings.config_size) for key in ran)

@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from parafold.engine.base import Executor, FoldWorkerHandle, FoldWorkerSpec, Resources
@@ -259,20 +259,12 @@ class Scheduler:
         best = None
         due: set[Any] = set()  # shapes with a group that may go now
         for i, worker in enumerate(self.idle):
-            groups: dict[Any, list[tuple[FeatureSet, float]]] = {}
-            for fs, since in self.ready.values():
-                if self._may_take(worker, fs.name, live_names):
-                    groups.setdefault(self._shape(fs), []).append((fs, since))
-            own = self._shapes.get(worker.name, set())
-            others = set().union(*(self._shapes.get(w.name, ()) for w in live if w is not worker))
-            for shape, group in groups.items():
+            for shape, group in self._ready_groups(worker, live_names).items():
                 oldest = min(since for _, since in group)
-                if more_coming and len(group) < s.max_batch and now - oldest < s.max_wait_s:
+                if not self._may_go(group, now, more_coming):
                     continue
                 due.add(shape)
-                # a group may ride in a bigger shape the worker has compiled
-                runs_warm = shape in own or self._runs_in(worker, shape, group, own)
-                affinity = 0 if runs_warm else 1 if shape not in others else 2
+                affinity = self._affinity(worker, shape, group, live)
                 # Starved groups first, oldest first; then by affinity, then by age.
                 rank = ((0, oldest, affinity, i) if now - oldest >= self.starve_s
                         else (1, affinity, oldest, i))
@@ -304,46 +296,68 @@ class Scheduler:
             return []
         taken = {fs.name for fs in batch}
         chosen = self._shape(batch[0])  # more of its shape: the next call (or another worker)
-        workers = self._live_workers()
-        live = {w.name for w in workers}
-        own = self._shapes.get(worker.name, set())
-        others = set().union(*(self._shapes.get(w.name, ()) for w in workers if w is not worker))
+        live = self._live_workers()
         more_coming = bool(self.pending or self.searching)
-        groups: dict[Any, list[tuple[FeatureSet, float]]] = {}
-        for fs, since in self.ready.values():
-            if (fs.name not in taken and fs.name not in self._failed_on
-                    and self._shape(fs) != chosen and self._may_take(worker, fs.name, live)):
-                groups.setdefault(self._shape(fs), []).append((fs, since))
+        groups = self._ready_groups(
+            worker, {w.name for w in live},
+            keep=lambda fs: (fs.name not in taken and fs.name not in self._failed_on
+                             and self._shape(fs) != chosen))
         room = s.max_batch * _GROUPS_PER_CALL - len(batch)
         extra: list[FeatureSet] = []
-        for group in sorted(groups.values(), key=lambda g: min(since for _, since in g)):
+        for shape, group in sorted(groups.items(), key=lambda g: min(t for _, t in g[1])):
             oldest = min(since for _, since in group)
-            if more_coming and len(group) < s.max_batch and now - oldest < s.max_wait_s:
+            if not self._may_go(group, now, more_coming):
                 continue  # still filling
-            shape = self._shape(group[0][0])
-            if (shape in others and now - oldest < self.starve_s and shape not in own
-                    and not self._runs_in(worker, shape, group, own)):
+            if (now - oldest < self.starve_s
+                    and self._affinity(worker, shape, group, live) == 2):
                 continue  # another worker has it compiled
             group.sort(key=lambda item: item[1])
-            part = [fs for fs, _ in group[:min(s.max_batch, room - len(extra))]]
-            extra.extend(part)
+            extra.extend(fs for fs, _ in group[:min(s.max_batch, room - len(extra))])
             if len(extra) >= room:
                 break
         return extra
+
+    def _ready_groups(self, worker: FoldWorkerHandle, live_names: set[str],
+                      keep: Callable[[FeatureSet], bool] | None = None
+                      ) -> dict[Any, list[tuple[FeatureSet, float]]]:
+        """Ready targets `worker` may take (and `keep` keeps), with their ready times, by
+        shape."""
+        groups: dict[Any, list[tuple[FeatureSet, float]]] = {}
+        for fs, since in self.ready.values():
+            if self._may_take(worker, fs.name, live_names) and (keep is None or keep(fs)):
+                groups.setdefault(self._shape(fs), []).append((fs, since))
+        return groups
+
+    def _may_go(self, group: list[tuple[FeatureSet, float]], now: float,
+                more_coming: bool) -> bool:
+        """A group goes once it is full, has waited `max_wait_s`, or nothing more is coming."""
+        s = self.settings
+        return (not more_coming or len(group) >= s.max_batch
+                or now - min(since for _, since in group) >= s.max_wait_s)
+
+    def _affinity(self, worker: FoldWorkerHandle, shape: Any,
+                  group: list[tuple[FeatureSet, float]], live: list[FoldWorkerHandle]) -> int:
+        """0: the worker runs the group warm (its shape, or a bigger shape it has compiled that
+        the group rides in); 1: no other live worker has the shape; 2: another one has."""
+        own = self._shapes.get(worker.name, set())
+        if shape in own or self._runs_in(worker, shape, group, own):
+            return 0
+        others = set().union(*(self._shapes.get(w.name, ()) for w in live if w is not worker))
+        return 2 if shape in others else 1
 
     def _runs_in(self, worker: FoldWorkerHandle, shape: Any,
                  group: list[tuple[FeatureSet, float]], compiled: set[Any]) -> bool:
         """The worker would run this group in a bigger shape it has compiled (it decides the
         same way, `FoldWorker.group`)."""
-        from parafold.fold.buckets import merge_groups
+        from parafold.fold.buckets import merge_targets
         from parafold.fold.costs import shape_costs
 
         if not compiled:
             return False
         costs = shape_costs(self.settings.model, getattr(worker, "platform", "cpu"))
-        dest = merge_groups({shape: len(group)}, compile_s=costs.compile_s, run_s=costs.run_s,
-                            shortest={shape: min(fs.length for fs, _ in group)},
-                            max_waste=self.settings.model.merge_max_waste, available=compiled)
+        dest = merge_targets([shape] * len(group), [fs.length for fs, _ in group],
+                             compile_s=costs.compile_s, run_s=costs.run_s,
+                             max_waste=self.settings.model.merge_max_waste, available=compiled)
         return dest[shape] != shape
 
     def _dispatch_folds(self) -> None:

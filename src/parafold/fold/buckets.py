@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from parafold.fold.config import DepthCaps, depth_caps, family_of
 from parafold.fold.settings import ModelSettings
 
 __all__ = ["ShapeKey", "length_ladder", "length_bucket", "depth_ladder", "depth_bucket",
-           "shape_key", "padding_waste", "holds", "merge_groups"]
+           "shape_key", "padding_waste", "holds", "merge_groups", "merge_targets"]
 
 _DEPTH_FACTOR = 4
 
@@ -173,6 +174,18 @@ def merge_groups(counts: Mapping[ShapeKey, int], *, compile_s: float,
         if key in low:
             low[target] = min(low.get(target, low[key]), low[key])
     return dest
+
+
+def merge_targets(keys: Sequence[ShapeKey], lengths: Sequence[int], *, compile_s: float,
+                  run_s: Callable[[ShapeKey], float], max_waste: float = 0.0,
+                  available: Iterable[ShapeKey] = ()) -> dict[ShapeKey, ShapeKey]:
+    """`merge_groups` for targets given one by one: each target's own key and real length
+    (the shortest target of a key bounds its padding)."""
+    shortest: dict[ShapeKey, int] = {}
+    for key, length in zip(keys, lengths, strict=True):
+        shortest[key] = min(shortest.get(key, length), length)
+    return merge_groups(Counter(keys), compile_s=compile_s, run_s=run_s, shortest=shortest,
+                        max_waste=max_waste, available=available)
 
 
 def _size_order(key: ShapeKey) -> tuple[int, int, int]:

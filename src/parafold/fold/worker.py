@@ -27,7 +27,7 @@ import numpy as np
 from parafold.errors import GpuOutOfMemoryError, InferenceError, PipelineError
 from parafold.featureset import FeatureSet
 from parafold.fold.batching import batch_size, batched_key, next_pow2, stack_members
-from parafold.fold.buckets import ShapeKey, merge_groups, shape_key
+from parafold.fold.buckets import ShapeKey, merge_targets, shape_key
 from parafold.fold.costs import shape_costs
 from parafold.fold.hostwork import BusyMeter, HostPools, auto_workers, process_job, write_job
 from parafold.fold.outputs import Prediction, is_complete
@@ -187,17 +187,14 @@ class FoldWorker:
 
     def group(self, feature_sets: Sequence[FeatureSet]) -> list[list[FeatureSet]]:
         """Feature sets grouped by the shape key of the first model, most device work first,
-        each group at most the batch size of its shape. A group moves into a bigger shape that this call
-        or an earlier one runs when its extra device time costs less than a compile
+        each group at most the batch size of its shape. A group moves into a bigger shape that
+        this call or an earlier one runs when its extra device time costs less than a compile
         (`buckets.merge_groups`, priced by `costs.ShapeCosts`)."""
         self._merged_into = {}
         own = {fs.name: self.shape_key(fs) for fs in feature_sets}
-        shortest: dict[ShapeKey, int] = {}
-        for fs in feature_sets:
-            shortest[own[fs.name]] = min(shortest.get(own[fs.name], fs.length), fs.length)
-        counts = Counter(own.values())
-        dest = merge_groups(
-            counts, compile_s=self.costs.compile_s, run_s=self.costs.run_s, shortest=shortest,
+        dest = merge_targets(
+            list(own.values()), [fs.length for fs in feature_sets],
+            compile_s=self.costs.compile_s, run_s=self.costs.run_s,
             max_waste=self.settings.merge_max_waste, available=self.shapes_run)
         deepest = self._key_rows  # a key -> MSA rows of the deepest target run under it
         for fs in feature_sets:
@@ -209,6 +206,7 @@ class FoldWorker:
             if key != own[fs.name]:
                 self._merged_into[fs.name] = (key.length, deepest[key])
             groups.setdefault(key, []).append(fs)
+        counts = Counter(own.values())
         for key in sorted(k for k in counts if dest[k] != k):
             log.info("%s: its %d targets run at L=%d clusters=%d extra=%d (saves a compile)",
                      key.describe(), counts[key], dest[key].length, dest[key].clusters,
