@@ -102,6 +102,9 @@ def _msa_settings(input_path: Path, msa_mode: str | None, msa_dir: Path | None,
     return {"msa_mode": mode, "msa_dir": folder, "mmseqs_sensitivity": mmseqs_sensitivity}
 
 
+_Shard = Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Only part K of N (0-based) of the targets: one task of a job array, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT. Searches split by sequence; predict splits by shape, so each task compiles only its own shapes.")]
+
+
 @app.command("features")
 def features_cmd(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="FASTA file, folder of FASTA files, or CSV id,sequence.")],
@@ -124,15 +127,21 @@ def features_cmd(
     msa_mode: Annotated[str | None, typer.Option("--msa-mode", help=_MSA_MODE_HELP)] = None,
     msa_dir: Annotated[Path | None, typer.Option("--msa-dir", help=_MSA_DIR_HELP)] = None,
     mmseqs_sensitivity: Annotated[float | None, typer.Option(help=_MMSEQS_S_HELP)] = None,
+    shard: _Shard = None,
 ) -> None:
-    """CPU stage: MSA and template searches, then AlphaFold features, for every input record."""
+    """CPU stage: MSA and template searches, then AlphaFold features, for every input record.
+
+    Tasks of a job array may share OUT and its cache, each with its own --shard.
+    """
     from parafold.errors import DatabaseNotFoundError, InputError
     from parafold.inputs import read_targets
     from parafold.search.budget import default_cpus
     from parafold.search.scheduler import featurize_many
     from parafold.search.settings import DEFAULT_MAX_TEMPLATE_DATE, SearchSettings
+    from parafold.shards import Shard
 
     try:
+        part = Shard.parse(shard) if shard is not None else None
         parsed = read_targets(input_path)
         settings = SearchSettings(preset=db_preset, timeout_s=timeout,
                                   threads_per_search=threads_per_search,
@@ -142,16 +151,21 @@ def features_cmd(
     except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    for problem in parsed.problems:
+    targets, problems = list(parsed.targets), list(parsed.problems)
+    if part is not None:
+        targets = part.by_hash(targets, key=lambda t: t.sequence_hash)
+        problems = problems if part.reports_shared else []  # told once, by shard 0
+        typer.echo(f"{part}: {len(targets)} of the input's {len(parsed.targets)} targets")
+    for problem in problems:
         typer.echo(f"input problem: {problem}", err=True)
     overrides = {"uniref90": uniref90, "mgnify": mgnify, "bfd": bfd, "uniref30": uniref30,
                  "small_bfd": small_bfd, "pdb70": pdb70, "pdb_mmcif": pdb_mmcif}
     dbs = _database_set(db_dir, db_preset, overrides, settings.msa_mode)
     try:
         outcomes = featurize_many(
-            parsed.targets, out_dir=out, databases=dbs, settings=settings,
+            targets, out_dir=out, databases=dbs, settings=settings,
             cpus=cpus or default_cpus(), cache_dir=cache_dir or out / ".cache",
-            write_pkl=write_pkl)
+            write_pkl=write_pkl, shard=part)
     except DatabaseNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -160,9 +174,10 @@ def features_cmd(
         typer.echo(f"failed: {o.target.id} ({o.target.source}): {o.error}", err=True)
     reused = sum(1 for o in outcomes if o.ok and o.reused)
     typer.echo(f"{len(outcomes) - len(failed)} of {len(outcomes)} targets have features in {out} "
-               f"({reused} reused), {len(failed)} failed, {len(parsed.problems)} bad input "
+               f"({reused} reused), {len(failed)} failed, {len(problems)} bad input "
                "record(s)")
-    if failed or parsed.problems or not outcomes:
+    # an empty shard (more tasks than sequences) is no failure of its task
+    if failed or problems or not (outcomes or part is not None and parsed.targets):
         raise typer.Exit(1)
 
 
@@ -295,11 +310,17 @@ def predict(
     compile_ahead: _CompileAhead = 1,
     compile_cost: _CompileCost = None,
     merge_max_waste: _MergeMaxWaste = 0.5,
+    shard: _Shard = None,
 ) -> None:
-    """Predict structures from features (GPU stage); exit 0 only if every target succeeded."""
+    """Predict structures from features (GPU stage); exit 0 only if every target succeeded.
+
+    Tasks of a job array may share OUT, each with its own --shard; run them once the features
+    are complete (the cuts between shards depend on the whole set).
+    """
     from parafold.errors import PipelineError
     from parafold.featureset import collect_feature_sets
     from parafold.fold.worker import FoldWorker
+    from parafold.shards import Shard
 
     log = logging.getLogger("parafold.predict")
     try:
@@ -312,7 +333,10 @@ def predict(
             save_raw=save_raw, max_batch=max_batch, force_batch=force_batch,
             host_workers=host_workers, compile_ahead=compile_ahead,
             merge_max_waste=merge_max_waste)
+        part = Shard.parse(shard) if shard is not None else None
         sets, problems = collect_feature_sets(features, trust_pickles=trust_pickles)
+        if part is not None and not part.reports_shared:
+            problems = []  # told once, by shard 0
         for problem in problems:
             log.error("%s", problem)
         if not sets:
@@ -323,7 +347,12 @@ def predict(
                            "in each folder given or in its immediate subfolders", err=True)
             raise typer.Exit(2)
         with FoldWorker(params_dir, settings, trust_pickles=trust_pickles) as worker:
-            worker.load_params()
+            if part is not None:
+                mine = worker.shard(sets, part)
+                typer.echo(f"{part}: {len(mine)} of {len(sets)} feature sets")
+                sets = mine
+            if sets:
+                worker.load_params()
             outcomes = worker.fold(sets, out)
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -419,17 +448,20 @@ def run_cmd(
     msa_dir: Annotated[Path | None, typer.Option("--msa-dir", help=_MSA_DIR_HELP)] = None,
     mmseqs_sensitivity: Annotated[float | None, typer.Option(help=_MMSEQS_S_HELP)] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help=_RUN_HELP["no_plots"])] = False,
+    shard: _Shard = None,
 ) -> None:
     """Both stages in one run, overlapped: GPU work starts on the first finished features.
 
     Resumable: rerun the same command after a crash or kill and finished work is kept.
     Exit code 0 only when every target succeeded (1: some failed; 2: bad options or inputs;
-    3: another live run holds OUT).
+    3: another live run holds OUT). With --shard each task of a job array needs its own OUT
+    (it holds the task's ledger); a shared --cache-dir lets the tasks share searches.
     """
     from parafold.engine.base import parse_gpus
     from parafold.errors import PipelineError
     from parafold.pipeline import RunSettings
     from parafold.search.settings import DEFAULT_MAX_TEMPLATE_DATE, SearchSettings
+    from parafold.shards import Shard
 
     overrides = {"uniref90": uniref90, "mgnify": mgnify, "bfd": bfd, "uniref30": uniref30,
                  "small_bfd": small_bfd, "pdb70": pdb70, "pdb_mmcif": pdb_mmcif}
@@ -450,7 +482,8 @@ def run_cmd(
                 compile_ahead=compile_ahead, merge_max_waste=merge_max_waste),
             cache_dir=cache_dir, cpus=cpus, cpus_per_search=cpus_per_search,
             gpus=parse_gpus(gpus), engine=engine, address=address, max_batch=max_batch,
-            max_wait_s=max_wait, progress=progress, plots=not no_plots)
+            max_wait_s=max_wait, progress=progress, plots=not no_plots,
+            shard=Shard.parse(shard) if shard is not None else None)
     except PipelineError as exc:  # InputError, or ParamsError from the params folder's record
         raise _fail(str(exc)) from exc
     raise typer.Exit(_run_and_report(settings))

@@ -27,6 +27,7 @@ from parafold.errors import DatabaseNotFoundError, InputError, PipelineError
 from parafold.featureset import MANIFEST_FILE, FeatureSet, read_feature_set
 from parafold.inputs import InputProblem, Target, read_targets
 from parafold.ledger import LEDGER_FILE, LOCK_FILE, Ledger, RunLock, State
+from parafold.shards import Shard
 from parafold.store import atomic_write_json, read_json
 
 __all__ = ["RunSettings", "RunSummary", "Failure", "run_pipeline", "prediction_complete",
@@ -53,7 +54,7 @@ class RunSettings:
     worker at once (the last idle worker may take up to 4 such groups in one call);
     `max_wait_s` bounds how long a worker waits for a same-shape group to fill while searches
     are still running; `plots` draws each finished target's PNGs (the report is written
-    either way).
+    either way); `shard` runs only that part of the input (a job array task, its own OUT).
     """
 
     input: Path
@@ -74,6 +75,7 @@ class RunSettings:
     progress: bool = True
     log_every_s: float = 30.0
     plots: bool = True
+    shard: Shard | None = None
 
     def __post_init__(self) -> None:
         if self.cpus < 0 or self.cpus_per_search < 0:
@@ -154,6 +156,7 @@ def prediction_complete(folder: Path) -> bool:
 
 
 def _read_input(settings: RunSettings) -> tuple[list[Target], list[InputProblem]]:
+    """The run's targets (its shard's, if one) and the input problems it reports."""
     parsed = read_targets(settings.input)
     targets, problems = [], list(parsed.problems)
     for t in parsed.targets:
@@ -161,7 +164,12 @@ def _read_input(settings: RunSettings) -> tuple[list[Target], list[InputProblem]
             problems.append(InputProblem(t.source, 0, t.id, f"name {t.name!r} is reserved in OUT"))
         else:
             targets.append(t)
-    return targets, problems
+    shard = settings.shard
+    if shard is None:
+        return targets, problems
+    mine = shard.by_hash(targets, key=lambda t: t.sequence_hash)
+    logger.info("%s: %d of the input's %d targets", shard, len(mine), len(targets))
+    return mine, problems if shard.reports_shared else []
 
 
 def _databases(settings: RunSettings) -> Any:

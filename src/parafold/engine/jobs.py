@@ -77,7 +77,7 @@ def search_job(target: Target, out_dir: Path, databases: Any, settings: Any, cpu
 
 
 def search_batch_job(targets: Sequence[Target], out_dir: Path, databases: Any, settings: Any,
-                     cpus: int, cache_dir: Path) -> list[SearchOutcome]:
+                     cpus: int, cache_dir: Path, shard: Any = None) -> list[SearchOutcome]:
     """Featurize many targets in one MMseqs2 batch (one database pass for all of them).
 
     Outcomes follow `targets`; a failure of the whole batch is every target's outcome.
@@ -89,7 +89,7 @@ def search_batch_job(targets: Sequence[Target], out_dir: Path, databases: Any, s
     try:
         results: list[Any] = featurize_batch(
             list(targets), out_dir=out_dir, databases=databases, settings=settings,
-            budget=CpuBudget(max(1, cpus)), cache_dir=cache_dir)
+            budget=CpuBudget(max(1, cpus)), cache_dir=cache_dir, shard=shard)
     except Exception as exc:  # the batch boundary: every target gets the reason
         if not isinstance(exc, PipelineError):
             logger.exception("unexpected error in a search batch of %d", len(targets))

@@ -170,7 +170,7 @@ class Scheduler:
         logger.info("mmseqs: %d targets in one search batch on %d CPUs", len(targets), cpus)
         handle = self.executor.submit(
             search_batch_job, targets, s.out, self.databases, s.search, cpus,
-            s.resolved_cache_dir, resources=Resources(cpus=cpus))
+            s.resolved_cache_dir, s.shard, resources=Resources(cpus=cpus))
         self.searching[handle.future] = targets
 
     def _search_finished(self, future: cf.Future[Any]) -> None:

@@ -32,6 +32,7 @@ from parafold.fold.costs import shape_costs
 from parafold.fold.hostwork import BusyMeter, HostPools, auto_workers, process_job, write_job
 from parafold.fold.outputs import Prediction, is_complete
 from parafold.fold.settings import ModelSettings
+from parafold.shards import Shard
 
 __all__ = ["FoldWorker", "FoldOutcome"]
 
@@ -170,6 +171,16 @@ class FoldWorker:
         length, rows = self._merged_into.get(fs.name, (fs.length, fs.msa_depth))
         return shape_key(length, rows, model_name or self.settings.model_names[0],
                          self.settings)
+
+    def shard(self, feature_sets: Sequence[FeatureSet], part: Shard) -> list[FeatureSet]:
+        """This job-array task's feature sets: all of them sorted by shape and cut into runs of
+        about equal modelled device work, so each task compiles only its run's shapes."""
+        def own(fs: FeatureSet) -> ShapeKey:
+            return shape_key(fs.length, fs.msa_depth, self.settings.model_names[0],
+                             self.settings)
+
+        return part.by_work(feature_sets, order=lambda fs: (own(fs), fs.length, fs.name),
+                            work=lambda fs: self.costs.run_s(own(fs)))
 
     @property
     def shapes_run(self) -> tuple[ShapeKey, ...]:

@@ -51,6 +51,7 @@ from parafold.search.mmseqs import MMSEQS_FILES, search_batch
 from parafold.search.msa_search import QUERY_NAME, msa_files_for, run_searches
 from parafold.search.precomputed import file_digest, find_msa_file, read_msa, stored_msa_name
 from parafold.search.settings import SearchSettings
+from parafold.shards import Shard
 from parafold.store import (
     atomic_copy,
     atomic_write_json,
@@ -259,6 +260,11 @@ def _has_features(cache_dir: Path, key: str) -> bool:
     return (_entry(cache_dir, key) / "features" / MANIFEST_FILE).is_file()
 
 
+def _batch_lock_name(shard: Shard | None) -> str:
+    return ".mmseqs-batch.lock" if shard is None else (
+        f".mmseqs-batch-{shard.index}-of-{shard.count}.lock")
+
+
 def _fill_mmseqs_entry(entry: Path, sequence: str, msas: dict[str, str], *,
                        databases: DatabaseSet, settings: SearchSettings, key: str,
                        batch: dict[str, Any]) -> None:
@@ -404,11 +410,14 @@ def _search_and_fill(pending: dict[str, str], *, databases: DatabaseSet,
 
 def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: DatabaseSet,
                     settings: SearchSettings, budget: CpuBudget, cache_dir: Path,
-                    write_pkl: bool = False) -> list[FeatureSet | BaseException]:
+                    write_pkl: bool = False, shard: Shard | None = None
+                    ) -> list[FeatureSet | BaseException]:
     """MMseqs2 mode: every target whose features are not cached yet, in one search batch.
 
     Results follow `targets`; a failure is returned in its target's place. `extra` says what
     each target cost: the batch's tool calls are counted on the first target searched.
+    Batches of one cache run one at a time (no sequence is searched twice at once), except
+    those of different shards: shards hold disjoint sequences.
     """
     databases = databases.for_mode(settings.msa_mode).fingerprinted()
     keys = [cache_key(t.sequence, databases, settings) for t in targets]
@@ -424,7 +433,7 @@ def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: Data
     failed: dict[str, BaseException] = {}
     calls, searched = 0, set()
     if pending:
-        with file_lock(Path(cache_dir) / ".mmseqs-batch.lock"):
+        with file_lock(Path(cache_dir) / _batch_lock_name(shard)):
             pending = {k: s for k, s in pending.items() if not _has_features(cache_dir, k)}
             if pending:
                 failed, calls = _search_and_fill(pending, databases=databases,

@@ -25,6 +25,7 @@ from parafold.search.budget import SEARCHES_PER_PROTEIN, CpuBudget, threads_per_
 from parafold.search.databases import DatabaseSet
 from parafold.search.runner import featurize_batch, featurize_prepared
 from parafold.search.settings import SearchSettings
+from parafold.shards import Shard
 
 __all__ = ["TargetOutcome", "featurize_many", "describe_error"]
 
@@ -57,8 +58,11 @@ def describe_error(exc: BaseException) -> str:
 def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: DatabaseSet,
                    settings: SearchSettings, cpus: int, cache_dir: Path,
                    write_pkl: bool = False,
-                   on_done: Callable[[TargetOutcome], None] | None = None) -> list[TargetOutcome]:
+                   on_done: Callable[[TargetOutcome], None] | None = None,
+                   shard: Shard | None = None) -> list[TargetOutcome]:
     """Features for every target, in input order; failures are outcomes, not exceptions.
+    `shard` says which part of a job array the targets are (MMseqs2 batches of other shards
+    then run beside this one's on a shared cache).
 
     Raises:
         DatabaseNotFoundError: a database the preset needs is missing (nothing could run).
@@ -67,7 +71,7 @@ def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: Datab
     if settings.msa_mode == "mmseqs":
         return _featurize_mmseqs(targets, out_dir=out_dir, databases=databases,
                                  settings=settings, cpus=cpus, cache_dir=cache_dir,
-                                 write_pkl=write_pkl, on_done=on_done)
+                                 write_pkl=write_pkl, on_done=on_done, shard=shard)
     groups: dict[str, list[int]] = {}
     for i, target in enumerate(targets):
         groups.setdefault(target.sequence, []).append(i)
@@ -111,11 +115,13 @@ def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: Datab
 
 def _featurize_mmseqs(targets: Sequence[Target], *, out_dir: Path, databases: DatabaseSet,
                       settings: SearchSettings, cpus: int, cache_dir: Path, write_pkl: bool,
-                      on_done: Callable[[TargetOutcome], None] | None) -> list[TargetOutcome]:
+                      on_done: Callable[[TargetOutcome], None] | None,
+                      shard: Shard | None) -> list[TargetOutcome]:
     start = time.monotonic()
     logger.info("%d targets, %d cores, one MMseqs2 batch", len(targets), cpus)
     results = featurize_batch(targets, out_dir=out_dir, databases=databases, settings=settings,
-                              budget=CpuBudget(cpus), cache_dir=cache_dir, write_pkl=write_pkl)
+                              budget=CpuBudget(cpus), cache_dir=cache_dir, write_pkl=write_pkl,
+                              shard=shard)
     wall = round(time.monotonic() - start, 3)
     outcomes = []
     for target, result in zip(targets, results, strict=True):

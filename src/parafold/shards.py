@@ -1,0 +1,98 @@
+"""One slice of a target set, for job arrays (Slurm, PBS, LSF) without a Ray cluster.
+
+Each task of an array runs the same command with `--shard K/N` and takes its own disjoint part
+of the input; together the N tasks cover every target exactly once. A shard is decided by the
+targets alone, never by which other tasks run or finished, so a rerun of one task (after a
+preemption) takes the same targets and resumes them.
+
+Two ways to cut:
+
+* `by_hash` (searches): a target goes where a hash of its key (its sequence) sends it. Identical
+  sequences land in one shard and are searched once; a record added to the input moves nobody
+  else.
+* `by_work` (GPU stage): targets sorted by shape, cut into N runs of about equal modelled device
+  work. Each GPU task then compiles only the few shapes of its own range instead of every shape
+  of the set; the cuts depend on the whole set, so run it once the features are complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from parafold.errors import InputError
+
+__all__ = ["Shard"]
+
+T = TypeVar("T")
+_PATTERN = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Part `index` (0-based) of `count` parts."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise InputError(f"--shard: the number of shards must be >= 1, got {self.count}")
+        if not 0 <= self.index < self.count:
+            raise InputError(
+                f"--shard {self.index}/{self.count}: K must be 0..{self.count - 1} "
+                "(for an array numbered from 1, pass $((SLURM_ARRAY_TASK_ID - 1)))")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`K/N` as the command line gives it.
+
+        Raises:
+            InputError: not two integers, or K out of range.
+        """
+        match = _PATTERN.fullmatch(text)
+        if not match:
+            raise InputError(f"--shard {text!r}: expected K/N, e.g. --shard 0/10 "
+                             "($SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"shard {self.index}/{self.count}"
+
+    @property
+    def reports_shared(self) -> bool:
+        """Whether this shard reports what belongs to no target (bad input records, unreadable
+        feature folders): one task does, so each problem is told once."""
+        return self.index == 0
+
+    def by_hash(self, items: Sequence[T], key: Callable[[T], str]) -> list[T]:
+        """The items whose key hashes to this shard, in their order."""
+        return [item for item in items if _bucket(key(item), self.count) == self.index]
+
+    def by_work(self, items: Sequence[T], *, order: Callable[[T], Any],
+                work: Callable[[T], float]) -> list[T]:
+        """This shard's run of `items` sorted by `order` and cut into `count` runs of about
+        equal `work` (each item goes to the run its midpoint falls in). Work that is not a
+        finite positive number for every item makes every item weigh the same."""
+        ranked = sorted(items, key=order)
+        weights = [work(item) for item in ranked]
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            weights = [1.0] * len(ranked)
+        total = sum(weights)
+        mine, before = [], 0.0
+        for item, weight in zip(ranked, weights, strict=True):
+            part = min(self.count - 1, int((before + weight / 2) * self.count / total))
+            if part == self.index:
+                mine.append(item)
+            before += weight
+        return mine
+
+
+def _bucket(key: Hashable, count: int) -> int:
+    """A stable shard number for `key` (Python's `hash` of a string changes per process)."""
+    digest = hashlib.sha256(str(key).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count
