@@ -13,6 +13,11 @@ GPU benchmark is what checks it.
 
     python benchmarks/shape_plan.py                                   # issue 3's 200 of 50-300
     python benchmarks/shape_plan.py --n 1000 --lengths 50-150 --depths 32-127
+
+With `--shards N`, also the GPU stage of a job array of N one-GPU tasks (`predict --shard`):
+the set cut by shape into runs of equal modelled work (what `FoldWorker.shard` does) against
+a cut at random, each task planned on its own: compiles over all tasks and the slowest task's
+modelled (pipelined) time, which is when the array is done.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from parafold.fold.costs import ShapeCosts, shape_costs
 from parafold.fold.settings import ModelSettings
 from parafold.fold.synthetic import random_sequence
 from parafold.fold.workmodel import shape_flops
+from parafold.shards import Shard
 
 
 def sample_set(n: int, lengths: tuple[int, int], depths: tuple[int, int], seed: int
@@ -85,6 +91,31 @@ def pipelined_s(run_s: list[float], compile_s: float) -> float:
     return device
 
 
+def array_plan(proteins: list[tuple[int, int]], settings: ModelSettings, costs: ShapeCosts,
+               shards: int, *, by_shape: bool) -> dict[str, float]:
+    """Compiles and modelled times of N tasks, each planning its own part like a worker."""
+    model = settings.model_names[0]
+    indexed = list(enumerate(proteins))
+
+    def own(item: tuple[int, tuple[int, int]]) -> object:
+        return shape_key(item[1][0], item[1][1], model, settings)
+
+    tasks = []
+    for k in range(shards):
+        part = Shard(k, shards)
+        mine = (part.by_work(indexed, order=lambda it: (own(it), it[1][0], it[0]),
+                             work=lambda it: costs.run_s(own(it)))
+                if by_shape else part.by_hash(indexed, key=lambda it: str(it[0])))
+        tasks.append(plan([p for _, p in mine], settings, costs, merge=True) if mine else
+                     {"shapes": 0, "pipelined_s": 0.0})
+    slowest = max(t["pipelined_s"] for t in tasks)
+    return {"compiles": sum(t["shapes"] for t in tasks),
+            "most_in_a_task": max(t["shapes"] for t in tasks),
+            "slowest_task_s": round(slowest, 1),
+            "fastest_task_s": round(min(t["pipelined_s"] for t in tasks), 1),
+            "per_hour_per_gpu": round(3600 * len(proteins) / slowest / shards)}
+
+
 def _range(text: str) -> tuple[int, int]:
     low, high = text.split("-")
     return int(low), int(high)
@@ -101,6 +132,8 @@ def main() -> None:
     parser.add_argument("--config", default="full", choices=("full", "tiny"))
     parser.add_argument("--platform", default="gpu", choices=("gpu", "cpu"))
     parser.add_argument("--merge-max-waste", type=float, default=0.5)
+    parser.add_argument("--shards", type=int, default=0,
+                        help="also model a job array of this many one-GPU tasks")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
 
@@ -114,6 +147,9 @@ def main() -> None:
           f"compile {costs.compile_s:.1f} s a shape, device model {costs.describe()}")
     rows = {label: plan(proteins, base, costs, merge=merge)
             for label, merge in (("no merges", False), ("merges (default)", True))}
+    if args.shards:
+        for label, by_shape in (("array, cut by shape", True), ("array, cut at random", False)):
+            rows[label] = array_plan(proteins, base, costs, args.shards, by_shape=by_shape)
     width = max(len(k) for k in rows)
     for label, row in rows.items():
         print(f"{label:<{width}}  " + "  ".join(f"{k} {v}" for k, v in row.items()))
