@@ -71,8 +71,8 @@ def test_events_runs_and_problems(tmp_path: Path) -> None:
     with Ledger(tmp_path) as led:
         run = led.begin_run({"cpus": 2})
         led.record_input_problems(run, [InputProblem("in.fasta", 3, "bad", "empty sequence")])
-        ev = led.start_event(run_id=run, worker="w", kind="predict", target="t0", start=1.0)
-        led.end_event(ev, end=3.0, ok=True, worker="gpu0@h:1", start=2.0)
+        led.add_event(run_id=run, worker="gpu0@h:1", kind="predict", target="t0", start=2.0,
+                      end=3.0, ok=True)
         led.end_run(run, 0)
         (event,) = led.events("predict")
         assert (event.worker, event.start, event.end, event.ok) == ("gpu0@h:1", 2.0, 3.0, True)

@@ -355,14 +355,6 @@ class Ledger:
 
     # --- events ---
 
-    def start_event(self, *, run_id: int | None, worker: str, kind: str, target: str,
-                    start: float, batch: int | None = None) -> int:
-        with self._tx() as db:
-            cur = db.execute(
-                "INSERT INTO events (run_id, worker, kind, target, batch, start) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (run_id, worker, kind, target, batch, start))
-            return int(cur.lastrowid or 0)
-
     def add_event(self, *, run_id: int | None, worker: str, kind: str, target: str,
                   start: float, end: float, ok: bool, batch: int | None = None) -> int:
         """A finished piece of work (one write: events are recorded when work reports back)."""
@@ -372,15 +364,6 @@ class Ledger:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, worker, kind, target, batch, start, end, int(ok)))
             return int(cur.lastrowid or 0)
-
-    def end_event(self, event_id: int, *, end: float, ok: bool, worker: str | None = None,
-                  start: float | None = None) -> None:
-        """Close an event; the worker and the true start are known only when it reports back."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE events SET end = ?, ok = ?, worker = COALESCE(?, worker), "
-                "start = COALESCE(?, start) WHERE id = ?",
-                (end, int(ok), worker, start, event_id))
 
     def add_worker_event(self, *, run_id: int | None, worker: str, kind: str,
                          reason: str) -> None:

@@ -8,7 +8,6 @@ record, so a killed run keeps every finished search and the rerun only does the 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -237,11 +236,3 @@ def run_searches(sequence: str, msa_dir: Path, *, databases: DatabaseSet,
     if real or errors:
         raise (real or errors)[0]
     return MsaSearchResult(msa_dir, tuple(timings), round(time.monotonic() - started, 3))
-
-
-def load_timings(msa_dir: Path) -> dict[str, dict[str, float]]:
-    """The timing records of every finished search step in `msa_dir`."""
-    folder = msa_dir / _TIMINGS
-    if not folder.is_dir():
-        return {}
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
