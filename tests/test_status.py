@@ -133,3 +133,27 @@ def test_run_lock_waits_out_a_status_probe(tmp_path: Path) -> None:
             assert lock_is_held(tmp_path) is True
     finally:
         release.join()
+
+
+def test_status_of_several_outs_gives_a_line_each_and_the_sum(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from parafold.cli import app
+
+    for shard, names in (("s0", ["a", "b", "c"]), ("s1", ["d", "e"])):
+        with Ledger(tmp_path / shard) as led:
+            run = led.begin_run()
+            led.register(_targets(names), run_id=run)
+            _finish(led, names[0])
+            led.start_search(names[1])
+            led.fail(names[1], "search", f"boom in {shard}")
+            led.end_run(run, 1)
+    res = CliRunner().invoke(app, ["status", str(tmp_path / "s0"), str(tmp_path / "s1")])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].startswith(f"{tmp_path / 's0'}: not running, 1/3 done, 1 failed, 1 to go")
+    assert lines[1].startswith(f"{tmp_path / 's1'}: not running, 1/2 done, 1 failed, 0 to go")
+    assert lines[2] == "all 2: 2/5 done, 2 failed, 1 to go; 0 running"
+    assert f"{tmp_path / 's1'}/e [search]: boom in s1" in res.output
+    res = CliRunner().invoke(app, ["status", str(tmp_path / "s0"), str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "no run ledger" in res.output

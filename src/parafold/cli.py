@@ -491,17 +491,17 @@ def run_cmd(
 
 @app.command("status")
 def status_cmd(
-    out: Annotated[Path, typer.Argument(help="A run's output folder.")],
+    outs: Annotated[list[Path], typer.Argument(metavar="OUT...", help="A run's output folder; several (the tasks of a `run --shard` array) for a line each and their sum.")],
 ) -> None:
     """Counts per state, failures with reasons, throughput and time left (also during a run)."""
     from parafold.errors import SchedulerError
-    from parafold.status import read_status
+    from parafold.status import combined_lines, read_status
 
     try:
-        status = read_status(out)
+        statuses = [read_status(out) for out in outs]
     except SchedulerError as exc:
         raise _fail(str(exc)) from exc
-    for line in status.lines():
+    for line in statuses[0].lines() if len(statuses) == 1 else combined_lines(statuses):
         typer.echo(line)
 
 

@@ -26,7 +26,7 @@ from parafold.ledger import (
     read_lock_holder,
 )
 
-__all__ = ["RunStatus", "read_status"]
+__all__ = ["RunStatus", "read_status", "combined_lines"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +99,37 @@ class RunStatus:
             out.append(f"  input records skipped ({len(self.input_problems)}):")
             out.extend(f"    {p}" for p in self.input_problems)
         return out
+
+
+def combined_lines(statuses: list[RunStatus]) -> list[str]:
+    """Several OUTs (the tasks of a `run --shard` job array): a line each, then the sum; the
+    failures named with their OUT. The rate adds up the tasks that ran in parallel."""
+    out = []
+    for st in statuses:
+        rate = st.proteins_per_hour
+        out.append(f"{st.out}: {'running' if st.live else 'not running'}, "
+                   f"{st.counts[State.DONE]}/{st.total} done, {st.counts[State.FAILED]} failed, "
+                   f"{st.remaining} to go" + (f", {rate:.0f} proteins/hour" if rate else ""))
+    done = sum(st.counts[State.DONE] for st in statuses)
+    failed = sum(st.counts[State.FAILED] for st in statuses)
+    total = sum(st.total for st in statuses)
+    live = sum(st.live for st in statuses)
+    rates = [st.proteins_per_hour for st in statuses if st.live and st.proteins_per_hour]
+    line = (f"all {len(statuses)}: {done}/{total} done, {failed} failed, {total - done - failed} "
+            f"to go; {live} running")
+    if rates:
+        line += f" ({sum(rates):.0f} proteins/hour together)"
+    out.append(line)
+    failures = [(st.out, f) for st in statuses for f in st.failures]
+    if failures:
+        out.append(f"  failed ({len(failures)}):")
+        out.extend(f"    {folder}/{name} [{stage}]: {error}"
+                   for folder, (name, stage, error) in failures)
+    problems = [p for st in statuses for p in st.input_problems]
+    if problems:
+        out.append(f"  input records skipped ({len(problems)}):")
+        out.extend(f"    {p}" for p in problems)
+    return out
 
 
 def _hms(seconds: float) -> str:
