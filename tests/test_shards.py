@@ -81,6 +81,31 @@ def test_work_shards_are_runs_of_the_order_with_about_equal_work():
     assert unpriced == order[:50] or unpriced == order[:51]
 
 
+def test_a_pinned_plan_leaves_no_target_between_tasks_when_the_set_grows(tmp_path):
+    first, grown = list(range(1, 11)), list(range(1, 15))  # 4 more sets after task 0 started
+    order = {"order": lambda i: i, "work": lambda i: 1.0}
+    # unpinned, the cut moves: 6 and 7 fall between task 0's old range and task 1's new one
+    unpinned = set(Shard(0, 2).by_work(first, **order)) | set(Shard(1, 2).by_work(grown, **order))
+    assert unpinned == set(grown) - {6, 7}
+
+    plan = tmp_path / "plan" / "predict-2.json"
+
+    def task(k: int, items: list[int]) -> tuple[list[int], str]:
+        return Shard(k, 2).pinned(plan, items, name=str,
+                                  cut=lambda: [Shard(j, 2).by_work(items, **order)
+                                               for j in range(2)])
+
+    zero, how = task(0, first)
+    assert zero == [1, 2, 3, 4, 5] and "a new plan" in how
+    one, how = task(1, grown)
+    assert "the plan in" in how and "4 not in it go by hash" in how
+    assert {6, 7, 8, 9, 10} <= set(one)
+    zero_again, _ = task(0, grown)  # the rerun of task 0 takes what is its own of the new sets
+    assert sorted(zero_again + one) == grown
+    with pytest.raises(InputError, match="plan for 2 shards"):
+        Shard(0, 3).pinned(plan, first, name=str, cut=list)
+
+
 # --- features ---
 
 
@@ -170,7 +195,7 @@ def test_predict_shards_are_runs_of_shapes_so_each_compiles_few(tmp_path):
     with FoldWorker(tmp_path, settings) as worker:
         own = {fs.name: worker.shape_key(fs) for fs in sets}
         count = 4
-        parts = [worker.shard(sets, Shard(k, count)) for k in range(count)]
+        parts = worker.shard_cut(sets, count)
         by_hash = [Shard(k, count).by_hash(sets, key=lambda fs: fs.name) for k in range(count)]
         work = [sum(worker.costs.run_s(own[fs.name]) for fs in part) for part in parts]
         biggest = max(worker.costs.run_s(k) for k in own.values())
@@ -207,6 +232,7 @@ def test_predict_shards_write_one_out_together_and_an_empty_shard_is_no_failure(
                       if line.endswith("\tok")}
     assert sorted(n for names in written.values() for n in names) == ["long", "short"]
     assert any(not names for names in written.values())  # 2 targets, 3 shards
+    assert (tmp_path / "out" / ".parafold-shards" / "predict-3.json").is_file()
     for name in ("short", "long"):
         assert (tmp_path / "out" / name / "ranked_0.pdb").is_file()
 

@@ -314,8 +314,8 @@ def predict(
 ) -> None:
     """Predict structures from features (GPU stage); exit 0 only if every target succeeded.
 
-    Tasks of a job array may share OUT, each with its own --shard; run them once the features
-    are complete (the cuts between shards depend on the whole set).
+    Tasks of a job array may share OUT, each with its own --shard. The first task pins the cuts
+    in OUT/.parafold-shards/predict-N.json for the others (delete it to cut anew).
     """
     from parafold.errors import PipelineError
     from parafold.featureset import collect_feature_sets
@@ -348,9 +348,11 @@ def predict(
             raise typer.Exit(2)
         with FoldWorker(params_dir, settings, trust_pickles=trust_pickles) as worker:
             if part is not None:
-                mine = worker.shard(sets, part)
-                typer.echo(f"{part}: {len(mine)} of {len(sets)} feature sets")
-                sets = mine
+                every = sets
+                sets, how = part.pinned(
+                    out / ".parafold-shards" / f"predict-{part.count}.json", every,
+                    name=lambda fs: fs.name, cut=lambda: worker.shard_cut(every, part.count))
+                typer.echo(how)
             if sets:
                 worker.load_params()
             outcomes = worker.fold(sets, out)

@@ -12,7 +12,10 @@ Two ways to cut:
   else.
 * `by_work` (GPU stage): targets sorted by shape, cut into N runs of about equal modelled device
   work. Each GPU task then compiles only the few shapes of its own range instead of every shape
-  of the set; the cuts depend on the whole set, so run it once the features are complete.
+  of the set. The cuts depend on the whole set, so the first task to start pins them in a plan
+  file that every later task reads (`pinned`): a set that grew in between (a features task
+  rerun late) cannot leave a target between two tasks' ranges; targets the plan does not know
+  go by hash.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import math
 import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from parafold.errors import InputError
+from parafold.store import atomic_write_json, file_lock, read_json
 
-__all__ = ["Shard"]
+__all__ = ["Shard", "cut_by_work"]
 
 T = TypeVar("T")
 _PATTERN = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
@@ -75,22 +80,52 @@ class Shard:
 
     def by_work(self, items: Sequence[T], *, order: Callable[[T], Any],
                 work: Callable[[T], float]) -> list[T]:
-        """This shard's run of `items` sorted by `order` and cut into `count` runs of about
-        equal `work` (each item goes to the run its midpoint falls in). Work that is not a
-        finite positive number for every item makes every item weigh the same."""
-        ranked = sorted(items, key=order)
-        weights = [work(item) for item in ranked]
-        if not all(math.isfinite(w) and w > 0 for w in weights):
-            weights = [1.0] * len(ranked)
-        total = sum(weights)
-        mine, before = [], 0.0
-        for item, weight in zip(ranked, weights, strict=True):
-            part = min(self.count - 1, int((before + weight / 2) * self.count / total))
-            if part == self.index:
-                mine.append(item)
-            before += weight
-        return mine
+        """This shard's run of `cut_by_work`."""
+        return cut_by_work(items, self.count, order=order, work=work)[self.index]
 
+    def pinned(self, plan_file: Path, items: Sequence[T], *, name: Callable[[T], str],
+               cut: Callable[[], list[list[T]]]) -> tuple[list[T], str]:
+        """This shard's items by the plan in `plan_file`, which the first task to get here
+        writes from `cut()` (all `count` parts, under a lock). Items the plan does not name
+        go by a hash of their name. Returns the items and a line saying what was used."""
+        plan_file = Path(plan_file)
+        plan_file.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(plan_file.with_name(plan_file.name + ".lock")):
+            if plan_file.is_file():
+                plan = read_json(plan_file)
+                if plan.get("count") != self.count:
+                    raise InputError(f"{plan_file}: a plan for {plan.get('count')} shards, not "
+                                     f"{self.count}")
+                made = f"the plan in {plan_file}"
+            else:
+                plan = {"count": self.count, "parts": {
+                    name(item): k for k, part in enumerate(cut()) for item in part}}
+                atomic_write_json(plan_file, plan)
+                made = f"a new plan, {plan_file}"
+        parts: dict[str, int] = plan["parts"]
+        mine = [item for item in items
+                if parts.get(name(item), _bucket(name(item), self.count)) == self.index]
+        unplanned = sum(1 for item in items if name(item) not in parts)
+        note = f"; {unplanned} not in it go by hash" if unplanned else ""
+        return mine, f"{self}: {len(mine)} of {len(items)} by {made}{note}"
+
+
+def cut_by_work(items: Sequence[T], count: int, *, order: Callable[[T], Any],
+                work: Callable[[T], float]) -> list[list[T]]:
+    """`items` sorted by `order` and cut into `count` runs of about equal `work` (each item
+    goes to the run its midpoint falls in). Work that is not a finite positive number for
+    every item makes every item weigh the same."""
+    ranked = sorted(items, key=order)
+    weights = [work(item) for item in ranked]
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        weights = [1.0] * len(ranked)
+    total = sum(weights)
+    parts: list[list[T]] = [[] for _ in range(count)]
+    before = 0.0
+    for item, weight in zip(ranked, weights, strict=True):
+        parts[min(count - 1, int((before + weight / 2) * count / total))].append(item)
+        before += weight
+    return parts
 
 def _bucket(key: Hashable, count: int) -> int:
     """A stable shard number for `key` (Python's `hash` of a string changes per process)."""
