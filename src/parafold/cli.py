@@ -500,7 +500,8 @@ def status_cmd(
     from parafold.status import combined_lines, read_status
 
     try:
-        statuses = [read_status(out) for out in outs]
+        unique = list(dict.fromkeys(out.resolve() for out in outs))  # a folder named twice
+        statuses = [read_status(out) for out in (outs if len(unique) == len(outs) else unique)]
     except SchedulerError as exc:
         raise _fail(str(exc)) from exc
     for line in statuses[0].lines() if len(statuses) == 1 else combined_lines(statuses):
