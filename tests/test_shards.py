@@ -184,21 +184,24 @@ def _feature_sets(lengths_depths: list[tuple[int, int]]) -> list[FeatureSet]:
             for i, (length, depth) in enumerate(lengths_depths)]
 
 
-def test_predict_shards_are_runs_of_shapes_so_each_compiles_few(tmp_path):
+def test_predict_shards_are_runs_of_shapes_so_each_compiles_few():
+    from parafold.fold.buckets import shape_key
+    from parafold.fold.costs import cut_by_cost, shape_costs
     from parafold.fold.settings import ModelSettings
-    from parafold.fold.worker import FoldWorker
 
     rng = np.random.default_rng(4)
     sets = _feature_sets([(int(rng.integers(30, 290)), int(rng.integers(1, 400)))
                           for _ in range(120)])
     settings = ModelSettings(config_size="full", models=(1,), compile_cache_dir=None)
-    with FoldWorker(tmp_path, settings) as worker:
-        own = {fs.name: worker.shape_key(fs) for fs in sets}
-        count = 4
-        parts = worker.shard_cut(sets, count)
-        by_hash = [Shard(k, count).by_hash(sets, key=lambda fs: fs.name) for k in range(count)]
-        work = [sum(worker.costs.run_s(own[fs.name]) for fs in part) for part in parts]
-        biggest = max(worker.costs.run_s(k) for k in own.values())
+    costs = shape_costs(settings, "gpu")
+    own = {fs.name: shape_key(fs.length, fs.msa_depth, "model_1_ptm", settings) for fs in sets}
+    count = 4
+    cut = cut_by_cost(sets, count, settings, "gpu")
+    parts = [part for part, _ in cut]
+    by_hash = [Shard(k, count).by_hash(sets, key=lambda fs: fs.name) for k in range(count)]
+    work = [sum(costs.run_s(own[fs.name]) for fs in part) for part in parts]
+    assert work == pytest.approx([w for _, w in cut])
+    biggest = max(costs.run_s(k) for k in own.values())
     assert sorted(fs.name for part in parts for fs in part) == sorted(own)
     shapes = len(set(own.values()))
     # runs of the shape order: shards share at most the shape at each cut

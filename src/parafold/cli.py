@@ -311,15 +311,18 @@ def predict(
     compile_cost: _CompileCost = None,
     merge_max_waste: _MergeMaxWaste = 0.5,
     shard: _Shard = None,
+    gpus: Annotated[str, typer.Option(help="GPUs to use: 'all' (default: a fold process on each, every one taking neighbouring shapes), 'none', or ids like 0,1.")] = "all",
 ) -> None:
     """Predict structures from features (GPU stage); exit 0 only if every target succeeded.
 
     Tasks of a job array may share OUT, each with its own --shard. The first task pins the cuts
     in OUT/.parafold-shards/predict-N.json for the others (delete it to cut anew).
     """
+    from parafold.engine.base import detect_gpus, parse_gpus
+    from parafold.engine.devices import predict_on
     from parafold.errors import PipelineError
     from parafold.featureset import collect_feature_sets
-    from parafold.fold.worker import FoldWorker
+    from parafold.fold.costs import cut_by_cost
     from parafold.shards import Shard
 
     log = logging.getLogger("parafold.predict")
@@ -334,6 +337,8 @@ def predict(
             host_workers=host_workers, compile_ahead=compile_ahead,
             merge_max_waste=merge_max_waste)
         part = Shard.parse(shard) if shard is not None else None
+        chosen = parse_gpus(gpus)
+        devices = detect_gpus() if chosen is None else chosen
         sets, problems = collect_feature_sets(features, trust_pickles=trust_pickles)
         if part is not None and not part.reports_shared:
             problems = []  # told once, by shard 0
@@ -346,25 +351,28 @@ def predict(
                            "features.json + features.npz (or features.pkl with --trust-pickles) "
                            "in each folder given or in its immediate subfolders", err=True)
             raise typer.Exit(2)
-        with FoldWorker(params_dir, settings, trust_pickles=trust_pickles) as worker:
-            if part is not None:
-                every = sets
-                sets, how = part.pinned(
-                    out / ".parafold-shards" / f"predict-{part.count}.json", every,
-                    name=lambda fs: fs.name, cut=lambda: worker.shard_cut(every, part.count))
-                typer.echo(how)
-            if sets:
-                worker.load_params()
-            outcomes = worker.fold(sets, out)
+        if part is not None:
+            every = sets
+            sets, how = part.pinned(
+                out / ".parafold-shards" / f"predict-{part.count}.json", every,
+                name=lambda fs: fs.name,
+                cut=lambda: [p for p, _ in cut_by_cost(every, part.count, settings,
+                                                       "gpu" if devices else "cpu")])
+            typer.echo(how)
+        result = predict_on(devices, sets, out, params_dir=params_dir, settings=settings,
+                            trust_pickles=trust_pickles)
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    outcomes = result.outcomes
     failed = [o for o in outcomes if not o.ok]
     for o in outcomes:
         status = "skipped (done)" if o.skipped else ("ok" if o.ok else f"FAILED: {o.error}")
         typer.echo(f"{o.name}\t{o.length}\t{status}")
-    stats = {k: v for k, v in worker.stats.items() if k != "compile_spans"}
-    typer.echo(f"{len(outcomes) - len(failed)}/{len(outcomes)} targets ok; stats {stats}")
+    typer.echo(f"{len(outcomes) - len(failed)}/{len(outcomes)} targets ok")
+    for where, stats in result.stats.items():
+        typer.echo(f"stats ({where}): "
+                   f"{ {k: v for k, v in stats.items() if k != 'compile_spans'} }")
     if failed or problems:
         raise typer.Exit(1)
 

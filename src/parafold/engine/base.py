@@ -63,10 +63,12 @@ class JobHandle(Generic[R]):
 
 @dataclass(frozen=True, slots=True)
 class FoldWorkerSpec:
-    """How to build the GPU stage's worker: the weights and the model settings (a ModelSettings)."""
+    """How to build the GPU stage's worker: the weights, the model settings (a ModelSettings)
+    and whether it may load foreign features.pkl files (`predict --trust-pickles`)."""
 
     params_dir: Path
     settings: Any
+    trust_pickles: bool = False
 
 
 class FoldWorkerHandle(abc.ABC):

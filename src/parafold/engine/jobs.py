@@ -128,10 +128,12 @@ class FoldSlot:
     happens in the process that owns the device, never in the parent.
     """
 
-    def __init__(self, params_dir: Path, settings: Any, kind: str) -> None:
+    def __init__(self, params_dir: Path, settings: Any, kind: str, *,
+                 trust_pickles: bool = False) -> None:
         self.params_dir = Path(params_dir)
         self.settings = settings
         self.kind = kind
+        self.trust_pickles = trust_pickles
         self._worker: Any = None
 
     def warm(self) -> str:
@@ -139,7 +141,7 @@ class FoldSlot:
         from parafold.fold.worker import FoldWorker
 
         if self._worker is None:
-            worker = FoldWorker(self.params_dir, self.settings)
+            worker = FoldWorker(self.params_dir, self.settings, trust_pickles=self.trust_pickles)
             worker.load_params()  # a bad params folder fails here, before any target waits
             self._worker = worker
         return worker_label(self.kind)
@@ -183,18 +185,21 @@ def init_worker_process(env: dict[str, str], log_level: int = logging.WARNING) -
     die_with_parent()
 
 
-def _process_slot(params_dir: Path, settings: Any, kind: str) -> FoldSlot:
+def _process_slot(params_dir: Path, settings: Any, kind: str,
+                  trust_pickles: bool = False) -> FoldSlot:
     global _PROCESS_SLOT
     if _PROCESS_SLOT is None:
-        _PROCESS_SLOT = FoldSlot(params_dir, settings, kind)
+        _PROCESS_SLOT = FoldSlot(params_dir, settings, kind, trust_pickles=trust_pickles)
     return _PROCESS_SLOT
 
 
-def warm_in_process(params_dir: Path, settings: Any, kind: str) -> str:
-    return _process_slot(params_dir, settings, kind).warm()
+def warm_in_process(params_dir: Path, settings: Any, kind: str,
+                    trust_pickles: bool = False) -> str:
+    return _process_slot(params_dir, settings, kind, trust_pickles).warm()
 
 
 def fold_in_process(params_dir: Path, settings: Any, kind: str,
-                    feature_sets: Sequence[FeatureSet], out_root: Path) -> FoldBatchResult:
+                    feature_sets: Sequence[FeatureSet], out_root: Path,
+                    trust_pickles: bool = False) -> FoldBatchResult:
     """Run a batch on this process's long-lived slot (made on first use)."""
-    return _process_slot(params_dir, settings, kind).fold(feature_sets, out_root)
+    return _process_slot(params_dir, settings, kind, trust_pickles).fold(feature_sets, out_root)

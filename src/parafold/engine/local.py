@@ -59,11 +59,13 @@ class _ProcessFoldWorker(FoldWorkerHandle):
 
     def warm(self) -> JobHandle[Any]:
         return JobHandle(self._pool.submit(warm_in_process, self._spec.params_dir,
-                                           self._spec.settings, self.name), label=self.name)
+                                           self._spec.settings, self.name,
+                                           self._spec.trust_pickles), label=self.name)
 
     def fold(self, feature_sets: Sequence[Any], out_root: Path) -> JobHandle[Any]:
         future = self._pool.submit(fold_in_process, self._spec.params_dir, self._spec.settings,
-                                   self.name, list(feature_sets), out_root)
+                                   self.name, list(feature_sets), out_root,
+                                   self._spec.trust_pickles)
         return JobHandle(future, label=self.name)
 
     def restart(self) -> None:

@@ -25,13 +25,19 @@ figure (0 turns merging off).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from parafold.fold.buckets import ShapeKey
+from parafold.fold.buckets import ShapeKey, shape_key
 from parafold.fold.config import family_of
 from parafold.fold.settings import ModelSettings
+from parafold.shards import cut_by_work
 
-__all__ = ["ShapeCosts", "shape_costs"]
+if TYPE_CHECKING:
+    from parafold.featureset import FeatureSet
+
+__all__ = ["ShapeCosts", "shape_costs", "cut_by_cost"]
 
 # (platform, config size) -> (seconds to compile one shape of one family, matmul FLOP/s)
 _MEASURED: dict[tuple[str, str], tuple[float, float]] = {
@@ -78,3 +84,16 @@ def shape_costs(settings: ModelSettings, platform: str) -> ShapeCosts:
     return ShapeCosts(compile_s=compile_s * len(families), flops_per_s=rate,
                       predictions=len(settings.model_names) * settings.num_seeds,
                       iterations=settings.num_iterations, config_size=settings.config_size)
+
+
+def cut_by_cost(feature_sets: Sequence[FeatureSet], count: int, settings: ModelSettings,
+                platform: str) -> list[tuple[list[FeatureSet], float]]:
+    """The sets sorted by the shape of their own bucket (first model) and cut into `count`
+    runs of about equal modelled device time, each with that time: a run's shapes are
+    neighbours, so a worker given one compiles few of them (job-array shards, devices)."""
+    costs = shape_costs(settings, platform)
+    model = settings.model_names[0]
+    keys = {fs.name: shape_key(fs.length, fs.msa_depth, model, settings) for fs in feature_sets}
+    parts = cut_by_work(feature_sets, count, order=lambda fs: (keys[fs.name], fs.length, fs.name),
+                        work=lambda fs: costs.run_s(keys[fs.name]))
+    return [(part, sum(costs.run_s(keys[fs.name]) for fs in part)) for part in parts]

@@ -32,7 +32,6 @@ from parafold.fold.costs import shape_costs
 from parafold.fold.hostwork import BusyMeter, HostPools, auto_workers, process_job, write_job
 from parafold.fold.outputs import Prediction, is_complete
 from parafold.fold.settings import ModelSettings
-from parafold.shards import cut_by_work
 
 __all__ = ["FoldWorker", "FoldOutcome"]
 
@@ -171,17 +170,6 @@ class FoldWorker:
         length, rows = self._merged_into.get(fs.name, (fs.length, fs.msa_depth))
         return shape_key(length, rows, model_name or self.settings.model_names[0],
                          self.settings)
-
-    def shard_cut(self, feature_sets: Sequence[FeatureSet], count: int
-                  ) -> list[list[FeatureSet]]:
-        """A job array's feature sets in `count` parts: sorted by shape and cut into runs of
-        about equal modelled device work, so each task compiles only its run's shapes."""
-        def own(fs: FeatureSet) -> ShapeKey:
-            return shape_key(fs.length, fs.msa_depth, self.settings.model_names[0],
-                             self.settings)
-
-        return cut_by_work(feature_sets, count, order=lambda fs: (own(fs), fs.length, fs.name),
-                           work=lambda fs: self.costs.run_s(own(fs)))
 
     @property
     def shapes_run(self) -> tuple[ShapeKey, ...]:

@@ -1,0 +1,234 @@
+"""`parafold predict` on every GPU of one machine: one fold process per device.
+
+With one device (or none) the stage runs in this process, as it always did (`predict_on`).
+
+The feature sets are sorted by shape and cut into runs of about equal modelled device work
+(`costs.cut_by_cost`), a few runs per device, and each device takes the runs next to each
+other, so it compiles only the shapes of its stretch of the order. A device whose runs are done
+takes the last queued run of the device with the most modelled work left (stealing from the end
+keeps both stretches contiguous) when the compiles that run needs there cost less than the
+work the busy device has queued before it, so a model that misjudged some shapes costs little.
+
+A run that fails as a whole (its process died) is given to another device once; a device whose
+process dies twice in a row is retired and its queue shared out. Failures of targets (a bad
+feature file, out of memory twice) come back as outcomes, as in one process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import sys
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parafold.engine.base import FoldWorkerHandle, FoldWorkerSpec
+from parafold.engine.jobs import FoldBatchResult
+from parafold.errors import PipelineError
+from parafold.featureset import FeatureSet
+from parafold.fold.buckets import ShapeKey, shape_key
+from parafold.fold.costs import cut_by_cost, shape_costs
+from parafold.fold.settings import ModelSettings
+from parafold.fold.worker import FoldOutcome
+from parafold.search.scheduler import describe_error
+
+__all__ = ["DevicesResult", "predict_on", "fold_on_devices", "RUNS_PER_DEVICE"]
+
+log = logging.getLogger(__name__)
+
+RUNS_PER_DEVICE = 4  # enough to steal from; few enough that each fold call plans a long run
+_DEATHS_TO_RETIRE = 2
+
+
+@dataclass(slots=True)
+class _Run:
+    sets: list[FeatureSet]
+    work: float  # modelled device seconds
+    shapes: frozenset[ShapeKey]  # the first model's own shapes of its sets
+    tries: int = 0
+
+
+@dataclass(slots=True)
+class _Lane:
+    worker: FoldWorkerHandle
+    queue: deque[_Run] = field(default_factory=deque)
+    compiled: set[ShapeKey] = field(default_factory=set)  # what its process reported
+    deaths: int = 0
+    retired: bool = False
+
+    @property
+    def work_left(self) -> float:
+        return sum(run.work for run in self.queue)
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesResult:
+    """One outcome per feature set (in their order) and each device's last counters."""
+
+    outcomes: list[FoldOutcome]
+    stats: dict[str, dict[str, Any]]
+
+
+def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out_root: Path,
+               *, params_dir: Path, settings: ModelSettings,
+               trust_pickles: bool = False) -> DevicesResult:
+    """Fold `feature_sets` on `devices` (GPU ids; none: the CPU). Several devices get a fold
+    process each (`fold_on_devices`); one device, or the CPU, runs in this process.
+
+    Raises:
+        PipelineError: the params folder is unusable (found before any target is folded).
+    """
+    if len(devices) >= 2:
+        from parafold.engine.local import LocalExecutor
+
+        with LocalExecutor(cpus=1, gpus=devices) as executor:
+            workers = executor.start_fold_workers(
+                FoldWorkerSpec(params_dir, settings, trust_pickles=trust_pickles))
+            if feature_sets:
+                for handle in [w.warm() for w in workers]:  # weights load on every device
+                    handle.result()  # at once; a bad params folder raises here
+            return fold_on_devices(feature_sets, out_root, workers, settings)
+    from parafold.fold.worker import FoldWorker
+
+    _pin_this_process(devices)
+    with FoldWorker(params_dir, settings, trust_pickles=trust_pickles) as worker:
+        if feature_sets:
+            worker.load_params()
+        outcomes = worker.fold(list(feature_sets), out_root)
+        return DevicesResult(outcomes, {"this process": worker.stats})
+
+
+def _pin_this_process(devices: tuple[str, ...]) -> None:
+    """Make jax use the one device chosen (or the CPU): only possible before it is imported."""
+    env = {"CUDA_VISIBLE_DEVICES": devices[0]} if devices else {"JAX_PLATFORMS": "cpu"}
+    if "jax" in sys.modules:
+        log.debug("jax already imported: %s not applied", env)
+        return
+    os.environ.update(env)
+
+
+def fold_on_devices(feature_sets: Sequence[FeatureSet], out_root: Path,
+                    workers: Sequence[FoldWorkerHandle], settings: ModelSettings, *,
+                    runs_per_device: int = RUNS_PER_DEVICE) -> DevicesResult:
+    """Fold every set on `workers` (one per device); see the module docstring."""
+    if not workers:
+        raise ValueError("no fold workers")
+    platform = workers[0].platform
+    compile_s = shape_costs(settings, platform).compile_s
+    model = settings.model_names[0]
+    lanes = [_Lane(w) for w in workers]
+    cut = cut_by_cost(feature_sets, len(workers) * runs_per_device, settings, platform)
+    for i, (part, work) in enumerate(cut):  # equal work per lane, as cut
+        if part:
+            shapes = frozenset(shape_key(fs.length, fs.msa_depth, model, settings)
+                               for fs in part)
+            lanes[i // runs_per_device].queue.append(_Run(list(part), work, shapes))
+    log.info("%d feature sets in %d runs of the shape order on %d devices", len(feature_sets),
+             sum(len(lane.queue) for lane in lanes), len(lanes))
+    outcomes: dict[str, FoldOutcome] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    running: dict[cf.Future[Any], tuple[_Lane, _Run]] = {}
+    orphans: deque[_Run] = deque()  # runs of retired devices and runs to try again
+    try:
+        while True:
+            for lane in lanes:
+                if lane.retired or any(lane is ln for ln, _ in running.values()):
+                    continue
+                run = _next_run(lane, lanes, orphans, compile_s)
+                if run is not None:
+                    running[_submit(lane, run, out_root)] = (lane, run)
+            if not running:
+                break
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                lane, run = running.pop(future)
+                _finished(future, lane, run, outcomes, stats, orphans, lanes)
+    except BaseException:
+        for future in running:
+            future.cancel()
+        raise
+    for fs in feature_sets:  # nothing left to run them on: every device retired
+        outcomes.setdefault(fs.name, FoldOutcome(
+            name=fs.name, ok=False, length=fs.length,
+            error=f"{fs.name}: no device left to fold it (each fold process died "
+                  f"{_DEATHS_TO_RETIRE} times)"))
+    return DevicesResult([outcomes[fs.name] for fs in feature_sets], stats)
+
+
+def _next_run(lane: _Lane, lanes: list[_Lane], orphans: deque[_Run],
+              compile_s: float) -> _Run | None:
+    """The lane's next run; else a run nobody holds; else the last queued run of the lane
+    with the most modelled work left, if the compiles it needs here cost less than the work
+    queued before it there (that device's running run not counted: a safe side)."""
+    if lane.queue:
+        return lane.queue.popleft()
+    if orphans:
+        return orphans.popleft()
+    victim = max((ln for ln in lanes if ln.queue), key=lambda ln: ln.work_left, default=None)
+    if victim is None:
+        return None
+    run = victim.queue[-1]
+    compiles = len(run.shapes - lane.compiled) * compile_s
+    if compiles >= victim.work_left - run.work:
+        return None
+    victim.queue.pop()
+    log.info("%s takes a run of %d targets from %s", lane.worker.name, len(run.sets),
+             victim.worker.name)
+    return run
+
+
+def _submit(lane: _Lane, run: _Run, out_root: Path) -> cf.Future[Any]:
+    run.tries += 1
+    try:
+        return lane.worker.fold(run.sets, out_root).future
+    except Exception as exc:  # its process died while idle: handled as a failed run
+        future: cf.Future[Any] = cf.Future()
+        future.set_exception(exc)
+        return future
+
+
+def _finished(future: cf.Future[Any], lane: _Lane, run: _Run,
+              outcomes: dict[str, FoldOutcome], stats: dict[str, dict[str, Any]],
+              orphans: deque[_Run], lanes: list[_Lane]) -> None:
+    try:
+        result: FoldBatchResult = future.result()
+    except Exception as exc:  # the run failed as a whole
+        reason = describe_error(exc)
+        log.error("fold worker %s failed on a run of %d targets: %s", lane.worker.name,
+                  len(run.sets), reason)
+        if isinstance(exc, PipelineError) or run.tries >= 2:  # the run's own fault
+            for fs in run.sets:
+                outcomes[fs.name] = FoldOutcome(
+                    name=fs.name, ok=False, length=fs.length,
+                    error=f"{fs.name}: its run failed {run.tries} time(s): {reason}")
+        else:
+            orphans.append(run)  # another device tries it once
+        if isinstance(exc, PipelineError):
+            return
+        lane.deaths += 1  # its process died or lost its device
+        lane.compiled.clear()  # a new process has compiled nothing
+        if lane.deaths < _DEATHS_TO_RETIRE:
+            lane.worker.restart()
+            return
+        log.error("fold worker %s is out of rotation: its process died %d times in a row",
+                  lane.worker.name, lane.deaths)
+        lane.retired = True
+        orphans.extend(lane.queue)
+        lane.queue.clear()
+        lane.worker.release()
+        if all(ln.retired for ln in lanes):
+            orphans.clear()  # nothing will run them: their targets fail at the end
+        return
+    lane.deaths = 0
+    lane.compiled.update(result.shapes)
+    stats[lane.worker.name] = result.stats
+    for outcome in result.outcomes:
+        outcomes[outcome.name] = outcome
+    for fs in run.sets:
+        outcomes.setdefault(fs.name, FoldOutcome(name=fs.name, ok=False, length=fs.length,
+                                                 error=f"{fs.name}: no result from the fold "
+                                                       "worker"))
