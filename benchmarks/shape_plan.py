@@ -15,9 +15,10 @@ GPU benchmark is what checks it.
     python benchmarks/shape_plan.py --n 1000 --lengths 50-150 --depths 32-127
 
 With `--shards N`, also the GPU stage of a job array of N one-GPU tasks (`predict --shard`):
-the set cut by shape into runs of equal modelled work (what `FoldWorker.shard` does) against
-a cut at random, each task planned on its own: compiles over all tasks and the slowest task's
-modelled (pipelined) time, which is when the array is done.
+the set cut by shape into runs of equal modelled work (`costs.cut_by_cost`) against a cut at
+random, each task planned on its own: compiles over all tasks and the slowest task's modelled
+(pipelined) time, which is when the array is done. `predict --gpus` on N devices makes the same
+cut (in 4 stretches per device, so an idle device can take over the busiest one's last).
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ class FakeWorker(FoldWorkerHandle):
         self.delay = delay
         self.fail = list(fail or [])
         self.poison = poison
+        self.warm_error: BaseException | None = None
         self.runs: list[list[str]] = []
         self.restarts = self.releases = 0
 
@@ -69,7 +70,10 @@ class FakeWorker(FoldWorkerHandle):
 
     def warm(self) -> JobHandle[Any]:
         future: cf.Future[Any] = cf.Future()
-        future.set_result(self.name)
+        if self.warm_error is not None:
+            future.set_exception(self.warm_error)
+        else:
+            future.set_result(self.name)
         return JobHandle(future)
 
     def restart(self) -> None:
@@ -150,6 +154,20 @@ def test_every_device_dead_fails_what_is_left_with_the_reason():
     result = fold_on_devices(sets, Path("/out"), dead, SETTINGS)
     assert not any(o.ok for o in result.outcomes)
     assert all(w.releases == 1 for w in dead)
+
+
+def test_a_device_that_cannot_start_is_left_out_and_bad_params_stop_the_run():
+    from parafold.engine.devices import _started
+    from parafold.errors import ParamsError, PipelineError
+
+    good, broken = FakeWorker("gpu0"), FakeWorker("gpu1")
+    broken.warm_error = RuntimeError("CUDA_ERROR_NO_DEVICE")
+    assert _started([good, broken]) == [good] and broken.releases == 1
+    with pytest.raises(PipelineError, match="no device could start.*CUDA_ERROR_NO_DEVICE"):
+        _started([broken])
+    good.warm_error = ParamsError("params_model_1_ptm.npz: not a zip file")
+    with pytest.raises(ParamsError, match="not a zip"):
+        _started([good, FakeWorker("gpu2")])
 
 
 def test_predict_on_two_fold_processes_each_compiles_only_its_shapes(tmp_path, tmp_path_factory):

@@ -89,8 +89,7 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
             workers = executor.start_fold_workers(
                 FoldWorkerSpec(params_dir, settings, trust_pickles=trust_pickles))
             if feature_sets:
-                for handle in [w.warm() for w in workers]:  # weights load on every device
-                    handle.result()  # at once; a bad params folder raises here
+                workers = _started(workers)
             return fold_on_devices(feature_sets, out_root, workers, settings)
     from parafold.fold.worker import FoldWorker
 
@@ -100,6 +99,32 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
             worker.load_params()
         outcomes = worker.fold(list(feature_sets), out_root)
         return DevicesResult(outcomes, {"this process": worker.stats})
+
+
+def _started(workers: list[FoldWorkerHandle]) -> list[FoldWorkerHandle]:
+    """The workers that loaded their weights (all at once). A bad params folder fails them
+    all and is raised; a device that fails on its own is left out.
+
+    Raises:
+        PipelineError: the params are unusable, or no device started.
+    """
+    handles = [(w, w.warm()) for w in workers]
+    started, reasons = [], []
+    for worker, handle in handles:
+        try:
+            handle.result()
+        except PipelineError:
+            raise
+        except Exception as exc:  # this device's own trouble (a CUDA error, a dead process)
+            log.error("fold worker %s failed to start, left out: %s", worker.name,
+                      describe_error(exc))
+            worker.release()
+            reasons.append(f"{worker.name}: {describe_error(exc)}")
+            continue
+        started.append(worker)
+    if not started:
+        raise PipelineError("no device could start a fold worker: " + "; ".join(reasons))
+    return started
 
 
 def _pin_this_process(devices: tuple[str, ...]) -> None:
