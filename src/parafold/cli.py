@@ -360,7 +360,7 @@ def predict(
                                                        "gpu" if devices else "cpu")])
             typer.echo(how)
         result = predict_on(devices, sets, out, params_dir=params_dir, settings=settings,
-                            trust_pickles=trust_pickles)
+                            trust_pickles=trust_pickles, pin=chosen is not None)
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -74,10 +74,11 @@ class DevicesResult:
 
 
 def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out_root: Path,
-               *, params_dir: Path, settings: ModelSettings,
-               trust_pickles: bool = False) -> DevicesResult:
+               *, params_dir: Path, settings: ModelSettings, trust_pickles: bool = False,
+               pin: bool = True) -> DevicesResult:
     """Fold `feature_sets` on `devices` (GPU ids; none: the CPU). Several devices get a fold
-    process each (`fold_on_devices`); one device, or the CPU, runs in this process.
+    process each (`fold_on_devices`); one device, or the CPU, runs in this process, pinned to
+    it when `pin` (the user named it: a GPU that `detect_gpus` missed stays usable otherwise).
 
     Raises:
         PipelineError: the params folder is unusable (found before any target is folded).
@@ -93,7 +94,8 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
             return fold_on_devices(feature_sets, out_root, workers, settings)
     from parafold.fold.worker import FoldWorker
 
-    _pin_this_process(devices)
+    if pin:
+        _pin_this_process(devices)
     with FoldWorker(params_dir, settings, trust_pickles=trust_pickles) as worker:
         if feature_sets:
             worker.load_params()
