@@ -323,6 +323,7 @@ def predict(
     from parafold.errors import PipelineError
     from parafold.featureset import collect_feature_sets
     from parafold.fold.costs import cut_by_cost
+    from parafold.lifecycle import exit_interrupted
     from parafold.shards import Shard
 
     log = logging.getLogger("parafold.predict")
@@ -361,6 +362,10 @@ def predict(
             typer.echo(how)
         result = predict_on(devices, sets, out, params_dir=params_dir, settings=settings,
                             trust_pickles=trust_pickles, pin=chosen is not None)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; rerun the same command to resume (finished targets in {out} "
+                   "are kept)", err=True)
+        exit_interrupted()
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

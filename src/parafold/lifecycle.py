@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["die_with_parent", "helper_process_init"]
+__all__ = ["die_with_parent", "helper_process_init", "exit_interrupted", "EXIT_INTERRUPTED"]
+
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
 def die_with_parent() -> None:
@@ -37,3 +39,16 @@ def helper_process_init() -> None:
     die_with_parent()
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def exit_interrupted() -> None:
+    """End this process now, after Ctrl-C, without waiting for threads: a model compile in a
+    background thread (~30 s on a GPU) would hold up a normal exit. Everything written is
+    already complete (files are renamed into place); the rest is redone on the next run."""
+    import contextlib
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe
+            stream.flush()
+    os._exit(EXIT_INTERRUPTED)

@@ -27,6 +27,7 @@ from parafold.errors import DatabaseNotFoundError, InputError, PipelineError
 from parafold.featureset import MANIFEST_FILE, FeatureSet, read_feature_set
 from parafold.inputs import InputProblem, Target, read_targets
 from parafold.ledger import LEDGER_FILE, LOCK_FILE, Ledger, RunLock, State
+from parafold.lifecycle import EXIT_INTERRUPTED  # `run` exits with it; the ledger records it
 from parafold.shards import Shard
 from parafold.store import atomic_write_json, read_json
 
@@ -39,9 +40,6 @@ logger = logging.getLogger(__name__)
 RESERVED_NAMES = frozenset({LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm", LOCK_FILE,
                             "timings.json", "databases", "params", "report", "report.html",
                             "demo_queries.fasta"})
-# The exit code of a run stopped by Ctrl-C (128 + SIGINT, as shells report it): `parafold run`
-# exits with it, and the ledger records it for the run.
-EXIT_INTERRUPTED = 130
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from typing import Any
 from parafold.errors import PipelineError
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
-from parafold.lifecycle import die_with_parent
+from parafold.lifecycle import die_with_parent, exit_interrupted
 
 __all__ = ["SearchOutcome", "FoldBatchResult", "FoldSlot", "search_job", "search_batch_job",
            "plots_job", "describe_error", "worker_label"]
@@ -201,5 +201,12 @@ def warm_in_process(params_dir: Path, settings: Any, kind: str,
 def fold_in_process(params_dir: Path, settings: Any, kind: str,
                     feature_sets: Sequence[FeatureSet], out_root: Path,
                     trust_pickles: bool = False) -> FoldBatchResult:
-    """Run a batch on this process's long-lived slot (made on first use)."""
-    return _process_slot(params_dir, settings, kind, trust_pickles).fold(feature_sets, out_root)
+    """Run a batch on this process's long-lived slot (made on first use). Interrupted (Ctrl-C
+    reaches the whole process group), the process ends at once: an exit would wait for a
+    compile thread still running, ~30 s on a GPU."""
+    try:
+        return _process_slot(params_dir, settings, kind, trust_pickles).fold(feature_sets,
+                                                                             out_root)
+    except KeyboardInterrupt:
+        exit_interrupted()
+        raise  # not reached

@@ -338,14 +338,15 @@ class FoldWorker:
         finally:
             self._compile_wait_s += time.perf_counter() - started
 
-    def _stop_compiles(self) -> None:
+    def _stop_compiles(self, *, wait: bool = True) -> None:
         """Cancel the compiles not started and wait for the running ones: no thread outlives
-        `fold`."""
+        `fold`. Interrupted, it does not wait (a compile takes ~30 s on a GPU): the process
+        is ending, and the caller ends it with `os._exit` so the exit does not wait either."""
         compiler, self._compiler = self._compiler, None
         self._ahead.clear()
         self._planned.clear()
         if compiler is not None:
-            compiler.shutdown(wait=True, cancel_futures=True)
+            compiler.shutdown(wait=wait, cancel_futures=True)
 
     def fold(self, feature_sets: Sequence[FeatureSet], out_root: Path) -> list[FoldOutcome]:
         """Predict and write `out_root/<name>/...` for each set; one outcome per set, in order."""
@@ -376,6 +377,9 @@ class FoldWorker:
                     pending = self._dispatch(unit, members, feats, pending, ctx)
             if pending is not None:
                 self._complete(pending, ctx)
+        except KeyboardInterrupt:
+            self._stop_compiles(wait=False)
+            raise
         finally:
             self._stop_compiles()
         self._collect(ctx)
