@@ -68,6 +68,7 @@ def _base_config(model_name: str, config_size: str) -> ml_collections.ConfigDict
     return cfg
 
 
+@functools.lru_cache(maxsize=64)
 def depth_caps(model_name: str, config_size: str) -> DepthCaps:
     """MSA sizes of the unbucketed config: where AlphaFold pads every target to."""
     cfg = _base_config(model_name, config_size)

@@ -94,6 +94,7 @@ def cut_by_cost(feature_sets: Sequence[FeatureSet], count: int, settings: ModelS
     costs = shape_costs(settings, platform)
     model = settings.model_names[0]
     keys = {fs.name: shape_key(fs.length, fs.msa_depth, model, settings) for fs in feature_sets}
+    seconds = {key: costs.run_s(key) for key in set(keys.values())}
     parts = cut_by_work(feature_sets, count, order=lambda fs: (keys[fs.name], fs.length, fs.name),
-                        work=lambda fs: costs.run_s(keys[fs.name]))
-    return [(part, sum(costs.run_s(keys[fs.name]) for fs in part)) for part in parts]
+                        work=lambda fs: seconds[keys[fs.name]])
+    return [(part, sum(seconds[keys[fs.name]] for fs in part)) for part in parts]
