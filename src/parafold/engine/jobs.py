@@ -8,6 +8,7 @@ results are plain picklable values, so a process pool or Ray can ship them anywh
 from __future__ import annotations
 
 import logging
+import multiprocessing.util
 import os
 import socket
 import time
@@ -146,6 +147,11 @@ class FoldSlot:
             self._worker = worker
         return worker_label(self.kind)
 
+    def close(self) -> None:
+        """Stop the worker's helper processes (feature processing, file writing)."""
+        if self._worker is not None:
+            self._worker.close()
+
     def fold(self, feature_sets: Sequence[FeatureSet], out_root: Path) -> FoldBatchResult:
         start = time.time()
         self.warm()
@@ -190,6 +196,11 @@ def _process_slot(params_dir: Path, settings: Any, kind: str,
     global _PROCESS_SLOT
     if _PROCESS_SLOT is None:
         _PROCESS_SLOT = FoldSlot(params_dir, settings, kind, trust_pickles=trust_pickles)
+        # A pool process's exit joins its child processes before any atexit handler runs:
+        # the worker's helpers, idle and waiting for work, would hold that exit for ever (and
+        # the run's shutdown with it). A finalizer of priority >= 0 runs before that join,
+        # and above 10 before those that close multiprocessing's queues (the pool's own).
+        multiprocessing.util.Finalize(_PROCESS_SLOT, _PROCESS_SLOT.close, exitpriority=100)
     return _PROCESS_SLOT
 
 
