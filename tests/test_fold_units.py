@@ -178,6 +178,7 @@ def test_device_errors_name_the_shape_only_for_out_of_memory():
 
 def test_low_memory_retry_failure_stays_with_its_target(tmp_path):
     """A non-OOM error in the low-memory retry fails that target, not the whole `fold` call."""
+    from collections import Counter
     from dataclasses import replace
     from types import SimpleNamespace
 
@@ -193,6 +194,7 @@ def test_low_memory_retry_failure_stays_with_its_target(tmp_path):
     worker.runner = SimpleNamespace(low_memory_key=lambda k: replace(k, low_memory=True),
                                     stats=SimpleNamespace(compile_s=0.0), launch=launch)
     worker._params = {"model_1": None}
+    worker._loop_s = Counter()
     fs = FeatureSet(name="t", target_id="t", sequence="A" * 20, path=tmp_path / "t",
                     msa_depth=4, num_templates=0)
     key = ShapeKey("no_templates", 32, 4, 1, 0)
@@ -290,3 +292,28 @@ def test_shape_costs_price_every_family_model_seed_and_iteration():
                                     run_s=gpu.run_s, shortest={key: key.length},
                                     max_waste=one.merge_max_waste)
         assert (dest[key] == up) is moves
+
+
+def test_features_are_submitted_far_enough_ahead_to_keep_every_helper_busy():
+    from parafold.fold.worker import submit_horizon
+
+    # inline processing (no helpers): the next two units, as before
+    assert submit_horizon(0, 0, [32] * 10, 0, helpers=0) == 3
+    assert submit_horizon(5, 3, [32] * 10, 0, helpers=0) == 8
+    # big units already give 12 helpers their 2 jobs each
+    assert submit_horizon(0, 0, [32] * 10, 0, helpers=12) == 3
+    # units of 4 deep-MSA targets: past the lookahead until 24 jobs wait
+    assert submit_horizon(0, 0, [4] * 10, 0, helpers=12) == 6
+    # jobs already waiting count; never past the end, never back
+    assert submit_horizon(2, 6, [4] * 10, waiting=16, helpers=12) == 8
+    assert submit_horizon(8, 10, [4] * 10, waiting=8, helpers=12) == 10
+
+
+def test_a_gpu_gets_all_cores_but_three_for_feature_helpers():
+    from parafold.fold.hostwork import MAX_FEATURE_HELPERS, auto_workers, feature_helpers
+
+    assert feature_helpers(16) == 13 and feature_helpers(4) == 1 and feature_helpers(1) == 1
+    assert feature_helpers(128) == MAX_FEATURE_HELPERS
+    assert feature_helpers(112 // 8) == 11  # a DGX H100's share per GPU
+    assert auto_workers(None, "cpu", gpu_default=13) == 0  # inline on the CPU
+    assert auto_workers(3, "gpu", gpu_default=13) == 3

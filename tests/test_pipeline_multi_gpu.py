@@ -397,9 +397,11 @@ class _AutoFoldWorker:
         self.released += 1
 
 
-def _run_with_workers(tmp_path: Path, workers: list[_AutoFoldWorker]) -> tuple[object, Path]:
+def _run_with_workers(tmp_path: Path, workers: list[_AutoFoldWorker],
+                      specs: list[Any] | None = None) -> tuple[object, Path]:
     """`parafold run` of four single-sequence targets (two shapes) on these fold workers, in a
-    thread: a run that hangs fails the test instead of blocking it."""
+    thread: a run that hangs fails the test instead of blocking it. The worker spec the run
+    asks for goes to `specs`."""
     import threading
 
     from parafold.engine.inline import InlineExecutor
@@ -409,6 +411,8 @@ def _run_with_workers(tmp_path: Path, workers: list[_AutoFoldWorker]) -> tuple[o
 
     class Executor(InlineExecutor):
         def start_fold_workers(self, spec: object) -> list:  # type: ignore[override]
+            if specs is not None:
+                specs.append(spec)
             return list(workers)
 
     (tmp_path / "in.fasta").write_text("".join(
@@ -427,6 +431,17 @@ def _run_with_workers(tmp_path: Path, workers: list[_AutoFoldWorker]) -> tuple[o
     assert not thread.is_alive(), "the run hangs"
     assert result, "the run raised (see the log)"
     return result[0], out
+
+
+def test_a_runs_fold_worker_leaves_the_cores_to_the_searches(tmp_path: Path) -> None:
+    """Unconfigured, a run's fold worker gets 4 feature helpers (`predict` alone would give
+    it all cores but 3): the searches of the same run use the cores."""
+    specs: list[Any] = []
+    summary: Any
+    summary, _ = _run_with_workers(tmp_path, [_AutoFoldWorker("gpu0")], specs)
+    assert summary.exit_code == 0, summary.lines()
+    (spec,) = specs
+    assert spec.settings.host_workers == 4
 
 
 def test_a_worker_that_cannot_start_is_retired(tmp_path: Path) -> None:

@@ -306,7 +306,7 @@ def predict(
     trust_pickles: Annotated[bool, typer.Option("--trust-pickles", help="Load features.pkl files (a pickle can run code).")] = False,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most proteins of one shape per forward pass (the memory model may choose fewer; 1 on the CPU unless --force-batch).")] = 32,
     force_batch: Annotated[bool, typer.Option("--force-batch", help="Batch proteins on the CPU too.")] = False,
-    host_workers: Annotated[int | None, typer.Option("--host-workers", help="Feature-processing processes (default: 4 on a GPU, inline on the CPU).")] = None,
+    host_workers: Annotated[int | None, typer.Option("--host-workers", help="Feature-processing processes per GPU (default: the host's cores but 3, shared out between the GPUs, at most 16; inline on the CPU). Deep MSAs need many: benchmarks/host_features.py.")] = None,
     compile_ahead: _CompileAhead = 1,
     compile_cost: _CompileCost = None,
     merge_max_waste: _MergeMaxWaste = 0.5,

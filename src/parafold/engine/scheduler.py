@@ -23,6 +23,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from parafold.engine.base import Executor, FoldWorkerHandle, FoldWorkerSpec, Resources
@@ -53,6 +54,9 @@ _COMPILE_S = 30.0
 _GROUPS_PER_CALL = 4
 # A worker that fails this many batches in a row, for reasons not the targets' own, is broken.
 _RETIRE_AFTER = 2
+# Feature-processing helpers of a run's fold worker when not configured: the searches use the
+# cores (a `predict` alone gives a GPU all but 3 of them, `hostwork.feature_helpers`).
+RUN_FEATURE_HELPERS = 4
 # A target whose batch failed this many times fails itself: a batch that kills any worker it
 # is given (say, a target too large for the host's memory) must not take them all out.
 _TRIES = 2
@@ -99,7 +103,10 @@ class Scheduler:
     # --- the loop ---
 
     def run(self) -> None:
-        spec = FoldWorkerSpec(self.settings.params_dir, self.settings.model)
+        model = self.settings.model
+        if model.host_workers is None:  # the searches share these cores: a few helpers
+            model = replace(model, host_workers=RUN_FEATURE_HELPERS)
+        spec = FoldWorkerSpec(self.settings.params_dir, model)
         if self.ready or self.pending:
             self.idle = list(self.executor.start_fold_workers(spec))
             for worker in self.idle:  # imports and weights load while the first searches run

@@ -31,7 +31,8 @@ from parafold.featureset import FeatureSet
 from parafold.fold.buckets import ShapeKey
 from parafold.fold.settings import ModelSettings
 
-__all__ = ["HostPools", "BusyMeter", "process_job", "write_job", "auto_workers"]
+__all__ = ["HostPools", "BusyMeter", "process_job", "write_job", "auto_workers",
+           "feature_helpers", "host_cores", "MAX_FEATURE_HELPERS"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,27 @@ def auto_workers(configured: int | None, platform: str, *, gpu_default: int) -> 
         return configured
     if platform == "cpu":
         return 0
-    return max(1, min(gpu_default, (os.cpu_count() or 2) - 2))
+    return max(1, min(gpu_default, host_cores() - 2))
+
+
+MAX_FEATURE_HELPERS = 16  # each holds a target's features (~0.1-0.5 GB with a deep MSA)
+
+
+def feature_helpers(cores: int) -> int:
+    """Feature-processing helpers for one GPU that has `cores` host cores: all but 3 (the
+    fold loop, the file writers, the rest of the system), at most `MAX_FEATURE_HELPERS`.
+    Processing one protein for one model takes 0.3 s with a shallow MSA and 1.5-7 s with a
+    deep one (`benchmarks/host_features.py`, one core) while the GPU takes 0.1-0.5 s, so a
+    GPU fed by a few helpers waits on deep MSAs."""
+    return max(1, min(MAX_FEATURE_HELPERS, cores - 3))
+
+
+def host_cores() -> int:
+    """Cores this process may run on (a Slurm or container CPU set, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 2
 
 
 class _Inline(cf.Executor):

@@ -14,10 +14,11 @@ run (`ModelSettings.compile_ahead`).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,15 @@ from parafold.featureset import FeatureSet
 from parafold.fold.batching import batch_size, batched_key, next_pow2, stack_members
 from parafold.fold.buckets import ShapeKey, merge_targets, shape_key
 from parafold.fold.costs import shape_costs
-from parafold.fold.hostwork import BusyMeter, HostPools, auto_workers, process_job, write_job
+from parafold.fold.hostwork import (
+    BusyMeter,
+    HostPools,
+    auto_workers,
+    feature_helpers,
+    host_cores,
+    process_job,
+    write_job,
+)
 from parafold.fold.outputs import Prediction, is_complete
 from parafold.fold.settings import ModelSettings
 
@@ -38,11 +47,26 @@ __all__ = ["FoldWorker", "FoldOutcome"]
 log = logging.getLogger(__name__)
 
 _LOOKAHEAD = 2  # units whose features are processed while an earlier one waits to launch
+_JOBS_PER_HELPER = 2  # and beyond them, jobs submitted but not yet launched, per helper
 # Result entries the output files need; the rest (distogram, PAE probabilities, ...) is kept
 # only for `save_raw`, so less crosses to the writer processes.
 _WRITTEN = ("plddt", "structure_module", "ptm", "predicted_aligned_error",
             "max_predicted_aligned_error", "num_recycles")
 _TARGET_ERRORS = (PipelineError, ValueError, KeyError, RuntimeError, OSError)
+
+
+def submit_horizon(current: int, submitted: int, sizes: Sequence[int], waiting: int,
+                   helpers: int) -> int:
+    """Units to have submitted for processing (an index past the last) when unit `current`
+    is next to launch: `_LOOKAHEAD` units past it, and more while fewer than
+    `_JOBS_PER_HELPER` jobs per helper wait (submitted, not launched), so that every helper
+    has work when a unit is small and its targets' MSAs deep. `sizes`: targets per unit."""
+    end = max(submitted, min(len(sizes), current + _LOOKAHEAD + 1))
+    waiting += sum(sizes[submitted:end])
+    while end < len(sizes) and waiting < _JOBS_PER_HELPER * helpers:
+        waiting += sizes[end]
+        end += 1
+    return end
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +156,10 @@ class FoldWorker:
         self.costs = shape_costs(settings, platform)
         # 2 writers: a target's files take 40-60 ms of CPU at 60-150 residues (`fold.mmcif`),
         # a GPU predicts one every ~90 ms in batches
-        self.pools = HostPools(auto_workers(settings.host_workers, platform, gpu_default=4),
-                               auto_workers(settings.write_workers, platform, gpu_default=2))
+        self.pools = HostPools(
+            auto_workers(settings.host_workers, platform,
+                         gpu_default=feature_helpers(host_cores())),
+            auto_workers(settings.write_workers, platform, gpu_default=2))
         self._meter = BusyMeter()
         self._wall_s = 0.0
         # compile-ahead state of the running `fold` call (empty outside one)
@@ -141,16 +167,23 @@ class FoldWorker:
         self._ahead: dict[ShapeKey, cf.Future[None]] = {}
         self._planned: dict[ShapeKey, str] = {}
         self._compile_wait_s = 0.0
+        # where the fold loop's own time goes (`stats`: loop_s), to see what holds the device
+        self._loop_s: Counter[str] = Counter()
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Runner counters plus the device's busy time over the wall time of `fold` calls, and
-        how long the loop waited for compile-ahead threads."""
+        """Runner counters plus the device's busy time over the wall time of `fold` calls, how
+        long the loop waited for compile-ahead threads, and where the rest of the loop's time
+        went (`loop_s`): waiting for processed features, launching (stacking, transfers,
+        dispatch; and any compile the loop does itself, none with compile-ahead on), waiting
+        for results (the device still busy), recording them (unpadding, handing files to the
+        writers). Launch and record time the device does not cover holds it up."""
         busy = self._meter.busy_s()
         return {**self.runner.stats.as_dict(), "busy_s": round(busy, 3),
                 "fold_wall_s": round(self._wall_s, 3),
                 "busy_fraction": round(busy / self._wall_s, 4) if self._wall_s else None,
-                "compile_wait_s": round(self._compile_wait_s, 3)}
+                "compile_wait_s": round(self._compile_wait_s, 3),
+                "loop_s": {k: round(v, 3) for k, v in sorted(self._loop_s.items())}}
 
     def close(self) -> None:
         """Stop the helper processes (they start again on the next `fold`) and any
@@ -366,13 +399,20 @@ class FoldWorker:
         units = self._plan(todo)
         futures: dict[int, list[cf.Future[Any] | None]] = {}
         pending: _Pending | None = None
+        submitted = 0  # units whose features are submitted
+        sizes = [len(u.members) for u in units]
         try:
             self._start_compiles(units)
             for i, unit in enumerate(units):
-                for j in range(i, min(len(units), i + _LOOKAHEAD + 1)):
-                    if j not in futures:
+                with self._timing("features_submit"):
+                    waiting = sum(len(jobs) for jobs in futures.values())
+                    end = submit_horizon(i, submitted, sizes, waiting,
+                                         self.pools.feature_workers)
+                    for j in range(submitted, end):
                         futures[j] = self._submit_features(units[j], ctx)
-                members, feats = self._gather(unit, futures.pop(i), ctx)
+                    submitted = max(submitted, end)
+                with self._timing("features_wait"):
+                    members, feats = self._gather(unit, futures.pop(i), ctx)
                 if members:
                     pending = self._dispatch(unit, members, feats, pending, ctx)
             if pending is not None:
@@ -382,9 +422,18 @@ class FoldWorker:
             raise
         finally:
             self._stop_compiles()
-        self._collect(ctx)
+        with self._timing("writes_wait"):
+            self._collect(ctx)
         self._wall_s += time.perf_counter() - started
         return [ctx.outcomes[fs.name] for fs in feature_sets]
+
+    @contextlib.contextmanager
+    def _timing(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._loop_s[phase] += time.perf_counter() - started
 
     def _submit_features(self, unit: _Unit, ctx: _Pass) -> list[cf.Future[Any] | None]:
         pool = self.pools.features()
@@ -415,6 +464,10 @@ class FoldWorker:
         return members, feats
 
     def _launch(self, key: ShapeKey, run: _Run, feats: list[dict[str, np.ndarray]]) -> Any:
+        with self._timing("launch"):
+            return self._launch_unit(key, run, feats)
+
+    def _launch_unit(self, key: ShapeKey, run: _Run, feats: list[dict[str, np.ndarray]]) -> Any:
         params = self._device_params(run.model_name)
         if key.batch == 1:
             return self.runner.launch(run.model_name, key, params, feats[0], run.seed)
@@ -460,14 +513,13 @@ class FoldWorker:
 
     def _complete(self, p: _Pending, ctx: _Pass) -> None:
         """Fetch a launched unit and record each member's prediction."""
-        from parafold.fold.processing import unpad_result
-
         try:
-            if p.key.batch > 1:
-                results, seconds = self.runner.fetch_batch(p.launched)
-            else:
-                result, seconds = self.runner.fetch(p.launched)
-                results = [result]
+            with self._timing("fetch_wait"):  # mostly the device finishing the unit
+                if p.key.batch > 1:
+                    results, seconds = self.runner.fetch_batch(p.launched)
+                else:
+                    result, seconds = self.runner.fetch(p.launched)
+                    results = [result]
         except GpuOutOfMemoryError as exc:
             self._out_of_memory(p.unit, p.key, p.members, p.feats, exc, ctx)
             return
@@ -475,6 +527,15 @@ class FoldWorker:
             log.exception("%s: predict failed", p.key.describe())
             self._fail(p.members, f"predict failed ({p.key.describe()}): {exc}", ctx)
             return
+        with self._timing("record"):
+            self._record(p, results, seconds, ctx)
+
+    def _record(self, p: _Pending, results: list[dict[str, Any]], seconds: float,
+                ctx: _Pass) -> None:
+        """Each member's prediction into its state; a target with all its runs done goes to
+        a writer."""
+        from parafold.fold.processing import unpad_result
+
         run = p.unit.run
         for fs, result, feats in zip(p.members, results, p.feats, strict=True):
             state = ctx.states[fs.name]
