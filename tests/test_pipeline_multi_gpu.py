@@ -434,14 +434,20 @@ def _run_with_workers(tmp_path: Path, workers: list[_AutoFoldWorker],
 
 
 def test_a_runs_fold_worker_leaves_the_cores_to_the_searches(tmp_path: Path) -> None:
-    """Unconfigured, a run's fold worker gets 4 feature helpers (`predict` alone would give
-    it all cores but 3): the searches of the same run use the cores."""
+    """Unconfigured, a run's GPU fold worker gets 4 feature helpers (`predict` alone would
+    give it all cores but 3): the searches of the same run use the cores. On the CPU it still
+    processes inline."""
+    from parafold.fold.hostwork import auto_workers, feature_helpers
+
     specs: list[Any] = []
     summary: Any
     summary, _ = _run_with_workers(tmp_path, [_AutoFoldWorker("gpu0")], specs)
     assert summary.exit_code == 0, summary.lines()
     (spec,) = specs
-    assert spec.settings.host_workers == 4
+    model = spec.settings
+    assert model.host_workers is None
+    assert feature_helpers(model.helper_cores) == 4  # the GPU default, capped by cores
+    assert auto_workers(None, "cpu", gpu_default=4) == 0
 
 
 def test_a_worker_that_cannot_start_is_retired(tmp_path: Path) -> None:

@@ -191,7 +191,8 @@ def test_predict_on_two_fold_processes_each_compiles_only_its_shapes(tmp_path, t
         "predict", str(tmp_path / "feats"), "-o", str(tmp_path / "out"), "--params-dir",
         str(tmp_path / "w"), "--models", "3", "--num-recycle", "0", "--float32",
         "--compile-cache", str(tmp_path_factory.getbasetemp() / "jax-cache"), "--gpus", "0,1",
-        "--trust-pickles"])  # reaches the fold processes too
+        "--trust-pickles",  # reaches the fold processes too
+        "--host-workers", "1"])  # helper processes, as on a GPU: each fold process must exit
     assert res.exit_code == 0, res.output
     assert "4/4 targets ok" in res.output
     compiles = {line.split(")")[0]: line for line in res.output.splitlines()

@@ -32,7 +32,7 @@ from parafold.errors import PipelineError
 from parafold.featureset import FeatureSet
 from parafold.fold.buckets import ShapeKey, shape_key
 from parafold.fold.costs import cut_by_cost, shape_costs
-from parafold.fold.hostwork import feature_helpers, host_cores
+from parafold.fold.hostwork import host_cores
 from parafold.fold.settings import ModelSettings
 from parafold.fold.worker import FoldOutcome
 from parafold.search.scheduler import describe_error
@@ -87,9 +87,8 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
     if len(devices) >= 2:
         from parafold.engine.local import LocalExecutor
 
-        if settings.host_workers is None:  # the host's cores shared out between the devices
-            settings = replace(settings,
-                               host_workers=feature_helpers(host_cores() // len(devices)))
+        if settings.helper_cores is None:  # the host's cores shared out between the devices
+            settings = replace(settings, helper_cores=max(1, host_cores() // len(devices)))
         with LocalExecutor(cpus=1, gpus=devices) as executor:
             workers = executor.start_fold_workers(
                 FoldWorkerSpec(params_dir, settings, trust_pickles=trust_pickles))

@@ -54,9 +54,9 @@ _COMPILE_S = 30.0
 _GROUPS_PER_CALL = 4
 # A worker that fails this many batches in a row, for reasons not the targets' own, is broken.
 _RETIRE_AFTER = 2
-# Feature-processing helpers of a run's fold worker when not configured: the searches use the
-# cores (a `predict` alone gives a GPU all but 3 of them, `hostwork.feature_helpers`).
-RUN_FEATURE_HELPERS = 4
+# Host cores a run's GPU fold worker gives its feature helpers when not configured: the
+# searches use the cores (`predict` alone gives a GPU all but 3 of them). 7 -> 4 helpers.
+RUN_HELPER_CORES = 7
 # A target whose batch failed this many times fails itself: a batch that kills any worker it
 # is given (say, a target too large for the host's memory) must not take them all out.
 _TRIES = 2
@@ -104,8 +104,8 @@ class Scheduler:
 
     def run(self) -> None:
         model = self.settings.model
-        if model.host_workers is None:  # the searches share these cores: a few helpers
-            model = replace(model, host_workers=RUN_FEATURE_HELPERS)
+        if model.helper_cores is None:  # the searches use the cores: a few feature helpers
+            model = replace(model, helper_cores=RUN_HELPER_CORES)
         spec = FoldWorkerSpec(self.settings.params_dir, model)
         if self.ready or self.pending:
             self.idle = list(self.executor.start_fold_workers(spec))

@@ -52,7 +52,8 @@ class ModelSettings:
     `max_batch` caps proteins per forward pass (the memory model may choose fewer); the CPU
     runs one at a time unless `force_batch` (it gains nothing from batching). `host_workers`
     processes features and `write_workers` write files in background processes (None: auto,
-    0: inline in the calling thread); `device_memory_bytes` overrides the device's reported
+    0: inline in the calling thread; auto on a GPU gives feature processing the
+    `helper_cores` a worker may use, all of its process's if None); `device_memory_bytes` overrides the device's reported
     memory for the batch-size model. `compile_ahead` threads compile the executables a `fold`
     call will need, in the order it needs them, while earlier shapes run (a full-model compile
     takes ~25-29 s per shape on a GPU, which would otherwise leave the device idle); 0 compiles
@@ -84,6 +85,7 @@ class ModelSettings:
     force_batch: bool = False
     host_workers: int | None = None
     write_workers: int | None = None
+    helper_cores: int | None = None
     device_memory_bytes: int | None = None
     executable_cache: bool = False  # experimental until checked on a GPU (fused-kernel calls)
     compile_ahead: int = 1
@@ -115,6 +117,8 @@ class ModelSettings:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InputError(f"{name} must be >= 0, got {value}")
+        if self.helper_cores is not None and self.helper_cores < 1:
+            raise InputError(f"helper_cores must be >= 1, got {self.helper_cores}")
         if self.compile_ahead < 0:
             raise InputError(f"compile_ahead must be >= 0, got {self.compile_ahead}")
         if self.compile_cost_s is not None and self.compile_cost_s < 0:

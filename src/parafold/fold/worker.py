@@ -158,7 +158,7 @@ class FoldWorker:
         # a GPU predicts one every ~90 ms in batches
         self.pools = HostPools(
             auto_workers(settings.host_workers, platform,
-                         gpu_default=feature_helpers(host_cores())),
+                         gpu_default=feature_helpers(settings.helper_cores or host_cores())),
             auto_workers(settings.write_workers, platform, gpu_default=2))
         self._meter = BusyMeter()
         self._wall_s = 0.0
