@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NoReturn
 
 __all__ = ["die_with_parent", "helper_process_init", "exit_interrupted", "EXIT_INTERRUPTED"]
 
@@ -41,7 +42,7 @@ def helper_process_init() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def exit_interrupted() -> None:
+def exit_interrupted() -> NoReturn:
     """End this process now, after Ctrl-C, without waiting for threads: a model compile in a
     background thread (~30 s on a GPU) would hold up a normal exit. Everything written is
     already complete (files are renamed into place); the rest is redone on the next run."""

@@ -220,4 +220,3 @@ def fold_in_process(params_dir: Path, settings: Any, kind: str,
                                                                              out_root)
     except KeyboardInterrupt:
         exit_interrupted()
-        raise  # not reached
