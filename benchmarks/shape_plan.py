@@ -27,11 +27,13 @@ import argparse
 import json
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
+from parafold.featureset import FeatureSet
 from parafold.fold.buckets import merge_targets, shape_key
-from parafold.fold.costs import ShapeCosts, shape_costs
+from parafold.fold.costs import ShapeCosts, cut_by_cost, shape_costs
 from parafold.fold.settings import ModelSettings
 from parafold.fold.synthetic import random_sequence
 from parafold.fold.workmodel import shape_flops
@@ -92,23 +94,20 @@ def pipelined_s(run_s: list[float], compile_s: float) -> float:
     return device
 
 
-def array_plan(proteins: list[tuple[int, int]], settings: ModelSettings, costs: ShapeCosts,
+def array_plan(proteins: list[tuple[int, int]], settings: ModelSettings, platform: str,
                shards: int, *, by_shape: bool) -> dict[str, float]:
     """Compiles and modelled times of N tasks, each planning its own part like a worker."""
-    model = settings.model_names[0]
-    indexed = list(enumerate(proteins))
-
-    def own(item: tuple[int, tuple[int, int]]) -> object:
-        return shape_key(item[1][0], item[1][1], model, settings)
-
-    tasks = []
-    for k in range(shards):
-        part = Shard(k, shards)
-        mine = (part.by_work(indexed, order=lambda it: (own(it), it[1][0], it[0]),
-                             work=lambda it: costs.run_s(own(it)))
-                if by_shape else part.by_hash(indexed, key=lambda it: str(it[0])))
-        tasks.append(plan([p for _, p in mine], settings, costs, merge=True) if mine else
-                     {"shapes": 0, "pipelined_s": 0.0})
+    sets = [FeatureSet(name=f"{i:07d}", target_id=str(i), sequence="A" * length,
+                       path=Path("."), msa_depth=rows, num_templates=0)
+            for i, (length, rows) in enumerate(proteins)]
+    if by_shape:  # as `predict --shard` cuts
+        parts = [run.sets for run in cut_by_cost(sets, shards, settings, platform)]
+    else:
+        parts = [Shard(k, shards).by_hash(sets, key=lambda fs: fs.target_id)
+                 for k in range(shards)]
+    costs = shape_costs(settings, platform)
+    tasks = [plan([(fs.length, fs.msa_depth) for fs in part], settings, costs, merge=True)
+             if part else {"shapes": 0, "pipelined_s": 0.0} for part in parts]
     slowest = max(t["pipelined_s"] for t in tasks)
     return {"compiles": sum(t["shapes"] for t in tasks),
             "most_in_a_task": max(t["shapes"] for t in tasks),
@@ -150,7 +149,8 @@ def main() -> None:
             for label, merge in (("no merges", False), ("merges (default)", True))}
     if args.shards:
         for label, by_shape in (("array, cut by shape", True), ("array, cut at random", False)):
-            rows[label] = array_plan(proteins, base, costs, args.shards, by_shape=by_shape)
+            rows[label] = array_plan(proteins, base, args.platform, args.shards,
+                                     by_shape=by_shape)
     width = max(len(k) for k in rows)
     for label, row in rows.items():
         print(f"{label:<{width}}  " + "  ".join(f"{k} {v}" for k, v in row.items()))

@@ -21,7 +21,7 @@ from parafold.cli import app  # noqa: E402
 from parafold.errors import InputError  # noqa: E402
 from parafold.featureset import FeatureSet, read_feature_set, write_feature_set  # noqa: E402
 from parafold.inputs import read_targets, sequence_hash  # noqa: E402
-from parafold.shards import Shard  # noqa: E402
+from parafold.shards import Shard, cut_by_work  # noqa: E402
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -71,13 +71,12 @@ def test_work_shards_are_runs_of_the_order_with_about_equal_work():
     order = sorted(items, key=lambda it: it[1])
     total, biggest = sum(w for _, w in items), max(w for _, w in items)
     for count in (1, 2, 4, 9):
-        parts = [Shard(k, count).by_work(items, order=lambda it: it[1], work=lambda it: it[1])
-                 for k in range(count)]
+        parts = cut_by_work(items, count, order=lambda it: it[1], work=lambda it: it[1])
         assert [it for part in parts for it in part] == order, count  # runs, in order, all
         for part in parts:
             assert abs(sum(w for _, w in part) - total / count) <= biggest, count
     # work that cannot be priced: every item weighs the same
-    unpriced = Shard(0, 2).by_work(items, order=lambda it: it[1], work=lambda it: float("inf"))
+    unpriced = cut_by_work(items, 2, order=lambda it: it[1], work=lambda it: float("inf"))[0]
     assert unpriced == order[:50] or unpriced == order[:51]
 
 
@@ -85,15 +84,14 @@ def test_a_pinned_plan_leaves_no_target_between_tasks_when_the_set_grows(tmp_pat
     first, grown = list(range(1, 11)), list(range(1, 15))  # 4 more sets after task 0 started
     order = {"order": lambda i: i, "work": lambda i: 1.0}
     # unpinned, the cut moves: 6 and 7 fall between task 0's old range and task 1's new one
-    unpinned = set(Shard(0, 2).by_work(first, **order)) | set(Shard(1, 2).by_work(grown, **order))
+    unpinned = set(cut_by_work(first, 2, **order)[0]) | set(cut_by_work(grown, 2, **order)[1])
     assert unpinned == set(grown) - {6, 7}
 
     plan = tmp_path / "plan" / "predict-2.json"
 
     def task(k: int, items: list[int]) -> tuple[list[int], str]:
         return Shard(k, 2).pinned(plan, items, name=str,
-                                  cut=lambda: [Shard(j, 2).by_work(items, **order)
-                                               for j in range(2)])
+                                  cut=lambda: cut_by_work(items, 2, **order))
 
     zero, how = task(0, first)
     assert zero == [1, 2, 3, 4, 5] and "a new plan" in how
@@ -197,10 +195,11 @@ def test_predict_shards_are_runs_of_shapes_so_each_compiles_few():
     own = {fs.name: shape_key(fs.length, fs.msa_depth, "model_1_ptm", settings) for fs in sets}
     count = 4
     cut = cut_by_cost(sets, count, settings, "gpu")
-    parts = [part for part, _ in cut]
+    parts = [run.sets for run in cut]
     by_hash = [Shard(k, count).by_hash(sets, key=lambda fs: fs.name) for k in range(count)]
     work = [sum(costs.run_s(own[fs.name]) for fs in part) for part in parts]
-    assert work == pytest.approx([w for _, w in cut])
+    assert work == pytest.approx([run.seconds for run in cut])
+    assert [run.shapes for run in cut] == [frozenset(own[fs.name] for fs in p) for p in parts]
     biggest = max(costs.run_s(k) for k in own.values())
     assert sorted(fs.name for part in parts for fs in part) == sorted(own)
     shapes = len(set(own.values()))

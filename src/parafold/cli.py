@@ -153,8 +153,7 @@ def features_cmd(
         raise typer.Exit(2) from exc
     targets, problems = list(parsed.targets), list(parsed.problems)
     if part is not None:
-        targets = part.by_hash(targets, key=lambda t: t.sequence_hash)
-        problems = problems if part.reports_shared else []  # told once, by shard 0
+        targets, problems = part.own_targets(targets), part.problems_to_tell(problems)
         typer.echo(f"{part}: {len(targets)} of the input's {len(parsed.targets)} targets")
     for problem in problems:
         typer.echo(f"input problem: {problem}", err=True)
@@ -341,8 +340,8 @@ def predict(
         chosen = parse_gpus(gpus)
         devices = detect_gpus() if chosen is None else chosen
         sets, problems = collect_feature_sets(features, trust_pickles=trust_pickles)
-        if part is not None and not part.reports_shared:
-            problems = []  # told once, by shard 0
+        if part is not None:
+            problems = part.problems_to_tell(problems)
         for problem in problems:
             log.error("%s", problem)
         if not sets:
@@ -357,8 +356,8 @@ def predict(
             sets, how = part.pinned(
                 out / ".parafold-shards" / f"predict-{part.count}.json", every,
                 name=lambda fs: fs.name,
-                cut=lambda: [p for p, _ in cut_by_cost(every, part.count, settings,
-                                                       "gpu" if devices else "cpu")])
+                cut=lambda: [run.sets for run in cut_by_cost(every, part.count, settings,
+                                                             "gpu" if devices else "cpu")])
             typer.echo(how)
         result = predict_on(devices, sets, out, params_dir=params_dir, settings=settings,
                             trust_pickles=trust_pickles, pin=chosen is not None)

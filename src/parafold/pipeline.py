@@ -165,9 +165,9 @@ def _read_input(settings: RunSettings) -> tuple[list[Target], list[InputProblem]
     shard = settings.shard
     if shard is None:
         return targets, problems
-    mine = shard.by_hash(targets, key=lambda t: t.sequence_hash)
+    mine = shard.own_targets(targets)
     logger.info("%s: %d of the input's %d targets", shard, len(mine), len(targets))
-    return mine, problems if shard.reports_shared else []
+    return mine, shard.problems_to_tell(problems)
 
 
 def _databases(settings: RunSettings) -> Any:

@@ -10,8 +10,8 @@ Two ways to cut:
 * `by_hash` (searches): a target goes where a hash of its key (its sequence) sends it. Identical
   sequences land in one shard and are searched once; a record added to the input moves nobody
   else.
-* `by_work` (GPU stage): targets sorted by shape, cut into N runs of about equal modelled device
-  work. Each GPU task then compiles only the few shapes of its own range instead of every shape
+* `cut_by_work` (GPU stage, `costs.cut_by_cost`): targets sorted by shape, cut into N runs of
+  about equal modelled device work. Each GPU task then compiles only the few shapes of its own range instead of every shape
   of the set. The cuts depend on the whole set, so the first task to start pins them in a plan
   file that every later task reads (`pinned`): a set that grew in between (a features task
   rerun late) cannot leave a target between two tasks' ranges; targets the plan does not know
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from parafold.errors import InputError
+from parafold.inputs import Target
 from parafold.store import atomic_write_json, file_lock, read_json
 
 __all__ = ["Shard", "cut_by_work"]
@@ -74,14 +75,17 @@ class Shard:
         feature folders): one task does, so each problem is told once."""
         return self.index == 0
 
+    def problems_to_tell(self, problems: Sequence[T]) -> list[T]:
+        """The problems this shard reports: all of them in shard 0, none elsewhere."""
+        return list(problems) if self.reports_shared else []
+
+    def own_targets(self, targets: Sequence[Target]) -> list[Target]:
+        """This shard's targets of the input: split by sequence, so twins stay together."""
+        return self.by_hash(targets, key=lambda t: t.sequence_hash)
+
     def by_hash(self, items: Sequence[T], key: Callable[[T], str]) -> list[T]:
         """The items whose key hashes to this shard, in their order."""
         return [item for item in items if _bucket(key(item), self.count) == self.index]
-
-    def by_work(self, items: Sequence[T], *, order: Callable[[T], Any],
-                work: Callable[[T], float]) -> list[T]:
-        """This shard's run of `cut_by_work`."""
-        return cut_by_work(items, self.count, order=order, work=work)[self.index]
 
     def pinned(self, plan_file: Path, items: Sequence[T], *, name: Callable[[T], str],
                cut: Callable[[], list[list[T]]]) -> tuple[list[T], str]:
@@ -126,6 +130,7 @@ def cut_by_work(items: Sequence[T], count: int, *, order: Callable[[T], Any],
         parts[min(count - 1, int((before + weight / 2) * count / total))].append(item)
         before += weight
     return parts
+
 
 def _bucket(key: Hashable, count: int) -> int:
     """A stable shard number for `key` (Python's `hash` of a string changes per process)."""

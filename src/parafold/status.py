@@ -113,10 +113,11 @@ def combined_lines(statuses: list[RunStatus]) -> list[str]:
     done = sum(st.counts[State.DONE] for st in statuses)
     failed = sum(st.counts[State.FAILED] for st in statuses)
     total = sum(st.total for st in statuses)
+    to_go = sum(st.remaining for st in statuses)
     live = sum(st.live for st in statuses)
     rates = [st.proteins_per_hour for st in statuses if st.live and st.proteins_per_hour]
-    line = (f"all {len(statuses)}: {done}/{total} done, {failed} failed, {total - done - failed} "
-            f"to go; {live} running")
+    line = (f"all {len(statuses)}: {done}/{total} done, {failed} failed, {to_go} to go; "
+            f"{live} running")
     if rates:
         line += f" ({sum(rates):.0f} proteins/hour together)"
     out.append(line)

@@ -30,7 +30,7 @@ from parafold.engine.base import FoldWorkerHandle, FoldWorkerSpec
 from parafold.engine.jobs import FoldBatchResult
 from parafold.errors import PipelineError
 from parafold.featureset import FeatureSet
-from parafold.fold.buckets import ShapeKey, shape_key
+from parafold.fold.buckets import ShapeKey
 from parafold.fold.costs import cut_by_cost, shape_costs
 from parafold.fold.hostwork import host_cores
 from parafold.fold.settings import ModelSettings
@@ -149,14 +149,12 @@ def fold_on_devices(feature_sets: Sequence[FeatureSet], out_root: Path,
         raise ValueError("no fold workers")
     platform = workers[0].platform
     compile_s = shape_costs(settings, platform).compile_s
-    model = settings.model_names[0]
     lanes = [_Lane(w) for w in workers]
     cut = cut_by_cost(feature_sets, len(workers) * runs_per_device, settings, platform)
-    for i, (part, work) in enumerate(cut):  # equal work per lane, as cut
-        if part:
-            shapes = frozenset(shape_key(fs.length, fs.msa_depth, model, settings)
-                               for fs in part)
-            lanes[i // runs_per_device].queue.append(_Run(list(part), work, shapes))
+    for i, part in enumerate(cut):  # equal work per lane, as cut
+        if part.sets:
+            lanes[i // runs_per_device].queue.append(
+                _Run(list(part.sets), part.seconds, part.shapes))
     log.info("%d feature sets in %d runs of the shape order on %d devices", len(feature_sets),
              sum(len(lane.queue) for lane in lanes), len(lanes))
     outcomes: dict[str, FoldOutcome] = {}

@@ -37,7 +37,7 @@ from parafold.shards import cut_by_work
 if TYPE_CHECKING:
     from parafold.featureset import FeatureSet
 
-__all__ = ["ShapeCosts", "shape_costs", "cut_by_cost"]
+__all__ = ["ShapeCosts", "shape_costs", "CostRun", "cut_by_cost"]
 
 # (platform, config size) -> (seconds to compile one shape of one family, matmul FLOP/s)
 _MEASURED: dict[tuple[str, str], tuple[float, float]] = {
@@ -86,15 +86,26 @@ def shape_costs(settings: ModelSettings, platform: str) -> ShapeCosts:
                       iterations=settings.num_iterations, config_size=settings.config_size)
 
 
+@dataclass(frozen=True, slots=True)
+class CostRun:
+    """A stretch of the shape order: its feature sets, their modelled device seconds, and the
+    own shapes (first model) they fall in."""
+
+    sets: list[FeatureSet]
+    seconds: float
+    shapes: frozenset[ShapeKey]
+
+
 def cut_by_cost(feature_sets: Sequence[FeatureSet], count: int, settings: ModelSettings,
-                platform: str) -> list[tuple[list[FeatureSet], float]]:
+                platform: str) -> list[CostRun]:
     """The sets sorted by the shape of their own bucket (first model) and cut into `count`
-    runs of about equal modelled device time, each with that time: a run's shapes are
-    neighbours, so a worker given one compiles few of them (job-array shards, devices)."""
+    runs of about equal modelled device time: a run's shapes are neighbours, so a worker
+    given one compiles few of them (job-array shards, devices)."""
     costs = shape_costs(settings, platform)
     model = settings.model_names[0]
     keys = {fs.name: shape_key(fs.length, fs.msa_depth, model, settings) for fs in feature_sets}
     seconds = {key: costs.run_s(key) for key in set(keys.values())}
     parts = cut_by_work(feature_sets, count, order=lambda fs: (keys[fs.name], fs.length, fs.name),
                         work=lambda fs: seconds[keys[fs.name]])
-    return [(part, sum(seconds[keys[fs.name]] for fs in part)) for part in parts]
+    return [CostRun(part, sum(seconds[keys[fs.name]] for fs in part),
+                    frozenset(keys[fs.name] for fs in part)) for part in parts]

@@ -53,8 +53,8 @@ class ModelSettings:
     runs one at a time unless `force_batch` (it gains nothing from batching). `host_workers`
     processes features and `write_workers` write files in background processes (None: auto,
     0: inline in the calling thread; auto on a GPU gives feature processing the
-    `helper_cores` a worker may use, all of its process's if None); `device_memory_bytes` overrides the device's reported
-    memory for the batch-size model. `compile_ahead` threads compile the executables a `fold`
+    `helper_cores` a worker may use, all of its process's if None); `device_memory_bytes`
+    overrides the device's reported memory for the batch-size model. `compile_ahead` threads compile the executables a `fold`
     call will need, in the order it needs them, while earlier shapes run (a full-model compile
     takes ~25-29 s per shape on a GPU, which would otherwise leave the device idle); 0 compiles
     each shape when the loop reaches it; more than one thread slows each compile on a GPU
