@@ -107,3 +107,38 @@ def test_local_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
     while _alive(worker):
         assert time.time() < deadline, "worker outlived its SIGKILLed parent"
         time.sleep(0.1)
+
+
+def _sleep_after_writing_pid(path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(60)
+
+
+def test_ctrl_c_interrupts_a_running_job_and_ends_idle_workers_quietly(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C reaches every process of the group. A worker running a search must still get a
+    KeyboardInterrupt (that is how a search kills its tool, which runs in its own session); an
+    idle worker used to die with a traceback of multiprocessing's queue internals."""
+    pid_file = tmp_path / "busy.pid"
+    ex = make_executor("local", cpus=2, gpus=())
+    with ex:
+        busy = ex.submit(_sleep_after_writing_pid, str(pid_file), resources=Resources())
+        deadline = time.time() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.time() < deadline, "the job never started"
+            time.sleep(0.1)
+        busy_pid = int(pid_file.read_text())
+        idle_pid, _ = ex.submit(_pid_and_square, 3, resources=Resources()).result(timeout=120)
+        assert idle_pid != busy_pid
+        os.kill(busy_pid, signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            busy.result(timeout=30)
+        assert _alive(busy_pid)  # interrupted its job, not killed
+        for pid in (idle_pid, busy_pid):  # both idle now
+            os.kill(pid, signal.SIGINT)
+        deadline = time.time() + 30
+        while _alive(idle_pid) or _alive(busy_pid):
+            assert time.time() < deadline, "an idle worker ignored Ctrl-C"
+            time.sleep(0.1)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
-__all__ = ["die_with_parent", "helper_process_init", "exit_interrupted", "EXIT_INTERRUPTED"]
+__all__ = ["die_with_parent", "helper_process_init", "exit_interrupted", "EXIT_INTERRUPTED",
+           "quiet_interrupt_when_idle", "run_job"]
+
+R = TypeVar("R")
+_jobs_running = 0  # in this pool worker process
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
@@ -53,3 +58,34 @@ def exit_interrupted() -> NoReturn:
         with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe
             stream.flush()
     os._exit(EXIT_INTERRUPTED)
+
+
+def quiet_interrupt_when_idle() -> None:
+    """Install in a pool worker process: Ctrl-C reaches the whole process group, so an idle
+    worker, blocked on the pool's queue, would die with a traceback of multiprocessing's
+    internals on the user's terminal. Idle, it now ends quietly; inside a job (`run_job`)
+    Ctrl-C is still a KeyboardInterrupt, which a search uses to kill its tool's process group
+    (the tool runs in its own session and gets no terminal signal). A worker whose parent
+    ignores SIGINT (a background job of a script) keeps ignoring it."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        if _jobs_running:
+            raise KeyboardInterrupt
+        exit_interrupted()
+
+    signal.signal(signal.SIGINT, on_interrupt)
+
+
+def run_job(fn: Callable[..., R], *args: object) -> R:
+    """Run a pool job marked as running: Ctrl-C interrupts it instead of ending the process
+    (see `quiet_interrupt_when_idle`)."""
+    global _jobs_running
+    _jobs_running += 1
+    try:
+        return fn(*args)
+    finally:
+        _jobs_running -= 1

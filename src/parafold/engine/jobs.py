@@ -20,7 +20,7 @@ from typing import Any
 from parafold.errors import PipelineError
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
-from parafold.lifecycle import die_with_parent, exit_interrupted
+from parafold.lifecycle import die_with_parent, exit_interrupted, quiet_interrupt_when_idle
 
 __all__ = ["SearchOutcome", "FoldBatchResult", "FoldSlot", "search_job", "search_batch_job",
            "plots_job", "describe_error", "worker_label"]
@@ -183,12 +183,14 @@ _PROCESS_SLOT: FoldSlot | None = None
 
 def init_worker_process(env: dict[str, str], log_level: int = logging.WARNING) -> None:
     """Process-pool initializer: pin the device (before anything imports jax), log like the
-    parent (a spawned process starts with no logging set up), and die with the parent."""
+    parent (a spawned process starts with no logging set up), die with the parent, and end
+    quietly on Ctrl-C while idle."""
     os.environ.update(env)
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s")
     logging.getLogger("absl").setLevel(max(log_level, logging.WARNING))
     die_with_parent()
+    quiet_interrupt_when_idle()
 
 
 def _process_slot(params_dir: Path, settings: Any, kind: str,

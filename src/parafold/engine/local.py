@@ -28,6 +28,7 @@ from parafold.engine.base import (
 )
 from parafold.engine.jobs import fold_in_process, init_worker_process, warm_in_process
 from parafold.errors import InputError
+from parafold.lifecycle import run_job
 
 __all__ = ["LocalExecutor"]
 
@@ -113,14 +114,14 @@ class LocalExecutor(Executor):
 
     def submit(self, fn: Callable[..., R], *args: Any, resources: Resources) -> JobHandle[R]:
         try:
-            future = self._cpu_pool().submit(fn, *args)
+            future = self._cpu_pool().submit(run_job, fn, *args)
         except BrokenProcessPool:
             # A worker died (killed, out of memory): its jobs failed; later ones get a new pool.
             logger.warning("a search worker died; starting a new process pool")
             assert self._pool is not None
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-            future = self._cpu_pool().submit(fn, *args)
+            future = self._cpu_pool().submit(run_job, fn, *args)
         return JobHandle(future, label=getattr(fn, "__name__", "job"))
 
     def cpu_capacity(self) -> int:
