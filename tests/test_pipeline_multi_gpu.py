@@ -397,7 +397,7 @@ class _AutoFoldWorker:
         self.released += 1
 
 
-def _run_with_workers(tmp_path: Path, workers: list[_AutoFoldWorker],
+def _run_with_workers(tmp_path: Path, params: Path, workers: list[_AutoFoldWorker],
                       specs: list[Any] | None = None) -> tuple[object, Path]:
     """`parafold run` of four single-sequence targets (two shapes) on these fold workers, in a
     thread: a run that hangs fails the test instead of blocking it. The worker spec the run
@@ -418,7 +418,7 @@ def _run_with_workers(tmp_path: Path, workers: list[_AutoFoldWorker],
     (tmp_path / "in.fasta").write_text("".join(
         f">t{i}\n{'MKVLAAGIVG' * (4 + 2 * (i // 2))}\n" for i in range(4)))
     out = tmp_path / "out"
-    settings = RunSettings(input=tmp_path / "in.fasta", out=out, params_dir=tmp_path,
+    settings = RunSettings(input=tmp_path / "in.fasta", out=out, params_dir=params,
                            search=SearchSettings(msa_mode="single_sequence"),
                            model=ModelSettings(config_size="tiny", models=(1,)),
                            engine="inline", max_batch=2, max_wait_s=0.0, progress=False,
@@ -433,7 +433,7 @@ def _run_with_workers(tmp_path: Path, workers: list[_AutoFoldWorker],
     return result[0], out
 
 
-def test_a_runs_fold_worker_leaves_the_cores_to_the_searches(tmp_path: Path) -> None:
+def test_a_runs_fold_worker_leaves_the_cores_to_the_searches(tmp_path: Path, tiny_params: Path) -> None:
     """Unconfigured, a run's GPU fold worker gets 4 feature helpers (`predict` alone would
     give it all cores but 3): the searches of the same run use the cores. On the CPU it still
     processes inline."""
@@ -441,7 +441,7 @@ def test_a_runs_fold_worker_leaves_the_cores_to_the_searches(tmp_path: Path) -> 
 
     specs: list[Any] = []
     summary: Any
-    summary, _ = _run_with_workers(tmp_path, [_AutoFoldWorker("gpu0")], specs)
+    summary, _ = _run_with_workers(tmp_path, tiny_params, [_AutoFoldWorker("gpu0")], specs)
     assert summary.exit_code == 0, summary.lines()
     (spec,) = specs
     model = spec.settings
@@ -450,13 +450,13 @@ def test_a_runs_fold_worker_leaves_the_cores_to_the_searches(tmp_path: Path) -> 
     assert auto_workers(None, "cpu", gpu_default=4) == 0
 
 
-def test_a_worker_that_cannot_start_is_retired(tmp_path: Path) -> None:
+def test_a_worker_that_cannot_start_is_retired(tmp_path: Path, tiny_params: Path) -> None:
     """One of two fold workers fails to start (its device is broken): the other does every
     target, the run exits 0, and the ledger says which worker was retired and why."""
     broken = _AutoFoldWorker("gpu0", RuntimeError("no CUDA device visible"))
     healthy = _AutoFoldWorker("gpu1")
     summary: Any
-    summary, out = _run_with_workers(tmp_path, [broken, healthy])
+    summary, out = _run_with_workers(tmp_path, tiny_params, [broken, healthy])
 
     assert summary.exit_code == 0 and summary.done == summary.predicted == 4, summary.lines()
     assert sorted(n for b in healthy.batches for n in b) == ["t0", "t1", "t2", "t3"]
@@ -470,12 +470,12 @@ def test_a_worker_that_cannot_start_is_retired(tmp_path: Path) -> None:
     assert (broken.released, healthy.released) == (1, 0)
 
 
-def test_no_worker_left_fails_every_target_and_ends_the_run(tmp_path: Path) -> None:
+def test_no_worker_left_fails_every_target_and_ends_the_run(tmp_path: Path, tiny_params: Path) -> None:
     """The only fold worker fails to start: every target fails with the cause, and the run
     ends with exit 1 instead of waiting for a worker that will never come."""
     summary: Any
     summary, out = _run_with_workers(
-        tmp_path, [_AutoFoldWorker("gpu0", RuntimeError("no CUDA device visible"))])
+        tmp_path, tiny_params, [_AutoFoldWorker("gpu0", RuntimeError("no CUDA device visible"))])
 
     assert summary.exit_code == 1 and summary.done == 0, summary.lines()
     assert sorted(f.name for f in summary.failures) == ["t0", "t1", "t2", "t3"]
@@ -485,12 +485,12 @@ def test_no_worker_left_fails_every_target_and_ends_the_run(tmp_path: Path) -> N
         assert [(e.worker, e.kind) for e in ledger.worker_events()] == [("gpu0", "retired")]
 
 
-def test_no_search_starts_once_no_worker_is_left(tmp_path: Path) -> None:
+def test_no_search_starts_once_no_worker_is_left(tmp_path: Path, tiny_params: Path) -> None:
     """Once the last fold worker is out of rotation, queued targets fail at once: none of them
     is searched first (a search can take hours, and its features could never be folded)."""
     summary: Any
     summary, out = _run_with_workers(
-        tmp_path, [_AutoFoldWorker("gpu0", RuntimeError("no CUDA device visible"))])
+        tmp_path, tiny_params, [_AutoFoldWorker("gpu0", RuntimeError("no CUDA device visible"))])
 
     assert summary.exit_code == 1 and summary.done == 0, summary.lines()
     with Ledger(out, readonly=True) as ledger:
@@ -529,7 +529,7 @@ def test_batches_that_kill_any_worker_do_not_retire_the_last_one(tmp_path: Path)
         assert not ledger.worker_events()
 
 
-def test_a_worker_whose_process_died_while_idle_is_restarted(tmp_path: Path) -> None:
+def test_a_worker_whose_process_died_while_idle_is_restarted(tmp_path: Path, tiny_params: Path) -> None:
     """Handing a batch to a fold process that died while idle raises at once
     (BrokenProcessPool): that batch is a failed one, the worker is restarted and redoes it;
     the run does not crash."""
@@ -550,7 +550,7 @@ def test_a_worker_whose_process_died_while_idle_is_restarted(tmp_path: Path) -> 
 
     worker = DiesOnce("gpu0")
     summary: Any
-    summary, _ = _run_with_workers(tmp_path, [worker])
+    summary, _ = _run_with_workers(tmp_path, tiny_params, [worker])
     assert summary.exit_code == 0 and summary.done == 4, summary.lines()
     assert worker.restarts == 1
     assert sorted(n for b in worker.batches for n in b) == ["t0", "t1", "t2", "t3"]

@@ -98,10 +98,14 @@ def test_ctrl_c_is_recorded_as_exit_code_130(tmp_path: Path, monkeypatch) -> Non
     def executor(_settings: RunSettings) -> Iterator[SimpleNamespace]:
         yield SimpleNamespace(describe=lambda: "stub executor")
 
+    from parafold.fold.params import write_random_params
+
     monkeypatch.setattr(pipeline, "Scheduler", InterruptedScheduler)
     (tmp_path / "in.fasta").write_text(">t1\nMKVLAAGIVG\n")
+    write_random_params(tmp_path / "params", ModelSettings(config_size="tiny", models=(1,)))
     settings = RunSettings(input=tmp_path / "in.fasta", out=tmp_path / "out",
-                           params_dir=tmp_path, search=SearchSettings(msa_mode="single_sequence"),
+                           params_dir=tmp_path / "params",
+                           search=SearchSettings(msa_mode="single_sequence"),
                            model=ModelSettings(config_size="tiny", models=(1,)), plots=False)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(settings, executor_factory=executor)
@@ -109,3 +113,36 @@ def test_ctrl_c_is_recorded_as_exit_code_130(tmp_path: Path, monkeypatch) -> Non
         (run,) = ledger.runs()
     assert run.exit_code == 130 and run.ended_at is not None
     assert pipeline.EXIT_INTERRUPTED == 130
+
+
+def test_missing_params_stop_the_run_before_any_search(tmp_path: Path) -> None:
+    """Searches take hours per protein on real databases: params that cannot be loaded must
+    stop `run` at its start (naming every file at fault), not after the first search."""
+    import pytest
+
+    import parafold.pipeline as pipeline
+    from parafold.errors import ParamsError
+    from parafold.fold.params import params_path, write_random_params
+    from parafold.search.settings import SearchSettings
+
+    params = tmp_path / "params"
+    write_random_params(params, ModelSettings(config_size="tiny", models=(1,)))
+    params_path(params, "model_3_ptm").write_text("not an archive")
+    (tmp_path / "in.fasta").write_text(">t1\nMKVLAAGIVG\n")
+
+    def no_executor(_settings: RunSettings) -> None:
+        raise AssertionError("the run started its workers")
+
+    settings = RunSettings(input=tmp_path / "in.fasta", out=tmp_path / "out", params_dir=params,
+                           search=SearchSettings(msa_mode="single_sequence"),
+                           model=ModelSettings(config_size="tiny", models=(1, 2, 3)),
+                           plots=False)
+    with pytest.raises(ParamsError) as caught:
+        pipeline.run_pipeline(settings, executor_factory=no_executor)
+    message = str(caught.value)
+    assert "params_model_2_ptm.npz: missing" in message
+    assert "params_model_3_ptm.npz: not an npz archive" in message
+    assert "model_1_ptm" not in message
+    with Ledger(settings.out, readonly=True) as ledger:
+        (run,) = ledger.runs()
+    assert run.exit_code == 2

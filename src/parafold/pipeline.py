@@ -335,6 +335,10 @@ def _run(settings: RunSettings, ledger: Ledger, run_id: int, started: float,
     plan = _reconcile(ledger, targets, settings, databases)
     if plan.to_search and databases is None:
         databases = _databases(settings)  # raises: names what is missing
+    if plan.to_search or plan.ready:
+        from parafold.fold.params import check_params_files
+
+        check_params_files(settings.params_dir, settings.model.model_names)
     logger.info("%d targets: %d done before, %d with features, %d to search, %d failed at start",
                 len(targets), len(plan.done), len(plan.ready), len(plan.to_search),
                 len(plan.failed))

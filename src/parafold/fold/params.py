@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from parafold.fold.config import family_of
 from parafold.fold.settings import ModelSettings
 from parafold.store import atomic_write_json, atomic_writer, read_json
 
-__all__ = ["params_path", "load_params", "expected_shapes", "write_random_params",
+__all__ = ["params_path", "check_params_files", "load_params", "expected_shapes", "write_random_params",
            "read_params_info", "PARAMS_INFO_FILE"]
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,26 @@ Shapes = dict[str, dict[str, tuple[int, ...]]]
 
 def params_path(params_dir: Path, model_name: str) -> Path:
     return Path(params_dir) / "params" / f"params_{model_name}.npz"
+
+
+def check_params_files(params_dir: Path, model_names: Sequence[str]) -> None:
+    """Fail fast on params files that are missing or not npz archives, before a run spends
+    hours on searches whose structures could then not be predicted. Cheap (no array is read):
+    `load_params` still checks every tensor when a worker loads them.
+
+    Raises:
+        ParamsError: naming every file at fault.
+    """
+    problems = []
+    for name in model_names:
+        path = params_path(params_dir, name)
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif not zipfile.is_zipfile(path):
+            problems.append(f"{path}: not an npz archive")
+    if problems:
+        raise ParamsError("; ".join(problems) + " (expected AlphaFold's "
+                          "params/params_<model>.npz layout; --models picks the models)")
 
 
 def read_params_info(params_dir: Path) -> dict[str, Any] | None:
