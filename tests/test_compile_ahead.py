@@ -248,3 +248,43 @@ def test_the_shape_with_the_most_device_work_goes_first(env):
         assert worker.shape_key(first).length == 32
         first = worker.group(sets({20: 1, 34: 1}))[0][0]
         assert worker.shape_key(first).length == 38
+
+
+def test_features_are_submitted_ahead_until_every_helper_has_work(env, tmp_path):
+    """Units of one member (deep MSAs take seconds each to process): before the first launch,
+    the loop has given the feature helpers every unit's work (2 jobs per helper wanted), not
+    just the fixed look-ahead of 2 units, which would leave most helpers idle."""
+    import concurrent.futures as cf
+
+    from parafold.fold.hostwork import HostPools
+    from parafold.fold.synthetic import make_features, random_sequence
+    from parafold.fold.worker import FoldWorker
+
+    root, settings, _, _ = env
+    rng = np.random.default_rng(11)
+    sets = [write_feature_set(tmp_path / "features" / f"s{i}", name=f"s{i}", target_id=f"s{i}",
+                              features=make_features(random_sequence(20, rng), 10, seed=i))
+            for i in range(6)]
+    events: list[str] = []
+
+    class RecordingPool(cf.Executor):  # runs each job at once, noting when it came
+        def submit(self, fn, /, *args, **kwargs):
+            events.append("submit")
+            future: cf.Future = cf.Future()
+            future.set_result(fn(*args, **kwargs))
+            return future
+
+    with FoldWorker(root / "weights", replace(settings, compile_ahead=0, save_raw=False)) as worker:
+        worker.pools = HostPools(feature_workers=4, write_workers=0)
+        worker.pools._features = RecordingPool()
+        launch_unit = worker._launch_unit
+
+        def launch(*args):
+            events.append("launch")
+            return launch_unit(*args)
+
+        worker._launch_unit = launch
+        outcomes = worker.fold(sets, tmp_path / "out")
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert events.count("launch") == 6  # one member per unit on the CPU
+    assert events[:events.index("launch")] == ["submit"] * 6, events
