@@ -249,6 +249,7 @@ _SaveRaw = Annotated[bool, typer.Option("--save-raw", help="Also write result_<m
 _CompileAhead = Annotated[int, typer.Option("--compile-ahead", help="Threads compiling the next shapes while the current ones run (0: compile each shape when first needed; more than 1 slows each compile on a GPU).")]
 _CompileCost = Annotated[float | None, typer.Option("--compile-cost", help="Seconds one compile is worth: a group of targets runs in a bigger shape that runs anyway (a deeper MSA bucket of its length, or a longer bucket within --merge-max-waste) when its extra device time there is less (default: the figure measured for the GPU or CPU; 0: never).")]
 _MergeMaxWaste = Annotated[float, typer.Option("--merge-max-waste", help="Most padding a merged target's length may get (fraction of the bucket).")]
+_ModelsToRelax = Annotated[str, typer.Option("--models-to-relax", help="Amber-relax predictions once written, as AlphaFold does: none (default: relaxing takes seconds to minutes of CPU a structure, far more than its prediction on a GPU), best (AlphaFold's default) or all. Writes relaxed_<model>.pdb, ranked_N.pdb/.cif from the relaxed structure and relax_metrics.json. `parafold relax` does it later, on CPU nodes.")]
 
 
 def _model_settings(params_dir: Path, *, models: str, config: str | None,
@@ -309,6 +310,7 @@ def predict(
     compile_ahead: _CompileAhead = 1,
     compile_cost: _CompileCost = None,
     merge_max_waste: _MergeMaxWaste = 0.5,
+    models_to_relax: _ModelsToRelax = "none",
     shard: _Shard = None,
     gpus: Annotated[str, typer.Option(help="GPUs to use: 'all' (default: a fold process on each, every one taking neighbouring shapes), 'none', or ids like 0,1.")] = "all",
 ) -> None:
@@ -335,7 +337,7 @@ def predict(
             use_pallas=pallas, float32=float32, executable_cache=executable_cache,
             save_raw=save_raw, max_batch=max_batch, force_batch=force_batch,
             host_workers=host_workers, compile_ahead=compile_ahead,
-            merge_max_waste=merge_max_waste)
+            merge_max_waste=merge_max_waste, models_to_relax=models_to_relax)
         part = Shard.parse(shard) if shard is not None else None
         chosen = parse_gpus(gpus)
         devices = detect_gpus() if chosen is None else chosen
@@ -378,6 +380,65 @@ def predict(
         typer.echo(f"stats ({where}): "
                    f"{ {k: v for k, v in stats.items() if k != 'compile_spans'} }")
     if failed or problems:
+        raise typer.Exit(1)
+
+
+@app.command("relax")
+def relax_cmd(
+    outs: Annotated[list[Path], typer.Argument(metavar="OUT...", help="Output folders of `predict` or `run`, or target folders.")],
+    models_to_relax: Annotated[str, typer.Option("--models-to-relax", help="best (AlphaFold's default) or all.")] = "best",
+    cpus: Annotated[int, typer.Option(help="Structures relaxed at once, one core each (0: every core).")] = 0,
+    shard: _Shard = None,
+) -> None:
+    """Amber-relax predicted structures on the CPU, after the GPU stage, as AlphaFold does.
+
+    Resumable: models relaxed before are skipped. Exit 0 only if every target relaxed.
+    """
+    from parafold.errors import PipelineError
+    from parafold.fold.hostwork import host_cores
+    from parafold.relax import find_predicted, relax_folders
+    from parafold.shards import Shard
+
+    if models_to_relax not in ("best", "all"):
+        raise _fail(f"--models-to-relax {models_to_relax!r}: expected best or all")
+    if cpus < 0:
+        raise _fail(f"--cpus must be >= 0, got {cpus}")
+    try:
+        part = Shard.parse(shard) if shard is not None else None
+    except PipelineError as exc:
+        raise _fail(str(exc)) from exc
+    folders, unpredicted = find_predicted(outs)
+    if not folders:
+        raise _fail("no predicted targets (folders with ranking_debug.json) in "
+                    + ", ".join(str(o) for o in outs))
+    if part is not None:
+        folders = part.by_hash(folders, key=lambda f: f.name)
+    if unpredicted and (part is None or part.reports_shared):
+        typer.echo(f"{len(unpredicted)} target folder(s) not predicted yet, left alone: "
+                   + ", ".join(f.name for f in unpredicted[:5])
+                   + (" ..." if len(unpredicted) > 5 else ""), err=True)
+
+    def show(result: Any) -> None:
+        if result.error is not None:
+            typer.echo(f"{result.folder.name}\tFAILED: {result.error}")
+        elif result.outcome.relaxed:
+            typer.echo(f"{result.folder.name}\trelaxed {', '.join(result.outcome.relaxed)} "
+                       f"({result.outcome.seconds:.1f} s)")
+        else:
+            typer.echo(f"{result.folder.name}\talready relaxed")
+
+    processes = min(len(folders), cpus or host_cores())
+    try:
+        results = relax_folders(folders, models_to_relax, processes=processes, on_result=show)
+    except KeyboardInterrupt:
+        from parafold.lifecycle import exit_interrupted
+
+        typer.echo("interrupted; rerun the same command to resume (relaxed models are kept)",
+                   err=True)
+        exit_interrupted()
+    failed = sum(1 for r in results if r.error is not None)
+    typer.echo(f"{len(results) - failed}/{len(results)} targets relaxed")
+    if failed:
         raise typer.Exit(1)
 
 
@@ -453,6 +514,7 @@ def run_cmd(
     compile_ahead: _CompileAhead = 1,
     compile_cost: _CompileCost = None,
     merge_max_waste: _MergeMaxWaste = 0.5,
+    models_to_relax: _ModelsToRelax = "none",
     max_batch: Annotated[int, typer.Option(help="Most same-shape proteins handed to a GPU worker at once (and per forward pass).")] = 32,
     max_wait: Annotated[float, typer.Option(help="Seconds a GPU worker waits for a same-shape group to fill.")] = 5.0,
     cache_dir: Annotated[Path | None, typer.Option(help="Search cache folder (default OUT/.cache).")] = None,
@@ -493,7 +555,8 @@ def run_cmd(
                 tolerance=tolerance, compile_cost=compile_cost, model_preset=model_preset,
                 num_recycle=num_recycle, num_seeds=num_seeds, random_seed=random_seed,
                 use_pallas=pallas, float32=float32, save_raw=save_raw, max_batch=max_batch,
-                compile_ahead=compile_ahead, merge_max_waste=merge_max_waste),
+                compile_ahead=compile_ahead, merge_max_waste=merge_max_waste,
+                models_to_relax=models_to_relax),
             cache_dir=cache_dir, cpus=cpus, cpus_per_search=cpus_per_search,
             gpus=parse_gpus(gpus), engine=engine, address=address, max_batch=max_batch,
             max_wait_s=max_wait, progress=progress, plots=not no_plots,

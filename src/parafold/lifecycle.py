@@ -45,6 +45,7 @@ def helper_process_init() -> None:
     die_with_parent()
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OPENMM_CPU_THREADS", "1")  # relaxation (`parafold.relax`)
 
 
 def exit_interrupted() -> NoReturn:

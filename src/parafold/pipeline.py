@@ -28,6 +28,7 @@ from parafold.featureset import MANIFEST_FILE, FeatureSet, read_feature_set
 from parafold.inputs import InputProblem, Target, read_targets
 from parafold.ledger import LEDGER_FILE, LOCK_FILE, Ledger, RunLock, State
 from parafold.lifecycle import EXIT_INTERRUPTED  # `run` exits with it; the ledger records it
+from parafold.relax import relax_pending
 from parafold.shards import Shard
 from parafold.store import atomic_write_json, read_json
 
@@ -276,11 +277,12 @@ def _reconcile(ledger: Ledger, targets: Sequence[Target], settings: RunSettings,
         fs = _usable_features(t, folder, key)
         if fs is None:
             _forget_stale_prediction(t, folder, key)
-        if fs is not None and prediction_complete(folder):
+        if fs is not None and prediction_complete(folder) and not relax_pending(
+                folder, settings.model.models_to_relax):
             if state is not State.DONE:
                 ledger.reconcile(t.name, State.DONE)
             plan.done.append(t.name)
-        elif fs is not None:
+        elif fs is not None:  # to predict, or predicted and to relax (the worker sees which)
             if state is not State.FEATURES_READY:
                 ledger.reconcile(t.name, State.FEATURES_READY)
             plan.ready.append(fs)

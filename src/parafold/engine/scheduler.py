@@ -422,7 +422,8 @@ class Scheduler:
             self.ledger.add_event(run_id=self.run_id, worker=result.worker, kind="predict",
                                   target=fs.name, start=result.start, end=result.end, ok=True,
                                   batch=batch_no)
-            self.predicted += 1
+            if not getattr(o, "skipped", False):  # not predicted before (only relaxed now)
+                self.predicted += 1
             self.finished += 1
             self._submit_plots(fs.name)
 

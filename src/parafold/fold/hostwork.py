@@ -31,7 +31,7 @@ from parafold.featureset import FeatureSet
 from parafold.fold.buckets import ShapeKey
 from parafold.fold.settings import ModelSettings
 
-__all__ = ["HostPools", "BusyMeter", "process_job", "write_job", "auto_workers",
+__all__ = ["HostPools", "BusyMeter", "process_job", "write_job", "relax_job", "auto_workers",
            "feature_helpers", "host_cores", "MAX_FEATURE_HELPERS"]
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,23 @@ def process_job(fs: FeatureSet, model_name: str, settings: ModelSettings, key: S
 
 
 def write_job(folder: Path, name: str, predictions: list[Any], timings: dict[str, float],
-              save_raw: bool) -> list[str]:
-    """Every output file of one target (atomic writes); prediction names best first."""
+              save_raw: bool, relax: str = "none") -> list[str]:
+    """Every output file of one target (atomic writes), then the relaxation `relax` asks for
+    (`parafold.relax`; its failure raises `RelaxError` after the prediction's files are
+    complete); prediction names best first."""
     from parafold.fold.outputs import write_target_outputs
 
-    return write_target_outputs(folder, name, predictions, timings, save_raw=save_raw)
+    ranked = write_target_outputs(folder, name, predictions, timings, save_raw=save_raw)
+    if relax != "none":
+        relax_job(folder, relax)
+    return ranked
+
+
+def relax_job(folder: Path, relax: str) -> Any:
+    """Relax a predicted target's structures (`parafold.relax.relax_target`)."""
+    from parafold.relax import relax_target
+
+    return relax_target(folder, relax)
 
 
 def auto_workers(configured: int | None, platform: str, *, gpu_default: int) -> int:

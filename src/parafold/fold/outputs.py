@@ -21,12 +21,14 @@ import numpy as np
 
 from parafold.store import atomic_write_json, atomic_write_text, atomic_writer
 
-__all__ = ["Prediction", "write_target_outputs", "is_complete", "DONE_FILE", "rank"]
+__all__ = ["Prediction", "write_target_outputs", "is_complete", "DONE_FILE", "rank",
+           "merge_timings"]
 
 DONE_FILE = "ranking_debug.json"
 # The per-prediction files `write_target_outputs` owns; any it did not write this time is stale.
 _PREDICTION_FILE = re.compile(
-    r"(ranked_\d+\.(pdb|cif)|unrelaxed_.+\.pdb|scores_.+\.json|pae_.+\.json|result_.+\.pkl)"
+    r"(ranked_\d+\.(pdb|cif)|unrelaxed_.+\.pdb|scores_.+\.json|pae_.+\.json|result_.+\.pkl"
+    r"|relaxed_.+\.pdb|relax_metrics\.json)"  # a relaxation of an earlier prediction
 )
 
 
@@ -128,7 +130,7 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
         write_text(f"ranked_{index}.pdb", pdbs[pred.name])
         cif = fast_mmcif.to_mmcif(prots[pred.name], file_id=name, model_type="Monomer")
         write_text(f"ranked_{index}.cif", cif)
-    _merge_timings(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    merge_timings(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     _remove_stale(folder, written)
     atomic_write_json(folder / DONE_FILE, {
         "plddts": {p.name: p.ranking_confidence for p in predictions},
@@ -146,9 +148,10 @@ def _remove_stale(folder: Path, written: set[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _merge_timings(path: Path, fold_timings: dict[str, float]) -> None:
+def merge_timings(path: Path, fold_timings: dict[str, float]) -> None:
     """One `timings.json` per target, as AlphaFold writes: the search stage's entries (per
-    tool, when features were made in this folder) are kept and the GPU stage's added."""
+    tool, when features were made in this folder) are kept and the GPU stage's (or the
+    relaxation's) added."""
     existing: dict[str, Any] = {}
     if path.is_file():
         try:

@@ -63,7 +63,9 @@ class ModelSettings:
     the extra device time costs less than a compile, `compile_cost_s` seconds (None: the
     measured figure for the platform, `costs.ShapeCosts`; 0: never): a deeper MSA-depth
     bucket of its length, or a longer bucket while its shortest target wastes at most
-    `merge_max_waste` on padding (`buckets.merge_groups`).
+    `merge_max_waste` on padding (`buckets.merge_groups`). `models_to_relax` ("none", "best",
+    "all") relaxes predictions with Amber after their files are written, in the file writers
+    (`parafold.relax`; CPU work, more writers on a GPU).
     """
 
     model_preset: str = "monomer_ptm"
@@ -91,6 +93,7 @@ class ModelSettings:
     compile_ahead: int = 1
     compile_cost_s: float | None = None
     merge_max_waste: float = 0.5
+    models_to_relax: str = "none"
 
     def __post_init__(self) -> None:
         if self.model_preset not in MODEL_PRESETS:
@@ -125,6 +128,9 @@ class ModelSettings:
             raise InputError(f"--compile-cost must be >= 0, got {self.compile_cost_s}")
         if not 0.0 <= self.merge_max_waste < 1.0:
             raise InputError(f"--merge-max-waste must be in [0, 1), got {self.merge_max_waste}")
+        if self.models_to_relax not in ("none", "best", "all"):
+            raise InputError(f"--models-to-relax {self.models_to_relax!r}: expected none, best "
+                             "or all")
         if self.device_memory_bytes is not None and self.device_memory_bytes <= 0:
             raise InputError("device memory must be positive")
 

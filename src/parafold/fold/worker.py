@@ -37,10 +37,12 @@ from parafold.fold.hostwork import (
     feature_helpers,
     host_cores,
     process_job,
+    relax_job,
     write_job,
 )
 from parafold.fold.outputs import Prediction, is_complete
 from parafold.fold.settings import ModelSettings
+from parafold.relax import RelaxError, relax_pending
 
 __all__ = ["FoldWorker", "FoldOutcome"]
 
@@ -134,6 +136,8 @@ class _Pass:
     states: dict[str, _TargetState]
     outcomes: dict[str, FoldOutcome] = field(default_factory=dict)
     writes: dict[str, cf.Future[list[str]]] = field(default_factory=dict)
+    # predicted before, relaxation still missing: relaxed only
+    relaxing: dict[str, tuple[FeatureSet, cf.Future[Any]]] = field(default_factory=dict)
 
 
 class FoldWorker:
@@ -155,11 +159,13 @@ class FoldWorker:
         platform = self.runner.platform
         self.costs = shape_costs(settings, platform)
         # 2 writers: a target's files take 40-60 ms of CPU at 60-150 residues (`fold.mmcif`),
-        # a GPU predicts one every ~90 ms in batches
+        # a GPU predicts one every ~90 ms in batches. Relaxing takes seconds to minutes of
+        # CPU a structure: then writers get half the feature helpers' share as well.
+        helpers = feature_helpers(settings.helper_cores or host_cores())
+        writers = 2 if settings.models_to_relax == "none" else max(2, helpers // 2)
         self.pools = HostPools(
-            auto_workers(settings.host_workers, platform,
-                         gpu_default=feature_helpers(settings.helper_cores or host_cores())),
-            auto_workers(settings.write_workers, platform, gpu_default=2))
+            auto_workers(settings.host_workers, platform, gpu_default=helpers),
+            auto_workers(settings.write_workers, platform, gpu_default=writers))
         self._meter = BusyMeter()
         self._wall_s = 0.0
         # compile-ahead state of the running `fold` call (empty outside one)
@@ -387,15 +393,22 @@ class FoldWorker:
         out_root = Path(out_root)
         todo: list[FeatureSet] = []
         skipped: dict[str, FoldOutcome] = {}
+        relax = self.settings.models_to_relax
+        relax_only: list[FeatureSet] = []
         for fs in feature_sets:
             folder = out_root / fs.name
-            if is_complete(folder):
+            if not is_complete(folder):
+                todo.append(fs)
+            elif relax_pending(folder, relax):
+                relax_only.append(fs)
+            else:
                 skipped[fs.name] = FoldOutcome(name=fs.name, ok=True, skipped=True,
                                                length=fs.length, output_dir=folder)
-            else:
-                todo.append(fs)
         runs = len(self._runs())
         ctx = _Pass(out_root, {fs.name: _TargetState(fs, runs) for fs in todo}, skipped)
+        for fs in relax_only:
+            ctx.relaxing[fs.name] = (fs, self.pools.writes().submit(
+                relax_job, out_root / fs.name, relax))
         units = self._plan(todo)
         futures: dict[int, list[cf.Future[Any] | None]] = {}
         pending: _Pending | None = None
@@ -602,7 +615,7 @@ class FoldWorker:
         if state.error is None:
             ctx.writes[fs.name] = self.pools.writes().submit(
                 write_job, ctx.out_root / fs.name, fs.name, state.predictions,
-                dict(state.timings), self.settings.save_raw)
+                dict(state.timings), self.settings.save_raw, self.settings.models_to_relax)
         else:
             self._outcome(state, ctx, None)
 
@@ -612,10 +625,24 @@ class FoldWorker:
             state = ctx.states[name]
             try:
                 ranked = future.result()
+            except RelaxError as exc:  # the prediction's files are complete; a rerun relaxes
+                state.error = str(exc)
+                ranked = None
             except _TARGET_ERRORS as exc:
                 state.error = f"writing outputs for {name} failed: {exc}"
                 ranked = None
             self._outcome(state, ctx, ranked)
+        for name, (fs, future) in ctx.relaxing.items():
+            folder = ctx.out_root / name
+            try:
+                future.result()
+            except _TARGET_ERRORS as exc:
+                log.error("%s", exc)
+                ctx.outcomes[name] = FoldOutcome(name=name, ok=False, error=str(exc),
+                                                 length=fs.length, output_dir=folder)
+                continue
+            ctx.outcomes[name] = FoldOutcome(name=name, ok=True, skipped=True, length=fs.length,
+                                             output_dir=folder)
 
     def _outcome(self, state: _TargetState, ctx: _Pass, ranked: list[str] | None) -> None:
         fs = state.fs

@@ -1,0 +1,261 @@
+"""Amber relaxation of predicted structures, from the files a prediction left (AlphaFold's
+`--models_to_relax`).
+
+Relaxation is CPU work (OpenMM, seconds to minutes a structure) that never needs the GPU, so it
+runs from files: after the writer of a target in `predict`/`run` (`--models-to-relax`), or as
+its own stage (`parafold relax OUT`) on CPU nodes after the GPU nodes are done, the ParaFold
+split. It reads `ranking_debug.json` for the order and `unrelaxed_<model>.pdb` (pLDDT in the
+B-factors), and writes what `run_alphafold.py` writes: `relaxed_<model>.pdb`, `ranked_<i>.pdb`
+and `.cif` from the relaxed structure for each relaxed model, `relax_metrics.json` (remaining
+violations; here also energies, RMSD and attempts) and `relax_<model>` seconds in
+`timings.json`. Every file is written atomically, and a model counts as relaxed only once its
+entry is in `relax_metrics.json`, written last: a killed relaxation is redone, a finished one
+never. AlphaFold's own relaxation code does the work (`alphafold.relax`), with its settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from parafold.errors import PipelineError
+from parafold.store import atomic_write_json, atomic_write_text
+
+__all__ = ["RELAX_CHOICES", "RelaxError", "RelaxOutcome", "RelaxResult", "models_to_relax",
+           "relax_pending", "relax_target", "find_predicted", "relax_folders",
+           "RELAX_METRICS_FILE"]
+
+log = logging.getLogger(__name__)
+
+RELAX_CHOICES = ("none", "best", "all")
+RELAX_METRICS_FILE = "relax_metrics.json"
+
+# run_alphafold.py's settings
+_MAX_ITERATIONS = 0  # L-BFGS until converged
+_TOLERANCE = 2.39  # kcal/mol
+_STIFFNESS = 10.0  # kcal/mol A^2, heavy-atom restraints
+_MAX_OUTER_ITERATIONS = 3
+
+
+class RelaxError(PipelineError):
+    """A target's relaxation failed; its unrelaxed outputs stand and a rerun tries again."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelaxOutcome:
+    """What relaxing one target folder did: models relaxed now, models relaxed before."""
+
+    name: str
+    relaxed: tuple[str, ...]
+    already: tuple[str, ...]
+    seconds: float
+
+
+def models_to_relax(order: Sequence[str], which: str) -> list[str]:
+    """The predictions to relax, from the ranked order: the best one, all, or none."""
+    if which not in RELAX_CHOICES:
+        raise ValueError(f"models to relax {which!r}: expected one of {RELAX_CHOICES}")
+    if which == "none" or not order:
+        return []
+    return [order[0]] if which == "best" else list(order)
+
+
+def _order(folder: Path) -> list[str]:
+    from parafold.fold.outputs import DONE_FILE
+
+    path = folder / DONE_FILE
+    if not path.is_file():
+        raise RelaxError(f"{folder.name}: not predicted yet (no {DONE_FILE})")
+    try:
+        order = json.loads(path.read_text(encoding="utf-8"))["order"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RelaxError(f"{path}: unreadable ranking: {exc}") from exc
+    if not isinstance(order, list) or not all(isinstance(n, str) for n in order):
+        raise RelaxError(f"{path}: unreadable ranking: 'order' is not a list of names")
+    return order
+
+
+def _metrics(folder: Path) -> dict[str, Any]:
+    path = folder / RELAX_METRICS_FILE
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # missing or torn by hand: relax again
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _is_relaxed(folder: Path, model: str, metrics: dict[str, Any]) -> bool:
+    return model in metrics and (folder / f"relaxed_{model}.pdb").is_file()
+
+
+def relax_pending(folder: Path, which: str) -> bool:
+    """Whether a predicted target folder still lacks a relaxation `which` asks for."""
+    if which == "none":
+        return False
+    folder = Path(folder)
+    try:
+        order = _order(folder)
+    except RelaxError:
+        return False  # not predicted: nothing to relax yet
+    metrics = _metrics(folder)
+    return any(not _is_relaxed(folder, m, metrics) for m in models_to_relax(order, which))
+
+
+def _relaxer() -> Any:
+    from alphafold.relax import relax
+
+    return relax.AmberRelaxation(max_iterations=_MAX_ITERATIONS, tolerance=_TOLERANCE,
+                                 stiffness=_STIFFNESS, exclude_residues=[],
+                                 max_outer_iterations=_MAX_OUTER_ITERATIONS, use_gpu=False)
+
+
+def relax_target(folder: Path, which: str) -> RelaxOutcome:
+    """Relax the predictions `which` names ("best" or "all") in one target folder, skipping
+    those relaxed before, and rewrite their ranked files.
+
+    Raises:
+        RelaxError: the folder is not predicted, a file is missing or unreadable, or OpenMM
+            failed; it names the target and the model.
+    """
+    from alphafold.common import protein
+
+    from parafold.fold.outputs import merge_timings
+
+    folder = Path(folder)
+    started = time.perf_counter()
+    order = _order(folder)
+    metrics = _metrics(folder)
+    wanted = models_to_relax(order, which)
+    already = tuple(m for m in wanted if _is_relaxed(folder, m, metrics))
+    todo = [m for m in wanted if m not in already]
+    seconds: dict[str, float] = {}
+    for model in todo:
+        source = folder / f"unrelaxed_{model}.pdb"
+        try:
+            unrelaxed = protein.from_pdb_string(source.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RelaxError(f"{folder.name}: cannot read {source.name}: {exc}") from exc
+        t0 = time.perf_counter()
+        try:
+            relaxed_pdb, debug, violations = _relaxer().process(prot=unrelaxed)
+        except Exception as exc:  # OpenMM and pdbfixer raise many kinds; the target's alone
+            raise RelaxError(f"{folder.name}: relaxing {model} failed: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        seconds[model] = time.perf_counter() - t0
+        atomic_write_text(folder / f"relaxed_{model}.pdb", relaxed_pdb)
+        metrics[model] = {
+            "remaining_violations": [float(v) for v in violations],
+            "remaining_violations_count": float(sum(violations)),
+            "initial_energy": float(debug["initial_energy"]),
+            "final_energy": float(debug["final_energy"]),
+            "rmsd": round(float(debug["rmsd"]), 4),
+            "attempts": int(debug["attempts"]),
+        }
+        log.info("%s: relaxed %s in %.1f s (%d violations left)", folder.name, model,
+                 seconds[model], int(sum(violations)))
+    if todo:
+        _write_ranked(folder, order, set(wanted))
+        merge_timings(folder / "timings.json",
+                      {f"relax_{m}": round(s, 3) for m, s in seconds.items()})
+        atomic_write_json(folder / RELAX_METRICS_FILE, metrics)  # last: the relaxed marker
+    return RelaxOutcome(name=folder.name, relaxed=tuple(todo), already=already,
+                        seconds=time.perf_counter() - started)
+
+
+def _write_ranked(folder: Path, order: Sequence[str], relaxed: set[str]) -> None:
+    """`ranked_<i>.pdb/.cif` from the relaxed structure for every relaxed model (hydrogens
+    in the PDB, as AlphaFold writes it; the mmCIF has the heavy atoms)."""
+    from alphafold.common import protein
+
+    from parafold.fold import mmcif as fast_mmcif
+
+    for index, model in enumerate(order):
+        if model not in relaxed:
+            continue
+        pdb = (folder / f"relaxed_{model}.pdb").read_text(encoding="utf-8")
+        atomic_write_text(folder / f"ranked_{index}.pdb", pdb)
+        cif = fast_mmcif.to_mmcif(protein.from_pdb_string(pdb), file_id=folder.name,
+                                  model_type="Monomer")
+        atomic_write_text(folder / f"ranked_{index}.cif", cif)
+
+
+
+@dataclass(frozen=True, slots=True)
+class RelaxResult:
+    """One folder of a `relax_folders` call: its outcome, or the error that stopped it."""
+
+    folder: Path
+    outcome: RelaxOutcome | None
+    error: str | None
+
+
+def find_predicted(roots: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """Predicted target folders in `roots` (each a target folder or a folder of them), and
+    the target folders there not predicted yet (a failed target, or a run still going)."""
+    from parafold.fold.outputs import DONE_FILE
+
+    predicted: list[Path] = []
+    unpredicted: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        candidates = [root] if (root / DONE_FILE).is_file() else sorted(
+            p for p in (root.iterdir() if root.is_dir() else []) if p.is_dir())
+        for folder in candidates:
+            if (folder / DONE_FILE).is_file():
+                predicted.append(folder)
+            elif (folder / "features.json").is_file() or (folder / "features.pkl").is_file():
+                unpredicted.append(folder)
+    return list(dict.fromkeys(predicted)), unpredicted
+
+
+def _relax_in_helper(folder: Path, which: str) -> RelaxOutcome:
+    return relax_target(folder, which)
+
+
+def relax_folders(folders: Sequence[Path], which: str, *, processes: int,
+                  on_result: Any = None) -> list[RelaxResult]:
+    """Relax many target folders in `processes` spawned single-threaded helpers (in this
+    process if 1); one folder's failure is its own. `on_result` is called as each ends."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from parafold.lifecycle import helper_process_init
+
+    results: list[RelaxResult] = []
+
+    def record(folder: Path, outcome: RelaxOutcome | None, error: str | None) -> None:
+        result = RelaxResult(Path(folder), outcome, error)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+
+    if processes <= 1:
+        for folder in folders:
+            try:
+                record(folder, relax_target(folder, which), None)
+            except RelaxError as exc:
+                record(folder, None, str(exc))
+        return results
+    pool = cf.ProcessPoolExecutor(max_workers=processes,
+                                  mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=helper_process_init)
+    try:
+        futures = {pool.submit(_relax_in_helper, folder, which): folder for folder in folders}
+        for future in cf.as_completed(futures):
+            folder = futures[future]
+            try:
+                record(folder, future.result(), None)
+            except RelaxError as exc:
+                record(folder, None, str(exc))
+            except cf.process.BrokenProcessPool as exc:  # a helper killed (out of memory)
+                record(folder, None, f"{folder.name}: relaxation process died: {exc}")
+    except BaseException:  # Ctrl-C: do not wait minutes for the relaxations under way
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return results
