@@ -131,6 +131,10 @@ def test_errors_name_the_target_and_the_file(predicted, tmp_path):
     (out / "t20" / f"unrelaxed_{best}.pdb").write_text("not a structure\n")
     with pytest.raises(RelaxError, match=f"t20: cannot read unrelaxed_{best}.pdb"):
         relax_target(out / "t20", "best")
+    ranking = out / "t20" / "ranking_debug.json"
+    ranking.write_text(json.dumps({"order": ["../../t22/unrelaxed_x"]}))
+    with pytest.raises(RelaxError, match="unexpected prediction name"):
+        relax_target(out / "t20", "best")
 
 
 def test_predict_relaxes_and_a_rerun_relaxes_without_predicting(predicted, tiny_params,
@@ -162,6 +166,7 @@ def test_predict_relaxes_and_a_rerun_relaxes_without_predicting(predicted, tiny_
         monkeypatch.undo()
         again = worker.fold(sets[:1], out)
         assert again[0].ok and again[0].skipped, again[0].error
+        assert again[0].relaxed == (_order(folder)[0],)
         assert worker.stats["predictions"] == 2  # the first call's two seeds, no more
         assert (folder / "ranking_debug.json").stat().st_mtime_ns == predicted_at
         assert not relax_pending(folder, "best")

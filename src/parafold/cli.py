@@ -373,7 +373,11 @@ def predict(
     outcomes = result.outcomes
     failed = [o for o in outcomes if not o.ok]
     for o in outcomes:
-        status = "skipped (done)" if o.skipped else ("ok" if o.ok else f"FAILED: {o.error}")
+        if o.skipped:
+            status = (f"predicted before, relaxed {', '.join(o.relaxed)}" if o.relaxed
+                      else "skipped (done)")
+        else:
+            status = "ok" if o.ok else f"FAILED: {o.error}"
         typer.echo(f"{o.name}\t{o.length}\t{status}")
     typer.echo(f"{len(outcomes) - len(failed)}/{len(outcomes)} targets ok")
     for where, stats in result.stats.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = ["RELAX_CHOICES", "RelaxError", "RelaxOutcome", "RelaxResult", "models
 log = logging.getLogger(__name__)
 
 RELAX_CHOICES = ("none", "best", "all")
+_PREDICTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # model_1_ptm, ..._pred_0
 RELAX_METRICS_FILE = "relax_metrics.json"
 
 # run_alphafold.py's settings
@@ -77,6 +79,9 @@ def _order(folder: Path) -> list[str]:
         raise RelaxError(f"{path}: unreadable ranking: {exc}") from exc
     if not isinstance(order, list) or not all(isinstance(n, str) for n in order):
         raise RelaxError(f"{path}: unreadable ranking: 'order' is not a list of names")
+    bad = [n for n in order if not _PREDICTION_NAME.fullmatch(n)]
+    if bad:  # names become file names: never a path
+        raise RelaxError(f"{path}: unexpected prediction name {bad[0]!r}")
     return order
 
 

@@ -86,6 +86,7 @@ class FoldOutcome:
     bucket: str = ""
     skipped: bool = False
     output_dir: Path | None = None
+    relaxed: tuple[str, ...] = ()  # predictions relaxed by this call, when only relaxed
 
 
 @dataclass(frozen=True, slots=True)
@@ -635,14 +636,14 @@ class FoldWorker:
         for name, (fs, future) in ctx.relaxing.items():
             folder = ctx.out_root / name
             try:
-                future.result()
+                relaxed = future.result().relaxed
             except _TARGET_ERRORS as exc:
                 log.error("%s", exc)
                 ctx.outcomes[name] = FoldOutcome(name=name, ok=False, error=str(exc),
                                                  length=fs.length, output_dir=folder)
                 continue
             ctx.outcomes[name] = FoldOutcome(name=name, ok=True, skipped=True, length=fs.length,
-                                             output_dir=folder)
+                                             output_dir=folder, relaxed=relaxed)
 
     def _outcome(self, state: _TargetState, ctx: _Pass, ranked: list[str] | None) -> None:
         fs = state.fs
