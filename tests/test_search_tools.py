@@ -386,3 +386,51 @@ def test_group_is_killed_before_the_tool_is_reaped(tmp_path: Path,
     with pytest.raises(ToolTimeoutError):
         run_tool([sys.executable, "-c", "import time; time.sleep(30)"], timeout_s=0.5)
     assert all(ours for _, ours in killed), killed
+
+
+_WORKER = """
+import sys, threading
+from parafold.search.tools import run_tool
+# from a thread, as the searches of one protein run
+thread = threading.Thread(target=run_tool, args=([sys.argv[1]],), kwargs={"timeout_s": 600})
+thread.start()
+thread.join()
+"""
+
+
+def test_a_tool_dies_with_the_search_worker_that_started_it(tmp_path: Path) -> None:
+    """A search worker killed without cleaning up (SIGKILL, the OOM killer; workers die with a
+    killed run) must not leave its tool running, for hours on real databases, beside the
+    rerun's searches: the tool and the child it started are gone within seconds."""
+    import signal
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER, str(FAKES / "sleep_tool")],
+                              env={**os.environ, "FAKE_PID_FILE": str(pid_file)})
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.is_file() and pid_file.read_text().strip()):
+            assert time.monotonic() < deadline, "the tool never started"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        assert "Z" not in _state(child)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    try:
+        for _ in range(100):
+            if not Path(f"/proc/{child}").exists() or "Z" in _state(child):
+                break
+            time.sleep(0.05)
+        assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
+    finally:  # never leave a 300 s sleep behind when this fails
+        if Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_tool_killed_by_a_signal_is_reported_as_such() -> None:
+    with pytest.raises(ToolFailedError) as info:
+        run_tool([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                 timeout_s=30)
+    assert info.value.returncode == -9

@@ -2,7 +2,8 @@
 
 Every call goes through `run_tool`: an argument list (never a shell), its own process group so
 a timeout kills the tool and everything it started (and whatever it left running in the
-background when it exits), and the child's own resource usage from
+background when it exits), led by a guard that kills that group when the calling thread's
+process dies without cleaning up (`tool_guard`), and the child's own resource usage from
 `os.wait4` (per-call CPU seconds stay right when many tools run at once from many threads,
 which `getrusage(RUSAGE_CHILDREN)` deltas do not). Command building is pure, so it is tested
 without any binary.
@@ -16,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -45,6 +47,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TAIL_BYTES = 64_000
+_GUARD = str(Path(__file__).with_name("tool_guard.py"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +83,14 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
     """
     cmd = [str(c) for c in cmd]
     logger.debug("running %s", " ".join(cmd))
+    if not _startable(cmd[0], cwd, env):
+        raise ToolNotFoundError(f"cannot start {cmd[0]}: not found or not executable")
+    # the guard leads the tool's session and kills it if this thread dies (`tool_guard`)
+    guarded = [sys.executable, "-S", "-E", _GUARD, str(os.getpid()), *cmd]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            proc = subprocess.Popen(guarded, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     cwd=cwd, env=None if env is None else dict(env),
                                     start_new_session=True)
         except OSError as exc:
@@ -119,6 +126,16 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
         raise ToolFailedError(cmd, run.returncode, tail)
     logger.debug("%s finished in %.2f s wall, %.2f s CPU", Path(cmd[0]).name, wall, cpu)
     return run
+
+
+def _startable(program: str, cwd: Path | str | None, env: Mapping[str, str] | None) -> bool:
+    """Whether `program` resolves as `subprocess.Popen` would resolve it (checked here: the
+    guard, not the tool, is what Popen starts)."""
+    if "/" in program:
+        path = Path(program) if os.path.isabs(program) else Path(cwd or ".") / program
+        return path.is_file() and os.access(path, os.X_OK)
+    search_path = None if env is None else env.get("PATH", os.defpath)
+    return shutil.which(program, path=search_path) is not None
 
 
 def _kill_group(pgid: int) -> None:
