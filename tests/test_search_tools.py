@@ -95,12 +95,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
         run_tool([str(FAKES / "sleep_tool")], timeout_s=1.0, env=env)
     assert isinstance(info.value, TimeoutError)
     assert time.monotonic() - start < 10
-    child = int(pid_file.read_text())
-    for _ in range(50):  # the orphaned grandchild is reaped by init shortly after the kill
-        if not Path(f"/proc/{child}").exists() or "Z" in _state(child):
-            break
-        time.sleep(0.1)
-    assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
+    _assert_gone(int(pid_file.read_text()))
 
 
 def _state(pid: int) -> str:
@@ -108,6 +103,19 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+def _assert_gone(pid: int, within_s: float = 5.0) -> None:
+    """The process ends (is gone, or a zombie: reaped by init later) within `within_s`; if
+    not, it is killed so that a failing test leaves no 300 s sleep behind."""
+    import signal
+
+    deadline = time.monotonic() + within_s
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"process {pid} outlived its tool")
+        time.sleep(0.05)
 
 
 def test_run_tool_measures_the_childs_own_cpu_time(tmp_path: Path) -> None:
@@ -312,33 +320,18 @@ def test_interrupted_wait_kills_the_tool(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(KeyboardInterrupt):
         run_tool([str(FAKES / "sleep_tool")], timeout_s=60, env=env)
     assert time.monotonic() - start < 20
-    child = int(pid_file.read_text())
-    for _ in range(50):
-        if not Path(f"/proc/{child}").exists() or "Z" in _state(child):
-            break
-        time.sleep(0.1)
-    assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
+    _assert_gone(int(pid_file.read_text()))
 
 
 
 def test_background_children_do_not_outlive_a_finished_tool(tmp_path: Path) -> None:
     """A tool that exits 0 but leaves a child running in the background: run_tool kills it."""
-    import signal
 
     pid_file = tmp_path / "child.pid"
     env = {**os.environ, "FAKE_PID_FILE": str(pid_file)}
     run = run_tool([str(FAKES / "orphan_tool")], timeout_s=30, env=env)
     assert run.returncode == 0
-    child = int(pid_file.read_text())
-    try:
-        for _ in range(50):  # the orphan is reaped by init (or left a zombie) after the kill
-            if not Path(f"/proc/{child}").exists() or "Z" in _state(child):
-                break
-            time.sleep(0.1)
-        assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
-    finally:  # never leave a 300 s sleep behind when this fails
-        if Path(f"/proc/{child}").exists() and "Z" not in _state(child):
-            os.kill(child, signal.SIGKILL)
+    _assert_gone(int(pid_file.read_text()))
 
 def test_malformed_m8_row_is_a_feature_error() -> None:
     from parafold.errors import FeatureError
@@ -418,15 +411,7 @@ def test_a_tool_dies_with_the_search_worker_that_started_it(tmp_path: Path) -> N
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
-    try:
-        for _ in range(100):
-            if not Path(f"/proc/{child}").exists() or "Z" in _state(child):
-                break
-            time.sleep(0.05)
-        assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
-    finally:  # never leave a 300 s sleep behind when this fails
-        if Path(f"/proc/{child}").exists() and "Z" not in _state(child):
-            os.kill(child, signal.SIGKILL)
+    _assert_gone(child)
 
 
 def test_a_tool_killed_by_a_signal_is_reported_as_such() -> None:
