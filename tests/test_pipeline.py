@@ -198,6 +198,42 @@ def test_sigkill_mid_run_then_rerun(pipeline_inputs: dict[str, Path], kill_at: s
     assert len(runs) == 2 and runs[0].ended_at is None and runs[1].exit_code == 0
 
 
+def test_sigterm_ends_the_run_like_ctrl_c(pipeline_inputs: dict[str, Path]) -> None:
+    """SIGTERM (`kill PID`, Slurm's scancel or time limit) to the run's process alone while
+    it searches: the run ends within seconds with 143, the ledger records that end, and no
+    worker or search tool is left running (before, the process died on the spot and left the
+    run open in the ledger)."""
+    out = pipeline_inputs["root"] / "terminated"
+    proc = subprocess.Popen(run_args(pipeline_inputs, pipeline_inputs["good"], out),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(pipeline_inputs), start_new_session=True)
+    try:
+        _first_progress(out, proc, {State.SEARCHING}, 600)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, output
+    assert time.monotonic() - signalled < 20, output
+    assert "terminated (SIGTERM); rerun the same command to resume" in output
+    assert "Traceback" not in output, output
+    with Ledger(out, readonly=True) as ledger:
+        (run,) = ledger.runs()
+    assert run.exit_code == 143 and run.ended_at is not None
+    deadline = time.monotonic() + 10
+    while True:  # workers and tools (in their own sessions) gone: none names OUT any more
+        left = [line for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True,
+                                                text=True).stdout.splitlines()
+                if str(out) in line]
+        if not left:
+            break
+        assert time.monotonic() < deadline, left
+        time.sleep(0.2)
+
+
 def _free_port() -> int:
     import socket
 

@@ -268,3 +268,57 @@ def test_sigkill_mid_run_then_rerun_completes(db: Path, queries: list[Target],
                      MSA_FILES["pdb70"]):
             assert (out / t.name / "msas" / name).stat().st_size > 0
     assert not list(out.rglob("*.part"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_ends_features_without_waiting_for_the_searches(
+        db: Path, queries: list[Target], tmp_path: Path, sig: signal.Signals) -> None:
+    """A jackhmmer that would run for 300 s (as on real databases): SIGTERM, or SIGINT to the
+    process alone, ends `features` within seconds (it used to wait for every search under
+    way), with 143 or 130, and the tool and its child die with it."""
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    slow = fakes / "jackhmmer"
+    slow.write_text("#!/usr/bin/env bash\nsleep 300 &\necho $! >> \"$FAKE_PID_FILE\"\nwait\n")
+    slow.chmod(0o755)
+    pid_file = tmp_path / "tool_children"
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(f">{queries[0].id}\n{queries[0].sequence}\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{fakes}:{os.environ['PATH']}",
+           "FAKE_PID_FILE": str(pid_file)}
+    proc = subprocess.Popen(
+        _cli("features", str(fasta), "-o", str(out), "--db-dir", str(db), "--cpus", "2"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.is_file() and pid_file.read_text().strip()):
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the slow search never started"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        children = [int(p) for p in pid_file.read_text().split()] if pid_file.is_file() else []
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), output
+    assert "rerun the same command to resume" in output and "Traceback" not in output, output
+    deadline = time.monotonic() + 10
+    for child in children:
+        while _running(child):
+            if time.monotonic() > deadline:
+                os.kill(child, signal.SIGKILL)
+                raise AssertionError(f"the slow jackhmmer's child {child} outlived features")
+            time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie is reaped by init later)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -21,6 +21,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from parafold.lifecycle import stop_on_sigterm
+
+    stop_on_sigterm()
 
 
 # Each stage registers its commands below, in its own section. Keep imports of heavy modules
@@ -168,6 +171,12 @@ def features_cmd(
     except DatabaseNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the searches' tools die with us
+        from parafold.lifecycle import exit_interrupted, interrupted_code, interrupted_message
+
+        typer.echo(f"{interrupted_message(exc)}; rerun the same command to resume (finished "
+                   f"features in {out} and searches in its cache are kept)", err=True)
+        exit_interrupted(interrupted_code(exc))
     failed = [o for o in outcomes if not o.ok]
     for o in failed:
         typer.echo(f"failed: {o.target.id} ({o.target.source}): {o.error}", err=True)
@@ -363,10 +372,12 @@ def predict(
             typer.echo(how)
         result = predict_on(devices, sets, out, params_dir=params_dir, settings=settings,
                             trust_pickles=trust_pickles, pin=chosen is not None)
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted; rerun the same command to resume (finished targets in {out} "
-                   "are kept)", err=True)
-        exit_interrupted()
+    except KeyboardInterrupt as exc:
+        from parafold.lifecycle import interrupted_code, interrupted_message
+
+        typer.echo(f"{interrupted_message(exc)}; rerun the same command to resume (finished "
+                   f"targets in {out} are kept)", err=True)
+        exit_interrupted(interrupted_code(exc))
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -434,12 +445,12 @@ def relax_cmd(
     processes = min(len(folders), cpus or host_cores())
     try:
         results = relax_folders(folders, models_to_relax, processes=processes, on_result=show)
-    except KeyboardInterrupt:
-        from parafold.lifecycle import exit_interrupted
+    except KeyboardInterrupt as exc:
+        from parafold.lifecycle import exit_interrupted, interrupted_code, interrupted_message
 
-        typer.echo("interrupted; rerun the same command to resume (relaxed models are kept)",
-                   err=True)
-        exit_interrupted()
+        typer.echo(f"{interrupted_message(exc)}; rerun the same command to resume (relaxed "
+                   "models are kept)", err=True)
+        exit_interrupted(interrupted_code(exc))
     failed = sum(1 for r in results if r.error is not None)
     typer.echo(f"{len(results) - failed}/{len(results)} targets relaxed")
     if failed:
@@ -470,9 +481,12 @@ def _run_and_report(settings: object) -> int:
     assert isinstance(settings, RunSettings)
     try:
         summary = run_pipeline(settings)
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted; rerun the same command to resume ({settings.out})", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        from parafold.lifecycle import interrupted_code, interrupted_message
+
+        typer.echo(f"{interrupted_message(exc)}; rerun the same command to resume "
+                   f"({settings.out})", err=True)
+        raise typer.Exit(interrupted_code(exc)) from None
     except RunLockedError as exc:
         raise _fail(str(exc), 3) from exc
     except PipelineError as exc:

@@ -7,12 +7,57 @@ from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 __all__ = ["die_with_parent", "helper_process_init", "exit_interrupted", "EXIT_INTERRUPTED",
-           "quiet_interrupt_when_idle", "run_job"]
+           "EXIT_TERMINATED", "Terminated", "stop_on_sigterm", "interrupted_code",
+           "interrupted_message", "quiet_interrupt_when_idle", "run_job"]
 
 R = TypeVar("R")
 _jobs_running = 0  # in this pool worker process
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # and by SIGTERM (128 + 15)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (`kill PID`, Slurm's scancel or time limit, a container stopping): the
+    same way out as Ctrl-C, with its own exit code."""
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end a command the way Ctrl-C does, in the main thread: the processes
+    this one started get SIGTERM too and end at once, quietly, even one still starting up
+    (a search's tool dies with it: `search.tool_guard`; every file is renamed into place),
+    then `Terminated` is raised here, so the ledger records the run's end and the exit is
+    quick, well inside Slurm's 30 s before SIGKILL. Without it, SIGTERM ended this process
+    on the spot and left the run open in the ledger. A SIGTERM ignored stays ignored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        import contextlib
+        import multiprocessing
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it at once
+        for child in multiprocessing.active_children():
+            if child.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGTERM)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def interrupted_code(exc: BaseException) -> int:
+    """The exit code for a run ended by `exc` (Ctrl-C or SIGTERM)."""
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+def interrupted_message(exc: BaseException) -> str:
+    return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
 
 
 def die_with_parent() -> None:
@@ -48,7 +93,7 @@ def helper_process_init() -> None:
     os.environ.setdefault("OPENMM_CPU_THREADS", "1")  # relaxation (`parafold.relax`)
 
 
-def exit_interrupted() -> NoReturn:
+def exit_interrupted(code: int = EXIT_INTERRUPTED) -> NoReturn:
     """End this process now, after Ctrl-C, without waiting for threads: a model compile in a
     background thread (~30 s on a GPU) would hold up a normal exit. Everything written is
     already complete (files are renamed into place); the rest is redone on the next run."""
@@ -58,7 +103,7 @@ def exit_interrupted() -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe
             stream.flush()
-    os._exit(EXIT_INTERRUPTED)
+    os._exit(code)
 
 
 def quiet_interrupt_when_idle() -> None:

@@ -27,7 +27,7 @@ from parafold.errors import DatabaseNotFoundError, InputError, PipelineError
 from parafold.featureset import MANIFEST_FILE, FeatureSet, read_feature_set
 from parafold.inputs import InputProblem, Target, read_targets
 from parafold.ledger import LEDGER_FILE, LOCK_FILE, Ledger, RunLock, State
-from parafold.lifecycle import EXIT_INTERRUPTED  # `run` exits with it; the ledger records it
+from parafold.lifecycle import EXIT_INTERRUPTED, interrupted_code  # the ledger records these
 from parafold.relax import relax_pending
 from parafold.shards import Shard
 from parafold.store import atomic_write_json, read_json
@@ -313,8 +313,8 @@ def run_pipeline(settings: RunSettings, *,
                 summary = _run(settings, ledger, run_id, started,
                                executor_factory or _default_executor)
                 exit_code = summary.exit_code
-            except KeyboardInterrupt:
-                exit_code = EXIT_INTERRUPTED
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`lifecycle.Terminated`)
+                exit_code = interrupted_code(exc)
                 raise
             finally:
                 ledger.end_run(run_id, exit_code)

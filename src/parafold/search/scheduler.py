@@ -105,11 +105,16 @@ def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: Datab
             done.append((i, outcome))
         return done
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="protein") as pool:
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="protein")
+    try:
         futures = [pool.submit(job, indices) for indices in groups.values()]
         for future in as_completed(futures):
             for i, outcome in future.result():
                 outcomes[i] = outcome
+    except BaseException:  # Ctrl-C or SIGTERM: do not wait for the searches under way (hours
+        pool.shutdown(wait=False, cancel_futures=True)  # on real databases); the caller exits
+        raise
+    pool.shutdown()
     return [o for o in outcomes if o is not None]
 
 
