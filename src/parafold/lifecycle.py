@@ -1,4 +1,5 @@
-"""Worker processes that never outlive the run that started them."""
+"""How parafold's processes end: workers that never outlive the run that started them, and
+Ctrl-C or SIGTERM ending a command within seconds, with the shell's exit codes."""
 
 from __future__ import annotations
 
