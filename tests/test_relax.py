@@ -122,6 +122,31 @@ def test_a_second_call_relaxes_only_what_is_missing(predicted, tmp_path):
     assert relax_target(folder, "all").relaxed == (second,)
 
 
+def test_a_failure_keeps_the_models_relaxed_before_it(predicted, tmp_path, monkeypatch):
+    import parafold.relax as relax_module
+
+    folder = _copy(predicted, tmp_path) / "t20"
+    best, second = _order(folder)
+    real = relax_module._relaxer
+    made = []
+
+    class Exploding:
+        def process(self, *, prot):
+            raise RuntimeError("OpenMM exploded")
+
+    def relaxer():
+        made.append(1)
+        return real() if len(made) == 1 else Exploding()
+
+    monkeypatch.setattr(relax_module, "_relaxer", relaxer)
+    with pytest.raises(RelaxError, match=f"t20: relaxing {second} failed: RuntimeError"):
+        relax_target(folder, "all")
+    assert set(json.loads((folder / RELAX_METRICS_FILE).read_text())) == {best}
+    assert (folder / "ranked_0.pdb").read_text() == (folder / f"relaxed_{best}.pdb").read_text()
+    monkeypatch.undo()
+    assert relax_target(folder, "all").relaxed == (second,)
+
+
 def test_errors_name_the_target_and_the_file(predicted, tmp_path):
     out = _copy(predicted, tmp_path)
     with pytest.raises(RelaxError, match="t22: not predicted yet"):

@@ -127,8 +127,6 @@ def relax_target(folder: Path, which: str) -> RelaxOutcome:
         RelaxError: the folder is not predicted, a file is missing or unreadable, or OpenMM
             failed; it names the target and the model.
     """
-    from alphafold.common import protein
-
     from parafold.fold.outputs import merge_timings
 
     folder = Path(folder)
@@ -138,38 +136,49 @@ def relax_target(folder: Path, which: str) -> RelaxOutcome:
     wanted = models_to_relax(order, which)
     already = tuple(m for m in wanted if _is_relaxed(folder, m, metrics))
     todo = [m for m in wanted if m not in already]
-    seconds: dict[str, float] = {}
     for model in todo:
-        source = folder / f"unrelaxed_{model}.pdb"
-        try:
-            unrelaxed = protein.from_pdb_string(source.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise RelaxError(f"{folder.name}: cannot read {source.name}: {exc}") from exc
-        t0 = time.perf_counter()
-        try:
-            relaxed_pdb, debug, violations = _relaxer().process(prot=unrelaxed)
-        except Exception as exc:  # OpenMM and pdbfixer raise many kinds; the target's alone
-            raise RelaxError(f"{folder.name}: relaxing {model} failed: "
-                             f"{type(exc).__name__}: {exc}") from exc
-        seconds[model] = time.perf_counter() - t0
-        atomic_write_text(folder / f"relaxed_{model}.pdb", relaxed_pdb)
-        metrics[model] = {
-            "remaining_violations": [float(v) for v in violations],
-            "remaining_violations_count": float(sum(violations)),
-            "initial_energy": float(debug["initial_energy"]),
-            "final_energy": float(debug["final_energy"]),
-            "rmsd": round(float(debug["rmsd"]), 4),
-            "attempts": int(debug["attempts"]),
-        }
-        log.info("%s: relaxed %s in %.1f s (%d violations left)", folder.name, model,
-                 seconds[model], int(sum(violations)))
-    if todo:
-        _write_ranked(folder, order, set(wanted))
-        merge_timings(folder / "timings.json",
-                      {f"relax_{m}": round(s, 3) for m, s in seconds.items()})
-        atomic_write_json(folder / RELAX_METRICS_FILE, metrics)  # last: the relaxed marker
+        metrics.pop(model, None)  # an entry whose relaxed file is gone
+    seconds: dict[str, float] = {}
+    try:
+        for model in todo:
+            seconds[model], metrics[model] = _relax_model(folder, model)
+    finally:  # what was relaxed before a failure is kept, not redone
+        if seconds:
+            _write_ranked(folder, order, set(already) | set(seconds))
+            merge_timings(folder / "timings.json",
+                          {f"relax_{m}": round(s, 3) for m, s in seconds.items()})
+            atomic_write_json(folder / RELAX_METRICS_FILE, metrics)  # last: the relaxed marker
     return RelaxOutcome(name=folder.name, relaxed=tuple(todo), already=already,
                         seconds=time.perf_counter() - started)
+
+
+def _relax_model(folder: Path, model: str) -> tuple[float, dict[str, Any]]:
+    """Relax one prediction into `relaxed_<model>.pdb`; its seconds and metrics entry."""
+    from alphafold.common import protein
+
+    source = folder / f"unrelaxed_{model}.pdb"
+    try:
+        unrelaxed = protein.from_pdb_string(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RelaxError(f"{folder.name}: cannot read {source.name}: {exc}") from exc
+    started = time.perf_counter()
+    try:
+        relaxed_pdb, debug, violations = _relaxer().process(prot=unrelaxed)
+    except Exception as exc:  # OpenMM and pdbfixer raise many kinds; the target's alone
+        raise RelaxError(f"{folder.name}: relaxing {model} failed: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    seconds = time.perf_counter() - started
+    atomic_write_text(folder / f"relaxed_{model}.pdb", relaxed_pdb)
+    log.info("%s: relaxed %s in %.1f s (%d violations left)", folder.name, model, seconds,
+             int(sum(violations)))
+    return seconds, {
+        "remaining_violations": [float(v) for v in violations],
+        "remaining_violations_count": float(sum(violations)),
+        "initial_energy": float(debug["initial_energy"]),
+        "final_energy": float(debug["final_energy"]),
+        "rmsd": round(float(debug["rmsd"]), 4),
+        "attempts": int(debug["attempts"]),
+    }
 
 
 def _write_ranked(folder: Path, order: Sequence[str], relaxed: set[str]) -> None:
