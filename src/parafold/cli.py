@@ -26,6 +26,15 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     stop_on_sigterm()
 
 
+def _interrupted(exc: BaseException, kept: str) -> int:
+    """Say how a command ended on Ctrl-C or SIGTERM and what is kept; its exit code."""
+    from parafold.lifecycle import Terminated, interrupted_code
+
+    how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    typer.echo(f"{how}; rerun the same command to resume ({kept})", err=True)
+    return interrupted_code(exc)
+
+
 # Each stage registers its commands below, in its own section. Keep imports of heavy modules
 # (jax, alphafold.model) inside the command functions so `parafold --help` stays fast.
 
@@ -172,11 +181,10 @@ def features_cmd(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the searches' tools die with us
-        from parafold.lifecycle import exit_interrupted, interrupted_code, interrupted_message
+        from parafold.lifecycle import exit_interrupted
 
-        typer.echo(f"{interrupted_message(exc)}; rerun the same command to resume (finished "
-                   f"features in {out} and searches in its cache are kept)", err=True)
-        exit_interrupted(interrupted_code(exc))
+        exit_interrupted(_interrupted(
+            exc, f"finished features in {out} and searches in its cache are kept"))
     failed = [o for o in outcomes if not o.ok]
     for o in failed:
         typer.echo(f"failed: {o.target.id} ({o.target.source}): {o.error}", err=True)
@@ -373,11 +381,7 @@ def predict(
         result = predict_on(devices, sets, out, params_dir=params_dir, settings=settings,
                             trust_pickles=trust_pickles, pin=chosen is not None)
     except KeyboardInterrupt as exc:
-        from parafold.lifecycle import interrupted_code, interrupted_message
-
-        typer.echo(f"{interrupted_message(exc)}; rerun the same command to resume (finished "
-                   f"targets in {out} are kept)", err=True)
-        exit_interrupted(interrupted_code(exc))
+        exit_interrupted(_interrupted(exc, f"finished targets in {out} are kept"))
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -446,11 +450,9 @@ def relax_cmd(
     try:
         results = relax_folders(folders, models_to_relax, processes=processes, on_result=show)
     except KeyboardInterrupt as exc:
-        from parafold.lifecycle import exit_interrupted, interrupted_code, interrupted_message
+        from parafold.lifecycle import exit_interrupted
 
-        typer.echo(f"{interrupted_message(exc)}; rerun the same command to resume (relaxed "
-                   "models are kept)", err=True)
-        exit_interrupted(interrupted_code(exc))
+        exit_interrupted(_interrupted(exc, "relaxed models are kept"))
     failed = sum(1 for r in results if r.error is not None)
     typer.echo(f"{len(results) - failed}/{len(results)} targets relaxed")
     if failed:
@@ -482,11 +484,7 @@ def _run_and_report(settings: object) -> int:
     try:
         summary = run_pipeline(settings)
     except KeyboardInterrupt as exc:
-        from parafold.lifecycle import interrupted_code, interrupted_message
-
-        typer.echo(f"{interrupted_message(exc)}; rerun the same command to resume "
-                   f"({settings.out})", err=True)
-        raise typer.Exit(interrupted_code(exc)) from None
+        raise typer.Exit(_interrupted(exc, str(settings.out))) from None
     except RunLockedError as exc:
         raise _fail(str(exc), 3) from exc
     except PipelineError as exc:

@@ -9,7 +9,7 @@ from typing import NoReturn, TypeVar
 
 __all__ = ["die_with_parent", "helper_process_init", "exit_interrupted", "EXIT_INTERRUPTED",
            "EXIT_TERMINATED", "Terminated", "stop_on_sigterm", "interrupted_code",
-           "interrupted_message", "quiet_interrupt_when_idle", "run_job"]
+           "quiet_interrupt_when_idle", "run_job"]
 
 R = TypeVar("R")
 _jobs_running = 0  # in this pool worker process
@@ -55,10 +55,6 @@ def stop_on_sigterm() -> None:
 def interrupted_code(exc: BaseException) -> int:
     """The exit code for a run ended by `exc` (Ctrl-C or SIGTERM)."""
     return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
-
-
-def interrupted_message(exc: BaseException) -> str:
-    return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
 
 
 def die_with_parent() -> None:

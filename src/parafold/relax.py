@@ -227,10 +227,6 @@ def find_predicted(roots: Sequence[Path]) -> tuple[list[Path], list[Path]]:
     return list(dict.fromkeys(predicted)), unpredicted
 
 
-def _relax_in_helper(folder: Path, which: str) -> RelaxOutcome:
-    return relax_target(folder, which)
-
-
 def relax_folders(folders: Sequence[Path], which: str, *, processes: int,
                   on_result: Any = None) -> list[RelaxResult]:
     """Relax many target folders in `processes` spawned single-threaded helpers (in this
@@ -259,7 +255,7 @@ def relax_folders(folders: Sequence[Path], which: str, *, processes: int,
                                   mp_context=multiprocessing.get_context("spawn"),
                                   initializer=helper_process_init)
     try:
-        futures = {pool.submit(_relax_in_helper, folder, which): folder for folder in folders}
+        futures = {pool.submit(relax_target, folder, which): folder for folder in folders}
         for future in cf.as_completed(futures):
             folder = futures[future]
             try:

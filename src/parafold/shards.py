@@ -11,11 +11,11 @@ Two ways to cut:
   sequences land in one shard and are searched once; a record added to the input moves nobody
   else.
 * `cut_by_work` (GPU stage, `costs.cut_by_cost`): targets sorted by shape, cut into N runs of
-  about equal modelled device work. Each GPU task then compiles only the few shapes of its own range instead of every shape
-  of the set. The cuts depend on the whole set, so the first task to start pins them in a plan
-  file that every later task reads (`pinned`): a set that grew in between (a features task
-  rerun late) cannot leave a target between two tasks' ranges; targets the plan does not know
-  go by hash.
+  about equal modelled device work. Each GPU task then compiles only the few shapes of its own
+  range instead of every shape of the set. The cuts depend on the whole set, so the first task
+  to start pins them in a plan file that every later task reads (`pinned`): a set that grew in
+  between (a features task rerun late) cannot leave a target between two tasks' ranges;
+  targets the plan does not know go by hash.
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ import numpy as np
 from parafold.featureset import FeatureSet
 from parafold.fold.buckets import ShapeKey
 from parafold.fold.settings import ModelSettings
+from parafold.relax import relax_target
 
-__all__ = ["HostPools", "BusyMeter", "process_job", "write_job", "relax_job", "auto_workers",
+__all__ = ["HostPools", "BusyMeter", "process_job", "write_job", "auto_workers",
            "feature_helpers", "host_cores", "MAX_FEATURE_HELPERS"]
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,8 @@ def write_job(folder: Path, name: str, predictions: list[Any], timings: dict[str
 
     ranked = write_target_outputs(folder, name, predictions, timings, save_raw=save_raw)
     if relax != "none":
-        relax_job(folder, relax)
+        relax_target(folder, relax)
     return ranked
-
-
-def relax_job(folder: Path, relax: str) -> Any:
-    """Relax a predicted target's structures (`parafold.relax.relax_target`)."""
-    from parafold.relax import relax_target
-
-    return relax_target(folder, relax)
 
 
 def auto_workers(configured: int | None, platform: str, *, gpu_default: int) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parafold.errors import InputError
+from parafold.relax import RELAX_CHOICES
 
 __all__ = ["ModelSettings", "MODEL_PRESETS", "CONFIG_SIZES", "default_compile_cache_dir",
            "parse_model_numbers"]
@@ -128,9 +129,9 @@ class ModelSettings:
             raise InputError(f"--compile-cost must be >= 0, got {self.compile_cost_s}")
         if not 0.0 <= self.merge_max_waste < 1.0:
             raise InputError(f"--merge-max-waste must be in [0, 1), got {self.merge_max_waste}")
-        if self.models_to_relax not in ("none", "best", "all"):
-            raise InputError(f"--models-to-relax {self.models_to_relax!r}: expected none, best "
-                             "or all")
+        if self.models_to_relax not in RELAX_CHOICES:
+            raise InputError(f"--models-to-relax {self.models_to_relax!r}: expected "
+                             f"{', '.join(RELAX_CHOICES[:-1])} or {RELAX_CHOICES[-1]}")
         if self.device_memory_bytes is not None and self.device_memory_bytes <= 0:
             raise InputError("device memory must be positive")
 

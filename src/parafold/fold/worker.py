@@ -37,12 +37,11 @@ from parafold.fold.hostwork import (
     feature_helpers,
     host_cores,
     process_job,
-    relax_job,
     write_job,
 )
 from parafold.fold.outputs import Prediction, is_complete
 from parafold.fold.settings import ModelSettings
-from parafold.relax import RelaxError, relax_pending
+from parafold.relax import RelaxError, relax_pending, relax_target
 
 __all__ = ["FoldWorker", "FoldOutcome"]
 
@@ -409,7 +408,7 @@ class FoldWorker:
         ctx = _Pass(out_root, {fs.name: _TargetState(fs, runs) for fs in todo}, skipped)
         for fs in relax_only:
             ctx.relaxing[fs.name] = (fs, self.pools.writes().submit(
-                relax_job, out_root / fs.name, relax))
+                relax_target, out_root / fs.name, relax))
         units = self._plan(todo)
         futures: dict[int, list[cf.Future[Any] | None]] = {}
         pending: _Pending | None = None

@@ -51,12 +51,7 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"cannot start {argv[1]}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CANNOT_START
-    while True:
-        try:
-            _, status = os.waitpid(tool, 0)
-            break
-        except ChildProcessError:
-            return EXIT_CANNOT_START
+    _, status = os.waitpid(tool, 0)  # EINTR is retried by Python itself (PEP 475)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:  # killed by a signal: end the same way, so the caller sees what the tool got
         if -code not in (signal.SIGKILL, signal.SIGSTOP):  # these cannot be handled anyway
