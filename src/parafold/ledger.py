@@ -19,17 +19,28 @@ import enum
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from parafold.errors import RunLockedError, SchedulerError
+from parafold.filesystems import (
+    LedgerMode,
+    ledger_mode,
+    lock_support,
+    locks_unsupported,
+    warn_without_locks,
+)
 from parafold.inputs import InputProblem, Target
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "State",
@@ -195,19 +206,38 @@ class Ledger:
 
     def __init__(self, out: Path | str, *, readonly: bool = False) -> None:
         self.path = Path(out) / LEDGER_FILE
-        if readonly:
-            if not self.path.exists():
-                raise SchedulerError(f"{self.path}: no run ledger here")
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
-                                       timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-        else:
+        if readonly and not self.path.exists():
+            raise SchedulerError(f"{self.path}: no run ledger here")
+        if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
+        self.mode = ledger_mode(self.path.parent)
+        options = {"mode": "ro"} if readonly else {}
+        if self.mode is LedgerMode.UNLOCKED:  # SQLite's own locks would fail every statement
+            options["vfs"] = "unix-none"
+            if not readonly:  # a reader changes nothing: no need to warn on every `status`
+                warn_without_locks(self.path, lock_support(self.path.parent).error
+                                   or OSError(errno.ENOSYS, "no locks"))
+        uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}"
+        if options:
+            uri += "?" + urllib.parse.urlencode(options)
+        self._db = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        if not readonly:
+            self._set_journal()
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
         self._db.row_factory = sqlite3.Row
+
+    def _set_journal(self) -> None:
+        """WAL on a local disk (`parafold status` reads while the run writes); a rollback
+        journal where WAL's shared memory cannot reach every reader (`filesystems`). A
+        ledger left in WAL by a run elsewhere may refuse the switch while someone reads it:
+        it then stays in WAL for this run."""
+        journal = "WAL" if self.mode is LedgerMode.WAL else "TRUNCATE"
+        try:
+            self._db.execute(f"PRAGMA journal_mode={journal}")
+        except sqlite3.OperationalError as exc:
+            logger.warning("%s: could not switch the journal to %s (%s)", self.path, journal, exc)
 
     def close(self) -> None:
         self._db.close()
@@ -519,6 +549,7 @@ class RunLock:
     def __init__(self, out: Path | str) -> None:
         self.path = Path(out) / LOCK_FILE
         self._fd: int | None = None
+        self._locked = True  # False on a file system without locks (`filesystems`)
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -544,6 +575,12 @@ class RunLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     break
+            except OSError as exc:  # a mount without locks: nothing can tell two runs apart
+                if not locks_unsupported(exc):
+                    raise
+                warn_without_locks(self.path, exc)
+                self._locked = False
+                return
             time.sleep(0.02)
         holder = read_lock_holder(self.path.parent)
         who = holder.describe() if holder else "another process"
@@ -553,7 +590,8 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self._locked:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 

@@ -94,11 +94,22 @@ def atomic_copy(src: Path | str, dst: Path | str) -> None:
 @contextlib.contextmanager
 def file_lock(path: Path | str) -> Iterator[None]:
     """Hold an exclusive `flock` on `path` (created if needed); the kernel drops it when the
-    holder dies, so a SIGKILLed process never leaves a stale lock."""
+    holder dies, so a SIGKILLed process never leaves a stale lock. On a file system without
+    locks it warns once and goes on unlocked (`filesystems`): every write is atomic anyway,
+    so the worst two processes can do there is the same work twice."""
+    from parafold.filesystems import locks_unsupported, warn_without_locks
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError as exc:
+            if not locks_unsupported(exc):
+                raise
+            warn_without_locks(path, exc)
+            yield
+            return
         try:
             yield
         finally:

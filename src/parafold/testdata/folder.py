@@ -8,11 +8,12 @@ included, takes OUT's place. Temporary folders of killed builds are removed by t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from parafold.store import file_lock
 
 __all__ = ["locked", "staged_folder", "is_replaceable"]
 
@@ -20,13 +21,8 @@ __all__ = ["locked", "staged_folder", "is_replaceable"]
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Exclusive lock for building `out`, so concurrent builds (test workers) take turns."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(out.parent / f".{out.name}.lock"):
+        yield
 
 
 def is_replaceable(out: Path, ours: tuple[str, ...]) -> bool:
