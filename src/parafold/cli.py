@@ -395,11 +395,24 @@ def predict(
             status = "ok" if o.ok else f"FAILED: {o.error}"
         typer.echo(f"{o.name}\t{o.length}\t{status}")
     typer.echo(f"{len(outcomes) - len(failed)}/{len(outcomes)} targets ok")
+    _write_predict_results(out, sets, {o.name: o.error for o in failed})
     for where, stats in result.stats.items():
         typer.echo(f"stats ({where}): "
                    f"{ {k: v for k, v in stats.items() if k != 'compile_spans'} }")
     if failed or problems:
         raise typer.Exit(1)
+
+
+def _write_predict_results(out: Path, sets: list[Any], failures: dict[str, str | None]) -> None:
+    """OUT/results.tsv after `predict` (its rows from OUT's folders, with this call's feature
+    sets and failures); a table that cannot be written is logged, never fails the command."""
+    from parafold.report import write_results_table
+
+    try:
+        typer.echo(f"results: {write_results_table(out, feature_sets=sets, failures=failures)}")
+    except Exception as exc:  # the predictions are on disk; the table is extra
+        logging.getLogger("parafold.predict").error(
+            "could not write the results table in %s: %s", out, exc, exc_info=True)
 
 
 @app.command("relax")
@@ -633,9 +646,11 @@ def report_cmd(
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a run.")],
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Do not draw missing plots.")] = False,
 ) -> None:
-    """Write OUT/report.html: run summary, worker timeline, target table, plots, 3D views."""
+    """Write OUT/report.html (run summary, worker timeline, target table, plots, 3D views)
+    and OUT/results.tsv (a line per target: scores, ranked_0.pdb, state, error)."""
     from parafold.errors import InputError
     from parafold.report import write_report
+    from parafold.report.results_table import RESULTS_FILE
 
     try:
         path = write_report(out, plots=not no_plots)
@@ -643,6 +658,9 @@ def report_cmd(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"report: {path}")
+    table = path.with_name(RESULTS_FILE)
+    if table.is_file():
+        typer.echo(f"results: {table}")
 
 
 if __name__ == "__main__":

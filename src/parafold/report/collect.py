@@ -5,8 +5,9 @@ worker events of the timeline) and the target folders (scores, rankings, plots, 
 Targets seen in either appear; a field nobody wrote is `null`, never a crash, so a report of a
 run still going, or of a folder copied without its ledger, still opens.
 
-Rows are stored as arrays in `COLUMNS` order, not as objects: at 10,000 targets the keys
-would be most of the page.
+`collect` reads both once into one `_Row` per target; `collect_run` turns that into the page's
+data and `results_table` into `OUT/results.tsv`. Rows are stored in the page as arrays in
+`COLUMNS` order, not as objects: at 10,000 targets the keys would be most of the page.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parafold.relax import RELAX_METRICS_FILE
 from parafold.report.plots import COVERAGE_PNG, PAE_PNG, PLDDT_PNG, model_order, plddt_of
 
 __all__ = ["COLUMNS", "FLAG_PLDDT", "FLAG_PAE", "FLAG_COVERAGE", "FLAG_STRUCTURE",
-           "STRUCTURE_JS", "collect_run", "is_target_dir"]
+           "STRUCTURE_JS", "RANKED_PDB", "Collected", "collect", "collect_run", "is_target_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,8 @@ COLUMNS = ["name", "length", "msa_depth", "plddt", "ptm", "search_s", "predict_s
            "error", "flags", "model"]
 FLAG_PLDDT, FLAG_PAE, FLAG_COVERAGE, FLAG_STRUCTURE = 1, 2, 4, 8
 STRUCTURE_JS = "ranked_0.pdb.js"
-_MARKERS = ("features.json", "ranking_debug.json", "ranked_0.pdb", "timings.json", "msas")
+RANKED_PDB = "ranked_0.pdb"
+_MARKERS = ("features.json", "ranking_debug.json", RANKED_PDB, "timings.json", "msas")
 
 
 @dataclass(slots=True)
@@ -49,6 +52,12 @@ class _Row:
     flags: int = 0
     model: str | None = None
     timings: dict[str, Any] = field(default_factory=dict)
+    # Not on the page, in OUT/results.tsv only: the record id as given in the input, the
+    # best model's max PAE, whether it was relaxed, whether the folder holds ranked_0.pdb.
+    target_id: str | None = None
+    max_pae: float | None = None
+    relaxed: bool = False
+    has_ranked_pdb: bool = False
 
     def as_list(self) -> list[Any]:
         return [getattr(self, c) for c in COLUMNS]
@@ -109,6 +118,8 @@ def _fill_from_folder(row: _Row, folder: Path) -> None:
         seq = manifest.get("sequence")
         if row.length is None and isinstance(seq, str):
             row.length = len(seq)
+        if row.target_id is None and isinstance(manifest.get("target_id"), str):
+            row.target_id = manifest["target_id"]
         folder_state = "features_ready"
     order = model_order(folder)
     ranking = _json(folder / "ranking_debug.json") if order else None
@@ -121,14 +132,20 @@ def _fill_from_folder(row: _Row, folder: Path) -> None:
         row.plddt = _num(scores.get("mean_plddt")) or (
             float(curve.mean()) if curve is not None else None)
         row.ptm = _num(scores.get("ptm"))
+        row.max_pae = _num(scores.get("max_pae"))
         if row.length is None and curve is not None:
             row.length = int(curve.size)
+    if order:  # relaxed as `parafold.relax` counts it: a metrics entry and its structure
+        metrics = _json(folder / RELAX_METRICS_FILE)
+        row.relaxed = (isinstance(metrics, dict) and order[0] in metrics
+                       and (folder / f"relaxed_{order[0]}.pdb").is_file())
     if row.plddt is None and isinstance(ranking, dict):
         plddts = ranking.get("plddts")
         if isinstance(plddts, dict):
             row.plddt = _num(plddts.get(order[0]))
     if row.state == "unknown":
         row.state = folder_state
+    row.has_ranked_pdb = (folder / RANKED_PDB).is_file()
     if not row.timings.get("predict"):  # the ledger's copy wins: never count them twice
         timings = _json(folder / "timings.json")
         if isinstance(timings, dict):
@@ -194,14 +211,26 @@ def _timeline(events: list[Any], index: Mapping[str, int]) -> tuple[list[dict[st
     return lanes, rows, t0
 
 
-def collect_run(out_dir: Path | str) -> dict[str, Any]:
-    """Everything the report page shows, as JSON-ready data (see `COLUMNS` for the rows)."""
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """What a run left in OUT, read once: a `_Row` per target (sorted by name) and the
+    ledger's events, runs and worker events (empty without a ledger)."""
+
+    rows: dict[str, _Row]
+    events: list[Any]
+    runs: list[Any]
+    worker_events: list[Any]
+
+
+def collect(out_dir: Path | str) -> Collected:
+    """Read the ledger and every target folder of `out_dir` once (see the module docstring)."""
     out_dir = Path(out_dir)
     records, events, runs, worker_events = _read_ledger(out_dir)
     rows: dict[str, _Row] = {}
     for rec in records:
         row = rows.setdefault(rec.name, _Row(rec.name))
         row.length = rec.length
+        row.target_id = rec.target_id
         row.state = str(rec.state.value if hasattr(rec.state, "value") else rec.state)
         if rec.error:
             stage = f"[{rec.failed_stage}] " if rec.failed_stage else ""
@@ -217,8 +246,7 @@ def collect_run(out_dir: Path | str) -> dict[str, Any]:
             if out_dir.is_dir() else []:
         _fill_from_folder(rows.setdefault(folder.name, _Row(folder.name)), folder)
 
-    names = sorted(rows)
-    index = {n: i for i, n in enumerate(names)}
+    rows = {n: rows[n] for n in sorted(rows)}
     busy: dict[tuple[str, str], float] = {}  # worker time beats ledger stamps (queue waits)
     for e in events:
         if e.end is not None and e.target in rows and e.kind in ("search", "predict"):
@@ -235,8 +263,17 @@ def collect_run(out_dir: Path | str) -> dict[str, Any]:
             if own and all(v is not None for v in own):
                 row.predict_s = float(sum(v for v in own if v is not None))
         row.search_s, row.predict_s = _round(row.search_s, 2), _round(row.predict_s, 3)
-        row.plddt, row.ptm = _round(row.plddt, 2), _round(row.ptm, 3)
+        row.plddt, row.ptm = _round(row.plddt, 2), _round(row.ptm, 4)
+    return Collected(rows, events, runs, worker_events)
 
+
+def collect_run(out_dir: Path | str, collected: Collected | None = None) -> dict[str, Any]:
+    """Everything the report page shows, as JSON-ready data (see `COLUMNS` for the rows);
+    from `collected` when the caller has read OUT already."""
+    out_dir = Path(out_dir)
+    c = collected if collected is not None else collect(out_dir)
+    rows, events, runs, worker_events = c.rows, c.events, c.runs, c.worker_events
+    index = {n: i for i, n in enumerate(rows)}
     lanes, timeline, t0 = _timeline(events, index)
     span = max((ev[2] for ev in timeline), default=0.0)
     if not span and runs:
@@ -271,4 +308,5 @@ def collect_run(out_dir: Path | str) -> dict[str, Any]:
         "workers_retired": [[e.worker, e.reason] for e in worker_events if e.kind == "retired"],
     }
     return {"summary": summary, "columns": COLUMNS,
-            "rows": [rows[n].as_list() for n in names], "lanes": lanes, "events": timeline}
+            "rows": [row.as_list() for row in rows.values()], "lanes": lanes,
+            "events": timeline}

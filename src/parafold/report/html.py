@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from parafold.errors import InputError
-from parafold.report.collect import STRUCTURE_JS, collect_run, is_target_dir
+from parafold.report.collect import STRUCTURE_JS, collect, collect_run, is_target_dir
+from parafold.report.results_table import write_results_table
 from parafold.store import atomic_write_text
 
 __all__ = ["REPORT_FILE", "ASSET_DIR", "VIEWER_JS", "render_page", "write_report",
@@ -128,7 +129,8 @@ def render_page(data: dict[str, Any], *, title: str) -> str:
 
 
 def write_report(out_dir: Path | str, *, plots: bool = True) -> Path:
-    """Write `OUT/report.html` (and what it loads on demand); return its path.
+    """Write `OUT/report.html` (and what it loads on demand) and `OUT/results.tsv` from the
+    same reading of OUT; return the page's path. A table that cannot be written is logged.
 
     With `plots`, targets whose plots are missing get them drawn first (a run made with
     `--no-plots` can be given plots later). Targets are read as they are: a run in progress
@@ -150,7 +152,12 @@ def write_report(out_dir: Path | str, *, plots: bool = True) -> Path:
     for folder in folders:
         write_structure_js(folder)
     _copy_assets(out_dir)
-    data = collect_run(out_dir)
+    collected = collect(out_dir)
+    try:
+        write_results_table(out_dir, collected.rows)
+    except Exception as exc:  # the page still shows the run; the table is extra
+        log.error("could not write the results table in %s: %s", out_dir, exc, exc_info=True)
+    data = collect_run(out_dir, collected)
     page = render_page(data, title=out_dir.resolve().name)
     path = out_dir / REPORT_FILE
     atomic_write_text(path, page)

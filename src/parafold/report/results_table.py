@@ -1,0 +1,77 @@
+"""`OUT/results.tsv`: one line per target for downstream tools (filter by pLDDT, collect PDBs).
+
+The rows are the report's (`collect.collect`: the ledger and the target folders, read once),
+sorted by folder name, in `RESULTS_COLUMNS` order after a header line. A value nobody wrote is
+an empty cell; a tab, CR or newline inside a value (record ids and errors come from outside)
+becomes a space, so every line has the same number of cells. The file is replaced atomically:
+a killed run leaves the previous table or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from parafold.report.collect import RANKED_PDB, _Row, collect
+from parafold.store import atomic_write_text
+
+__all__ = ["RESULTS_FILE", "RESULTS_COLUMNS", "format_results", "write_results_table"]
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.tsv"
+RESULTS_COLUMNS = ("name", "id", "length", "msa_depth", "state", "best_model", "plddt", "ptm",
+                   "max_pae", "relaxed", "ranked_pdb", "search_s", "predict_s", "error")
+_FLATTEN = str.maketrans({"\t": " ", "\r": " ", "\n": " "})
+
+
+def _fixed(value: float | None, digits: int) -> str | None:
+    return None if value is None else f"{value:.{digits}f}"
+
+
+def _cells(row: _Row) -> list[Any]:
+    return [row.name, row.target_id, row.length, row.msa_depth, row.state, row.model,
+            _fixed(row.plddt, 2), _fixed(row.ptm, 4), _fixed(row.max_pae, 2),
+            int(row.relaxed), f"{row.name}/{RANKED_PDB}" if row.has_ranked_pdb else None,
+            _fixed(row.search_s, 2), _fixed(row.predict_s, 3), row.error]
+
+
+def format_results(rows: Iterable[_Row]) -> str:
+    """The table's text: the header, then a line per row in the order given."""
+    lines = ["\t".join(RESULTS_COLUMNS)]
+    for row in rows:
+        lines.append("\t".join("" if v is None else str(v).translate(_FLATTEN)
+                               for v in _cells(row)))
+    return "\n".join(lines) + "\n"
+
+
+def write_results_table(out_dir: Path | str, rows: Mapping[str, _Row] | None = None, *,
+                        feature_sets: Iterable[Any] = (),
+                        failures: Mapping[str, str | None] | None = None) -> Path:
+    """Write `OUT/results.tsv`; return its path.
+
+    `rows` are `collect(out_dir).rows` when the caller has them (the report does), else OUT is
+    read here. `predict` has no ledger: its rows come from the target folders, and it passes
+    what only it knows: its `feature_sets` (their `target_id`, length and MSA depth fill cells
+    a folder without `features.json` leaves empty) and its `failures` ({name: error}; such a
+    target is `failed` whatever its folder holds, e.g. a prediction whose relaxation failed).
+
+    Raises:
+        OSError: the table could not be written (callers log it: the table never fails a run).
+    """
+    out_dir = Path(out_dir)
+    table = dict(rows) if rows is not None else collect(out_dir).rows
+    for fs in feature_sets:
+        row = table.setdefault(fs.name, _Row(fs.name))
+        row.target_id = row.target_id if row.target_id is not None else fs.target_id
+        row.length = row.length if row.length is not None else fs.length
+        row.msa_depth = row.msa_depth if row.msa_depth is not None else fs.msa_depth
+    for name, error in (failures or {}).items():
+        row = table.setdefault(name, _Row(name))
+        row.state, row.error = "failed", error or row.error
+    path = out_dir / RESULTS_FILE
+    atomic_write_text(path, format_results(table[n] for n in sorted(table)))
+    log.info("results of %d targets: %s", len(table), path)
+    return path
