@@ -192,9 +192,22 @@ def features_cmd(
     typer.echo(f"{len(outcomes) - len(failed)} of {len(outcomes)} targets have features in {out} "
                f"({reused} reused), {len(failed)} failed, {len(problems)} bad input "
                "record(s)")
+    _exit_if_storage_full(out, [o.storage_full for o in failed])
     # an empty shard (more tasks than sequences) is no failure of its task
     if failed or problems or not (outcomes or part is not None and parsed.targets):
         raise typer.Exit(1)
+
+
+def _exit_if_storage_full(out: Path, storage_full: list[bool]) -> None:
+    """Targets that a disk full or a quota spent stopped: say what to do, exit 75 (sysexits'
+    EX_TEMPFAIL), so a job script can tell it from failed targets."""
+    from parafold.lifecycle import EXIT_STORAGE_FULL
+    from parafold.pipeline import storage_full_advice
+
+    if any(storage_full):
+        typer.echo(f"{sum(storage_full)} target(s) stopped by a full disk or a spent quota. "
+                   f"{storage_full_advice(out)}", err=True)
+        raise typer.Exit(EXIT_STORAGE_FULL)
 
 
 @app.command("testdata")
@@ -399,6 +412,7 @@ def predict(
     for where, stats in result.stats.items():
         typer.echo(f"stats ({where}): "
                    f"{ {k: v for k, v in stats.items() if k != 'compile_spans'} }")
+    _exit_if_storage_full(out, [o.storage_full for o in failed])
     if failed or problems:
         raise typer.Exit(1)
 
@@ -411,8 +425,11 @@ def _write_predict_results(out: Path, sets: list[Any], failures: dict[str, str |
     try:
         typer.echo(f"results: {write_results_table(out, feature_sets=sets, failures=failures)}")
     except Exception as exc:  # the predictions are on disk; the table is extra
+        from parafold.errors import is_storage_full
+
         logging.getLogger("parafold.predict").error(
-            "could not write the results table in %s: %s", out, exc, exc_info=True)
+            "could not write the results table in %s: %s", out, exc,
+            exc_info=not is_storage_full(exc))
 
 
 @app.command("relax")
@@ -490,7 +507,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 def _run_and_report(settings: object) -> int:
     """Run the pipeline, print the summary, and return the exit code for the shell."""
-    from parafold.errors import PipelineError, RunLockedError
+    from parafold.errors import PipelineError, RunLockedError, StorageFullError
+    from parafold.lifecycle import EXIT_STORAGE_FULL
     from parafold.pipeline import RunSettings, run_pipeline
 
     assert isinstance(settings, RunSettings)
@@ -500,6 +518,8 @@ def _run_and_report(settings: object) -> int:
         raise typer.Exit(_interrupted(exc, str(settings.out))) from None
     except RunLockedError as exc:
         raise _fail(str(exc), 3) from exc
+    except StorageFullError as exc:
+        raise _fail(str(exc), EXIT_STORAGE_FULL) from exc
     except PipelineError as exc:
         raise _fail(str(exc)) from exc
     for line in summary.lines():

@@ -7,6 +7,8 @@ process): one whose constructor takes more than the message says how to rebuild 
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "GpuOutOfMemoryError",
     "SchedulerError",
     "RunLockedError",
+    "StorageFullError",
+    "is_storage_full",
 ]
 
 
@@ -95,3 +99,33 @@ class SchedulerError(PipelineError):
 
 class RunLockedError(SchedulerError):
     """Another live process holds this output directory."""
+
+
+class StorageFullError(PipelineError):
+    """A file system parafold writes to is full, or the user's quota on it is spent: no
+    target's fault, so the run stops and keeps what it finished; a rerun after freeing space
+    resumes."""
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_WORDS = tuple(os.strerror(code) for code in _FULL_ERRNOS)  # as a tool's stderr says it
+_SQLITE_FULL = 13
+
+
+def is_storage_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it came from, says a disk is full or a quota spent: an
+    OSError with ENOSPC or EDQUOT, SQLite's "database or disk is full", or a search tool that
+    said so and exited."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return True
+        if isinstance(exc, ToolFailedError) and any(w in exc.stderr_tail for w in _FULL_WORDS):
+            return True
+        cause = getattr(exc, "cause", None)  # Ray wraps a task's own exception
+        exc = (cause if isinstance(cause, BaseException) else None) or exc.__cause__ \
+            or exc.__context__
+    return False

@@ -8,14 +8,16 @@ from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 __all__ = ["die_with_parent", "helper_process_init", "exit_interrupted", "EXIT_INTERRUPTED",
-           "EXIT_TERMINATED", "Terminated", "stop_on_sigterm", "interrupted_code",
-           "quiet_interrupt_when_idle", "run_job"]
+           "EXIT_TERMINATED", "EXIT_STORAGE_FULL", "Terminated", "stop_on_sigterm",
+           "interrupted_code", "quiet_interrupt_when_idle", "run_job"]
 
 R = TypeVar("R")
 _jobs_running = 0  # in this pool worker process
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # and by SIGTERM (128 + 15)
+# A disk full or a quota spent stopped the work (sysexits' EX_TEMPFAIL: try again later).
+EXIT_STORAGE_FULL = 75
 
 
 class Terminated(KeyboardInterrupt):

@@ -22,12 +22,23 @@ from pathlib import Path
 from typing import Any
 
 from parafold.engine import Executor, make_executor
+from parafold.engine.jobs import describe_error
 from parafold.engine.scheduler import Scheduler
-from parafold.errors import DatabaseNotFoundError, InputError, PipelineError
+from parafold.errors import (
+    DatabaseNotFoundError,
+    InputError,
+    PipelineError,
+    StorageFullError,
+    is_storage_full,
+)
 from parafold.featureset import MANIFEST_FILE, FeatureSet, read_feature_set
 from parafold.inputs import InputProblem, Target, read_targets
 from parafold.ledger import LEDGER_FILE, LOCK_FILE, Ledger, RunLock, State
-from parafold.lifecycle import EXIT_INTERRUPTED, interrupted_code  # the ledger records these
+from parafold.lifecycle import (  # the ledger records these
+    EXIT_INTERRUPTED,
+    EXIT_STORAGE_FULL,
+    interrupted_code,
+)
 from parafold.relax import relax_pending
 from parafold.shards import Shard
 from parafold.store import atomic_write_json, read_json
@@ -120,9 +131,12 @@ class RunSummary:
     compiles: int | None
     engine: str
     report: Path | None = None
+    stopped: str | None = None  # why the run stopped early: a disk full, a quota spent
 
     @property
     def exit_code(self) -> int:
+        if self.stopped is not None:
+            return EXIT_STORAGE_FULL
         return 0 if not self.failures and not self.input_problems and \
             self.done == self.targets else 1
 
@@ -142,9 +156,18 @@ class RunSummary:
         if self.input_problems:
             out.append(f"{len(self.input_problems)} input records skipped:")
             out.extend(f"  {p}" for p in self.input_problems)
+        if self.stopped is not None:
+            out.append(f"stopped early: {self.stopped}")
+            out.append(storage_full_advice(self.out))
         if self.report is not None:
             out.append(f"report: {self.report}")
         return out
+
+
+def storage_full_advice(out: Path) -> str:
+    """What to do after a disk full or a quota spent stopped the work."""
+    return (f"Free space (or raise your quota) where parafold writes ({out}, the search cache, "
+            "TMPDIR) and rerun the same command: finished work is kept, the rest resumes.")
 
 
 def prediction_complete(folder: Path) -> bool:
@@ -316,10 +339,27 @@ def run_pipeline(settings: RunSettings, *,
             except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`lifecycle.Terminated`)
                 exit_code = interrupted_code(exc)
                 raise
+            except Exception as exc:  # the ledger's own disk full: the run cannot go on
+                if not is_storage_full(exc):
+                    raise
+                exit_code = EXIT_STORAGE_FULL
+                raise StorageFullError(f"{describe_error(exc)}. {storage_full_advice(out)}"
+                                       ) from exc
             finally:
-                ledger.end_run(run_id, exit_code)
+                _end_run(ledger, run_id, exit_code)
         # Still under the lock, after the run is closed in the ledger: the report shows it ended.
         return replace(summary, report=_write_report(out, plots=settings.plots))
+
+
+def _end_run(ledger: Ledger, run_id: int, exit_code: int) -> None:
+    """Close the run in the ledger; on a full disk that may fail too, and the next run reads
+    the run as ended by its process's death, as after a kill."""
+    try:
+        ledger.end_run(run_id, exit_code)
+    except Exception as exc:
+        if not is_storage_full(exc):
+            raise
+        logger.error("could not record the end of the run in the ledger: %s", exc)
 
 
 def _run(settings: RunSettings, ledger: Ledger, run_id: int, started: float,
@@ -362,7 +402,8 @@ def _write_report(out: Path, *, plots: bool) -> Path | None:
     try:
         return write_report(out, plots=plots)
     except Exception as exc:  # the predictions are done and on disk; the report is extra
-        logger.error("could not write the report in %s: %s", out, exc, exc_info=True)
+        logger.error("could not write the report in %s: %s", out, exc,
+                     exc_info=not is_storage_full(exc))  # a full disk needs no traceback
         return None
 
 
@@ -382,13 +423,18 @@ def _summary(settings: RunSettings, ledger: Ledger, targets: Sequence[Target],
         done=sum(1 for r in records if r.state is State.DONE), failures=failures,
         input_problems=tuple(problems), wall_s=time.time() - started,
         searched=sched.searched, predicted=sched.predicted, compiles=sched.compiles(),
-        engine=settings.engine)
+        engine=settings.engine, stopped=sched.stopped)
 
 
 def _write_run_timings(out: Path, summary: RunSummary) -> None:
-    atomic_write_json(out / "timings.json", {
-        "wall_s": round(summary.wall_s, 3), "searched": summary.searched,
-        "predicted": summary.predicted, "compile_count": summary.compiles,
-        "proteins_per_hour": round(summary.proteins_per_hour, 1), "engine": summary.engine,
-    })
+    try:
+        atomic_write_json(out / "timings.json", {
+            "wall_s": round(summary.wall_s, 3), "searched": summary.searched,
+            "predicted": summary.predicted, "compile_count": summary.compiles,
+            "proteins_per_hour": round(summary.proteins_per_hour, 1), "engine": summary.engine,
+        })
+    except OSError as exc:  # a summary of numbers the ledger keeps too; a full disk says so
+        if not is_storage_full(exc):
+            raise
+        logger.error("could not write %s: %s", out / "timings.json", exc)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parafold.errors import PipelineError
+from parafold.errors import PipelineError, is_storage_full
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
 from parafold.lifecycle import die_with_parent, exit_interrupted, quiet_interrupt_when_idle
@@ -46,7 +46,8 @@ def describe_error(exc: BaseException) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SearchOutcome:
-    """One target's CPU stage: its feature set, or why there is none."""
+    """One target's CPU stage: its feature set, or why there is none (`storage_full`: a disk
+    full or a quota spent, which stops the run instead of failing the target)."""
 
     name: str
     feature_set: FeatureSet | None
@@ -54,6 +55,7 @@ class SearchOutcome:
     worker: str
     start: float
     end: float
+    storage_full: bool = False
 
     @property
     def ok(self) -> bool:
@@ -70,10 +72,11 @@ def search_job(target: Target, out_dir: Path, databases: Any, settings: Any, cpu
         fs = featurize_target(target, out_dir=out_dir, databases=databases, settings=settings,
                               cpus=cpus, cache_dir=cache_dir)
     except Exception as exc:  # the per-target boundary: record and go on
-        if not isinstance(exc, PipelineError):
+        full = is_storage_full(exc)
+        if not isinstance(exc, PipelineError) and not full:
             logger.exception("%s: unexpected error in the search stage", target.name)
         return SearchOutcome(target.name, None, describe_error(exc), worker_label(), start,
-                             time.time())
+                             time.time(), storage_full=full)
     return SearchOutcome(target.name, fs, "", worker_label(), start, time.time())
 
 
@@ -92,11 +95,12 @@ def search_batch_job(targets: Sequence[Target], out_dir: Path, databases: Any, s
             list(targets), out_dir=out_dir, databases=databases, settings=settings,
             budget=CpuBudget(max(1, cpus)), cache_dir=cache_dir, shard=shard)
     except Exception as exc:  # the batch boundary: every target gets the reason
-        if not isinstance(exc, PipelineError):
+        if not isinstance(exc, PipelineError) and not is_storage_full(exc):
             logger.exception("unexpected error in a search batch of %d", len(targets))
         results = [exc] * len(targets)
     end, worker = time.time(), worker_label()
-    return [SearchOutcome(t.name, None, describe_error(r), worker, start, end)
+    return [SearchOutcome(t.name, None, describe_error(r), worker, start, end,
+                          storage_full=is_storage_full(r))
             if isinstance(r, BaseException) else SearchOutcome(t.name, r, "", worker, start, end)
             for t, r in zip(targets, results, strict=True)]
 

@@ -35,10 +35,10 @@ from parafold.engine.jobs import (
     search_batch_job,
     search_job,
 )
-from parafold.errors import FeatureError, InferenceError, PipelineError
+from parafold.errors import FeatureError, InferenceError, PipelineError, is_storage_full
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
-from parafold.ledger import Ledger
+from parafold.ledger import Ledger, State
 
 if TYPE_CHECKING:
     from parafold.pipeline import RunSettings
@@ -99,6 +99,9 @@ class Scheduler:
         self._stats: dict[str, dict[str, Any]] = {}
         self._batches = 0
         self._key_cache: dict[str, Any] = {}
+        # Why the run stops early (a disk full, a quota spent): nothing new starts, the work
+        # in flight finishes, and what waits stays queued or ready for a rerun.
+        self.stopped: str | None = None
 
     # --- the loop ---
 
@@ -116,7 +119,7 @@ class Scheduler:
         self.search_cpus = min(self.settings.search_cpus, capacity)
         slots = max(1, capacity // self.search_cpus)
         with _Progress(self) as progress:
-            while self.pending or self.searching or self.ready or self.folding or self.plotting:
+            while self._work_left():
                 self._submit_searches(slots)
                 self._dispatch_folds()
                 progress.update()
@@ -137,6 +140,19 @@ class Scheduler:
                     else:
                         self._fold_finished(future)
 
+    def _work_left(self) -> bool:
+        if self.stopped is not None:  # only what is in flight
+            return bool(self.searching or self.folding or self.plotting)
+        return bool(self.pending or self.searching or self.ready or self.folding
+                    or self.plotting)
+
+    def _stop(self, reason: str) -> None:
+        """Start nothing more: a disk full or a quota spent would fail every target after."""
+        if self.stopped is None:
+            self.stopped = reason
+            logger.error("stopping the run: %s. The work in flight finishes; the rest waits "
+                         "for a rerun", reason)
+
     def compiles(self) -> int | None:
         counts = [v for s in self._stats.values() for k, v in s.items()
                   if isinstance(v, int) and k in ("compiles", "compile_count", "n_compiles")]
@@ -151,6 +167,8 @@ class Scheduler:
 
     def _submit_searches(self, slots: int) -> None:
         s = self.settings
+        if self.stopped is not None:
+            return
         if self.retired and not self._live_workers():  # its features could never be folded
             return
         if getattr(s.search, "msa_mode", "classic") == "mmseqs":
@@ -204,6 +222,10 @@ class Scheduler:
         self.ledger.add_event(run_id=self.run_id, worker=outcome.worker, kind="search",
                               target=target.name, start=outcome.start, end=outcome.end,
                               ok=outcome.ok, batch=batch_no)
+        if outcome.storage_full:  # not the target's fault: it waits for the rerun
+            self.ledger.reconcile(target.name, State.QUEUED)
+            self._stop(outcome.error)
+            return
         if outcome.feature_set is None:
             logger.warning("%s: search failed: %s", target.name, outcome.error)
             self.ledger.fail(target.name, "search", outcome.error)
@@ -368,6 +390,8 @@ class Scheduler:
         return dest[shape] != shape
 
     def _dispatch_folds(self) -> None:
+        if self.stopped is not None:
+            return
         if self.retired and not self._live_workers():
             self._fail_without_workers()
             return
@@ -396,7 +420,11 @@ class Scheduler:
         try:
             result: FoldBatchResult = future.result()
         except Exception as exc:  # the batch failed as a whole
-            if _is_target_error(exc):
+            if is_storage_full(exc):  # not the batch's fault: it waits for the rerun
+                self._back_in_rotation(worker)
+                self.ledger.requeue_predict([fs.name for fs in batch])
+                self._stop(describe_error(exc))
+            elif _is_target_error(exc):
                 reason = describe_error(exc)
                 logger.error("a batch of %d failed on %s: %s", len(batch), worker.name, reason)
                 self._back_in_rotation(worker)
@@ -413,6 +441,10 @@ class Scheduler:
         by_name = {getattr(o, "name", None): o for o in result.outcomes}
         for fs in batch:
             o = by_name.get(fs.name)
+            if getattr(o, "storage_full", False):  # predicted, not written: for the rerun
+                self.ledger.requeue_predict([fs.name])
+                self._stop(getattr(o, "error", "") or "a disk is full")
+                continue
             if o is None or not getattr(o, "ok", False):
                 reason = getattr(o, "error", "") or "no result from the fold worker"
                 self._fold_failed(fs.name, reason, result.worker, result.start, batch_no,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from parafold.errors import GpuOutOfMemoryError, InferenceError, PipelineError
+from parafold.errors import GpuOutOfMemoryError, InferenceError, PipelineError, is_storage_full
 from parafold.featureset import FeatureSet
 from parafold.fold.batching import batch_size, batched_key, next_pow2, stack_members
 from parafold.fold.buckets import ShapeKey, merge_targets, shape_key
@@ -72,7 +72,8 @@ def submit_horizon(current: int, submitted: int, sizes: Sequence[int], waiting: 
 
 @dataclass(frozen=True, slots=True)
 class FoldOutcome:
-    """What became of one target; `error` names the failure when `ok` is false."""
+    """What became of one target; `error` names the failure when `ok` is false, and
+    `storage_full` says it was a disk full or a quota spent (not the target's fault)."""
 
     name: str
     ok: bool
@@ -86,6 +87,7 @@ class FoldOutcome:
     skipped: bool = False
     output_dir: Path | None = None
     relaxed: tuple[str, ...] = ()  # predictions relaxed by this call, when only relaxed
+    storage_full: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,7 @@ class _TargetState:
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     bucket: str = ""
+    storage_full: bool = False  # its files could not be written: a disk full, a quota spent
 
 
 @dataclass(slots=True)
@@ -630,6 +633,7 @@ class FoldWorker:
                 ranked = None
             except _TARGET_ERRORS as exc:
                 state.error = f"writing outputs for {name} failed: {exc}"
+                state.storage_full = is_storage_full(exc)
                 ranked = None
             self._outcome(state, ctx, ranked)
         for name, (fs, future) in ctx.relaxing.items():
@@ -651,7 +655,8 @@ class FoldWorker:
             log.error("%s", state.error)
             ctx.outcomes[fs.name] = FoldOutcome(name=fs.name, ok=False, error=state.error,
                                                 timings=dict(state.timings), length=fs.length,
-                                                bucket=state.bucket, output_dir=folder)
+                                                bucket=state.bucket, output_dir=folder,
+                                                storage_full=state.storage_full)
             return
         best = next(p for p in state.predictions if p.name == ranked[0])
         ctx.outcomes[fs.name] = FoldOutcome(

@@ -14,15 +14,14 @@ import html
 import json
 import logging
 import re
-import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from parafold.errors import InputError
+from parafold.errors import InputError, is_storage_full
 from parafold.report.collect import STRUCTURE_JS, collect, collect_run, is_target_dir
 from parafold.report.results_table import write_results_table
-from parafold.store import atomic_write_text
+from parafold.store import atomic_copy, atomic_write_text
 
 __all__ = ["REPORT_FILE", "ASSET_DIR", "VIEWER_JS", "render_page", "write_report",
            "write_structure_js"]
@@ -112,7 +111,7 @@ def _copy_assets(out_dir: Path) -> None:
         src = _asset(name)
         with resources.as_file(src) as path:
             if not target.is_file() or target.stat().st_size != path.stat().st_size:
-                shutil.copyfile(path, target)
+                atomic_copy(path, target)  # a full disk leaves no half a viewer behind
 
 
 def render_page(data: dict[str, Any], *, title: str) -> str:
@@ -151,12 +150,13 @@ def write_report(out_dir: Path | str, *, plots: bool = True) -> Path:
                 write_target_plots(folder)
     for folder in folders:
         write_structure_js(folder)
-    _copy_assets(out_dir)
     collected = collect(out_dir)
-    try:
+    try:  # first: small, and what scripts read (the viewer's copy alone is ~0.5 MB)
         write_results_table(out_dir, collected.rows)
     except Exception as exc:  # the page still shows the run; the table is extra
-        log.error("could not write the results table in %s: %s", out_dir, exc, exc_info=True)
+        log.error("could not write the results table in %s: %s", out_dir, exc,
+                  exc_info=not is_storage_full(exc))
+    _copy_assets(out_dir)
     data = collect_run(out_dir, collected)
     page = render_page(data, title=out_dir.resolve().name)
     path = out_dir / REPORT_FILE

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from parafold.errors import is_storage_full
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
 from parafold.search.budget import SEARCHES_PER_PROTEIN, CpuBudget, threads_per_search
@@ -34,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class TargetOutcome:
-    """What happened to one target: its features, or the error that stopped it."""
+    """What happened to one target: its features, or the error that stopped it
+    (`storage_full`: a disk full or a quota spent stopped it, not the target itself)."""
 
     target: Target
     feature_set: FeatureSet | None
@@ -42,6 +44,7 @@ class TargetOutcome:
     tool_calls: int = 0
     reused: str = ""
     wall_s: float = 0.0
+    storage_full: bool = False
 
     @property
     def ok(self) -> bool:
@@ -84,11 +87,17 @@ def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: Datab
                 "up to %d proteins at once (%d searches each)", len(targets), len(groups), cpus,
                 threads, workers, SEARCHES_PER_PROTEIN)
     outcomes: list[TargetOutcome | None] = [None] * len(targets)
+    full: list[str] = []  # set once a disk is full: the searches not started yet are not
 
     def job(indices: list[int]) -> list[tuple[int, TargetOutcome]]:
         done = []
         for i in indices:
             target, start = targets[i], time.monotonic()
+            if full:
+                outcome = TargetOutcome(target, None, error=f"not searched: {full[0]}",
+                                        storage_full=True)
+                done.append((i, outcome))
+                continue
             try:
                 fs = featurize_prepared(target, out_dir=out_dir, databases=databases,
                                         settings=settings, budget=budget, threads=threads,
@@ -98,8 +107,12 @@ def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: Datab
                                         wall_s=round(time.monotonic() - start, 3))
             except Exception as exc:  # the per-target boundary: record and go on
                 logger.error("%s failed: %s", target.id, describe_error(exc))
+                storage_full = is_storage_full(exc)
+                if storage_full and not full:
+                    full.append(describe_error(exc))
                 outcome = TargetOutcome(target, None, error=describe_error(exc),
-                                        wall_s=round(time.monotonic() - start, 3))
+                                        wall_s=round(time.monotonic() - start, 3),
+                                        storage_full=storage_full)
             if on_done is not None:
                 on_done(outcome)
             done.append((i, outcome))
@@ -132,7 +145,8 @@ def _featurize_mmseqs(targets: Sequence[Target], *, out_dir: Path, databases: Da
     for target, result in zip(targets, results, strict=True):
         if isinstance(result, BaseException):
             logger.error("%s failed: %s", target.id, describe_error(result))
-            outcome = TargetOutcome(target, None, error=describe_error(result), wall_s=wall)
+            outcome = TargetOutcome(target, None, error=describe_error(result), wall_s=wall,
+                                    storage_full=is_storage_full(result))
         else:
             outcome = TargetOutcome(target, result,
                                     tool_calls=int(result.extra.get("tool_calls", 0)),
