@@ -187,11 +187,13 @@ def features_cmd(
             exc, f"finished features in {out} and searches in its cache are kept"))
     failed = [o for o in outcomes if not o.ok]
     for o in failed:
-        typer.echo(f"failed: {o.target.id} ({o.target.source}): {o.error}", err=True)
+        verb = "stopped" if o.storage_full else "failed"
+        typer.echo(f"{verb}: {o.target.id} ({o.target.source}): {o.error}", err=True)
     reused = sum(1 for o in outcomes if o.ok and o.reused)
+    stopped = sum(1 for o in failed if o.storage_full)
     typer.echo(f"{len(outcomes) - len(failed)} of {len(outcomes)} targets have features in {out} "
-               f"({reused} reused), {len(failed)} failed, {len(problems)} bad input "
-               "record(s)")
+               f"({reused} reused), {len(failed) - stopped} failed, {stopped} stopped, "
+               f"{len(problems)} bad input record(s)")
     _exit_if_storage_full(out, [o.storage_full for o in failed])
     # an empty shard (more tasks than sequences) is no failure of its task
     if failed or problems or not (outcomes or part is not None and parsed.targets):
