@@ -671,8 +671,7 @@ def report_cmd(
     """Write OUT/report.html (run summary, worker timeline, target table, plots, 3D views)
     and OUT/results.tsv (a line per target: scores, ranked_0.pdb, state, error)."""
     from parafold.errors import InputError
-    from parafold.report import write_report
-    from parafold.report.results_table import RESULTS_FILE
+    from parafold.report import RESULTS_FILE, write_report
 
     try:
         path = write_report(out, plots=not no_plots)

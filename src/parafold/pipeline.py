@@ -40,6 +40,7 @@ from parafold.lifecycle import (  # the ledger records these
     interrupted_code,
 )
 from parafold.relax import relax_pending
+from parafold.report import RESULTS_FILE
 from parafold.shards import Shard
 from parafold.store import atomic_write_json, read_json
 
@@ -49,8 +50,9 @@ __all__ = ["RunSettings", "RunSummary", "Failure", "run_pipeline", "prediction_c
 logger = logging.getLogger(__name__)
 
 # Names in OUT that are not target folders (a target may not take them).
-RESERVED_NAMES = frozenset({LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm", LOCK_FILE,
-                            "timings.json", "databases", "params", "report", "report.html",
+RESERVED_NAMES = frozenset({LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm",
+                            f"{LEDGER_FILE}-journal", LOCK_FILE, "timings.json", "databases",
+                            "params", "report", "report.html", RESULTS_FILE,
                             "demo_queries.fasta"})
 
 
@@ -161,6 +163,9 @@ class RunSummary:
             out.append(storage_full_advice(self.out))
         if self.report is not None:
             out.append(f"report: {self.report}")
+            table = self.report.with_name(RESULTS_FILE)
+            if table.is_file():
+                out.append(f"results: {table}")
         return out
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_target_plots", "write_report", "write_results_table"]
+__all__ = ["RESULTS_FILE", "write_target_plots", "write_report", "write_results_table"]
+
+RESULTS_FILE = "results.tsv"  # here, so that naming it imports nothing heavy
 
 
 def write_target_plots(target_dir: Path | str) -> list[Path]:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from parafold.report import RESULTS_FILE
 from parafold.report.collect import RANKED_PDB, _Row, collect
 from parafold.store import atomic_write_text
 
@@ -21,7 +22,6 @@ __all__ = ["RESULTS_FILE", "RESULTS_COLUMNS", "format_results", "write_results_t
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.tsv"
 RESULTS_COLUMNS = ("name", "id", "length", "msa_depth", "state", "best_model", "plddt", "ptm",
                    "max_pae", "relaxed", "ranked_pdb", "search_s", "predict_s", "error")
 _FLATTEN = str.maketrans({"\t": " ", "\r": " ", "\n": " "})
