@@ -208,3 +208,30 @@ def test_predict_refuses_a_device_named_twice(tmp_path, gpus):
     res = CliRunner().invoke(app, ["predict", str(tmp_path), "-o", str(tmp_path / "o"),
                                    "--params-dir", str(tmp_path), "--gpus", gpus])
     assert res.exit_code == 2 and "named twice" in res.output
+
+
+def test_a_full_disk_on_one_device_starts_no_run_more_on_any() -> None:
+    """A run whose files met a full disk: the runs still queued on every device are not
+    started (each would spend its GPU time and fail writing); their targets come back as
+    stopped by the disk, not failed, so `predict` exits 75 and a rerun does them."""
+
+    class FullDisk(FakeWorker):
+        def fold(self, feature_sets: Any, out_root: Path) -> JobHandle[Any]:
+            self.runs.append([fs.name for fs in feature_sets])
+            future: cf.Future[Any] = cf.Future()
+            future.set_result(FoldBatchResult(tuple(
+                FoldOutcome(name=fs.name, ok=False, storage_full=True,
+                            error="writing outputs failed: [Errno 28] No space left on device")
+                for fs in feature_sets), self.name, 0.0, 0.0))
+            return JobHandle(future)
+
+    sets = _sets([60 + 40 * (i % 8) for i in range(32)])
+    full, slow = FullDisk("gpu0"), FakeWorker("gpu1", delay=0.3)
+    result = fold_on_devices(sets, Path("/out"), [full, slow], SETTINGS)
+    assert len(full.runs) == 1 and len(slow.runs) == 1  # the runs in flight, no more
+    by_name = {o.name: o for o in result.outcomes}
+    ran = {n for run in full.runs + slow.runs for n in run}
+    stopped = [o for o in result.outcomes if o.name not in ran]
+    assert stopped and all(o.storage_full and "not predicted" in (o.error or "")
+                           for o in stopped), stopped
+    assert all(by_name[n].ok for n in slow.runs[0])

@@ -222,3 +222,39 @@ def test_features_on_a_full_disk_exits_75_and_searches_no_more(
     assert "rerun the same command" in output and "Traceback" not in output, output
     assert output.count("searching (") < N_TARGETS, output  # the rest were never started
     assert not list(out.rglob("*.part")), list(out.rglob("*.part"))
+
+
+def test_predict_launches_nothing_more_once_a_write_meets_a_full_disk(
+        small_disk: Path, tmp_path: Path) -> None:
+    """The fold loop, writing into a full disk: the first target's files fail to write, so
+    after the unit already launched behind it (the loop launches the next unit before it
+    fetches the last) nothing more is launched: each would fail the same way after its GPU
+    time. Every target's outcome says it was the disk, for a rerun. The real tiny model on
+    the CPU, where files are written inline, so the stop is exact."""
+    import numpy as np
+
+    from parafold.featureset import write_feature_set
+    from parafold.fold.params import write_random_params
+    from parafold.fold.settings import ModelSettings
+    from parafold.fold.synthetic import make_features, random_sequence
+    from parafold.fold.worker import FoldWorker
+
+    settings = ModelSettings(config_size="tiny", models=(1,), num_recycle=0, float32=True,
+                             compile_cache_dir=tmp_path / "jax-cache")
+    write_random_params(tmp_path / "weights", settings, seed=0)
+    rng = np.random.default_rng(5)
+    sets = [write_feature_set(tmp_path / "features" / f"t{i}", name=f"t{i}", target_id=f"t{i}",
+                              features=make_features(random_sequence(30, rng), 8, seed=i))
+            for i in range(3)]
+    out = small_disk / "pred"
+    out.mkdir()
+    _fill(small_disk, leave=16 << 10)
+    with FoldWorker(tmp_path / "weights", settings) as worker:
+        outcomes = worker.fold(sets, out)
+        launches = worker.runner.stats.as_dict()["launches"]
+    assert [o.storage_full for o in outcomes] == [True, True, True], outcomes
+    assert "No space left on device" in (outcomes[0].error or ""), outcomes[0]
+    assert "writing outputs for t1 failed" in (outcomes[1].error or ""), outcomes[1]
+    assert "t2: not predicted: " in (outcomes[2].error or ""), outcomes[2]
+    assert launches == 2, launches
+    assert not list(out.rglob("*.part")), list(out.rglob("*.part"))

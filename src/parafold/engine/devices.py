@@ -175,6 +175,7 @@ def fold_on_devices(feature_sets: Sequence[FeatureSet], out_root: Path,
             for future in done:
                 lane, run = running.pop(future)
                 _finished(future, lane, run, outcomes, stats, orphans, lanes)
+            _stop_if_storage_full(lanes, orphans, outcomes)
     except BaseException:
         for future in running:
             future.cancel()
@@ -185,6 +186,24 @@ def fold_on_devices(feature_sets: Sequence[FeatureSet], out_root: Path,
             error=f"{fs.name}: no device left to fold it (each fold process died "
                   f"{_DEATHS_TO_RETIRE} times)"))
     return DevicesResult([outcomes[fs.name] for fs in feature_sets], stats)
+
+
+def _stop_if_storage_full(lanes: list[_Lane], orphans: deque[_Run],
+                          outcomes: dict[str, FoldOutcome]) -> None:
+    """After a target met a full disk or a spent quota, start no run more (each would fail
+    writing too); the runs not started get outcomes that say so, for a rerun."""
+    reason = next((o.error for o in outcomes.values() if o.storage_full), None)
+    if reason is None:
+        return
+    waiting = [run for lane in lanes for run in lane.queue] + list(orphans)
+    for run in waiting:
+        for fs in run.sets:
+            outcomes[fs.name] = FoldOutcome(name=fs.name, ok=False, length=fs.length,
+                                            error=f"{fs.name}: not predicted: {reason}",
+                                            storage_full=True)
+    for lane in lanes:
+        lane.queue.clear()
+    orphans.clear()
 
 
 def _next_run(lane: _Lane, lanes: list[_Lane], orphans: deque[_Run],

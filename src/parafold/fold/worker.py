@@ -139,6 +139,8 @@ class _Pass:
     states: dict[str, _TargetState]
     outcomes: dict[str, FoldOutcome] = field(default_factory=dict)
     writes: dict[str, cf.Future[list[str]]] = field(default_factory=dict)
+    # set by a writer that met a full disk or a spent quota: the loop launches nothing more
+    storage_full: str | None = None
     # predicted before, relaxation still missing: relaxed only
     relaxing: dict[str, tuple[FeatureSet, cf.Future[Any]]] = field(default_factory=dict)
 
@@ -420,6 +422,8 @@ class FoldWorker:
         try:
             self._start_compiles(units)
             for i, unit in enumerate(units):
+                if ctx.storage_full is not None:
+                    break
                 with self._timing("features_submit"):
                     waiting = sum(len(jobs) for jobs in futures.values())
                     end = submit_horizon(i, submitted, sizes, waiting,
@@ -433,6 +437,8 @@ class FoldWorker:
                     pending = self._dispatch(unit, members, feats, pending, ctx)
             if pending is not None:
                 self._complete(pending, ctx)
+            if ctx.storage_full is not None:
+                self._stop_for_storage(ctx)
         except KeyboardInterrupt:
             self._stop_compiles(wait=False)
             raise
@@ -616,11 +622,34 @@ class FoldWorker:
             return
         fs = state.fs
         if state.error is None:
-            ctx.writes[fs.name] = self.pools.writes().submit(
+            future = self.pools.writes().submit(
                 write_job, ctx.out_root / fs.name, fs.name, state.predictions,
                 dict(state.timings), self.settings.save_raw, self.settings.models_to_relax)
+            future.add_done_callback(lambda f: self._note_storage_full(f, ctx))
+            ctx.writes[fs.name] = future
         else:
             self._outcome(state, ctx, None)
+
+    @staticmethod
+    def _note_storage_full(future: cf.Future[Any], ctx: _Pass) -> None:
+        """A writer's callback: a full disk stops the pass (every later write would fail)."""
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None and ctx.storage_full is None and is_storage_full(exc):
+            ctx.storage_full = str(exc)
+
+    def _stop_for_storage(self, ctx: _Pass) -> None:
+        """Targets not predicted (or not all their models) when a full disk stopped the pass:
+        outcomes that say so, for a rerun after space is freed."""
+        for name, state in ctx.states.items():
+            if name in ctx.outcomes or name in ctx.writes:
+                continue
+            state.error = f"{name}: not predicted: {ctx.storage_full}"
+            state.storage_full = True
+            ctx.outcomes[name] = FoldOutcome(name=name, ok=False, error=state.error,
+                                             length=state.fs.length, bucket=state.bucket,
+                                             output_dir=ctx.out_root / name, storage_full=True)
+        log.error("stopped predicting: %s; %d targets left for a rerun", ctx.storage_full,
+                  sum(1 for o in ctx.outcomes.values() if o.storage_full))
 
     def _collect(self, ctx: _Pass) -> None:
         """Wait for every writer and turn each target's state into its outcome."""
