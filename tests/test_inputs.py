@@ -108,3 +108,44 @@ def test_colabfold_a3m_input_with_comment_line(tmp_path: Path) -> None:
     junk = read_targets(_write(tmp_path / "junk.a3m", "MKTAYIAK\n"))
     assert "\0" not in junk.problems[0].message
     assert "before any '>' header" in junk.problems[0].message
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_fasta_and_csv_read_as_the_plain_files(tmp_path: Path, suffix: str) -> None:
+    """Proteomes come as `.fasta.gz` (UniProt): the same targets and problems as the plain
+    file, with line numbers and the compressed file's name; a folder takes them too."""
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    fasta = "\ufeff>sp|P1|A desc\nMKTAYIAK\nQRQ\n>bad\nMK1\n>sp|P2|B\nmkvl*\n"
+    plain = read_targets(_write(tmp_path / "plain.fasta", fasta))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    packed = folder / f"proteome.fasta{suffix}"
+    packed.write_bytes(compress(fasta.encode("utf-8")))
+    (folder / f"table.tsv{suffix}").write_bytes(compress(b"id\tsequence\nP3\tMKVL\n"))
+    (folder / f"notes.txt{suffix}").write_bytes(compress(b"not an input"))
+    parsed = read_targets(packed)
+    assert [(t.id, t.sequence) for t in parsed.targets] == \
+        [(t.id, t.sequence) for t in plain.targets] == [("sp|P1|A", "MKTAYIAKQRQ"),
+                                                        ("sp|P2|B", "MKVL")]
+    (problem,) = parsed.problems
+    assert (problem.source, problem.line, problem.record_id) == (str(packed), 4, "bad")
+    assert parsed.targets[0].source == f"{packed}:1"
+    both = read_targets(folder)
+    assert [t.id for t in both.targets] == ["sp|P1|A", "sp|P2|B", "P3"]
+
+
+def test_a_broken_or_compressed_a3m_input_is_refused_naming_the_file(tmp_path: Path) -> None:
+    broken = tmp_path / "cut.fasta.gz"
+    broken.write_bytes(b"\x1f\x8b\x08\x00 truncated")
+    with pytest.raises(InputError, match=r"cut\.fasta\.gz: cannot read"):
+        read_targets(broken)
+    import gzip
+
+    a3m = tmp_path / "msa.a3m.gz"
+    a3m.write_bytes(gzip.compress(b">q\nMKVL\n"))
+    with pytest.raises(InputError, match=r"msa\.a3m\.gz: compressed A3M files are not read"):
+        read_targets(a3m)

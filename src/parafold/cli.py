@@ -119,7 +119,7 @@ _Shard = Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Only
 
 @app.command("features")
 def features_cmd(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="FASTA file, folder of FASTA files, or CSV id,sequence.")],
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="FASTA file (may be .gz, .bz2, .xz), folder of FASTA files, CSV id,sequence, or A3M files.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (one subfolder per target).")],
     db_dir: Annotated[Path | None, typer.Option("--db-dir", help="AlphaFold database folder.")] = None,
     db_preset: Annotated[str, typer.Option(help="full_dbs or reduced_dbs.")] = "full_dbs",
@@ -531,7 +531,7 @@ def _run_and_report(settings: object) -> int:
 
 @app.command("run")
 def run_cmd(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="FASTA file, folder of FASTA files, or CSV id,sequence.")],
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="FASTA file (may be .gz, .bz2, .xz), folder of FASTA files, CSV id,sequence, or A3M files.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder: one subfolder per target, the ledger, the lock.")],
     params_dir: Annotated[Path, typer.Option("--params-dir", help="Folder holding params/params_model_N*.npz.")],
     db_dir: Annotated[Path | None, typer.Option("--db-dir", help="AlphaFold database folder.")] = None,

@@ -1,17 +1,23 @@
 """Reading the user's proteins: FASTA files, a folder of them, or a ColabFold-style CSV.
 
-Every record is validated on its own. A bad record becomes an `InputProblem` naming the file,
+FASTA and CSV files may be compressed (`.gz`, `.bz2`, `.xz`), as proteomes are downloaded
+(UniProt's `UP000005640_9606.fasta.gz`). Every record is validated on its own. A bad record becomes an `InputProblem` naming the file,
 line and reason, and the good records go on. Ids from input files are never used as paths:
 each target gets a `name` made safe for the file system, unique within the run.
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import hashlib
+import lzma
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from parafold.errors import InputError
 
@@ -36,6 +42,10 @@ FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fna", ".seq")
 # An A3M file as input is one target: its first sequence, named after the file (so the same
 # folder serves as --msa-dir for precomputed MSAs).
 A3M_SUFFIXES = (".a3m",)
+TABLE_SUFFIXES = (".csv", ".tsv")
+# Compressed FASTA and CSV files are read as they are; the opener reads text.
+_OPENERS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open,
+                                              ".xz": lzma.open}
 MAX_NAME_LEN = 80
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -126,14 +136,36 @@ class _RawRecord:
     sequence: str
 
 
+def _kind(path: Path) -> str:
+    """The file's format suffix, under any compression suffix: `x.fasta.gz` -> `.fasta`."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _OPENERS:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, decompressed if its name says so; utf-8-sig, so that a byte-order
+    mark (Windows editors) does not hide the first header."""
+    opener = _OPENERS.get(path.suffix.lower())
+    try:
+        if opener is None:
+            return path.read_text(encoding="utf-8-sig", errors="replace")
+        if _kind(path) in A3M_SUFFIXES:
+            raise InputError(f"{path}: compressed A3M files are not read (precomputed MSAs are "
+                             "looked up as <id>.a3m); decompress it first")
+        with opener(path, "rt", encoding="utf-8-sig", errors="replace") as handle:
+            return str(handle.read())
+    except (OSError, EOFError, lzma.LZMAError) as exc:  # BadGzipFile is an OSError
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise InputError(f"{path}: cannot read: {reason}") from exc
+
+
 def _fasta_records(path: Path, comments: tuple[str, ...] = (";",)) -> list[_RawRecord]:
     records: list[_RawRecord] = []
     current: _RawRecord | None = None
     chunks: list[str] = []
-    try:  # utf-8-sig: a byte-order mark (Windows editors) must not hide the first header
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+    text = _read_text(path)
     for lineno, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith(comments):
@@ -156,11 +188,8 @@ def _fasta_records(path: Path, comments: tuple[str, ...] = (";",)) -> list[_RawR
 
 
 def _csv_records(path: Path) -> list[_RawRecord]:
-    try:
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
-    dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
+    text = _read_text(path)
+    dialect = "excel-tab" if _kind(path) == ".tsv" else "excel"
     rows = list(csv.reader(text.splitlines(), dialect=dialect))
     if not rows:
         return []
@@ -199,14 +228,15 @@ def is_a3m_input(path: Path | str) -> bool:
     path = Path(path)
     if path.is_dir():
         return any(p.suffix.lower() in A3M_SUFFIXES for p in path.iterdir() if p.is_file())
-    return path.suffix.lower() in A3M_SUFFIXES
+    return path.suffix.lower() in A3M_SUFFIXES  # a compressed one is refused when read
 
 
 def _input_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(
             p for p in path.iterdir()
-            if p.is_file() and p.suffix.lower() in FASTA_SUFFIXES + A3M_SUFFIXES + (".csv", ".tsv")
+            if p.is_file() and (p.suffix.lower() in A3M_SUFFIXES
+                                or _kind(p) in FASTA_SUFFIXES + TABLE_SUFFIXES)
         )
         if not files:
             raise InputError(f"{path}: folder holds no FASTA, A3M or CSV files")
@@ -248,11 +278,11 @@ def read_targets(path: Path | str) -> ParsedInput:
     seen_ids: dict[str, str] = {}
     used_names: set[str] = set()
     for file in _input_files(path):
-        suffix = file.suffix.lower()
-        if suffix in (".csv", ".tsv"):
+        kind = _kind(file)
+        if kind in TABLE_SUFFIXES:
             records = _csv_records(file)
         else:
-            records = _a3m_records(file) if suffix in A3M_SUFFIXES else _fasta_records(file)
+            records = _a3m_records(file) if kind in A3M_SUFFIXES else _fasta_records(file)
         for rec in records:
             record_id = rec.header.split()[0] if rec.header.split() else ""
             seq, problem = _clean_sequence(rec.sequence)
