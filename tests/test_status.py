@@ -157,3 +157,37 @@ def test_status_of_several_outs_gives_a_line_each_and_the_sum(tmp_path: Path) ->
     assert f"{tmp_path / 's1'}/e [search]: boom in s1" in res.output
     res = CliRunner().invoke(app, ["status", str(tmp_path / "s0"), str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "no run ledger" in res.output
+
+
+def test_status_json_for_scripts_one_out_and_several(tmp_path: Path) -> None:
+    """`parafold status --json`: what the lines say, as numbers a job script or dashboard can
+    read (null where unknown), for one OUT and for a job array's OUTs with their sum."""
+    from typer.testing import CliRunner
+
+    from parafold.cli import app
+
+    for shard, names in (("s0", ["a", "b", "c"]), ("s1", ["d", "e"])):
+        with Ledger(tmp_path / shard) as led:
+            run = led.begin_run()
+            led.register(_targets(names), run_id=run)
+            _finish(led, names[0])
+            led.start_search(names[1])
+            led.fail(names[1], "search", f"boom\\tin {shard}")
+            led.end_run(run, 1)
+    res = CliRunner().invoke(app, ["status", "--json", str(tmp_path / "s0")])
+    assert res.exit_code == 0, res.output
+    one = json.loads(res.output)
+    assert (one["out"], one["running"], one["holder"]) == (str(tmp_path / "s0"), False, None)
+    assert (one["total"], one["done"], one["failed"], one["remaining"]) == (3, 1, 1, 1)
+    assert one["counts"] == {"queued": 1, "searching": 0, "features_ready": 0,
+                             "predicting": 0, "done": 1, "failed": 1}
+    assert one["failures"] == [{"name": "b", "stage": "search", "error": "boom\\tin s0"}]
+    assert one["eta_s"] is None and one["done_this_run"] == 1
+    res = CliRunner().invoke(app, ["status", "--json", str(tmp_path / "s0"),
+                                   str(tmp_path / "s1")])
+    assert res.exit_code == 0, res.output
+    both = json.loads(res.output)
+    assert [o["out"] for o in both["outs"]] == [str(tmp_path / "s0"), str(tmp_path / "s1")]
+    assert (both["total"], both["done"], both["failed"], both["remaining"],
+            both["running"]) == (5, 2, 2, 1, 0)
+    assert both["proteins_per_hour"] is None  # none running

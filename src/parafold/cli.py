@@ -620,16 +620,23 @@ def run_cmd(
 @app.command("status")
 def status_cmd(
     outs: Annotated[list[Path], typer.Argument(metavar="OUT...", help="A run's output folder; several (the tasks of a `run --shard` array) for a line each and their sum.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object for scripts: counts by state, rate, time left, failures (with several OUTs: each one's and their sum).")] = False,
 ) -> None:
     """Counts per state, failures with reasons, throughput and time left (also during a run)."""
+    import json
+
     from parafold.errors import SchedulerError
-    from parafold.status import combined_lines, read_status
+    from parafold.status import combined_dict, combined_lines, read_status
 
     try:
         unique = list(dict.fromkeys(out.resolve() for out in outs))  # a folder named twice
         statuses = [read_status(out) for out in (outs if len(unique) == len(outs) else unique)]
     except SchedulerError as exc:
         raise _fail(str(exc)) from exc
+    if as_json:
+        data = statuses[0].as_dict() if len(statuses) == 1 else combined_dict(statuses)
+        typer.echo(json.dumps(data, indent=2))
+        return
     for line in statuses[0].lines() if len(statuses) == 1 else combined_lines(statuses):
         typer.echo(line)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from parafold.inputs import InputProblem
 from parafold.ledger import (
@@ -26,7 +27,7 @@ from parafold.ledger import (
     read_lock_holder,
 )
 
-__all__ = ["RunStatus", "read_status", "combined_lines"]
+__all__ = ["RunStatus", "read_status", "combined_lines", "combined_dict"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,43 @@ class RunStatus:
             out.append(f"  input records skipped ({len(self.input_problems)}):")
             out.extend(f"    {p}" for p in self.input_problems)
         return out
+
+
+    def as_dict(self) -> dict[str, Any]:
+        """The status for scripts and dashboards (`parafold status --json`): the counts by
+        state, the latest run's rate and time left (null when unknown), and every failure."""
+        rate, eta = self.proteins_per_hour, self.eta_s
+        return {
+            "out": str(self.out), "running": self.live,
+            "holder": None if self.holder is None else {"pid": self.holder.pid,
+                                                         "host": self.holder.host},
+            "counts": {state.value: n for state, n in self.counts.items()},
+            "total": self.total, "done": self.counts[State.DONE],
+            "failed": self.counts[State.FAILED], "remaining": self.remaining,
+            "done_this_run": self.done_this_run, "elapsed_s": round(self.elapsed_s, 1),
+            "proteins_per_hour": None if rate is None else round(rate, 1),
+            "eta_s": None if eta is None else round(eta, 1),
+            "other_runs": self.other_runs,
+            "failures": [{"name": n, "stage": stage, "error": error}
+                         for n, stage, error in self.failures],
+            "input_problems": [str(p) for p in self.input_problems],
+            "workers_out_of_rotation": [{"worker": e.worker, "reason": e.reason}
+                                        for e in self.worker_events],
+        }
+
+
+def combined_dict(statuses: list[RunStatus]) -> dict[str, Any]:
+    """Several OUTs for scripts: each one's `as_dict`, and their sum (`combined_lines`'s)."""
+    rates = [st.proteins_per_hour for st in statuses if st.live and st.proteins_per_hour]
+    return {
+        "outs": [st.as_dict() for st in statuses],
+        "total": sum(st.total for st in statuses),
+        "done": sum(st.counts[State.DONE] for st in statuses),
+        "failed": sum(st.counts[State.FAILED] for st in statuses),
+        "remaining": sum(st.remaining for st in statuses),
+        "running": sum(st.live for st in statuses),
+        "proteins_per_hour": round(sum(rates), 1) if rates else None,  # ran in parallel
+    }
 
 
 def combined_lines(statuses: list[RunStatus]) -> list[str]:
