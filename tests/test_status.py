@@ -135,19 +135,25 @@ def test_run_lock_waits_out_a_status_probe(tmp_path: Path) -> None:
         release.join()
 
 
-def test_status_of_several_outs_gives_a_line_each_and_the_sum(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from parafold.cli import app
-
+def _two_shards(tmp_path: Path, error: str) -> None:
+    """Two ended runs (a job array's tasks): s0 with a, b, c and s1 with d, e; the first
+    target of each done, the second failed with `error` and the shard's name."""
     for shard, names in (("s0", ["a", "b", "c"]), ("s1", ["d", "e"])):
         with Ledger(tmp_path / shard) as led:
             run = led.begin_run()
             led.register(_targets(names), run_id=run)
             _finish(led, names[0])
             led.start_search(names[1])
-            led.fail(names[1], "search", f"boom in {shard}")
+            led.fail(names[1], "search", f"{error} {shard}")
             led.end_run(run, 1)
+
+
+def test_status_of_several_outs_gives_a_line_each_and_the_sum(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from parafold.cli import app
+
+    _two_shards(tmp_path, "boom in")
     res = CliRunner().invoke(app, ["status", str(tmp_path / "s0"), str(tmp_path / "s1")])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
@@ -166,14 +172,7 @@ def test_status_json_for_scripts_one_out_and_several(tmp_path: Path) -> None:
 
     from parafold.cli import app
 
-    for shard, names in (("s0", ["a", "b", "c"]), ("s1", ["d", "e"])):
-        with Ledger(tmp_path / shard) as led:
-            run = led.begin_run()
-            led.register(_targets(names), run_id=run)
-            _finish(led, names[0])
-            led.start_search(names[1])
-            led.fail(names[1], "search", f"boom\\tin {shard}")
-            led.end_run(run, 1)
+    _two_shards(tmp_path, "boom\\tin")
     res = CliRunner().invoke(app, ["status", "--json", str(tmp_path / "s0")])
     assert res.exit_code == 0, res.output
     one = json.loads(res.output)
