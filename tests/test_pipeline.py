@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -198,26 +199,39 @@ def test_sigkill_mid_run_then_rerun(pipeline_inputs: dict[str, Path], kill_at: s
     assert len(runs) == 2 and runs[0].ended_at is None and runs[1].exit_code == 0
 
 
+def _signal_while_searching(inputs: dict[str, Path], out: Path,
+                            send: Callable[[subprocess.Popen[str]], None], *, timeout: float
+                            ) -> tuple[int, str, set[str], float]:
+    """Start `run` on the good FASTA in its own session, `send` it a signal once a target is
+    searching; its exit code, output, the targets searching just before, and the seconds
+    from the signal to its end."""
+    proc = subprocess.Popen(run_args(inputs, inputs["good"], out), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env(inputs),
+                            start_new_session=True)
+    try:
+        _first_progress(out, proc, {State.SEARCHING}, 600)
+        with Ledger(out, readonly=True) as ledger:
+            in_flight = {r.name for r in ledger.targets(State.SEARCHING)}
+        send(proc)
+        signalled = time.monotonic()
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, output, in_flight, time.monotonic() - signalled
+
+
 def test_sigterm_ends_the_run_like_ctrl_c(pipeline_inputs: dict[str, Path]) -> None:
     """SIGTERM (`kill PID`, Slurm's scancel or time limit) to the run's process alone while
     it searches: the run ends within seconds with 143, the ledger records that end, and no
     worker or search tool is left running (before, the process died on the spot and left the
     run open in the ledger)."""
     out = pipeline_inputs["root"] / "terminated"
-    proc = subprocess.Popen(run_args(pipeline_inputs, pipeline_inputs["good"], out),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(pipeline_inputs), start_new_session=True)
-    try:
-        _first_progress(out, proc, {State.SEARCHING}, 600)
-        proc.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 143, output
-    assert time.monotonic() - signalled < 20, output
+    returncode, output, _, waited = _signal_while_searching(
+        pipeline_inputs, out, lambda proc: proc.send_signal(signal.SIGTERM), timeout=120)
+    assert returncode == 143, output
+    assert waited < 20, output
     assert "terminated (SIGTERM); rerun the same command to resume" in output
     assert "Traceback" not in output, output
     with Ledger(out, readonly=True) as ledger:
@@ -232,6 +246,35 @@ def test_sigterm_ends_the_run_like_ctrl_c(pipeline_inputs: dict[str, Path]) -> N
             break
         assert time.monotonic() < deadline, left
         time.sleep(0.2)
+
+
+def test_sigusr1_drains_the_run_and_a_rerun_finishes_it(pipeline_inputs: dict[str, Path]) -> None:
+    """SIGUSR1 to the whole process group (Slurm's `--signal=USR1@SECONDS` reaches every
+    process of a job step) while a search runs: no search or batch starts after it, the
+    searches in flight finish (their targets are not sent back to the queue), the run ends
+    with 75 and says how to resume; the search workers and tools, which ignore SIGUSR1, are
+    not killed by it. The rerun finishes every target and searches none a second time."""
+    out = pipeline_inputs["root"] / "drained"
+    args = run_args(pipeline_inputs, pipeline_inputs["good"], out)
+    returncode, output, in_flight, _ = _signal_while_searching(
+        pipeline_inputs, out, lambda proc: os.killpg(proc.pid, signal.SIGUSR1), timeout=600)
+    assert returncode == 75, output
+    assert "stopped early: SIGUSR1: asked to drain" in output, output
+    assert "Rerun the same command" in output and "Traceback" not in output, output
+    with Ledger(out, readonly=True) as ledger:
+        states = {r.name: r.state for r in ledger.targets()}
+        searches = ledger.events("search")
+    assert in_flight and State.FAILED not in states.values(), states
+    assert all(states[n] in (State.FEATURES_READY, State.DONE) for n in in_flight), states
+    assert State.QUEUED in states.values(), states  # started nothing after the signal
+    rerun = subprocess.run(args, capture_output=True, text=True, env=_env(pipeline_inputs),
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    names = sorted(states)
+    check_complete(out, names)
+    with Ledger(out, readonly=True) as ledger:
+        searched_twice = {e.target for e in ledger.events("search")[len(searches):]} & in_flight
+    assert not searched_twice, searched_twice
 
 
 def _free_port() -> int:

@@ -203,8 +203,8 @@ def features_cmd(
 def _exit_if_storage_full(out: Path, storage_full: list[bool]) -> None:
     """Targets that a disk full or a quota spent stopped: say what to do, exit 75 (sysexits'
     EX_TEMPFAIL), so a job script can tell it from failed targets."""
+    from parafold.errors import storage_full_advice
     from parafold.lifecycle import EXIT_STORAGE_FULL
-    from parafold.pipeline import storage_full_advice
 
     if any(storage_full):
         typer.echo(f"{sum(storage_full)} target(s) stopped by a full disk or a spent quota. "
@@ -510,10 +510,11 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 def _run_and_report(settings: object) -> int:
     """Run the pipeline, print the summary, and return the exit code for the shell."""
     from parafold.errors import PipelineError, RunLockedError, StorageFullError
-    from parafold.lifecycle import EXIT_STORAGE_FULL
+    from parafold.lifecycle import EXIT_STORAGE_FULL, drain_on_sigusr1
     from parafold.pipeline import RunSettings, run_pipeline
 
     assert isinstance(settings, RunSettings)
+    drain_on_sigusr1()  # Slurm: --signal=B:USR1@SECONDS ends the job's run cleanly
     try:
         summary = run_pipeline(settings)
     except KeyboardInterrupt as exc:

@@ -27,6 +27,7 @@ __all__ = [
     "RunLockedError",
     "StorageFullError",
     "is_storage_full",
+    "storage_full_advice",
 ]
 
 
@@ -129,3 +130,9 @@ def is_storage_full(exc: BaseException | None) -> bool:
         exc = (cause if isinstance(cause, BaseException) else None) or exc.__cause__ \
             or exc.__context__
     return False
+
+
+def storage_full_advice(out: object) -> str:
+    """What to do after a disk full or a quota spent stopped the work in `out`."""
+    return (f"Free space (or raise your quota) where parafold writes ({out}, the search cache, "
+            "TMPDIR) and rerun the same command: finished work is kept, the rest resumes.")

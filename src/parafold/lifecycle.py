@@ -9,15 +9,19 @@ from typing import NoReturn, TypeVar
 
 __all__ = ["die_with_parent", "helper_process_init", "exit_interrupted", "EXIT_INTERRUPTED",
            "EXIT_TERMINATED", "EXIT_STORAGE_FULL", "Terminated", "stop_on_sigterm",
-           "interrupted_code", "quiet_interrupt_when_idle", "run_job"]
+           "interrupted_code", "quiet_interrupt_when_idle", "run_job", "drain_on_sigusr1",
+           "drain_requested"]
 
 R = TypeVar("R")
 _jobs_running = 0  # in this pool worker process
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # and by SIGTERM (128 + 15)
-# A disk full or a quota spent stopped the work (sysexits' EX_TEMPFAIL: try again later).
+# The work stopped early and a rerun resumes it (sysexits' EX_TEMPFAIL: try again later): a
+# disk full or a quota spent, or a drain asked for with SIGUSR1 (`drain_on_sigusr1`).
 EXIT_STORAGE_FULL = 75
+DRAIN_SIGNAL_NAME = "SIGUSR1"
+_drain: list[str] = []  # why this process was asked to drain (set by the signal handler)
 
 
 class Terminated(KeyboardInterrupt):
@@ -52,6 +56,41 @@ def stop_on_sigterm() -> None:
         raise Terminated
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def drain_on_sigusr1() -> None:
+    """Make SIGUSR1 ask a run to drain: start nothing more, finish the searches and
+    predictions in flight, then end with exit code 75 (`Scheduler`). Slurm sends it ahead of
+    a job's time limit with `#SBATCH --signal=B:USR1@SECONDS`, so an hours-long search is not
+    lost to the SIGTERM at the limit.
+
+    Call it in the main thread before any other thread or process starts. SIGUSR1 is then
+    blocked, and a thread of its own waits for it: the block is inherited by every thread and
+    process started after, search tools included, so a SIGUSR1 sent to the whole job step
+    (`--signal=USR1@...` without `B:`) is not delivered to them. Unblocked there, it would
+    kill them: a process that does not handle SIGUSR1 dies of it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def note(*_: object) -> None:
+        if not _drain:
+            _drain.append(f"{DRAIN_SIGNAL_NAME}: asked to drain")
+
+    def wait() -> None:
+        signal.sigwait({signal.SIGUSR1})
+        note()
+
+    signal.signal(signal.SIGUSR1, note)  # for a thread started before the block, if any
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    threading.Thread(target=wait, name="drain-signal", daemon=True).start()
+
+
+def drain_requested() -> str | None:
+    """Why this process was asked to drain, or None."""
+    return _drain[0] if _drain else None
 
 
 def interrupted_code(exc: BaseException) -> int:

@@ -30,6 +30,7 @@ from parafold.errors import (
     PipelineError,
     StorageFullError,
     is_storage_full,
+    storage_full_advice,
 )
 from parafold.featureset import MANIFEST_FILE, FeatureSet, read_feature_set
 from parafold.inputs import InputProblem, Target, read_targets
@@ -133,7 +134,8 @@ class RunSummary:
     compiles: int | None
     engine: str
     report: Path | None = None
-    stopped: str | None = None  # why the run stopped early: a disk full, a quota spent
+    stopped: str | None = None  # why the run stopped early: a disk full, a drain, ...
+    stop_advice: str = ""  # and what to do before the rerun
 
     @property
     def exit_code(self) -> int:
@@ -160,19 +162,13 @@ class RunSummary:
             out.extend(f"  {p}" for p in self.input_problems)
         if self.stopped is not None:
             out.append(f"stopped early: {self.stopped}")
-            out.append(storage_full_advice(self.out))
+            out.append(self.stop_advice or "Rerun the same command to resume.")
         if self.report is not None:
             out.append(f"report: {self.report}")
             table = self.report.with_name(RESULTS_FILE)
             if table.is_file():
                 out.append(f"results: {table}")
         return out
-
-
-def storage_full_advice(out: Path) -> str:
-    """What to do after a disk full or a quota spent stopped the work."""
-    return (f"Free space (or raise your quota) where parafold writes ({out}, the search cache, "
-            "TMPDIR) and rerun the same command: finished work is kept, the rest resumes.")
 
 
 def prediction_complete(folder: Path) -> bool:
@@ -428,7 +424,7 @@ def _summary(settings: RunSettings, ledger: Ledger, targets: Sequence[Target],
         done=sum(1 for r in records if r.state is State.DONE), failures=failures,
         input_problems=tuple(problems), wall_s=time.time() - started,
         searched=sched.searched, predicted=sched.predicted, compiles=sched.compiles(),
-        engine=settings.engine, stopped=sched.stopped)
+        engine=settings.engine, stopped=sched.stopped, stop_advice=sched.stop_advice)
 
 
 def _write_run_timings(out: Path, summary: RunSummary) -> None:

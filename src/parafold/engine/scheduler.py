@@ -35,10 +35,17 @@ from parafold.engine.jobs import (
     search_batch_job,
     search_job,
 )
-from parafold.errors import FeatureError, InferenceError, PipelineError, is_storage_full
+from parafold.errors import (
+    FeatureError,
+    InferenceError,
+    PipelineError,
+    is_storage_full,
+    storage_full_advice,
+)
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
 from parafold.ledger import Ledger, State
+from parafold.lifecycle import drain_requested
 
 if TYPE_CHECKING:
     from parafold.pipeline import RunSettings
@@ -99,9 +106,11 @@ class Scheduler:
         self._stats: dict[str, dict[str, Any]] = {}
         self._batches = 0
         self._key_cache: dict[str, Any] = {}
-        # Why the run stops early (a disk full, a quota spent): nothing new starts, the work
-        # in flight finishes, and what waits stays queued or ready for a rerun.
+        # Why the run stops early (a disk full, a quota spent, a drain asked for with
+        # SIGUSR1): nothing new starts, the work in flight finishes, and what waits stays
+        # queued or ready for a rerun; `stop_advice` says what to do first.
         self.stopped: str | None = None
+        self.stop_advice = ""
 
     # --- the loop ---
 
@@ -120,6 +129,10 @@ class Scheduler:
         slots = max(1, capacity // self.search_cpus)
         with _Progress(self) as progress:
             while self._work_left():
+                drain = drain_requested()
+                if drain is not None:
+                    self._stop(drain, "Rerun the same command (a new job) to resume: what "
+                               "was finished, in flight included, is kept.")
                 self._submit_searches(slots)
                 self._dispatch_folds()
                 progress.update()
@@ -146,10 +159,11 @@ class Scheduler:
         return bool(self.pending or self.searching or self.ready or self.folding
                     or self.plotting)
 
-    def _stop(self, reason: str) -> None:
-        """Start nothing more: a disk full or a quota spent would fail every target after."""
+    def _stop(self, reason: str, advice: str) -> None:
+        """Start nothing more: a disk full or a quota spent would fail every target after;
+        a drain leaves the job's time to the work in flight."""
         if self.stopped is None:
-            self.stopped = reason
+            self.stopped, self.stop_advice = reason, advice
             logger.error("stopping the run: %s. The work in flight finishes; the rest waits "
                          "for a rerun", reason)
 
@@ -224,7 +238,7 @@ class Scheduler:
                               ok=outcome.ok, batch=batch_no)
         if outcome.storage_full:  # not the target's fault: it waits for the rerun
             self.ledger.reconcile(target.name, State.QUEUED)
-            self._stop(outcome.error)
+            self._stop(outcome.error, storage_full_advice(self.settings.out))
             return
         if outcome.feature_set is None:
             logger.warning("%s: search failed: %s", target.name, outcome.error)
@@ -423,7 +437,7 @@ class Scheduler:
             if is_storage_full(exc):  # not the batch's fault: it waits for the rerun
                 self._back_in_rotation(worker)
                 self.ledger.requeue_predict([fs.name for fs in batch])
-                self._stop(describe_error(exc))
+                self._stop(describe_error(exc), storage_full_advice(self.settings.out))
             elif _is_target_error(exc):
                 reason = describe_error(exc)
                 logger.error("a batch of %d failed on %s: %s", len(batch), worker.name, reason)
@@ -443,7 +457,8 @@ class Scheduler:
             o = by_name.get(fs.name)
             if getattr(o, "storage_full", False):  # predicted, not written: for the rerun
                 self.ledger.requeue_predict([fs.name])
-                self._stop(getattr(o, "error", "") or "a disk is full")
+                self._stop(getattr(o, "error", "") or "a disk is full",
+                           storage_full_advice(self.settings.out))
                 continue
             if o is None or not getattr(o, "ok", False):
                 reason = getattr(o, "error", "") or "no result from the fold worker"
