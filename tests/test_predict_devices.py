@@ -220,7 +220,7 @@ def test_a_full_disk_on_one_device_starts_no_run_more_on_any() -> None:
             self.runs.append([fs.name for fs in feature_sets])
             future: cf.Future[Any] = cf.Future()
             future.set_result(FoldBatchResult(tuple(
-                FoldOutcome(name=fs.name, ok=False, storage_full=True,
+                FoldOutcome(name=fs.name, ok=False, stopped_early=True,
                             error="writing outputs failed: [Errno 28] No space left on device")
                 for fs in feature_sets), self.name, 0.0, 0.0))
             return JobHandle(future)
@@ -232,6 +232,23 @@ def test_a_full_disk_on_one_device_starts_no_run_more_on_any() -> None:
     by_name = {o.name: o for o in result.outcomes}
     ran = {n for run in full.runs + slow.runs for n in run}
     stopped = [o for o in result.outcomes if o.name not in ran]
-    assert stopped and all(o.storage_full and "not predicted" in (o.error or "")
+    assert stopped and all(o.stopped_early and "not predicted" in (o.error or "")
                            for o in stopped), stopped
     assert all(by_name[n].ok for n in slow.runs[0])
+
+
+def test_a_drain_starts_no_run_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGUSR1 reached `predict` (its fold processes never see it): the runs under way
+    finish, no device starts another, and the targets left say they were stopped early."""
+    from parafold import lifecycle
+
+    monkeypatch.setattr(lifecycle, "_drain", ["SIGUSR1: asked to drain"])
+    sets = _sets([60 + 40 * (i % 8) for i in range(32)])
+    workers = [FakeWorker("gpu0"), FakeWorker("gpu1")]
+    result = fold_on_devices(sets, Path("/out"), workers, SETTINGS)
+    assert [len(w.runs) for w in workers] == [1, 1]
+    ran = {n for w in workers for run in w.runs for n in run}
+    left = [o for o in result.outcomes if o.name not in ran]
+    assert left and all(o.stopped_early and "not predicted: SIGUSR1" in (o.error or "")
+                        for o in left), left
+    assert all(o.ok for o in result.outcomes if o.name in ran)

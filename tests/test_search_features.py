@@ -326,3 +326,43 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_sigusr1_drains_features_the_searches_under_way_finish(
+        db: Path, queries: list[Target], tmp_path: Path) -> None:
+    """SIGUSR1 to the whole process group (Slurm's `--signal=USR1@...` before a time limit)
+    once the first protein is searching: its search (and any other under way) finishes and
+    is kept, no other starts, the tools were not killed by the signal, and `features` exits
+    75 naming the proteins left for the rerun."""
+    chosen = queries[:3]
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">{t.id}\n{t.sequence}\n" for t in chosen))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        _cli("features", str(fasta), "-o", str(out), "--db-dir", str(db), "--cpus", "2"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if "searching (" in line:
+                os.killpg(proc.pid, signal.SIGUSR1)
+                break
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = "".join(seen) + rest
+    assert proc.returncode == 75, output
+    assert "stopped early (SIGUSR1: asked to drain)" in output, output
+    assert "Traceback" not in output, output
+    started = [t for t in chosen if f"{t.name}: searching (" in output]
+    assert started and len(started) < len(chosen), output
+    for t in started:  # finished, whole, though the signal came mid-search
+        assert read_feature_set(out / t.name).sequence == t.sequence
+    for t in chosen:
+        if t not in started:
+            assert f"stopped: {t.id} " in output and "not searched: SIGUSR1" in output, output
+            assert not (out / t.name / "features.json").exists()

@@ -173,7 +173,7 @@ def test_the_scheduler_requeues_what_a_full_disk_stopped_and_starts_nothing_more
                           targets[1:2], [], total=5, done_before=0)
         ledger.start_search("s1")  # in flight when the disk fills up
         sched._target_searched(targets[0], SearchOutcome("s1", None, full, "w", 0.0, 1.0,
-                                                         storage_full=True), None)
+                                                         stopped_early=True), None)
         assert sched.stopped == full and sched.failed == 0
         sched._submit_searches(slots=2)  # s2 stays queued
         assert [t.name for t in sched.pending] == ["s2"]
@@ -185,9 +185,9 @@ def test_the_scheduler_requeues_what_a_full_disk_stopped_and_starts_nothing_more
         ledger.start_predict(["a", "b"])
         future: cf.Future[FoldBatchResult] = cf.Future()
         future.set_result(FoldBatchResult(
-            (SimpleNamespace(name="a", ok=True, timings={}, skipped=False, storage_full=False),
+            (SimpleNamespace(name="a", ok=True, timings={}, skipped=False, stopped_early=False),
              SimpleNamespace(name="b", ok=False, error=f"writing outputs for b failed: {full}",
-                             storage_full=True)), "gpu0", 0.0, 1.0))
+                             stopped_early=True)), "gpu0", 0.0, 1.0))
         sched.folding[future] = (worker, [sets["a"], sets["b"]], 1, 0.0)  # type: ignore[assignment]
         sched.ready["c"] = (sets["c"], 0.0)
         sched._fold_finished(future)
@@ -252,9 +252,38 @@ def test_predict_launches_nothing_more_once_a_write_meets_a_full_disk(
     with FoldWorker(tmp_path / "weights", settings) as worker:
         outcomes = worker.fold(sets, out)
         launches = worker.runner.stats.as_dict()["launches"]
-    assert [o.storage_full for o in outcomes] == [True, True, True], outcomes
+    assert [o.stopped_early for o in outcomes] == [True, True, True], outcomes
     assert "No space left on device" in (outcomes[0].error or ""), outcomes[0]
     assert "writing outputs for t1 failed" in (outcomes[1].error or ""), outcomes[1]
     assert "t2: not predicted: " in (outcomes[2].error or ""), outcomes[2]
     assert launches == 2, launches
     assert not list(out.rglob("*.part")), list(out.rglob("*.part"))
+
+
+def test_a_drain_launches_no_unit_and_every_target_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fold loop asked to drain (SIGUSR1 reached `predict`) before its first unit: it
+    launches nothing, and every target is stopped early, not failed, for the rerun."""
+    import numpy as np
+
+    from parafold import lifecycle
+    from parafold.featureset import write_feature_set
+    from parafold.fold.params import write_random_params
+    from parafold.fold.settings import ModelSettings
+    from parafold.fold.synthetic import make_features, random_sequence
+    from parafold.fold.worker import FoldWorker
+
+    settings = ModelSettings(config_size="tiny", models=(1,), num_recycle=0, float32=True,
+                             compile_ahead=0, compile_cache_dir=None)
+    write_random_params(tmp_path / "weights", settings, seed=0)
+    rng = np.random.default_rng(6)
+    sets = [write_feature_set(tmp_path / "features" / f"d{i}", name=f"d{i}", target_id=f"d{i}",
+                              features=make_features(random_sequence(30, rng), 8, seed=i))
+            for i in range(2)]
+    monkeypatch.setattr(lifecycle, "_drain", ["SIGUSR1: asked to drain"])
+    with FoldWorker(tmp_path / "weights", settings) as worker:
+        outcomes = worker.fold(sets, tmp_path / "out")
+        launches = worker.runner.stats.as_dict()["launches"]
+    assert launches == 0
+    assert all(o.stopped_early and not o.ok and "not predicted: SIGUSR1" in (o.error or "")
+               for o in outcomes), outcomes

@@ -147,10 +147,13 @@ def features_cmd(
     """
     from parafold.errors import DatabaseNotFoundError, InputError
     from parafold.inputs import read_targets
+    from parafold.lifecycle import drain_on_sigusr1
     from parafold.search.budget import default_cpus
     from parafold.search.scheduler import featurize_many
     from parafold.search.settings import DEFAULT_MAX_TEMPLATE_DATE, SearchSettings
     from parafold.shards import Shard
+
+    drain_on_sigusr1()  # before any search starts: they inherit the block
 
     try:
         part = Shard.parse(shard) if shard is not None else None
@@ -187,28 +190,31 @@ def features_cmd(
             exc, f"finished features in {out} and searches in its cache are kept"))
     failed = [o for o in outcomes if not o.ok]
     for o in failed:
-        verb = "stopped" if o.storage_full else "failed"
+        verb = "stopped" if o.stopped_early else "failed"
         typer.echo(f"{verb}: {o.target.id} ({o.target.source}): {o.error}", err=True)
     reused = sum(1 for o in outcomes if o.ok and o.reused)
-    stopped = sum(1 for o in failed if o.storage_full)
+    stopped = sum(1 for o in failed if o.stopped_early)
     typer.echo(f"{len(outcomes) - len(failed)} of {len(outcomes)} targets have features in {out} "
                f"({reused} reused), {len(failed) - stopped} failed, {stopped} stopped, "
                f"{len(problems)} bad input record(s)")
-    _exit_if_storage_full(out, [o.storage_full for o in failed])
+    _exit_if_stopped_early(out, [o.stopped_early for o in failed])
     # an empty shard (more tasks than sequences) is no failure of its task
     if failed or problems or not (outcomes or part is not None and parsed.targets):
         raise typer.Exit(1)
 
 
-def _exit_if_storage_full(out: Path, storage_full: list[bool]) -> None:
-    """Targets that a disk full or a quota spent stopped: say what to do, exit 75 (sysexits'
-    EX_TEMPFAIL), so a job script can tell it from failed targets."""
+def _exit_if_stopped_early(out: Path, stopped_early: list[bool]) -> None:
+    """Targets that a full disk, a spent quota or a drain (SIGUSR1) stopped: say what to do,
+    exit 75 (sysexits' EX_TEMPFAIL), so a job script can tell it from failed targets."""
     from parafold.errors import storage_full_advice
-    from parafold.lifecycle import EXIT_STORAGE_FULL
+    from parafold.lifecycle import EXIT_STORAGE_FULL, drain_requested
 
-    if any(storage_full):
-        typer.echo(f"{sum(storage_full)} target(s) stopped by a full disk or a spent quota. "
-                   f"{storage_full_advice(out)}", err=True)
+    if any(stopped_early):
+        drain = drain_requested()
+        why = (f"stopped early ({drain}). Rerun the same command to resume: what was "
+               "finished, in flight included, is kept." if drain is not None else
+               f"stopped by a full disk or a spent quota. {storage_full_advice(out)}")
+        typer.echo(f"{sum(stopped_early)} target(s) {why}", err=True)
         raise typer.Exit(EXIT_STORAGE_FULL)
 
 
@@ -356,9 +362,10 @@ def predict(
     from parafold.errors import PipelineError
     from parafold.featureset import collect_feature_sets
     from parafold.fold.costs import cut_by_cost
-    from parafold.lifecycle import exit_interrupted
+    from parafold.lifecycle import drain_on_sigusr1, exit_interrupted
     from parafold.shards import Shard
 
+    drain_on_sigusr1()  # before any fold process starts: they inherit the block
     log = logging.getLogger("parafold.predict")
     try:
         settings = _model_settings(
@@ -414,7 +421,7 @@ def predict(
     for where, stats in result.stats.items():
         typer.echo(f"stats ({where}): "
                    f"{ {k: v for k, v in stats.items() if k != 'compile_spans'} }")
-    _exit_if_storage_full(out, [o.storage_full for o in failed])
+    _exit_if_stopped_early(out, [o.stopped_early for o in failed])
     if failed or problems:
         raise typer.Exit(1)
 

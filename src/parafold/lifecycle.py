@@ -22,6 +22,7 @@ EXIT_TERMINATED = 143  # and by SIGTERM (128 + 15)
 EXIT_STORAGE_FULL = 75
 DRAIN_SIGNAL_NAME = "SIGUSR1"
 _drain: list[str] = []  # why this process was asked to drain (set by the signal handler)
+_drain_installed: list[bool] = []  # once per process (commands run in-process in tests)
 
 
 class Terminated(KeyboardInterrupt):
@@ -68,12 +69,15 @@ def drain_on_sigusr1() -> None:
     blocked, and a thread of its own waits for it: the block is inherited by every thread and
     process started after, search tools included, so a SIGUSR1 sent to the whole job step
     (`--signal=USR1@...` without `B:`) is not delivered to them. Unblocked there, it would
-    kill them: a process that does not handle SIGUSR1 dies of it."""
+    kill them: a process that does not handle SIGUSR1 dies of it. Threads started before
+    (numpy's BLAS pool) may take it instead; then the handler runs in the main thread, so a
+    command's main thread must not wait without a timeout (the run's loop ticks each second)."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or _drain_installed:
         return
+    _drain_installed.append(True)
 
     def note(*_: object) -> None:
         if not _drain:

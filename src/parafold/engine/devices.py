@@ -35,6 +35,7 @@ from parafold.fold.costs import cut_by_cost, shape_costs
 from parafold.fold.hostwork import host_cores
 from parafold.fold.settings import ModelSettings
 from parafold.fold.worker import FoldOutcome
+from parafold.lifecycle import drain_requested
 from parafold.search.scheduler import describe_error
 
 __all__ = ["DevicesResult", "predict_on", "fold_on_devices", "RUNS_PER_DEVICE"]
@@ -175,7 +176,7 @@ def fold_on_devices(feature_sets: Sequence[FeatureSet], out_root: Path,
             for future in done:
                 lane, run = running.pop(future)
                 _finished(future, lane, run, outcomes, stats, orphans, lanes)
-            _stop_if_storage_full(lanes, orphans, outcomes)
+            _stop_if_asked(lanes, orphans, outcomes)
     except BaseException:
         for future in running:
             future.cancel()
@@ -188,11 +189,13 @@ def fold_on_devices(feature_sets: Sequence[FeatureSet], out_root: Path,
     return DevicesResult([outcomes[fs.name] for fs in feature_sets], stats)
 
 
-def _stop_if_storage_full(lanes: list[_Lane], orphans: deque[_Run],
-                          outcomes: dict[str, FoldOutcome]) -> None:
-    """After a target met a full disk or a spent quota, start no run more (each would fail
-    writing too); the runs not started get outcomes that say so, for a rerun."""
-    reason = next((o.error for o in outcomes.values() if o.storage_full), None)
+def _stop_if_asked(lanes: list[_Lane], orphans: deque[_Run],
+                   outcomes: dict[str, FoldOutcome]) -> None:
+    """After a target met a full disk or a spent quota (each run would fail writing too), or
+    once a drain is asked for (SIGUSR1), start no run more; the runs not started get outcomes
+    that say so, for a rerun. The runs under way finish: their processes never see SIGUSR1."""
+    reason = next((o.error for o in outcomes.values() if o.stopped_early), None) \
+        or drain_requested()
     if reason is None:
         return
     waiting = [run for lane in lanes for run in lane.queue] + list(orphans)
@@ -200,7 +203,7 @@ def _stop_if_storage_full(lanes: list[_Lane], orphans: deque[_Run],
         for fs in run.sets:
             outcomes[fs.name] = FoldOutcome(name=fs.name, ok=False, length=fs.length,
                                             error=f"{fs.name}: not predicted: {reason}",
-                                            storage_full=True)
+                                            stopped_early=True)
     for lane in lanes:
         lane.queue.clear()
     orphans.clear()

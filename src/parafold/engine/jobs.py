@@ -50,8 +50,8 @@ def describe_error(exc: BaseException) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SearchOutcome:
-    """One target's CPU stage: its feature set, or why there is none (`storage_full`: a disk
-    full or a quota spent, which stops the run instead of failing the target)."""
+    """One target's CPU stage: its feature set, or why there is none (`stopped_early`: a full
+    disk or a spent quota, which stops the run instead of failing the target)."""
 
     name: str
     feature_set: FeatureSet | None
@@ -59,7 +59,7 @@ class SearchOutcome:
     worker: str
     start: float
     end: float
-    storage_full: bool = False
+    stopped_early: bool = False
 
     @property
     def ok(self) -> bool:
@@ -80,7 +80,7 @@ def search_job(target: Target, out_dir: Path, databases: Any, settings: Any, cpu
         if not isinstance(exc, PipelineError) and not full:
             logger.exception("%s: unexpected error in the search stage", target.name)
         return SearchOutcome(target.name, None, describe_error(exc), worker_label(), start,
-                             time.time(), storage_full=full)
+                             time.time(), stopped_early=full)
     return SearchOutcome(target.name, fs, "", worker_label(), start, time.time())
 
 
@@ -104,7 +104,7 @@ def search_batch_job(targets: Sequence[Target], out_dir: Path, databases: Any, s
         results = [exc] * len(targets)
     end, worker = time.time(), worker_label()
     return [SearchOutcome(t.name, None, describe_error(r), worker, start, end,
-                          storage_full=is_storage_full(r))
+                          stopped_early=is_storage_full(r))
             if isinstance(r, BaseException) else SearchOutcome(t.name, r, "", worker, start, end)
             for t, r in zip(targets, results, strict=True)]
 

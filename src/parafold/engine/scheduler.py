@@ -236,7 +236,7 @@ class Scheduler:
         self.ledger.add_event(run_id=self.run_id, worker=outcome.worker, kind="search",
                               target=target.name, start=outcome.start, end=outcome.end,
                               ok=outcome.ok, batch=batch_no)
-        if outcome.storage_full:  # not the target's fault: it waits for the rerun
+        if outcome.stopped_early:  # not the target's fault: it waits for the rerun
             self.ledger.reconcile(target.name, State.QUEUED)
             self._stop(outcome.error, storage_full_advice(self.settings.out))
             return
@@ -455,7 +455,7 @@ class Scheduler:
         by_name = {getattr(o, "name", None): o for o in result.outcomes}
         for fs in batch:
             o = by_name.get(fs.name)
-            if getattr(o, "storage_full", False):  # predicted, not written: for the rerun
+            if getattr(o, "stopped_early", False):  # predicted, not written: for the rerun
                 self.ledger.requeue_predict([fs.name])
                 self._stop(getattr(o, "error", "") or "a disk is full",
                            storage_full_advice(self.settings.out))

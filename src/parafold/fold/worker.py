@@ -41,6 +41,7 @@ from parafold.fold.hostwork import (
 )
 from parafold.fold.outputs import Prediction, is_complete
 from parafold.fold.settings import ModelSettings
+from parafold.lifecycle import drain_requested
 from parafold.relax import RelaxError, relax_pending, relax_target
 
 __all__ = ["FoldWorker", "FoldOutcome"]
@@ -73,7 +74,8 @@ def submit_horizon(current: int, submitted: int, sizes: Sequence[int], waiting: 
 @dataclass(frozen=True, slots=True)
 class FoldOutcome:
     """What became of one target; `error` names the failure when `ok` is false, and
-    `storage_full` says it was a disk full or a quota spent (not the target's fault)."""
+    `stopped_early` says a full disk, a spent quota or a drain (SIGUSR1) stopped it, not
+    the target itself: a rerun does it."""
 
     name: str
     ok: bool
@@ -87,7 +89,7 @@ class FoldOutcome:
     skipped: bool = False
     output_dir: Path | None = None
     relaxed: tuple[str, ...] = ()  # predictions relaxed by this call, when only relaxed
-    storage_full: bool = False
+    stopped_early: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +118,7 @@ class _TargetState:
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     bucket: str = ""
-    storage_full: bool = False  # its files could not be written: a disk full, a quota spent
+    stopped_early: bool = False  # a full disk, a spent quota or a drain stopped it
 
 
 @dataclass(slots=True)
@@ -139,8 +141,9 @@ class _Pass:
     states: dict[str, _TargetState]
     outcomes: dict[str, FoldOutcome] = field(default_factory=dict)
     writes: dict[str, cf.Future[list[str]]] = field(default_factory=dict)
-    # set by a writer that met a full disk or a spent quota: the loop launches nothing more
-    storage_full: str | None = None
+    # why the loop launches nothing more: a writer met a full disk or a spent quota, or a
+    # drain was asked for (SIGUSR1)
+    stopped_early: str | None = None
     # predicted before, relaxation still missing: relaxed only
     relaxing: dict[str, tuple[FeatureSet, cf.Future[Any]]] = field(default_factory=dict)
 
@@ -422,7 +425,9 @@ class FoldWorker:
         try:
             self._start_compiles(units)
             for i, unit in enumerate(units):
-                if ctx.storage_full is not None:
+                if ctx.stopped_early is None:
+                    ctx.stopped_early = drain_requested()
+                if ctx.stopped_early is not None:
                     break
                 with self._timing("features_submit"):
                     waiting = sum(len(jobs) for jobs in futures.values())
@@ -437,8 +442,8 @@ class FoldWorker:
                     pending = self._dispatch(unit, members, feats, pending, ctx)
             if pending is not None:
                 self._complete(pending, ctx)
-            if ctx.storage_full is not None:
-                self._stop_for_storage(ctx)
+            if ctx.stopped_early is not None:
+                self._stop_early(ctx)
         except KeyboardInterrupt:
             self._stop_compiles(wait=False)
             raise
@@ -634,22 +639,22 @@ class FoldWorker:
     def _note_storage_full(future: cf.Future[Any], ctx: _Pass) -> None:
         """A writer's callback: a full disk stops the pass (every later write would fail)."""
         exc = None if future.cancelled() else future.exception()
-        if exc is not None and ctx.storage_full is None and is_storage_full(exc):
-            ctx.storage_full = str(exc)
+        if exc is not None and ctx.stopped_early is None and is_storage_full(exc):
+            ctx.stopped_early = str(exc)
 
-    def _stop_for_storage(self, ctx: _Pass) -> None:
-        """Targets not predicted (or not all their models) when a full disk stopped the pass:
-        outcomes that say so, for a rerun after space is freed."""
+    def _stop_early(self, ctx: _Pass) -> None:
+        """Targets not predicted (or not all their models) when a full disk or a drain
+        stopped the pass: outcomes that say so, for a rerun."""
         for name, state in ctx.states.items():
             if name in ctx.outcomes or name in ctx.writes:
                 continue
-            state.error = f"{name}: not predicted: {ctx.storage_full}"
-            state.storage_full = True
+            state.error = f"{name}: not predicted: {ctx.stopped_early}"
+            state.stopped_early = True
             ctx.outcomes[name] = FoldOutcome(name=name, ok=False, error=state.error,
                                              length=state.fs.length, bucket=state.bucket,
-                                             output_dir=ctx.out_root / name, storage_full=True)
-        log.error("stopped predicting: %s; %d targets left for a rerun", ctx.storage_full,
-                  sum(1 for o in ctx.outcomes.values() if o.storage_full))
+                                             output_dir=ctx.out_root / name, stopped_early=True)
+        log.error("stopped predicting: %s; %d targets left for a rerun", ctx.stopped_early,
+                  sum(1 for o in ctx.outcomes.values() if o.stopped_early))
 
     def _collect(self, ctx: _Pass) -> None:
         """Wait for every writer and turn each target's state into its outcome."""
@@ -662,7 +667,7 @@ class FoldWorker:
                 ranked = None
             except _TARGET_ERRORS as exc:
                 state.error = f"writing outputs for {name} failed: {exc}"
-                state.storage_full = is_storage_full(exc)
+                state.stopped_early = is_storage_full(exc)
                 ranked = None
             self._outcome(state, ctx, ranked)
         for name, (fs, future) in ctx.relaxing.items():
@@ -685,7 +690,7 @@ class FoldWorker:
             ctx.outcomes[fs.name] = FoldOutcome(name=fs.name, ok=False, error=state.error,
                                                 timings=dict(state.timings), length=fs.length,
                                                 bucket=state.bucket, output_dir=folder,
-                                                storage_full=state.storage_full)
+                                                stopped_early=state.stopped_early)
             return
         best = next(p for p in state.predictions if p.name == ranked[0])
         ctx.outcomes[fs.name] = FoldOutcome(

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from parafold.errors import is_storage_full
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
+from parafold.lifecycle import drain_requested
 from parafold.search.budget import SEARCHES_PER_PROTEIN, CpuBudget, threads_per_search
 from parafold.search.databases import DatabaseSet
 from parafold.search.runner import featurize_batch, featurize_prepared
@@ -36,7 +37,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class TargetOutcome:
     """What happened to one target: its features, or the error that stopped it
-    (`storage_full`: a disk full or a quota spent stopped it, not the target itself)."""
+    (`stopped_early`: a full disk, a spent quota or a drain asked for with SIGUSR1 stopped it,
+    not the target itself; a rerun does it)."""
 
     target: Target
     feature_set: FeatureSet | None
@@ -44,7 +46,7 @@ class TargetOutcome:
     tool_calls: int = 0
     reused: str = ""
     wall_s: float = 0.0
-    storage_full: bool = False
+    stopped_early: bool = False
 
     @property
     def ok(self) -> bool:
@@ -87,15 +89,18 @@ def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: Datab
                 "up to %d proteins at once (%d searches each)", len(targets), len(groups), cpus,
                 threads, workers, SEARCHES_PER_PROTEIN)
     outcomes: list[TargetOutcome | None] = [None] * len(targets)
-    full: list[str] = []  # set once a disk is full: the searches not started yet are not
+    stop: list[str] = []  # why to start no more searches: a full disk, a drain (SIGUSR1)
 
     def job(indices: list[int]) -> list[tuple[int, TargetOutcome]]:
         done = []
         for i in indices:
             target, start = targets[i], time.monotonic()
-            if full:
-                outcome = TargetOutcome(target, None, error=f"not searched: {full[0]}",
-                                        storage_full=True)
+            drain = drain_requested()
+            if drain is not None and not stop:
+                stop.append(drain)
+            if stop:
+                outcome = TargetOutcome(target, None, error=f"not searched: {stop[0]}",
+                                        stopped_early=True)
                 done.append((i, outcome))
                 continue
             try:
@@ -107,12 +112,12 @@ def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: Datab
                                         wall_s=round(time.monotonic() - start, 3))
             except Exception as exc:  # the per-target boundary: record and go on
                 logger.error("%s failed: %s", target.id, describe_error(exc))
-                storage_full = is_storage_full(exc)
-                if storage_full and not full:
-                    full.append(describe_error(exc))
+                stopped_early = is_storage_full(exc)
+                if stopped_early and not stop:
+                    stop.append(describe_error(exc))
                 outcome = TargetOutcome(target, None, error=describe_error(exc),
                                         wall_s=round(time.monotonic() - start, 3),
-                                        storage_full=storage_full)
+                                        stopped_early=stopped_early)
             if on_done is not None:
                 on_done(outcome)
             done.append((i, outcome))
@@ -120,10 +125,12 @@ def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: Datab
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="protein")
     try:
-        futures = [pool.submit(job, indices) for indices in groups.values()]
-        for future in as_completed(futures):
-            for i, outcome in future.result():
-                outcomes[i] = outcome
+        waiting = {pool.submit(job, indices) for indices in groups.values()}
+        while waiting:  # woken twice a second: a signal's Python handler runs in this thread
+            done, waiting = wait(waiting, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                for i, outcome in future.result():
+                    outcomes[i] = outcome
     except BaseException:  # Ctrl-C or SIGTERM: do not wait for the searches under way (hours
         pool.shutdown(wait=False, cancel_futures=True)  # on real databases); the caller exits
         raise
@@ -146,7 +153,7 @@ def _featurize_mmseqs(targets: Sequence[Target], *, out_dir: Path, databases: Da
         if isinstance(result, BaseException):
             logger.error("%s failed: %s", target.id, describe_error(result))
             outcome = TargetOutcome(target, None, error=describe_error(result), wall_s=wall,
-                                    storage_full=is_storage_full(result))
+                                    stopped_early=is_storage_full(result))
         else:
             outcome = TargetOutcome(target, result,
                                     tool_calls=int(result.extra.get("tool_calls", 0)),
