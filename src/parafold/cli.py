@@ -207,7 +207,7 @@ def _exit_if_stopped_early(out: Path, stopped_early: list[bool]) -> None:
     """Targets that a full disk, a spent quota or a drain (SIGUSR1) stopped: say what to do,
     exit 75 (sysexits' EX_TEMPFAIL), so a job script can tell it from failed targets."""
     from parafold.errors import storage_full_advice
-    from parafold.lifecycle import EXIT_STORAGE_FULL, drain_requested
+    from parafold.lifecycle import EXIT_STOPPED_EARLY, drain_requested
 
     if any(stopped_early):
         drain = drain_requested()
@@ -215,7 +215,7 @@ def _exit_if_stopped_early(out: Path, stopped_early: list[bool]) -> None:
                "finished, in flight included, is kept." if drain is not None else
                f"stopped by a full disk or a spent quota. {storage_full_advice(out)}")
         typer.echo(f"{sum(stopped_early)} target(s) {why}", err=True)
-        raise typer.Exit(EXIT_STORAGE_FULL)
+        raise typer.Exit(EXIT_STOPPED_EARLY)
 
 
 @app.command("testdata")
@@ -517,7 +517,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 def _run_and_report(settings: object) -> int:
     """Run the pipeline, print the summary, and return the exit code for the shell."""
     from parafold.errors import PipelineError, RunLockedError, StorageFullError
-    from parafold.lifecycle import EXIT_STORAGE_FULL, drain_on_sigusr1
+    from parafold.lifecycle import EXIT_STOPPED_EARLY, drain_on_sigusr1
     from parafold.pipeline import RunSettings, run_pipeline
 
     assert isinstance(settings, RunSettings)
@@ -529,7 +529,7 @@ def _run_and_report(settings: object) -> int:
     except RunLockedError as exc:
         raise _fail(str(exc), 3) from exc
     except StorageFullError as exc:
-        raise _fail(str(exc), EXIT_STORAGE_FULL) from exc
+        raise _fail(str(exc), EXIT_STOPPED_EARLY) from exc
     except PipelineError as exc:
         raise _fail(str(exc)) from exc
     for line in summary.lines():

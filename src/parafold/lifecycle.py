@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 __all__ = ["die_with_parent", "helper_process_init", "exit_interrupted", "EXIT_INTERRUPTED",
-           "EXIT_TERMINATED", "EXIT_STORAGE_FULL", "Terminated", "stop_on_sigterm",
+           "EXIT_TERMINATED", "EXIT_STOPPED_EARLY", "Terminated", "stop_on_sigterm",
            "interrupted_code", "quiet_interrupt_when_idle", "run_job", "drain_on_sigusr1",
            "drain_requested"]
 
@@ -19,7 +19,7 @@ EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + 
 EXIT_TERMINATED = 143  # and by SIGTERM (128 + 15)
 # The work stopped early and a rerun resumes it (sysexits' EX_TEMPFAIL: try again later): a
 # disk full or a quota spent, or a drain asked for with SIGUSR1 (`drain_on_sigusr1`).
-EXIT_STORAGE_FULL = 75
+EXIT_STOPPED_EARLY = 75
 DRAIN_SIGNAL_NAME = "SIGUSR1"
 _drain: list[str] = []  # why this process was asked to drain (set by the signal handler)
 _drain_installed: list[bool] = []  # once per process (commands run in-process in tests)

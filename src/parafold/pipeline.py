@@ -37,7 +37,7 @@ from parafold.inputs import InputProblem, Target, read_targets
 from parafold.ledger import LEDGER_FILE, LOCK_FILE, Ledger, RunLock, State
 from parafold.lifecycle import (  # the ledger records these
     EXIT_INTERRUPTED,
-    EXIT_STORAGE_FULL,
+    EXIT_STOPPED_EARLY,
     interrupted_code,
 )
 from parafold.relax import relax_pending
@@ -140,7 +140,7 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         if self.stopped is not None:
-            return EXIT_STORAGE_FULL
+            return EXIT_STOPPED_EARLY
         return 0 if not self.failures and not self.input_problems and \
             self.done == self.targets else 1
 
@@ -343,7 +343,7 @@ def run_pipeline(settings: RunSettings, *,
             except Exception as exc:  # the ledger's own disk full: the run cannot go on
                 if not is_storage_full(exc):
                     raise
-                exit_code = EXIT_STORAGE_FULL
+                exit_code = EXIT_STOPPED_EARLY
                 raise StorageFullError(f"{describe_error(exc)}. {storage_full_advice(out)}"
                                        ) from exc
             finally:
