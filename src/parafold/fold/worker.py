@@ -677,7 +677,8 @@ class FoldWorker:
             except _TARGET_ERRORS as exc:
                 log.error("%s", exc)
                 ctx.outcomes[name] = FoldOutcome(name=name, ok=False, error=str(exc),
-                                                 length=fs.length, output_dir=folder)
+                                                 length=fs.length, output_dir=folder,
+                                                 stopped_early=is_storage_full(exc))
                 continue
             ctx.outcomes[name] = FoldOutcome(name=name, ok=True, skipped=True, length=fs.length,
                                              output_dir=folder, relaxed=relaxed)
