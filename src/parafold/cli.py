@@ -207,12 +207,11 @@ def _exit_if_stopped_early(out: Path, stopped_early: list[bool]) -> None:
     """Targets that a full disk, a spent quota or a drain (SIGUSR1) stopped: say what to do,
     exit 75 (sysexits' EX_TEMPFAIL), so a job script can tell it from failed targets."""
     from parafold.errors import storage_full_advice
-    from parafold.lifecycle import EXIT_STOPPED_EARLY, drain_requested
+    from parafold.lifecycle import DRAIN_ADVICE, EXIT_STOPPED_EARLY, drain_requested
 
     if any(stopped_early):
         drain = drain_requested()
-        why = (f"stopped early ({drain}). Rerun the same command to resume: what was "
-               "finished, in flight included, is kept." if drain is not None else
+        why = (f"stopped early ({drain}). {DRAIN_ADVICE}" if drain is not None else
                f"stopped by a full disk or a spent quota. {storage_full_advice(out)}")
         typer.echo(f"{sum(stopped_early)} target(s) {why}", err=True)
         raise typer.Exit(EXIT_STOPPED_EARLY)

@@ -10,7 +10,7 @@ from typing import NoReturn, TypeVar
 __all__ = ["die_with_parent", "helper_process_init", "exit_interrupted", "EXIT_INTERRUPTED",
            "EXIT_TERMINATED", "EXIT_STOPPED_EARLY", "Terminated", "stop_on_sigterm",
            "interrupted_code", "quiet_interrupt_when_idle", "run_job", "drain_on_sigusr1",
-           "drain_requested"]
+           "drain_requested", "DRAIN_ADVICE"]
 
 R = TypeVar("R")
 _jobs_running = 0  # in this pool worker process
@@ -21,6 +21,8 @@ EXIT_TERMINATED = 143  # and by SIGTERM (128 + 15)
 # disk full or a quota spent, or a drain asked for with SIGUSR1 (`drain_on_sigusr1`).
 EXIT_STOPPED_EARLY = 75
 DRAIN_SIGNAL_NAME = "SIGUSR1"
+DRAIN_ADVICE = ("Rerun the same command (a new job) to resume: what was finished, in flight "
+                "included, is kept.")
 _drain: list[str] = []  # why this process was asked to drain (set by the signal handler)
 _drain_installed: list[bool] = []  # once per process (commands run in-process in tests)
 

@@ -101,7 +101,6 @@ class RunStatus:
             out.extend(f"    {p}" for p in self.input_problems)
         return out
 
-
     def as_dict(self) -> dict[str, Any]:
         """The status for scripts and dashboards (`parafold status --json`): the counts by
         state, the latest run's rate and time left (null when unknown), and every failure."""

@@ -20,11 +20,7 @@ from typing import Any
 from parafold.errors import PipelineError, is_storage_full
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
-from parafold.lifecycle import (
-    die_with_parent,
-    exit_interrupted,
-    quiet_interrupt_when_idle,
-)
+from parafold.lifecycle import die_with_parent, exit_interrupted, quiet_interrupt_when_idle
 
 __all__ = ["SearchOutcome", "FoldBatchResult", "FoldSlot", "search_job", "search_batch_job",
            "plots_job", "describe_error", "worker_label"]

@@ -45,7 +45,7 @@ from parafold.errors import (
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
 from parafold.ledger import Ledger, State
-from parafold.lifecycle import drain_requested
+from parafold.lifecycle import DRAIN_ADVICE, drain_requested
 
 if TYPE_CHECKING:
     from parafold.pipeline import RunSettings
@@ -131,8 +131,7 @@ class Scheduler:
             while self._work_left():
                 drain = drain_requested()
                 if drain is not None:
-                    self._stop(drain, "Rerun the same command (a new job) to resume: what "
-                               "was finished, in flight included, is kept.")
+                    self._stop(drain, DRAIN_ADVICE)
                 self._submit_searches(slots)
                 self._dispatch_folds()
                 progress.update()

@@ -118,7 +118,7 @@ class _TargetState:
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     bucket: str = ""
-    stopped_early: bool = False  # a full disk, a spent quota or a drain stopped it
+    stopped_early: bool = False  # its files met a full disk or a spent quota
 
 
 @dataclass(slots=True)
@@ -143,7 +143,7 @@ class _Pass:
     writes: dict[str, cf.Future[list[str]]] = field(default_factory=dict)
     # why the loop launches nothing more: a writer met a full disk or a spent quota, or a
     # drain was asked for (SIGUSR1)
-    stopped_early: str | None = None
+    stop_reason: str | None = None
     # predicted before, relaxation still missing: relaxed only
     relaxing: dict[str, tuple[FeatureSet, cf.Future[Any]]] = field(default_factory=dict)
 
@@ -425,9 +425,9 @@ class FoldWorker:
         try:
             self._start_compiles(units)
             for i, unit in enumerate(units):
-                if ctx.stopped_early is None:
-                    ctx.stopped_early = drain_requested()
-                if ctx.stopped_early is not None:
+                if ctx.stop_reason is None:
+                    ctx.stop_reason = drain_requested()
+                if ctx.stop_reason is not None:
                     break
                 with self._timing("features_submit"):
                     waiting = sum(len(jobs) for jobs in futures.values())
@@ -442,7 +442,7 @@ class FoldWorker:
                     pending = self._dispatch(unit, members, feats, pending, ctx)
             if pending is not None:
                 self._complete(pending, ctx)
-            if ctx.stopped_early is not None:
+            if ctx.stop_reason is not None:
                 self._stop_early(ctx)
         except KeyboardInterrupt:
             self._stop_compiles(wait=False)
@@ -639,8 +639,8 @@ class FoldWorker:
     def _note_storage_full(future: cf.Future[Any], ctx: _Pass) -> None:
         """A writer's callback: a full disk stops the pass (every later write would fail)."""
         exc = None if future.cancelled() else future.exception()
-        if exc is not None and ctx.stopped_early is None and is_storage_full(exc):
-            ctx.stopped_early = str(exc)
+        if exc is not None and ctx.stop_reason is None and is_storage_full(exc):
+            ctx.stop_reason = str(exc)
 
     def _stop_early(self, ctx: _Pass) -> None:
         """Targets not predicted (or not all their models) when a full disk or a drain
@@ -648,12 +648,11 @@ class FoldWorker:
         for name, state in ctx.states.items():
             if name in ctx.outcomes or name in ctx.writes:
                 continue
-            state.error = f"{name}: not predicted: {ctx.stopped_early}"
-            state.stopped_early = True
-            ctx.outcomes[name] = FoldOutcome(name=name, ok=False, error=state.error,
-                                             length=state.fs.length, bucket=state.bucket,
-                                             output_dir=ctx.out_root / name, stopped_early=True)
-        log.error("stopped predicting: %s; %d targets left for a rerun", ctx.stopped_early,
+            ctx.outcomes[name] = FoldOutcome(
+                name=name, ok=False, error=f"{name}: not predicted: {ctx.stop_reason}",
+                length=state.fs.length, bucket=state.bucket, output_dir=ctx.out_root / name,
+                stopped_early=True)
+        log.error("stopped predicting: %s; %d targets left for a rerun", ctx.stop_reason,
                   sum(1 for o in ctx.outcomes.values() if o.stopped_early))
 
     def _collect(self, ctx: _Pass) -> None:
