@@ -212,3 +212,14 @@ def test_atomic_copy_onto_its_own_link_leaves_no_part_file(tmp_path: Path) -> No
     atomic_copy(tmp_path / "src.bin", tmp_path / "dst.bin")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.bin", "src.bin"]
     assert (tmp_path / "dst.bin").read_bytes() == b"payload"
+
+
+def test_a_damaged_npz_is_named_as_such_never_as_a_pickle(tmp_path: Path) -> None:
+    save_arrays(tmp_path / "a.npz", {"x": np.arange(1000)})
+    whole = (tmp_path / "a.npz").read_bytes()
+    (tmp_path / "junk.npz").write_bytes(b"not an archive at all")
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    for name in ("junk.npz", "cut.npz"):
+        with pytest.raises(ValueError, match=r"damaged") as info:
+            load_arrays(tmp_path / name)
+        assert name in str(info.value) and "pickle" not in str(info.value)

@@ -412,6 +412,8 @@ def predict(
         if o.skipped:
             status = (f"predicted before, relaxed {', '.join(o.relaxed)}" if o.relaxed
                       else "skipped (done)")
+        elif o.ok and o.copied_from:
+            status = f"ok (same features as {o.copied_from}: its prediction copied)"
         else:
             status = "ok" if o.ok else f"FAILED: {o.error}"
         typer.echo(f"{o.name}\t{o.length}\t{status}")

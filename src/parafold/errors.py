@@ -23,6 +23,7 @@ __all__ = [
     "ParamsError",
     "InferenceError",
     "GpuOutOfMemoryError",
+    "OutputError",
     "SchedulerError",
     "RunLockedError",
     "StorageFullError",
@@ -92,6 +93,10 @@ class InferenceError(PipelineError):
 
 class GpuOutOfMemoryError(InferenceError):
     """The accelerator ran out of memory; raised only when XLA said so."""
+
+
+class OutputError(PipelineError):
+    """A target's output files could not be made (e.g. copied from an identical target)."""
 
 
 class SchedulerError(PipelineError):

@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -174,10 +175,23 @@ def save_arrays(path: Path | str, arrays: Mapping[str, Any]) -> None:
 
 
 def load_arrays(path: Path | str) -> dict[str, np.ndarray]:
-    """Read a `.npz` written by `save_arrays` (never unpickles)."""
-    with np.load(path, allow_pickle=False) as data:
-        out = {k: data[k] for k in data.files if k != _OBJECT_KEYS}
-        object_keys = [str(k) for k in data[_OBJECT_KEYS]] if _OBJECT_KEYS in data.files else []
+    """Read a `.npz` written by `save_arrays` (never unpickles).
+
+    Raises:
+        ValueError: the file is no whole `.npz` archive (damaged or cut short). numpy alone
+            would call any non-archive "pickled data" and suggest loading it unsafely.
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":
+            raise ValueError(f"{path}: not an .npz archive (damaged or cut short)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {k: data[k] for k in data.files if k != _OBJECT_KEYS}
+            object_keys = ([str(k) for k in data[_OBJECT_KEYS]]
+                           if _OBJECT_KEYS in data.files else [])
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"{path}: damaged .npz archive ({exc})") from exc
     for key in object_keys:
         out[key] = np.array([bytes(v) for v in out[key].ravel()], dtype=object).reshape(
             out[key].shape

@@ -82,9 +82,41 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
     process each (`fold_on_devices`); one device, or the CPU, runs in this process, pinned to
     it when `pin` (the user named it: a GPU that `detect_gpus` missed stays usable otherwise).
 
+    Sets with identical features are predicted once: the others get copies of the files
+    (`fold.twins`). A twin whose source failed is predicted itself, in a second pass.
+
     Raises:
         PipelineError: the params folder is unusable (found before any target is folded).
     """
+    from parafold.fold.twins import copy_twins, plan_twins, second_sources
+
+    def predict(sets: Sequence[FeatureSet]) -> DevicesResult:
+        return _predict(devices, sets, out_root, params_dir=params_dir, settings=settings,
+                        trust_pickles=trust_pickles, pin=pin)
+
+    plan = plan_twins(feature_sets, out_root)
+    if not plan.copies:
+        return predict(feature_sets)
+    log.info("%d targets have the features of another: predicted once, files copied",
+             plan.copies)
+    result = predict(plan.fold)
+    outcomes = {o.name: o for o in result.outcomes}
+    stats = dict(result.stats)
+    plan, second = second_sources(plan, outcomes)
+    outcomes.update(copy_twins(plan, outcomes, out_root))
+    if second.fold:
+        log.warning("%d targets whose twin failed are predicted themselves",
+                    len(second.fold))
+        again = predict(second.fold)
+        outcomes.update((o.name, o) for o in again.outcomes)
+        stats.update((f"{where} (second pass)", s) for where, s in again.stats.items())
+        outcomes.update(copy_twins(second, outcomes, out_root))
+    return DevicesResult([outcomes[fs.name] for fs in feature_sets], stats)
+
+
+def _predict(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out_root: Path,
+             *, params_dir: Path, settings: ModelSettings, trust_pickles: bool,
+             pin: bool) -> DevicesResult:
     if len(devices) >= 2:
         from parafold.engine.local import LocalExecutor
 

@@ -22,7 +22,7 @@ import numpy as np
 from parafold.store import atomic_write_json, atomic_write_text, atomic_writer
 
 __all__ = ["Prediction", "write_target_outputs", "is_complete", "DONE_FILE", "rank",
-           "merge_timings"]
+           "merge_timings", "is_prediction_file", "remove_stale"]
 
 DONE_FILE = "ranking_debug.json"
 # The per-prediction files `write_target_outputs` owns; any it did not write this time is stale.
@@ -64,6 +64,11 @@ class Prediction:
 
 def is_complete(folder: Path) -> bool:
     return (Path(folder) / DONE_FILE).is_file()
+
+
+def is_prediction_file(file_name: str) -> bool:
+    """Whether a file of a target folder belongs to its prediction (or its relaxation)."""
+    return _PREDICTION_FILE.fullmatch(file_name) is not None
 
 
 def rank(predictions: Sequence[Prediction]) -> list[Prediction]:
@@ -131,7 +136,7 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
         cif = fast_mmcif.to_mmcif(prots[pred.name], file_id=name, model_type="Monomer")
         write_text(f"ranked_{index}.cif", cif)
     merge_timings(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
-    _remove_stale(folder, written)
+    remove_stale(folder, written)
     atomic_write_json(folder / DONE_FILE, {
         "plddts": {p.name: p.ranking_confidence for p in predictions},
         "order": [p.name for p in ranked],
@@ -139,12 +144,11 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
     return [p.name for p in ranked]
 
 
-def _remove_stale(folder: Path, written: set[str]) -> None:
+def remove_stale(folder: Path, written: set[str]) -> None:
     """Delete per-prediction files an earlier prediction left (a model or rank not made now),
     so no downstream tool mistakes them for this prediction's."""
     for path in folder.iterdir():
-        if (path.name not in written and _PREDICTION_FILE.fullmatch(path.name)
-                and path.is_file()):
+        if path.name not in written and is_prediction_file(path.name) and path.is_file():
             path.unlink(missing_ok=True)
 
 

@@ -90,6 +90,7 @@ class FoldOutcome:
     output_dir: Path | None = None
     relaxed: tuple[str, ...] = ()  # predictions relaxed by this call, when only relaxed
     stopped_early: bool = False
+    copied_from: str | None = None  # its twin, whose prediction was copied (`fold.twins`)
 
 
 @dataclass(frozen=True, slots=True)

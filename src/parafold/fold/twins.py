@@ -1,0 +1,231 @@
+"""Targets with identical features are predicted once; the others get copies of the files.
+
+Proteomes, metagenomes and screens repeat sequences: the same protein under two accessions,
+a gene on two contigs. The CPU stage already searches such a sequence once (its features have
+one content key, `FeatureSet.key`: the sequence, the databases' fingerprints, the search
+settings). The GPU stage would still predict each copy, and AlphaFold's result is the same for
+both: the seeds come from the model and `--random-seed`, never from the target. So one target
+of each key, the *source*, is predicted, and every *twin* gets the source's files.
+
+A copy is what predicting the twin would have written: every per-prediction file byte for
+byte, except the ranked mmCIFs, which name their target and are written again from the ranked
+PDBs (the same text as from the prediction: both have three decimals). `ranking_debug.json`
+goes last, as after a prediction, so a killed copy is redone and a finished one never is.
+Files are copied, not hard-linked: editing one target's file must not change another's.
+Feature sets without a key (a `features.pkl` from elsewhere) are never twins.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from parafold.errors import OutputError, PipelineError, is_storage_full
+from parafold.featureset import FeatureSet
+from parafold.fold.outputs import (
+    DONE_FILE,
+    is_complete,
+    is_prediction_file,
+    merge_timings,
+    remove_stale,
+)
+from parafold.fold.worker import FoldOutcome
+from parafold.relax import RELAX_METRICS_FILE
+from parafold.store import atomic_copy, atomic_write_text
+
+__all__ = ["TwinPlan", "CopiedPrediction", "twin_key", "plan_twins", "copy_prediction",
+           "second_sources", "copy_twins"]
+
+log = logging.getLogger(__name__)
+
+# Copied after every other file: it marks the relaxed models (only when their files are there).
+_LAST_BEFORE_DONE = (RELAX_METRICS_FILE,)
+_RANKED_CIF = "ranked_{}.cif"
+
+
+def twin_key(fs: FeatureSet) -> str | None:
+    """What makes two feature sets twins: their content key and sequence; None: no twin."""
+    if not fs.key or fs.from_pickle:
+        return None
+    return f"{fs.key}:{fs.sequence}"
+
+
+@dataclass(frozen=True, slots=True)
+class TwinPlan:
+    """`fold`: the sets to predict (sources, sets predicted before, sets without a twin), in
+    their given order; `twins`: source name -> the sets that get copies of its files."""
+
+    fold: list[FeatureSet]
+    twins: dict[str, list[FeatureSet]] = field(default_factory=dict)
+
+    @property
+    def copies(self) -> int:
+        return sum(len(t) for t in self.twins.values())
+
+
+def plan_twins(feature_sets: Sequence[FeatureSet], out_root: Path) -> TwinPlan:
+    """One source per twin key: a set whose prediction is complete in `out_root` if there is
+    one (nothing to predict), else the first. Sets complete themselves are never copied to."""
+    groups: dict[str, list[FeatureSet]] = {}
+    for fs in feature_sets:
+        key = twin_key(fs)
+        if key is not None:
+            groups.setdefault(key, []).append(fs)
+    complete = {fs.name for group in groups.values() if len(group) > 1 for fs in group
+                if is_complete(out_root / fs.name)}
+    copied: set[str] = set()
+    twins: dict[str, list[FeatureSet]] = {}
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        source = next((fs for fs in group if fs.name in complete), group[0])
+        rest = [fs for fs in group if fs is not source and fs.name not in complete]
+        if rest:
+            twins[source.name] = rest
+            copied.update(fs.name for fs in rest)
+    return TwinPlan([fs for fs in feature_sets if fs.name not in copied], twins)
+
+
+@dataclass(frozen=True, slots=True)
+class CopiedPrediction:
+    """A twin's files, copied from `source`: its ranking (best first) and best scores."""
+
+    name: str
+    source: str
+    order: tuple[str, ...]
+    mean_plddt: float | None
+    ptm: float | None
+    seconds: float
+
+
+def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedPrediction:
+    """Give `twin_dir` the prediction files of the complete `source_dir` (see the module
+    docstring); its own files (features, MSAs, search timings) stay.
+
+    Raises:
+        OutputError: the source has no complete prediction, or one of its files is unreadable.
+        OSError: a file could not be written (a full disk among them).
+    """
+    from alphafold.common import protein
+
+    from parafold.fold import mmcif as fast_mmcif
+
+    started = time.perf_counter()
+    source_dir, twin_dir = Path(source_dir), Path(twin_dir)
+    done = source_dir / DONE_FILE
+    try:
+        ranking = json.loads(done.read_text(encoding="utf-8"))
+        order = [str(n) for n in ranking["order"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OutputError(f"{twin_name}: cannot copy the prediction of {source_dir.name}: "
+                          f"no readable {DONE_FILE} ({exc})") from exc
+    files = sorted(p.name for p in source_dir.iterdir()
+                   if p.is_file() and is_prediction_file(p.name))
+    last = [n for n in _LAST_BEFORE_DONE if n in files]
+    written: set[str] = set()
+    for name in [n for n in files if n not in last] + last:
+        if name.startswith("ranked_") and name.endswith(".cif"):
+            continue  # written below for the twin's name
+        atomic_copy(source_dir / name, twin_dir / name)
+        written.add(name)
+    for index in range(len(order)):
+        pdb_name, cif_name = f"ranked_{index}.pdb", _RANKED_CIF.format(index)
+        if pdb_name not in written or cif_name not in files:
+            continue
+        try:
+            prot = protein.from_pdb_string((source_dir / pdb_name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{twin_name}: cannot read {source_dir.name}/{pdb_name}: "
+                              f"{exc}") from exc
+        atomic_write_text(twin_dir / cif_name,
+                          fast_mmcif.to_mmcif(prot, file_id=twin_name, model_type="Monomer"))
+        written.add(cif_name)
+    remove_stale(twin_dir, written)
+    seconds = time.perf_counter() - started
+    merge_timings(twin_dir / "timings.json", {"copy_prediction": round(seconds, 3)})
+    atomic_copy(done, twin_dir / DONE_FILE)
+    best = order[0] if order else None
+    mean_plddt, ptm = _best_scores(twin_dir, best, ranking)
+    log.info("%s: same features as %s; its prediction copied (%d files, %.2f s)", twin_name,
+             source_dir.name, len(written) + 1, seconds)
+    return CopiedPrediction(twin_name, source_dir.name, tuple(order), mean_plddt, ptm,
+                            time.perf_counter() - started)
+
+
+def _best_scores(folder: Path, best: str | None, ranking: dict[str, object]
+                 ) -> tuple[float | None, float | None]:
+    """The best prediction's mean pLDDT and pTM, for the ledger (what a prediction reports)."""
+    if best is None:
+        return None, None
+    plddts = ranking.get("plddts")
+    mean_plddt = plddts.get(best) if isinstance(plddts, dict) else None
+    ptm = None
+    try:
+        scores = json.loads((folder / f"scores_{best}.json").read_text(encoding="utf-8"))
+        ptm = scores.get("ptm") if isinstance(scores, dict) else None
+    except (OSError, ValueError):
+        pass
+    return (float(mean_plddt) if isinstance(mean_plddt, int | float) else None,
+            float(ptm) if isinstance(ptm, int | float) else None)
+
+
+def second_sources(plan: TwinPlan, outcomes: Mapping[str, FoldOutcome]
+                   ) -> tuple[TwinPlan, TwinPlan]:
+    """After the sources ran: (the twins whose source did, `plan` less the others) and a plan
+    for the others, whose source failed for a reason of its own: the first twin of each is
+    predicted itself (a damaged feature file fails only its own target), the rest copy it.
+    Twins of a source stopped by a full disk or a drain wait for the rerun with it."""
+    kept: dict[str, list[FeatureSet]] = {}
+    fold: list[FeatureSet] = []
+    again: dict[str, list[FeatureSet]] = {}
+    for source, twins in plan.twins.items():
+        done = outcomes[source]
+        if done.ok or done.stopped_early:
+            kept[source] = twins
+            continue
+        first, *rest = twins
+        fold.append(first)
+        if rest:
+            again[first.name] = rest
+    return TwinPlan(plan.fold, kept), TwinPlan(fold, again)
+
+
+def copy_twins(plan: TwinPlan, outcomes: Mapping[str, FoldOutcome], out_root: Path, *,
+               threads: int = 4) -> dict[str, FoldOutcome]:
+    """Each twin's outcome after its source's (`outcomes`): its copy, or its source's failure
+    (a full disk or a drain that stopped the source stops its twins too)."""
+    out_root = Path(out_root)
+    results: dict[str, FoldOutcome] = {}
+    with cf.ThreadPoolExecutor(max(1, threads), thread_name_prefix="twin-copy") as pool:
+        copying: dict[cf.Future[CopiedPrediction], tuple[FeatureSet, str]] = {}
+        for source, twins in plan.twins.items():
+            done = outcomes[source]
+            for fs in twins:
+                if done.ok:
+                    copying[pool.submit(copy_prediction, out_root / source, out_root / fs.name,
+                                        fs.name)] = (fs, source)
+                    continue
+                results[fs.name] = FoldOutcome(
+                    name=fs.name, ok=False, length=fs.length, output_dir=out_root / fs.name,
+                    error=f"{fs.name}: same features as {source}, which failed: {done.error}",
+                    stopped_early=done.stopped_early)
+        for future, (fs, source) in copying.items():
+            try:
+                copied = future.result()
+            except (PipelineError, OSError) as exc:
+                log.error("%s: copying the prediction of %s failed: %s", fs.name, source, exc)
+                results[fs.name] = FoldOutcome(
+                    name=fs.name, ok=False, length=fs.length, output_dir=out_root / fs.name,
+                    error=f"{fs.name}: copying the prediction of {source} failed: {exc}",
+                    stopped_early=is_storage_full(exc))
+                continue
+            results[fs.name] = FoldOutcome(
+                name=fs.name, ok=True, timings={"copy_prediction": round(copied.seconds, 3)},
+                mean_plddt=copied.mean_plddt, ptm=copied.ptm, ranked_model_names=copied.order,
+                length=fs.length, output_dir=out_root / fs.name, copied_from=source)
+    return results

@@ -1,0 +1,233 @@
+"""Targets with identical features are predicted once (`parafold.fold.twins`).
+
+A copy must be exactly what predicting the twin writes (checked byte for byte against
+`write_target_outputs` run for the twin's name on the same predictions), and `predict` must
+predict each set of twins once with the real tiny model, copy the rest, resume, and predict a
+twin itself when its source fails for a reason of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from alphafold.common import protein  # noqa: E402
+from alphafold.common import residue_constants as rc  # noqa: E402
+
+from parafold.featureset import FeatureSet, write_feature_set  # noqa: E402
+from parafold.fold import mmcif  # noqa: E402
+from parafold.fold.outputs import DONE_FILE, Prediction, write_target_outputs  # noqa: E402
+from parafold.fold.settings import ModelSettings  # noqa: E402
+from parafold.fold.twins import copy_prediction, plan_twins  # noqa: E402
+from parafold.relax import RELAX_METRICS_FILE, relax_pending  # noqa: E402
+
+# Coordinates and pLDDTs whose text is at a rounding edge: the twin's mmCIF is written from
+# the ranked PDB (three decimals) and must still equal the one written from the prediction.
+EDGE_XYZ = (-0.0, -0.0004, 0.0005, 9.9996, -99.9995, 999.9996)
+EDGE_PLDDT = (0.0, 9.999, 99.995, 12.345, 0.005, 100.0)
+
+
+def _predictions(n: int, seed: int) -> list[Prediction]:
+    rng = np.random.default_rng(seed)
+    aatype = rng.integers(0, 20, n)
+    preds = []
+    for i in range(2):
+        positions = (rng.normal(size=(n, 37, 3)) * 30).astype(np.float32)
+        positions.reshape(-1)[rng.integers(0, n * 37 * 3, 6 * len(EDGE_XYZ))] = np.repeat(
+            EDGE_XYZ, 6)
+        plddt = rng.uniform(20, 95, n)
+        plddt[rng.integers(0, n, len(EDGE_PLDDT))] = EDGE_PLDDT
+        result = {"plddt": plddt, "ptm": np.float32(rng.uniform()),
+                  "predicted_aligned_error": rng.uniform(0, 30, (n, n)),
+                  "max_predicted_aligned_error": np.float32(31.75),
+                  "num_recycles": np.int32(3),
+                  "structure_module": {"final_atom_positions": positions,
+                                       "final_atom_mask": rc.STANDARD_ATOM_MASK[aatype]
+                                       .astype(np.float32)}}
+        preds.append(Prediction(name=f"model_{i + 1}_ptm", model_name=f"model_{i + 1}_ptm",
+                                seed=i, result=result, aatype=aatype,
+                                residue_index=np.arange(n), timings={}))
+    return preds
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file of a target folder but the timings (the twin keeps its own)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir()
+            if p.is_file() and p.name != "timings.json"}
+
+
+def test_a_copy_is_what_predicting_the_twin_writes(tmp_path):
+    preds = _predictions(41, seed=5)
+    write_target_outputs(tmp_path / "src", "src", preds, {"predict_model_1_ptm": 2.0},
+                         save_raw=True)
+    write_target_outputs(tmp_path / "expected", "twin", preds, {}, save_raw=True)
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "timings.json").write_text(json.dumps({"features": 1.5}))
+    (twin / "unrelaxed_model_9_ptm.pdb").write_text("stale\n")  # an earlier prediction's
+    (twin / "ranked_4.pdb").write_text("stale\n")
+    (twin / "features.json").write_text("{}\n")  # its own files stay
+
+    copied = copy_prediction(tmp_path / "src", twin, "twin")
+
+    expected = _files(tmp_path / "expected")
+    got = _files(twin)
+    assert got.pop("features.json") == b"{}\n"
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert got[name] == expected[name], name
+    assert b"TWIN" in got["ranked_0.cif"] and b"SRC" not in got["ranked_0.cif"]
+    timings = json.loads((twin / "timings.json").read_text())
+    assert timings["features"] == 1.5 and "copy_prediction" in timings
+    assert "predict_model_1_ptm" not in timings  # the source's GPU time is not the twin's
+    ranking = json.loads((twin / DONE_FILE).read_text())
+    assert copied.order == tuple(ranking["order"]) and copied.source == "src"
+    best = max(preds, key=lambda p: p.mean_plddt)
+    assert copied.mean_plddt == pytest.approx(best.mean_plddt)
+    assert copied.ptm == pytest.approx(float(best.result["ptm"]), abs=1e-4)
+
+
+def test_a_copy_carries_the_relaxation(tmp_path):
+    """Relaxed files and their marker come along; the twin's relaxed mmCIF names the twin."""
+    preds = _predictions(12, seed=6)
+    src = tmp_path / "src"
+    order = write_target_outputs(src, "src", preds, {}, save_raw=False)
+    # What a relaxation of the best model leaves (the relaxed text here is the unrelaxed one
+    # with hydrogens added by hand: the copy only moves it, it does not read it as physics).
+    pdb = (src / f"unrelaxed_{order[0]}.pdb").read_text()
+    first = next(line for line in pdb.splitlines() if line.startswith("ATOM"))
+    hydrogen = first[:12] + " H  " + first[16:76] + " H  "
+    relaxed = pdb.replace(first, first + "\n" + hydrogen.replace("    1 ", "    2 ", 1), 1)
+    (src / f"relaxed_{order[0]}.pdb").write_text(relaxed)
+    (src / "ranked_0.pdb").write_text(relaxed)
+    (src / "ranked_0.cif").write_text(mmcif.to_mmcif(protein.from_pdb_string(relaxed),
+                                                     file_id="src"))
+    (src / RELAX_METRICS_FILE).write_text(json.dumps({order[0]: {"attempts": 1}}))
+    assert not relax_pending(src, "best")
+
+    copy_prediction(src, tmp_path / "twin", "twin")
+
+    twin = tmp_path / "twin"
+    assert not relax_pending(twin, "best")
+    assert (twin / f"relaxed_{order[0]}.pdb").read_text() == relaxed
+    assert (twin / "ranked_0.pdb").read_text() == relaxed
+    assert (twin / "ranked_0.cif").read_text() == mmcif.to_mmcif(
+        protein.from_pdb_string(relaxed), file_id="twin")
+
+
+def test_a_source_without_a_prediction_is_an_error_naming_both(tmp_path):
+    from parafold.errors import OutputError
+
+    (tmp_path / "src").mkdir()
+    with pytest.raises(OutputError, match=r"twin: cannot copy the prediction of src"):
+        copy_prediction(tmp_path / "src", tmp_path / "twin", "twin")
+    assert not (tmp_path / "twin" / DONE_FILE).exists()
+
+
+def _set(name: str, sequence: str, key: str, **kw) -> FeatureSet:
+    return FeatureSet(name=name, target_id=name, sequence=sequence, path=Path(name),
+                      msa_depth=3, num_templates=0, key=key, **kw)
+
+
+def test_twins_are_planned_by_key_and_sequence(tmp_path):
+    a, a2, a3 = _set("a", "MKV", "k1"), _set("a2", "MKV", "k1"), _set("a3", "MKV", "k1")
+    other_db = _set("b", "MKV", "k2")  # the same sequence searched elsewhere: not a twin
+    keyless = [_set("p", "MKV", ""), _set("p2", "MKV", "")]  # foreign pickles
+    pickled = _set("q", "MKV", "k1", from_pickle=True)
+    plan = plan_twins([a, a2, other_db, a3, *keyless, pickled], tmp_path)
+    assert [fs.name for fs in plan.fold] == ["a", "b", "p", "p2", "q"]
+    assert {s: [t.name for t in ts] for s, ts in plan.twins.items()} == {"a": ["a2", "a3"]}
+    # a twin predicted before is the source (nothing to predict), and is never copied to
+    (tmp_path / "a3").mkdir()
+    (tmp_path / "a3" / DONE_FILE).write_text("{}")
+    plan = plan_twins([a, a2, a3], tmp_path)
+    assert [fs.name for fs in plan.fold] == ["a3"]
+    assert {s: [t.name for t in ts] for s, ts in plan.twins.items()} == {"a3": ["a", "a2"]}
+
+
+SETTINGS = ModelSettings(config_size="tiny", models=(1,), num_recycle=0, float32=True,
+                         compile_ahead=0)
+
+
+@pytest.fixture
+def twin_sets(tmp_path):
+    from parafold.fold.synthetic import make_features, random_sequence
+
+    rng = np.random.default_rng(11)
+    seq_a, seq_b = random_sequence(24, rng), random_sequence(21, rng)
+    feats_a = make_features(seq_a, 9, seed=1)
+    root = tmp_path / "features"
+    sets = [write_feature_set(root / name, name=name, target_id=name, features=feats, key=key)
+            for name, feats, key in (("a", feats_a, "ka"), ("b", make_features(seq_b, 9, seed=2),
+                                                             "kb"),
+                                     ("a_again", feats_a, "ka"), ("a_third", feats_a, "ka"))]
+    return sets
+
+
+def test_predict_predicts_twins_once_and_copies_the_rest(twin_sets, tiny_params, tmp_path):
+    from parafold.engine.devices import predict_on
+
+    out = tmp_path / "out"
+    result = predict_on((), twin_sets, out, params_dir=tiny_params, settings=SETTINGS)
+    by_name = {o.name: o for o in result.outcomes}
+    assert [o.name for o in result.outcomes] == ["a", "b", "a_again", "a_third"]
+    assert all(o.ok for o in result.outcomes), [o.error for o in result.outcomes]
+    assert by_name["a_again"].copied_from == "a" and by_name["a_third"].copied_from == "a"
+    assert by_name["a"].copied_from is None
+    assert result.stats["this process"]["predictions"] == 2  # a and b; not the copies
+    for twin in ("a_again", "a_third"):
+        got, source = _files(out / twin), _files(out / "a")
+        assert sorted(got) == sorted(source)
+        for name in source:
+            if not name.endswith(".cif"):
+                assert got[name] == source[name], name
+        assert by_name[twin].mean_plddt == pytest.approx(by_name["a"].mean_plddt, abs=1e-3)
+
+    # resume: nothing left; a copy lost (its done marker deleted) is copied again, not predicted
+    (out / "a_third" / DONE_FILE).unlink()
+    again = predict_on((), twin_sets, out, params_dir=tiny_params, settings=SETTINGS)
+    by_name = {o.name: o for o in again.outcomes}
+    assert by_name["a"].skipped and by_name["b"].skipped and by_name["a_again"].skipped
+    assert by_name["a_third"].ok and by_name["a_third"].copied_from in ("a", "a_again")
+    assert again.stats["this process"]["predictions"] == 0
+
+
+def test_a_twin_whose_source_failed_is_predicted_itself(twin_sets, tiny_params, tmp_path):
+    """A damaged feature file fails only its own target: the twins do not inherit it."""
+    from parafold.engine.devices import predict_on
+
+    (twin_sets[0].path / "features.npz").write_bytes(b"not an npz")
+    out = tmp_path / "out"
+    result = predict_on((), twin_sets, out, params_dir=tiny_params, settings=SETTINGS)
+    by_name = {o.name: o for o in result.outcomes}
+    assert not by_name["a"].ok and "a" in by_name["a"].error
+    assert by_name["a_again"].ok and by_name["a_again"].copied_from is None
+    assert by_name["a_third"].ok and by_name["a_third"].copied_from == "a_again"
+    assert result.stats["this process (second pass)"]["predictions"] == 1
+    assert not (out / "a" / DONE_FILE).exists()
+
+
+def test_predict_cli_says_which_targets_were_copied(twin_sets, tiny_params, tmp_path):
+    from typer.testing import CliRunner
+
+    from parafold.cli import app
+
+    res = CliRunner().invoke(app, [
+        "predict", str(twin_sets[0].path.parent), "-o", str(tmp_path / "out"),
+        "--params-dir", str(tiny_params), "--models", "1", "--num-recycle", "0",
+        "--float32", "--config", "tiny", "--no-compile-cache"])
+    assert res.exit_code == 0, res.output
+    assert "a_again\t24\tok (same features as a: its prediction copied)" in res.output
+    assert "4/4 targets ok" in res.output
+    lines = (tmp_path / "out" / "results.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = {r[0]: dict(zip(header, r, strict=True)) for r in (ln.split("\t") for ln in lines[1:])}
+    assert sorted(rows) == ["a", "a_again", "a_third", "b"]
+    assert rows["a_again"]["plddt"] == rows["a"]["plddt"] != ""
+    assert rows["a_again"]["ranked_pdb"] == "a_again/ranked_0.pdb"
