@@ -7,7 +7,9 @@ For each length, one synthetic monomer_ptm prediction (random coordinates, Alpha
 atoms for a random sequence, pLDDT, PAE): milliseconds per target (median of the repeats) for
 `write_target_outputs` with parafold's mmCIF writer and with AlphaFold's, and for the two
 writers alone (`parafold.fold.mmcif.to_mmcif`, `alphafold.common.protein.to_mmcif`), with the
-speedups. Each writer's text is checked to be identical before timing.
+speedups, and for giving a twin (a target with the same features) a copy of the files
+(`parafold.fold.twins.copy_prediction`, what it costs instead of a prediction). Each writer's
+text is checked to be identical before timing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from alphafold.common import residue_constants as rc
 
 from parafold.fold import mmcif
 from parafold.fold.outputs import Prediction, _protein, write_target_outputs
+from parafold.fold.twins import copy_prediction
 
 
 def synthetic_prediction(length: int, seed: int = 0) -> Prediction:
@@ -67,7 +70,8 @@ def main() -> None:
         return protein.to_mmcif(prot, file_id=file_id, model_type=model_type)
 
     print(f"{'length':>6} {'atoms':>6} | {'outputs, AF cif':>15} {'outputs, ours':>13} "
-          f"{'speedup':>7} | {'AF to_mmcif':>11} {'ours':>6} {'speedup':>7}   (ms per target)")
+          f"{'speedup':>7} | {'AF to_mmcif':>11} {'ours':>6} {'speedup':>7} | "
+          f"{'copy to twin':>12}   (ms per target)")
     with tempfile.TemporaryDirectory() as tmp:
         for length in (int(x) for x in args.lengths.split(",")):
             pred = synthetic_prediction(length)
@@ -88,10 +92,12 @@ def main() -> None:
                                args.repeats)
             cif_ours = median_ms(lambda prot=prot: fast_writer(prot, file_id="T1000"),
                                  args.repeats)
+            copy = median_ms(lambda folder=folder: copy_prediction(
+                folder, folder.with_name(folder.name + "_twin"), "T1001"), args.repeats)
             atoms = int((prot.atom_mask >= 0.5).sum())
             print(f"{length:>6} {atoms:>6} | {outputs_af:>15.1f} {outputs_ours:>13.1f} "
                   f"{outputs_af / outputs_ours:>6.1f}x | {cif_af:>11.1f} {cif_ours:>6.2f} "
-                  f"{cif_af / cif_ours:>6.1f}x")
+                  f"{cif_af / cif_ours:>6.1f}x | {copy:>12.1f}")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def test_predict_gives_same_named_folders_of_two_roots_their_own_output(tmp_path
         def fold(self, sets, out):
             handed.extend((fs.name, fs.path.parent.name) for fs in sets)
             return [SimpleNamespace(name=fs.name, length=fs.length, ok=True, skipped=False,
-                                    error=None) for fs in sets]
+                                    error=None, copied_from=None) for fs in sets]
 
     monkeypatch.setattr(worker, "FoldWorker", StubWorker)
     for root, seq in (("rootA", "MKTAYIAKQR"), ("rootB", "MKTAYIAKQRQISF")):

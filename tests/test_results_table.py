@@ -198,7 +198,7 @@ def test_predict_writes_results_tsv_with_its_failures(tmp_path: Path,
                     _predicted(Path(out) / fs.name, "ignored", fs.sequence, relax_best=False)
                     (Path(out) / fs.name / "features.json").unlink()  # predict's OUT has none
                 outcomes.append(SimpleNamespace(name=fs.name, length=fs.length, ok=ok,
-                                                skipped=False,
+                                                skipped=False, copied_from=None,
                                                 error=None if ok else "OOM:\tshape\n(512, 512)"))
             return outcomes
 

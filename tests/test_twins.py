@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
@@ -22,9 +24,15 @@ from alphafold.common import residue_constants as rc  # noqa: E402
 
 from parafold.featureset import FeatureSet, write_feature_set  # noqa: E402
 from parafold.fold import mmcif  # noqa: E402
-from parafold.fold.outputs import DONE_FILE, Prediction, write_target_outputs  # noqa: E402
+from parafold.fold.outputs import (  # noqa: E402
+    DONE_FILE,
+    Prediction,
+    is_prediction_file,
+    write_target_outputs,
+)
 from parafold.fold.settings import ModelSettings  # noqa: E402
 from parafold.fold.twins import copy_prediction, plan_twins  # noqa: E402
+from parafold.ledger import State  # noqa: E402
 from parafold.relax import RELAX_METRICS_FILE, relax_pending  # noqa: E402
 
 # Coordinates and pLDDTs whose text is at a rounding edge: the twin's mmCIF is written from
@@ -231,3 +239,110 @@ def test_predict_cli_says_which_targets_were_copied(twin_sets, tiny_params, tmp_
     assert sorted(rows) == ["a", "a_again", "a_third", "b"]
     assert rows["a_again"]["plddt"] == rows["a"]["plddt"] != ""
     assert rows["a_again"]["ranked_pdb"] == "a_again/ranked_0.pdb"
+
+
+def test_run_predicts_twins_once_and_a_rerun_copies_a_lost_copy(tiny_params, tmp_path,
+                                                                   monkeypatch):
+    """`parafold run` (single-sequence mode, the real tiny model): a FASTA repeating one
+    sequence under three ids predicts it once; the ledger says where each copy came from."""
+    from parafold.fold.synthetic import random_sequence
+    from parafold.ledger import Ledger
+    from parafold.pipeline import RunSettings, run_pipeline
+    from parafold.search.settings import SearchSettings
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    rng = np.random.default_rng(3)
+    seq_a, seq_b = random_sequence(26, rng), random_sequence(23, rng)
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(f">a\n{seq_a}\n>b\n{seq_b}\n>a2 same as a\n{seq_a}\n>a3\n{seq_a.lower()}\n")
+    out = tmp_path / "out"
+    settings = RunSettings(input=fasta, out=out, params_dir=tiny_params,
+                           search=SearchSettings(msa_mode="single_sequence"),
+                           model=replace(SETTINGS, compile_cache_dir=None), cpus=2,
+                           cpus_per_search=1, max_wait_s=1.0, progress=False, plots=False)
+
+    summary = run_pipeline(settings)
+
+    assert summary.exit_code == 0, summary.lines()
+    assert (summary.done, summary.predicted, summary.copied) == (4, 2, 2), summary.lines()
+    assert "2 predicted, 2 copied from identical targets" in summary.lines()[0]
+    with Ledger(out, readonly=True) as ledger:
+        assert sorted(e.target for e in ledger.events("predict")) == ["a", "b"]
+        for twin in ("a2", "a3"):
+            rec = ledger.get(twin)
+            assert rec.state is State.DONE
+            assert rec.timings["predict"]["copied_from"] == "a"
+            assert rec.timings["predict"]["mean_plddt"] == pytest.approx(
+                ledger.get("a").timings["predict"]["mean_plddt"], abs=1e-3)
+    for twin in ("a2", "a3"):
+        got, source = _files(out / twin), _files(out / "a")
+        copied = [n for n in source if is_prediction_file(n) and not n.endswith(".cif")]
+        assert "ranked_0.pdb" in copied and "pae_model_1_ptm.json" in copied
+        for name in copied:
+            assert got[name] == source[name], (twin, name)
+
+    (out / "a3" / DONE_FILE).unlink()  # a copy lost: the rerun copies it from the done source
+    again = run_pipeline(settings)
+    assert again.exit_code == 0, again.lines()
+    assert (again.predicted, again.copied) == (0, 1), again.lines()
+    assert (out / "a3" / DONE_FILE).is_file()
+
+
+def test_the_scheduler_retries_a_failed_source_with_one_twin_then_fails_the_rest(tmp_path):
+    """The first twin of a failed source is predicted itself; when it fails too, the others
+    fail with its reason. A twin arriving after its source is done is copied at once."""
+    from types import SimpleNamespace
+
+    from parafold.engine.inline import InlineExecutor
+    from parafold.engine.jobs import FoldBatchResult
+    from parafold.engine.scheduler import Scheduler
+    from parafold.inputs import Target
+    from parafold.ledger import Ledger
+    from parafold.pipeline import RunSettings
+    from test_pipeline_multi_gpu import _FakeFoldWorker
+
+    def finish(oks: dict[str, bool]) -> object:
+        """Complete the newest batch: each target ok or failed with a reason naming it."""
+        now = time.time()
+        future = gpu0.batches[-1][1]
+        future.set_result(FoldBatchResult(
+            tuple(SimpleNamespace(name=n, ok=ok, timings={}, error=None if ok else f"{n}: broken")
+                  for n, ok in oks.items()), "gpu0@test:1", now - 1, now))
+        return future
+
+    sets = {n: _set(n, "MKVLA" if n.startswith("a") else "MKVLW", "k" + n[0])
+            for n in ("a", "a2", "a3", "b", "b2")}
+    sets = {n: replace(fs, path=tmp_path / "features" / n) for n, fs in sets.items()}
+    settings = RunSettings(input=tmp_path / "in.fasta", out=tmp_path / "out",
+                           params_dir=tmp_path, search=None, model=SETTINGS, max_batch=4,
+                           max_wait_s=0.0, plots=False)
+    gpu0 = _FakeFoldWorker("gpu0")
+    with Ledger(tmp_path / "out") as ledger:
+        ledger.register([Target(n, n, fs.sequence) for n, fs in sets.items()])
+        for n in sets:
+            ledger.reconcile(n, State.FEATURES_READY)
+        sched = Scheduler(settings, ledger, 1, InlineExecutor(), None, [],
+                          [sets["a"], sets["a2"], sets["a3"], sets["b"]], total=5,
+                          done_before=0)
+        sched.idle = [gpu0]
+        assert sorted(sched.ready) == ["a", "b"]  # a2, a3 wait for a
+
+        sched._dispatch_folds()
+        assert sorted(gpu0.batches[-1][0]) == ["a", "b"]
+        sched._fold_finished(finish({"a": False, "b": True}))
+        assert list(sched.ready) == ["a2"] and sched._parked == {"a2": [sets["a3"]]}
+        # b is done: a twin arriving now is copied at once (inline here); b has no files in
+        # this test, so the copy fails and b2 is predicted itself
+        sched._admit(sets["b2"], time.time())
+        assert list(sched.copying.values()) == [(sets["b2"], "b")] and "b2" not in sched.ready
+        sched._copy_finished(next(iter(sched.copying)))
+        assert "b2" in sched.ready and not sched.copying
+
+        sched._dispatch_folds()
+        assert sorted(gpu0.batches[-1][0]) == ["a2", "b2"]
+        sched._fold_finished(finish({"a2": False, "b2": True}))
+        rec = ledger.get("a3")
+        assert rec.state is State.FAILED
+        assert rec.error == "same features as a2, which failed: a2: broken"
+        assert not sched.ready and not sched._parked and not sched._work_left()
+        assert (sched.failed, sched.copied) == (3, 0)

@@ -33,6 +33,7 @@ from parafold.errors import (
     storage_full_advice,
 )
 from parafold.featureset import MANIFEST_FILE, FeatureSet, read_feature_set
+from parafold.fold.twins import twin_key
 from parafold.inputs import InputProblem, Target, read_targets
 from parafold.ledger import LEDGER_FILE, LOCK_FILE, Ledger, RunLock, State
 from parafold.lifecycle import (  # the ledger records these
@@ -133,6 +134,7 @@ class RunSummary:
     predicted: int
     compiles: int | None
     engine: str
+    copied: int = 0  # targets given a copy of an identical target's prediction
     report: Path | None = None
     stopped: str | None = None  # why the run stopped early: a disk full, a drain, ...
     stop_advice: str = ""  # and what to do before the rerun
@@ -151,8 +153,9 @@ class RunSummary:
     def lines(self) -> list[str]:
         rate = f", {self.proteins_per_hour:.0f} proteins/hour" if self.predicted else ""
         compiles = f", {self.compiles} compiles" if self.compiles is not None else ""
+        copied = (f", {self.copied} copied from identical targets" if self.copied else "")
         out = [f"{self.done}/{self.targets} targets done in {self.out} "
-               f"({self.searched} searched and {self.predicted} predicted in this run, "
+               f"({self.searched} searched and {self.predicted} predicted{copied} in this run, "
                f"{self.wall_s:.1f} s{rate}{compiles})"]
         if self.failures:
             out.append(f"{len(self.failures)} failed:")
@@ -273,6 +276,7 @@ class _Plan:
     ready: list[FeatureSet] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    done_sources: dict[str, str] = field(default_factory=dict)  # twin key -> a done target
 
 
 def _fail_at_start(ledger: Ledger, name: str, state: State, error: str) -> None:
@@ -306,6 +310,9 @@ def _reconcile(ledger: Ledger, targets: Sequence[Target], settings: RunSettings,
             if state is not State.DONE:
                 ledger.reconcile(t.name, State.DONE)
             plan.done.append(t.name)
+            twin = twin_key(fs)
+            if twin is not None:
+                plan.done_sources.setdefault(twin, t.name)
         elif fs is not None:  # to predict, or predicted and to relax (the worker sees which)
             if state is not State.FEATURES_READY:
                 ledger.reconcile(t.name, State.FEATURES_READY)
@@ -389,7 +396,7 @@ def _run(settings: RunSettings, ledger: Ledger, run_id: int, started: float,
         logger.info("%s", executor.describe())
         sched = Scheduler(settings, ledger, run_id, executor, databases, plan.to_search,
                           plan.ready, total=len(targets), done_before=len(plan.done),
-                          failed_before=len(plan.failed))
+                          failed_before=len(plan.failed), done_sources=plan.done_sources)
         sched.run()
     summary = _summary(settings, ledger, targets, problems, started, sched)
     _write_run_timings(settings.out, summary)
@@ -424,14 +431,15 @@ def _summary(settings: RunSettings, ledger: Ledger, targets: Sequence[Target],
         done=sum(1 for r in records if r.state is State.DONE), failures=failures,
         input_problems=tuple(problems), wall_s=time.time() - started,
         searched=sched.searched, predicted=sched.predicted, compiles=sched.compiles(),
-        engine=settings.engine, stopped=sched.stopped, stop_advice=sched.stop_advice)
+        engine=settings.engine, copied=sched.copied, stopped=sched.stopped, stop_advice=sched.stop_advice)
 
 
 def _write_run_timings(out: Path, summary: RunSummary) -> None:
     try:
         atomic_write_json(out / "timings.json", {
             "wall_s": round(summary.wall_s, 3), "searched": summary.searched,
-            "predicted": summary.predicted, "compile_count": summary.compiles,
+            "predicted": summary.predicted, "copied": summary.copied,
+            "compile_count": summary.compiles,
             "proteins_per_hour": round(summary.proteins_per_hour, 1), "engine": summary.engine,
         })
     except OSError as exc:  # a summary of numbers the ledger keeps too; a full disk says so

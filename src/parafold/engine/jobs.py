@@ -23,7 +23,7 @@ from parafold.inputs import Target
 from parafold.lifecycle import die_with_parent, exit_interrupted, quiet_interrupt_when_idle
 
 __all__ = ["SearchOutcome", "FoldBatchResult", "FoldSlot", "search_job", "search_batch_job",
-           "plots_job", "describe_error", "worker_label"]
+           "copy_job", "plots_job", "describe_error", "worker_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,13 @@ def search_batch_job(targets: Sequence[Target], out_dir: Path, databases: Any, s
                           stopped_early=is_storage_full(r))
             if isinstance(r, BaseException) else SearchOutcome(t.name, r, "", worker, start, end)
             for t, r in zip(targets, results, strict=True)]
+
+
+def copy_job(source_dir: Path, twin_dir: Path, twin_name: str) -> Any:
+    """Give a twin the files of its source's prediction (`fold.twins.copy_prediction`)."""
+    from parafold.fold.twins import copy_prediction
+
+    return copy_prediction(source_dir, twin_dir, twin_name)
 
 
 def plots_job(target_dir: Path) -> int:

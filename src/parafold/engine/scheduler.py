@@ -9,6 +9,11 @@ searches are coming, preferring shapes it has compiled already (see `_choose_bat
 finished target's plots are drawn by a small CPU job, so the fold worker goes straight on to
 its next batch.
 
+Targets with identical features (`fold.twins`) are predicted once: a twin whose source is
+ready or being predicted waits for it, and then a small CPU job copies the source's files.
+When the source fails for a reason of its own, its first twin is predicted itself and the
+others wait for that one; when it fails too, they fail with it.
+
 A fold worker that cannot work (it fails to start, or fails batches in a row for reasons of
 its own) is taken out of rotation and its batch goes to another worker; with no worker left,
 what remains fails with the cause, so a run never waits for a worker that will not come.
@@ -22,7 +27,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +35,7 @@ from parafold.engine.base import Executor, FoldWorkerHandle, FoldWorkerSpec, Res
 from parafold.engine.jobs import (
     FoldBatchResult,
     SearchOutcome,
+    copy_job,
     describe_error,
     plots_job,
     search_batch_job,
@@ -43,6 +49,7 @@ from parafold.errors import (
     storage_full_advice,
 )
 from parafold.featureset import FeatureSet
+from parafold.fold.twins import twin_key
 from parafold.inputs import Target
 from parafold.ledger import Ledger, State
 from parafold.lifecycle import DRAIN_ADVICE, drain_requested
@@ -74,7 +81,9 @@ class Scheduler:
 
     def __init__(self, settings: RunSettings, ledger: Ledger, run_id: int, executor: Executor,
                  databases: Any, to_search: Sequence[Target], ready: Sequence[FeatureSet], *,
-                 total: int, done_before: int, failed_before: int = 0) -> None:
+                 total: int, done_before: int, failed_before: int = 0,
+                 done_sources: Mapping[str, str] | None = None) -> None:
+        """`done_sources`: twin key -> a target with that key predicted before this run."""
         self.settings = settings
         self.ledger = ledger
         self.run_id = run_id
@@ -82,12 +91,17 @@ class Scheduler:
         self.databases = databases
         self.pending: deque[Target] = deque(to_search)
         self.searching: dict[cf.Future[Any], tuple[Target, ...]] = {}
-        self.ready: dict[str, tuple[FeatureSet, float]] = {fs.name: (fs, time.time())
-                                                          for fs in ready}
+        self.ready: dict[str, tuple[FeatureSet, float]] = {}
         # future -> (worker, batch, batch number, when its oldest member became ready)
         self.folding: dict[cf.Future[Any],
                            tuple[FoldWorkerHandle, list[FeatureSet], int, float]] = {}
         self.plotting: dict[cf.Future[Any], str] = {}
+        self.copying: dict[cf.Future[Any], tuple[FeatureSet, str]] = {}  # -> (twin, source)
+        self._sources: dict[str, str] = dict(done_sources or {})  # twin key -> source name
+        self._source_keys = {name: key for key, name in self._sources.items()}
+        self._done_sources: set[str] = set(self._sources.values())
+        self._parked: dict[str, list[FeatureSet]] = {}  # source name -> twins waiting for it
+        self._second_try: set[str] = set()  # twin keys whose first source failed
         self.idle: list[FoldWorkerHandle] = []
         self.retired: dict[str, str] = {}  # worker name -> why it is out of rotation
         self._warming: dict[cf.Future[Any], FoldWorkerHandle] = {}
@@ -100,6 +114,7 @@ class Scheduler:
         self.finished = done_before + failed_before
         self.searched = 0
         self.predicted = 0
+        self.copied = 0
         self.failed = failed_before
         self.search_failed = 0
         self.search_cpus = settings.search_cpus
@@ -111,6 +126,9 @@ class Scheduler:
         # queued or ready for a rerun; `stop_advice` says what to do first.
         self.stopped: str | None = None
         self.stop_advice = ""
+        now = time.time()
+        for fs in ready:
+            self._admit(fs, now)
 
     # --- the loop ---
 
@@ -119,7 +137,7 @@ class Scheduler:
         if model.helper_cores is None:  # the searches use the cores: a few feature helpers
             model = replace(model, helper_cores=RUN_HELPER_CORES)
         spec = FoldWorkerSpec(self.settings.params_dir, model)
-        if self.ready or self.pending:
+        if self.ready or self.pending or self._parked:
             self.idle = list(self.executor.start_fold_workers(spec))
             for worker in self.idle:  # imports and weights load while the first searches run
                 self._warming[worker.warm().future] = worker
@@ -135,7 +153,8 @@ class Scheduler:
                 self._submit_searches(slots)
                 self._dispatch_folds()
                 progress.update()
-                futures = [*self.searching, *self.folding, *self.plotting, *self._warming]
+                futures = [*self.searching, *self.folding, *self.plotting, *self.copying,
+                           *self._warming]
                 timeout = self._timeout()
                 if not futures:
                     time.sleep(timeout)
@@ -149,14 +168,16 @@ class Scheduler:
                         self._search_finished(future)
                     elif future in self.plotting:
                         self._plots_finished(future)
+                    elif future in self.copying:
+                        self._copy_finished(future)
                     else:
                         self._fold_finished(future)
 
     def _work_left(self) -> bool:
         if self.stopped is not None:  # only what is in flight
-            return bool(self.searching or self.folding or self.plotting)
+            return bool(self.searching or self.folding or self.plotting or self.copying)
         return bool(self.pending or self.searching or self.ready or self.folding
-                    or self.plotting)
+                    or self.plotting or self.copying)
 
     def _stop(self, reason: str, advice: str) -> None:
         """Start nothing more: a disk full or a quota spent would fail every target after;
@@ -252,7 +273,7 @@ class Scheduler:
             "tool_calls": fs.extra.get("tool_calls"), "reused": fs.extra.get("reused")})
         self.searched += 1
         self.featured += 1
-        self.ready[fs.name] = (fs, now)
+        self._admit(fs, now)
 
     # --- predictions ---
 
@@ -472,6 +493,7 @@ class Scheduler:
                 self.predicted += 1
             self.finished += 1
             self._submit_plots(fs.name)
+            self._source_done(fs.name)
 
     def _back_in_rotation(self, worker: FoldWorkerHandle) -> None:
         if worker.name not in self.retired:
@@ -562,7 +584,9 @@ class Scheduler:
     def _fail_without_workers(self) -> None:
         """No worker left: fail what is queued or ready (searches running finish, and their
         targets fail here next), rather than wait for a worker that will never come."""
-        names = [t.name for t in self.pending] + list(self.ready)
+        names = [t.name for t in self.pending] + list(self.ready) + [
+            fs.name for twins in self._parked.values() for fs in twins]
+        self._parked.clear()
         if not names:
             return
         reason = "no fold worker left: " + "; ".join(
@@ -605,6 +629,80 @@ class Scheduler:
                               start=start, end=end or time.time(), ok=False, batch=batch_no)
         self.failed += 1
         self.finished += 1
+        self._source_failed(name, reason)
+
+    # --- twins: identical features, predicted once ---
+
+    def _admit(self, fs: FeatureSet, since: float) -> None:
+        """Features ready: to the ready list, or, when a target with the same features (its
+        source) is ready, being predicted or done, to wait for a copy of its files."""
+        key = twin_key(fs)
+        source = self._sources.get(key) if key is not None else None
+        if key is None or source is None or source == fs.name:
+            if key is not None:
+                self._sources[key] = fs.name
+                self._source_keys[fs.name] = key
+            self.ready[fs.name] = (fs, since)
+        elif source in self._done_sources:
+            self._submit_copy(fs, source)
+        else:
+            self._parked.setdefault(source, []).append(fs)
+
+    def _submit_copy(self, fs: FeatureSet, source: str) -> None:
+        if self.stopped is not None:  # it stays features_ready for the rerun
+            return
+        out = self.settings.out
+        handle = self.executor.submit(copy_job, out / source, out / fs.name, fs.name,
+                                      resources=Resources(cpus=1))
+        self.copying[handle.future] = (fs, source)
+
+    def _source_done(self, name: str) -> None:
+        self._done_sources.add(name)
+        for fs in self._parked.pop(name, []):
+            self._submit_copy(fs, name)
+
+    def _source_failed(self, name: str, reason: str) -> None:
+        """A source's own failure is not its twins' (a damaged feature file, say): the first
+        is predicted itself and the rest wait for it; a second failure fails them all."""
+        key = self._source_keys.pop(name, None)
+        if key is None or self._sources.get(key) != name:
+            return
+        del self._sources[key]
+        twins = self._parked.pop(name, [])
+        if not twins:
+            return
+        if key in self._second_try:
+            for fs in twins:
+                why = f"same features as {name}, which failed: {reason}"
+                logger.warning("%s: %s", fs.name, why)
+                self.ledger.fail(fs.name, "predict", why)
+                self.failed += 1
+                self.finished += 1
+            return
+        self._second_try.add(key)
+        first, *rest = twins
+        logger.warning("%s: its twin %s failed; predicting it itself", first.name, name)
+        self._admit(first, time.time())
+        if rest:
+            self._parked[first.name] = rest
+
+    def _copy_finished(self, future: cf.Future[Any]) -> None:
+        fs, source = self.copying.pop(future)
+        try:
+            copied = future.result()
+        except Exception as exc:
+            if is_storage_full(exc):  # it stays features_ready for the rerun
+                self._stop(describe_error(exc), storage_full_advice(self.settings.out))
+                return
+            logger.warning("%s: copying the prediction of %s failed (%s); predicting it "
+                           "itself", fs.name, source, describe_error(exc))
+            self.ready[fs.name] = (fs, time.time())
+            return
+        self.ledger.done(fs.name, {"copied_from": source, "copy_s": round(copied.seconds, 3),
+                                   "mean_plddt": copied.mean_plddt, "ptm": copied.ptm})
+        self.copied += 1
+        self.finished += 1
+        self._submit_plots(fs.name)
 
     def _timeout(self) -> float:
         """Until the next thing to do: a group's wait running out, or a progress tick. (Waits
