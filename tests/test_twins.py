@@ -346,3 +346,28 @@ def test_the_scheduler_retries_a_failed_source_with_one_twin_then_fails_the_rest
         assert rec.error == "same features as a2, which failed: a2: broken"
         assert not sched.ready and not sched._parked and not sched._work_left()
         assert (sched.failed, sched.copied) == (3, 0)
+
+
+def test_predict_shards_keep_a_source_and_its_twins_together(twin_sets, tiny_params, tmp_path):
+    """Each task of a job array predicts its sources and copies their twins: no twin is
+    predicted by another task."""
+    from typer.testing import CliRunner
+
+    from parafold.cli import app
+
+    status: dict[str, str] = {}
+    for k in range(2):
+        res = CliRunner().invoke(app, [
+            "predict", str(twin_sets[0].path.parent), "-o", str(tmp_path / "out"),
+            "--params-dir", str(tiny_params), "--models", "1", "--num-recycle", "0",
+            "--float32", "--config", "tiny", "--no-compile-cache", "--shard", f"{k}/2"])
+        assert res.exit_code == 0, res.output
+        for line in res.output.splitlines():
+            name, _, state = (line.split("\t") + ["", ""])[:3]
+            if name in {fs.name for fs in twin_sets}:
+                assert name not in status, f"{name} in two shards"
+                status[name] = state
+    assert sorted(status) == ["a", "a_again", "a_third", "b"]
+    assert status["a"] == status["b"] == "ok"
+    assert status["a_again"] == status["a_third"] == (
+        "ok (same features as a: its prediction copied)")

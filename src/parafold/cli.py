@@ -361,6 +361,7 @@ def predict(
     from parafold.errors import PipelineError
     from parafold.featureset import collect_feature_sets
     from parafold.fold.costs import cut_by_cost
+    from parafold.fold.twins import plan_twins, with_twins
     from parafold.lifecycle import drain_on_sigusr1, exit_interrupted
     from parafold.shards import Shard
 
@@ -393,11 +394,12 @@ def predict(
             raise typer.Exit(2)
         if part is not None:
             every = sets
+            twins = plan_twins(every, out)  # a source and its twins go to one task
             sets, how = part.pinned(
                 out / ".parafold-shards" / f"predict-{part.count}.json", every,
                 name=lambda fs: fs.name,
-                cut=lambda: [run.sets for run in cut_by_cost(every, part.count, settings,
-                                                             "gpu" if devices else "cpu")])
+                cut=lambda: with_twins([run.sets for run in cut_by_cost(
+                    twins.fold, part.count, settings, "gpu" if devices else "cpu")], twins))
             typer.echo(how)
         result = predict_on(devices, sets, out, params_dir=params_dir, settings=settings,
                             trust_pickles=trust_pickles, pin=chosen is not None)

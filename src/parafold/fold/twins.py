@@ -39,7 +39,7 @@ from parafold.relax import RELAX_METRICS_FILE
 from parafold.store import atomic_copy, atomic_write_text
 
 __all__ = ["TwinPlan", "CopiedPrediction", "twin_key", "plan_twins", "copy_prediction",
-           "second_sources", "copy_twins"]
+           "second_sources", "copy_twins", "with_twins"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,13 @@ def plan_twins(feature_sets: Sequence[FeatureSet], out_root: Path) -> TwinPlan:
             twins[source.name] = rest
             copied.update(fs.name for fs in rest)
     return TwinPlan([fs for fs in feature_sets if fs.name not in copied], twins)
+
+
+def with_twins(parts: Sequence[Sequence[FeatureSet]], plan: TwinPlan) -> list[list[FeatureSet]]:
+    """Parts of `plan.fold` (a job array's shards), each with the twins of its sources: the
+    task that predicts a source copies its twins, and no other task predicts them again."""
+    return [[*part, *(twin for fs in part for twin in plan.twins.get(fs.name, ()))]
+            for part in parts]
 
 
 @dataclass(frozen=True, slots=True)
