@@ -38,13 +38,18 @@ def _ensure_params(params_dir: Path, model: object) -> None:
     write_random_params(params_dir, model)
 
 
-def _cut_queries(queries: Path, dest: Path) -> Path:
+def _demo_queries(queries: Path, dest: Path, length: int | None) -> Path:
+    """The demo's FASTA: the synthetic queries (cut to `length` residues on a CPU), and the
+    first one again under a second id, as proteomes repeat proteins: it is searched and
+    predicted once, and its files are copied (`fold.twins`)."""
     from parafold.inputs import read_targets
     from parafold.store import atomic_write_text
 
-    targets = read_targets(queries).targets
-    atomic_write_text(dest, "".join(f">{t.id}\n{t.sequence[:CPU_DEMO_LENGTH]}\n"
-                                    for t in targets))
+    records = [(t.id, t.sequence[:length] if length else t.sequence)
+               for t in read_targets(queries).targets]
+    first_id, first_sequence = records[0]
+    records.append((f"{first_id}_again the same protein under a second id", first_sequence))
+    atomic_write_text(dest, "".join(f">{rid}\n{seq}\n" for rid, seq in records))
     return dest
 
 
@@ -68,13 +73,15 @@ def prepare_demo(out: Path, *, families: int = 24, cpus: int = 0, gpus: str = "a
     model = ModelSettings(config_size=config, models=DEMO_MODELS,
                           num_recycle=DEMO_RECYCLES[config],
                           max_length_waste=0.15 if devices else 0.5)
-    queries = data.queries if devices else _cut_queries(data.queries, out / "demo_queries.fasta")
+    queries = _demo_queries(data.queries, out / "demo_queries.fasta",
+                            None if devices else CPU_DEMO_LENGTH)
     params_dir = out / "params"
     _ensure_params(params_dir, model)
     where = (f"GPU(s) {','.join(devices)}: the full AlphaFold2 architecture" if devices
              else f"no GPU: the tiny model config on the CPU, the first {CPU_DEMO_LENGTH} "
                   "residues of each protein")
-    note = (f"demo: {families} synthetic proteins, databases in {out / 'databases'}, random "
+    note = (f"demo: {families} synthetic proteins and one of them again under a second id, "
+            f"databases in {out / 'databases'}, random "
             f"weights in {params_dir} ({where}, model {DEMO_MODELS[0]}, "
             f"{model.num_recycle} recycling iteration(s))")
     settings = RunSettings(
