@@ -227,7 +227,7 @@ def test_run_sends_a_predicted_but_unrelaxed_target_to_the_fold_worker(tmp_path,
     """`run --models-to-relax` on a target a run without relaxation finished: not done, but
     ready (its features are there), so a fold worker relaxes it without predicting again."""
     import parafold.pipeline as pipeline
-    from parafold.featureset import MANIFEST_FILE
+    from parafold.featureset import MANIFEST_FILE, FeatureSet
     from parafold.inputs import Target
     from parafold.ledger import Ledger
     from parafold.pipeline import RunSettings
@@ -238,7 +238,9 @@ def test_run_sends_a_predicted_but_unrelaxed_target_to_the_fold_worker(tmp_path,
     (folder / MANIFEST_FILE).write_text(json.dumps({"sequence": target.sequence, "key": "k"}))
     (folder / "ranking_debug.json").write_text(json.dumps({"order": ["model_1_ptm"]}))
     monkeypatch.setattr(pipeline, "_expected_key", lambda *_: "k")
-    monkeypatch.setattr(pipeline, "_usable_features", lambda t, f, k: object())
+    features = FeatureSet(name="t", target_id="t", sequence=target.sequence, path=folder,
+                          msa_depth=1, num_templates=0, key="k")
+    monkeypatch.setattr(pipeline, "_usable_features", lambda t, f, k: features)
     for relax, expect_done in (("none", True), ("best", False)):
         settings = RunSettings(input=tmp_path / "in.fasta", out=tmp_path, params_dir=tmp_path,
                                search=None, model=ModelSettings(config_size="tiny", models=(1,),

@@ -371,3 +371,99 @@ def test_predict_shards_keep_a_source_and_its_twins_together(twin_sets, tiny_par
     assert status["a"] == status["b"] == "ok"
     assert status["a_again"] == status["a_third"] == (
         "ok (same features as a: its prediction copied)")
+
+
+# --- predictions made before, in another OUT (`fold.reuse`) ---
+
+
+def test_the_prediction_index_finds_only_a_folder_that_still_holds_the_prediction(tmp_path):
+    from parafold.fold.params import params_path
+    from parafold.fold.reuse import PredictionIndex
+
+    params = tmp_path / "params"
+    params_path(params, "model_1_ptm").parent.mkdir(parents=True)
+    params_path(params, "model_1_ptm").write_bytes(b"weights")
+    index = PredictionIndex.for_settings(tmp_path / "cache", SETTINGS, params)
+    fs = _set("a", "MKVLA", "ka")
+    folder = tmp_path / "out1" / "a"
+    write_target_outputs(folder, "a", _predictions(12, seed=1), {}, save_raw=False)
+    assert index.find(fs) is None  # nothing recorded yet
+    index.record(fs, folder)
+    assert index.find(fs) == folder.resolve()
+    assert index.find(replace(fs, name="b")) == folder.resolve()  # another target, same content
+    assert index.find(fs, not_in=folder) is None  # never a target's own folder
+    assert index.find(_set("a", "MKVLA", "other-search")) is None
+    assert index.find(_set("a", "MKVLA", "")) is None  # keyless: never reused
+    for changed in (replace(SETTINGS, num_recycle=5), replace(SETTINGS, models=(2,)),
+                    replace(SETTINGS, models_to_relax="best")):
+        assert PredictionIndex.for_settings(tmp_path / "cache", changed, params).find(fs) is None
+    os.utime(params_path(params, "model_1_ptm"), ns=(1, 1))  # the weights were replaced
+    assert PredictionIndex.for_settings(tmp_path / "cache", SETTINGS, params).find(fs) is None
+    # the folder predicted again (another prediction there): the entry no longer holds
+    write_target_outputs(folder, "a", _predictions(12, seed=2), {}, save_raw=False)
+    assert index.find(fs) is None
+    # a damaged entry is a miss; a cache that cannot be written is a warning, never an error
+    index.record(fs, folder)
+    next(index.root.rglob("*.json")).write_text("{not json")
+    assert index.find(fs) is None
+    unwritable = PredictionIndex(tmp_path / "out1" / "a" / DONE_FILE / "x", index.fingerprint)
+    unwritable.record(fs, folder)
+
+
+def test_predict_copies_what_another_out_predicted_with_the_same_settings(twin_sets, tiny_params,
+                                                                          tmp_path):
+    from parafold.engine.devices import predict_on
+
+    settings = replace(SETTINGS, prediction_cache_dir=tmp_path / "shared-cache")
+    first = predict_on((), twin_sets[:2], tmp_path / "out1", params_dir=tiny_params,
+                       settings=settings)
+    assert all(o.ok and o.copied_from is None for o in first.outcomes)
+
+    second = predict_on((), twin_sets, tmp_path / "out2", params_dir=tiny_params,
+                        settings=settings)
+    by_name = {o.name: o for o in second.outcomes}
+    assert all(o.ok for o in second.outcomes), [o.error for o in second.outcomes]
+    assert second.stats["this process"]["predictions"] == 0  # nothing on the device
+    for name, source in (("a", "a"), ("b", "b"), ("a_again", "a"), ("a_third", "a")):
+        assert by_name[name].copied_from == str((tmp_path / "out1" / source).resolve())
+        assert _files(tmp_path / "out2" / name)["ranked_0.pdb"] == \
+            _files(tmp_path / "out1" / source)["ranked_0.pdb"]
+
+    other = predict_on((), twin_sets[:1], tmp_path / "out3", params_dir=tiny_params,
+                       settings=replace(settings, num_recycle=1))  # other settings: predicted
+    assert other.outcomes[0].ok and other.outcomes[0].copied_from is None
+    assert other.stats["this process"]["predictions"] == 1
+
+
+def test_run_copies_what_an_earlier_run_predicted_into_another_out(tiny_params, tmp_path,
+                                                                   monkeypatch):
+    """Two samples, each with its own OUT and one shared --cache-dir: the second predicts only
+    the proteins the first did not have."""
+    from parafold.fold.synthetic import random_sequence
+    from parafold.ledger import Ledger
+    from parafold.pipeline import RunSettings, run_pipeline
+    from parafold.search.settings import SearchSettings
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    rng = np.random.default_rng(5)
+    shared, own1, own2 = (random_sequence(n, rng) for n in (25, 22, 27))
+    samples = {"s1": {"x1": shared, "y1": own1}, "s2": {"x2": shared, "z2": own2}}
+    summaries = {}
+    for sample, records in samples.items():
+        fasta = tmp_path / f"{sample}.fasta"
+        fasta.write_text("".join(f">{rid}\n{seq}\n" for rid, seq in records.items()))
+        settings = RunSettings(input=fasta, out=tmp_path / sample, params_dir=tiny_params,
+                               search=SearchSettings(msa_mode="single_sequence"),
+                               model=replace(SETTINGS, compile_cache_dir=None),
+                               cache_dir=tmp_path / "shared-cache", cpus=2, cpus_per_search=1,
+                               max_wait_s=1.0, progress=False, plots=False)
+        summaries[sample] = run_pipeline(settings)
+        assert summaries[sample].exit_code == 0, summaries[sample].lines()
+    assert (summaries["s1"].predicted, summaries["s1"].copied) == (2, 0)
+    assert (summaries["s2"].predicted, summaries["s2"].copied) == (1, 1)
+    with Ledger(tmp_path / "s2", readonly=True) as ledger:
+        assert ledger.get("x2").timings["predict"]["copied_from"] == str(
+            (tmp_path / "s1" / "x1").resolve())
+        assert [e.target for e in ledger.events("predict")] == ["z2"]
+    assert (tmp_path / "s2" / "x2" / "ranked_0.pdb").read_bytes() == (
+        tmp_path / "s1" / "x1" / "ranked_0.pdb").read_bytes()

@@ -350,12 +350,15 @@ def predict(
     models_to_relax: _ModelsToRelax = "none",
     shard: _Shard = None,
     gpus: Annotated[str, typer.Option(help="GPUs to use: 'all' (default: a fold process on each, every one taking neighbouring shapes), 'none', or ids like 0,1.")] = "all",
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where finished predictions are indexed (default OUT/.cache); runs sharing it copy a target predicted before with the same features and settings instead of predicting it again.")] = None,
 ) -> None:
     """Predict structures from features (GPU stage); exit 0 only if every target succeeded.
 
     Tasks of a job array may share OUT, each with its own --shard. The first task pins the cuts
     in OUT/.parafold-shards/predict-N.json for the others (delete it to cut anew).
     """
+    from dataclasses import replace
+
     from parafold.engine.base import detect_gpus, parse_gpus
     from parafold.engine.devices import predict_on
     from parafold.errors import PipelineError
@@ -377,6 +380,7 @@ def predict(
             save_raw=save_raw, max_batch=max_batch, force_batch=force_batch,
             host_workers=host_workers, compile_ahead=compile_ahead,
             merge_max_waste=merge_max_waste, models_to_relax=models_to_relax)
+        settings = replace(settings, prediction_cache_dir=cache_dir or out / ".cache")
         part = Shard.parse(shard) if shard is not None else None
         chosen = parse_gpus(gpus)
         devices = detect_gpus() if chosen is None else chosen
@@ -414,6 +418,8 @@ def predict(
         if o.skipped:
             status = (f"predicted before, relaxed {', '.join(o.relaxed)}" if o.relaxed
                       else "skipped (done)")
+        elif o.ok and o.copied_from and Path(o.copied_from).is_absolute():
+            status = f"ok (predicted before in {o.copied_from}: copied)"
         elif o.ok and o.copied_from:
             status = f"ok (same features as {o.copied_from}: its prediction copied)"
         else:

@@ -59,6 +59,15 @@ class FeatureSet:
     def length(self) -> int:
         return len(self.sequence)
 
+    @property
+    def twin_key(self) -> str | None:
+        """Equal for feature sets with the same content (search key and sequence), which the
+        GPU stage predicts once (`fold.twins`); None for a set without a key (a foreign
+        `features.pkl`), which is nobody's twin."""
+        if not self.key or self.from_pickle:
+            return None
+        return f"{self.key}:{self.sequence}"
+
     def load(self, *, trust_pickles: bool = False) -> dict[str, np.ndarray]:
         return load_features(self.path, trust_pickles=trust_pickles)
 

@@ -33,7 +33,6 @@ from parafold.errors import (
     storage_full_advice,
 )
 from parafold.featureset import MANIFEST_FILE, FeatureSet, read_feature_set
-from parafold.fold.twins import twin_key
 from parafold.inputs import InputProblem, Target, read_targets
 from parafold.ledger import LEDGER_FILE, LOCK_FILE, Ledger, RunLock, State
 from parafold.lifecycle import (  # the ledger records these
@@ -310,7 +309,7 @@ def _reconcile(ledger: Ledger, targets: Sequence[Target], settings: RunSettings,
             if state is not State.DONE:
                 ledger.reconcile(t.name, State.DONE)
             plan.done.append(t.name)
-            twin = twin_key(fs)
+            twin = fs.twin_key
             if twin is not None:
                 plan.done_sources.setdefault(twin, t.name)
         elif fs is not None:  # to predict, or predicted and to relax (the worker sees which)

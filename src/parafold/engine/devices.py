@@ -83,22 +83,29 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
     it when `pin` (the user named it: a GPU that `detect_gpus` missed stays usable otherwise).
 
     Sets with identical features are predicted once: the others get copies of the files
-    (`fold.twins`). A twin whose source failed is predicted itself, in a second pass.
+    (`fold.twins`), as do sets predicted before in another OUT (`fold.reuse`, when
+    `settings.prediction_cache_dir` is set). A twin whose source failed is predicted
+    itself, in a second pass.
 
     Raises:
         PipelineError: the params folder is unusable (found before any target is folded).
     """
+    from parafold.fold.reuse import PredictionIndex
     from parafold.fold.twins import copy_twins, plan_twins, second_sources
 
     def predict(sets: Sequence[FeatureSet]) -> DevicesResult:
         return _predict(devices, sets, out_root, params_dir=params_dir, settings=settings,
                         trust_pickles=trust_pickles, pin=pin)
 
-    plan = plan_twins(feature_sets, out_root)
+    index = None
+    if settings.prediction_cache_dir is not None:
+        index = PredictionIndex.for_settings(settings.prediction_cache_dir, settings,
+                                             params_dir)
+    plan = plan_twins(feature_sets, out_root, index)
     if not plan.copies:
         return predict(feature_sets)
-    log.info("%d targets have the features of another: predicted once, files copied",
-             plan.copies)
+    log.info("%d targets have the features of another or were predicted before: their files "
+             "are copied", plan.copies)
     result = predict(plan.fold)
     outcomes = {o.name: o for o in result.outcomes}
     stats = dict(result.stats)

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from parafold.engine.base import Executor, FoldWorkerHandle, FoldWorkerSpec, Resources
@@ -49,7 +50,7 @@ from parafold.errors import (
     storage_full_advice,
 )
 from parafold.featureset import FeatureSet
-from parafold.fold.twins import twin_key
+from parafold.fold.reuse import PredictionIndex
 from parafold.inputs import Target
 from parafold.ledger import Ledger, State
 from parafold.lifecycle import DRAIN_ADVICE, drain_requested
@@ -97,9 +98,16 @@ class Scheduler:
                            tuple[FoldWorkerHandle, list[FeatureSet], int, float]] = {}
         self.plotting: dict[cf.Future[Any], str] = {}
         self.copying: dict[cf.Future[Any], tuple[FeatureSet, str]] = {}  # -> (twin, source)
-        self._sources: dict[str, str] = dict(done_sources or {})  # twin key -> source name
-        self._source_keys = {name: key for key, name in self._sources.items()}
-        self._done_sources: set[str] = set(self._sources.values())
+        # Twins (`fold.twins`): twin key -> the target predicting it (ready or predicting) ...
+        self._sources: dict[str, str] = {}
+        self._source_keys: dict[str, str] = {}  # ... and back
+        # ... or the folder holding it: done in this run or before, or in another OUT
+        # sharing the cache (`fold.reuse`)
+        self._done_paths: dict[str, Path] = {key: settings.out / name
+                                             for key, name in (done_sources or {}).items()}
+        self.index = PredictionIndex.for_settings(
+            settings.model.prediction_cache_dir or settings.resolved_cache_dir, settings.model,
+            settings.params_dir)
         self._parked: dict[str, list[FeatureSet]] = {}  # source name -> twins waiting for it
         self._second_try: set[str] = set()  # twin keys whose first source failed
         self.idle: list[FoldWorkerHandle] = []
@@ -136,6 +144,8 @@ class Scheduler:
         model = self.settings.model
         if model.helper_cores is None:  # the searches use the cores: a few feature helpers
             model = replace(model, helper_cores=RUN_HELPER_CORES)
+        if model.prediction_cache_dir is None:  # its writers record what they predicted
+            model = replace(model, prediction_cache_dir=self.settings.resolved_cache_dir)
         spec = FoldWorkerSpec(self.settings.params_dir, model)
         if self.ready or self.pending or self._parked:
             self.idle = list(self.executor.start_fold_workers(spec))
@@ -634,32 +644,47 @@ class Scheduler:
     # --- twins: identical features, predicted once ---
 
     def _admit(self, fs: FeatureSet, since: float) -> None:
-        """Features ready: to the ready list, or, when a target with the same features (its
-        source) is ready, being predicted or done, to wait for a copy of its files."""
-        key = twin_key(fs)
-        source = self._sources.get(key) if key is not None else None
-        if key is None or source is None or source == fs.name:
-            if key is not None:
-                self._sources[key] = fs.name
-                self._source_keys[fs.name] = key
+        """Features ready: to the ready list; or, when the same features were predicted (in
+        this run, before it, or in another OUT sharing the cache), to a copy of those files;
+        or, when a target with them (its source) is ready or predicting, to wait for it."""
+        key = fs.twin_key
+        if key is None:
             self.ready[fs.name] = (fs, since)
-        elif source in self._done_sources:
-            self._submit_copy(fs, source)
+            return
+        own = self.settings.out / fs.name
+        done = self._done_paths.get(key)
+        if done is None and key not in self._sources:
+            done = self.index.find(fs, not_in=own)
+            if done is not None:
+                self._done_paths[key] = done
+        if done is not None and done != own:
+            self._submit_copy(fs, done)
+            return
+        source = self._sources.setdefault(key, fs.name)
+        if source == fs.name:
+            self._source_keys[fs.name] = key
+            self.ready[fs.name] = (fs, since)
         else:
             self._parked.setdefault(source, []).append(fs)
 
-    def _submit_copy(self, fs: FeatureSet, source: str) -> None:
+    def _submit_copy(self, fs: FeatureSet, folder: Path) -> None:
         if self.stopped is not None:  # it stays features_ready for the rerun
             return
         out = self.settings.out
-        handle = self.executor.submit(copy_job, out / source, out / fs.name, fs.name,
+        handle = self.executor.submit(copy_job, folder, out / fs.name, fs.name,
                                       resources=Resources(cpus=1))
-        self.copying[handle.future] = (fs, source)
+        # the ledger names a source in this OUT by its name, any other by its folder
+        self.copying[handle.future] = (fs, folder.name if folder.parent == out else str(folder))
 
     def _source_done(self, name: str) -> None:
-        self._done_sources.add(name)
+        key = self._source_keys.pop(name, None)
+        if key is None:
+            return
+        if self._sources.get(key) == name:
+            del self._sources[key]
+        self._done_paths[key] = self.settings.out / name
         for fs in self._parked.pop(name, []):
-            self._submit_copy(fs, name)
+            self._submit_copy(fs, self.settings.out / name)
 
     def _source_failed(self, name: str, reason: str) -> None:
         """A source's own failure is not its twins' (a damaged feature file, say): the first

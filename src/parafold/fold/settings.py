@@ -66,7 +66,9 @@ class ModelSettings:
     bucket of its length, or a longer bucket while its shortest target wastes at most
     `merge_max_waste` on padding (`buckets.merge_groups`). `models_to_relax` ("none", "best",
     "all") relaxes predictions with Amber after their files are written, in the file writers
-    (`parafold.relax`; CPU work, more writers on a GPU).
+    (`parafold.relax`; CPU work, more writers on a GPU). `prediction_cache_dir` holds the
+    index of finished predictions (`parafold.fold.reuse`): a target predicted before with
+    these settings, in any OUT sharing the folder, is copied, not predicted (None: off).
     """
 
     model_preset: str = "monomer_ptm"
@@ -95,6 +97,7 @@ class ModelSettings:
     compile_cost_s: float | None = None
     merge_max_waste: float = 0.5
     models_to_relax: str = "none"
+    prediction_cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.model_preset not in MODEL_PRESETS:

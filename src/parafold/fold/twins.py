@@ -34,11 +34,12 @@ from parafold.fold.outputs import (
     merge_timings,
     remove_stale,
 )
+from parafold.fold.reuse import PredictionIndex
 from parafold.fold.worker import FoldOutcome
 from parafold.relax import RELAX_METRICS_FILE
 from parafold.store import atomic_copy, atomic_write_text
 
-__all__ = ["TwinPlan", "CopiedPrediction", "twin_key", "plan_twins", "copy_prediction",
+__all__ = ["TwinPlan", "CopiedPrediction", "plan_twins", "copy_prediction",
            "second_sources", "copy_twins", "with_twins"]
 
 log = logging.getLogger(__name__)
@@ -48,47 +49,54 @@ _LAST_BEFORE_DONE = (RELAX_METRICS_FILE,)
 _RANKED_CIF = "ranked_{}.cif"
 
 
-def twin_key(fs: FeatureSet) -> str | None:
-    """What makes two feature sets twins: their content key and sequence; None: no twin."""
-    if not fs.key or fs.from_pickle:
-        return None
-    return f"{fs.key}:{fs.sequence}"
-
-
 @dataclass(frozen=True, slots=True)
 class TwinPlan:
     """`fold`: the sets to predict (sources, sets predicted before, sets without a twin), in
-    their given order; `twins`: source name -> the sets that get copies of its files."""
+    their given order; `twins`: source name -> the sets that get copies of its files after it
+    is predicted; `found`: a folder predicted before (`fold.reuse`) -> the sets that get
+    copies of its files at once."""
 
     fold: list[FeatureSet]
     twins: dict[str, list[FeatureSet]] = field(default_factory=dict)
+    found: dict[Path, list[FeatureSet]] = field(default_factory=dict)
 
     @property
     def copies(self) -> int:
-        return sum(len(t) for t in self.twins.values())
+        return sum(len(t) for t in (*self.twins.values(), *self.found.values()))
 
 
-def plan_twins(feature_sets: Sequence[FeatureSet], out_root: Path) -> TwinPlan:
+def plan_twins(feature_sets: Sequence[FeatureSet], out_root: Path,
+               index: PredictionIndex | None = None) -> TwinPlan:
     """One source per twin key: a set whose prediction is complete in `out_root` if there is
-    one (nothing to predict), else the first. Sets complete themselves are never copied to."""
+    one (nothing to predict), else a folder the prediction `index` knows (another OUT's),
+    else the first set. Sets complete themselves are never copied to."""
+    out_root = Path(out_root)
     groups: dict[str, list[FeatureSet]] = {}
     for fs in feature_sets:
-        key = twin_key(fs)
+        key = fs.twin_key
         if key is not None:
             groups.setdefault(key, []).append(fs)
-    complete = {fs.name for group in groups.values() if len(group) > 1 for fs in group
-                if is_complete(out_root / fs.name)}
+    complete = {fs.name for group in groups.values() if len(group) > 1 or index is not None
+                for fs in group if is_complete(out_root / fs.name)}
     copied: set[str] = set()
     twins: dict[str, list[FeatureSet]] = {}
+    found: dict[Path, list[FeatureSet]] = {}
     for group in groups.values():
-        if len(group) < 2:
+        todo = [fs for fs in group if fs.name not in complete]
+        if not todo or (len(group) < 2 and index is None):
             continue
+        if len(todo) == len(group) and index is not None:
+            folder = index.find(todo[0], not_in=out_root / todo[0].name)
+            if folder is not None:
+                found.setdefault(folder, []).extend(todo)
+                copied.update(fs.name for fs in todo)
+                continue
         source = next((fs for fs in group if fs.name in complete), group[0])
-        rest = [fs for fs in group if fs is not source and fs.name not in complete]
+        rest = [fs for fs in todo if fs is not source]
         if rest:
             twins[source.name] = rest
             copied.update(fs.name for fs in rest)
-    return TwinPlan([fs for fs in feature_sets if fs.name not in copied], twins)
+    return TwinPlan([fs for fs in feature_sets if fs.name not in copied], twins, found)
 
 
 def with_twins(parts: Sequence[Sequence[FeatureSet]], plan: TwinPlan) -> list[list[FeatureSet]]:
@@ -199,17 +207,22 @@ def second_sources(plan: TwinPlan, outcomes: Mapping[str, FoldOutcome]
         fold.append(first)
         if rest:
             again[first.name] = rest
-    return TwinPlan(plan.fold, kept), TwinPlan(fold, again)
+    return TwinPlan(plan.fold, kept, plan.found), TwinPlan(fold, again)
 
 
 def copy_twins(plan: TwinPlan, outcomes: Mapping[str, FoldOutcome], out_root: Path, *,
                threads: int = 4) -> dict[str, FoldOutcome]:
-    """Each twin's outcome after its source's (`outcomes`): its copy, or its source's failure
-    (a full disk or a drain that stopped the source stops its twins too)."""
+    """Each copy's outcome: a twin's after its source's (`outcomes`), its source's failure
+    when that failed (a full disk or a drain that stopped the source stops its twins too),
+    and the copies from folders predicted before."""
     out_root = Path(out_root)
     results: dict[str, FoldOutcome] = {}
     with cf.ThreadPoolExecutor(max(1, threads), thread_name_prefix="twin-copy") as pool:
         copying: dict[cf.Future[CopiedPrediction], tuple[FeatureSet, str]] = {}
+        for folder, sets in plan.found.items():
+            for fs in sets:
+                copying[pool.submit(copy_prediction, folder, out_root / fs.name,
+                                    fs.name)] = (fs, str(folder))
         for source, twins in plan.twins.items():
             done = outcomes[source]
             for fs in twins:

@@ -40,6 +40,7 @@ from parafold.fold.hostwork import (
     write_job,
 )
 from parafold.fold.outputs import Prediction, is_complete
+from parafold.fold.reuse import PredictionIndex
 from parafold.fold.settings import ModelSettings
 from parafold.lifecycle import drain_requested
 from parafold.relax import RelaxError, relax_pending, relax_target
@@ -160,6 +161,9 @@ class FoldWorker:
         self.settings = settings
         self.trust_pickles = trust_pickles
         self.runner = ModelRunner(settings)
+        self.index = (None if settings.prediction_cache_dir is None else
+                      PredictionIndex.for_settings(settings.prediction_cache_dir, settings,
+                                                   self.params_dir))
         self._params: dict[str, Any] = {}
         self._caps: dict[ShapeKey, int] = {}
         # target -> (length, MSA rows) its merged key is made for (`group`)
@@ -630,7 +634,8 @@ class FoldWorker:
         if state.error is None:
             future = self.pools.writes().submit(
                 write_job, ctx.out_root / fs.name, fs.name, state.predictions,
-                dict(state.timings), self.settings.save_raw, self.settings.models_to_relax)
+                dict(state.timings), self.settings.save_raw, self.settings.models_to_relax,
+                self.index, fs)
             future.add_done_callback(lambda f: self._note_storage_full(f, ctx))
             ctx.writes[fs.name] = future
         else:
