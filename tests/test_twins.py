@@ -160,7 +160,13 @@ def test_twins_are_planned_by_key_and_sequence(tmp_path):
 
 
 SETTINGS = ModelSettings(config_size="tiny", models=(1,), num_recycle=0, float32=True,
-                         compile_ahead=0)
+                         compile_ahead=0, compile_cache_dir=None)
+
+
+@pytest.fixture
+def settings(tmp_path_factory) -> ModelSettings:
+    """SETTINGS with the session's compile cache (shared with the other CLI tests)."""
+    return replace(SETTINGS, compile_cache_dir=tmp_path_factory.getbasetemp() / "jax-cache")
 
 
 @pytest.fixture
@@ -178,11 +184,12 @@ def twin_sets(tmp_path):
     return sets
 
 
-def test_predict_predicts_twins_once_and_copies_the_rest(twin_sets, tiny_params, tmp_path):
+def test_predict_predicts_twins_once_and_copies_the_rest(twin_sets, tiny_params, tmp_path,
+                                                        settings):
     from parafold.engine.devices import predict_on
 
     out = tmp_path / "out"
-    result = predict_on((), twin_sets, out, params_dir=tiny_params, settings=SETTINGS)
+    result = predict_on((), twin_sets, out, params_dir=tiny_params, settings=settings)
     by_name = {o.name: o for o in result.outcomes}
     assert [o.name for o in result.outcomes] == ["a", "b", "a_again", "a_third"]
     assert all(o.ok for o in result.outcomes), [o.error for o in result.outcomes]
@@ -199,20 +206,21 @@ def test_predict_predicts_twins_once_and_copies_the_rest(twin_sets, tiny_params,
 
     # resume: nothing left; a copy lost (its done marker deleted) is copied again, not predicted
     (out / "a_third" / DONE_FILE).unlink()
-    again = predict_on((), twin_sets, out, params_dir=tiny_params, settings=SETTINGS)
+    again = predict_on((), twin_sets, out, params_dir=tiny_params, settings=settings)
     by_name = {o.name: o for o in again.outcomes}
     assert by_name["a"].skipped and by_name["b"].skipped and by_name["a_again"].skipped
     assert by_name["a_third"].ok and by_name["a_third"].copied_from in ("a", "a_again")
     assert again.stats["this process"]["predictions"] == 0
 
 
-def test_a_twin_whose_source_failed_is_predicted_itself(twin_sets, tiny_params, tmp_path):
+def test_a_twin_whose_source_failed_is_predicted_itself(twin_sets, tiny_params, tmp_path,
+                                                        settings):
     """A damaged feature file fails only its own target: the twins do not inherit it."""
     from parafold.engine.devices import predict_on
 
     (twin_sets[0].path / "features.npz").write_bytes(b"not an npz")
     out = tmp_path / "out"
-    result = predict_on((), twin_sets, out, params_dir=tiny_params, settings=SETTINGS)
+    result = predict_on((), twin_sets, out, params_dir=tiny_params, settings=settings)
     by_name = {o.name: o for o in result.outcomes}
     assert not by_name["a"].ok and "a" in by_name["a"].error
     assert by_name["a_again"].ok and by_name["a_again"].copied_from is None
@@ -241,10 +249,12 @@ def test_predict_cli_says_which_targets_were_copied(twin_sets, tiny_params, tmp_
     assert rows["a_again"]["ranked_pdb"] == "a_again/ranked_0.pdb"
 
 
-def test_run_predicts_twins_once_and_a_rerun_copies_a_lost_copy(tiny_params, tmp_path,
-                                                                   monkeypatch):
+def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params, tmp_path,
+                                                                     monkeypatch, settings):
     """`parafold run` (single-sequence mode, the real tiny model): a FASTA repeating one
-    sequence under three ids predicts it once; the ledger says where each copy came from."""
+    sequence under three ids predicts it once, and the ledger says where each copy came from;
+    a rerun copies a lost copy again; a second sample with its own OUT and the same
+    --cache-dir predicts only the protein the first did not have."""
     from parafold.fold.synthetic import random_sequence
     from parafold.ledger import Ledger
     from parafold.pipeline import RunSettings, run_pipeline
@@ -256,36 +266,53 @@ def test_run_predicts_twins_once_and_a_rerun_copies_a_lost_copy(tiny_params, tmp
     fasta = tmp_path / "in.fasta"
     fasta.write_text(f">a\n{seq_a}\n>b\n{seq_b}\n>a2 same as a\n{seq_a}\n>a3\n{seq_a.lower()}\n")
     out = tmp_path / "out"
-    settings = RunSettings(input=fasta, out=out, params_dir=tiny_params,
-                           search=SearchSettings(msa_mode="single_sequence"),
-                           model=replace(SETTINGS, compile_cache_dir=None), cpus=2,
-                           cpus_per_search=1, max_wait_s=1.0, progress=False, plots=False)
+    run_settings = RunSettings(input=fasta, out=out, params_dir=tiny_params,
+                               search=SearchSettings(msa_mode="single_sequence"),
+                               model=settings, cache_dir=tmp_path / "shared-cache", cpus=2,
+                               cpus_per_search=1, max_wait_s=1.0, progress=False, plots=False)
 
-    summary = run_pipeline(settings)
+    summary = run_pipeline(run_settings)
 
     assert summary.exit_code == 0, summary.lines()
     assert (summary.done, summary.predicted, summary.copied) == (4, 2, 2), summary.lines()
     assert "2 predicted, 2 copied from identical targets" in summary.lines()[0]
     with Ledger(out, readonly=True) as ledger:
-        assert sorted(e.target for e in ledger.events("predict")) == ["a", "b"]
-        for twin in ("a2", "a3"):
+        predicted = sorted(e.target for e in ledger.events("predict"))
+        # whichever of a, a2, a3 had its features first (their searches run side by side)
+        # is the source; the others are copies of it
+        assert len(predicted) == 2 and "b" in predicted, predicted
+        source = next(n for n in predicted if n != "b")
+        twins = sorted({"a", "a2", "a3"} - {source})
+        for twin in twins:
             rec = ledger.get(twin)
             assert rec.state is State.DONE
-            assert rec.timings["predict"]["copied_from"] == "a"
+            assert rec.timings["predict"]["copied_from"] == source
             assert rec.timings["predict"]["mean_plddt"] == pytest.approx(
-                ledger.get("a").timings["predict"]["mean_plddt"], abs=1e-3)
-    for twin in ("a2", "a3"):
-        got, source = _files(out / twin), _files(out / "a")
-        copied = [n for n in source if is_prediction_file(n) and not n.endswith(".cif")]
+                ledger.get(source).timings["predict"]["mean_plddt"], abs=1e-3)
+    for twin in twins:
+        got, original = _files(out / twin), _files(out / source)
+        copied = [n for n in original if is_prediction_file(n) and not n.endswith(".cif")]
         assert "ranked_0.pdb" in copied and "pae_model_1_ptm.json" in copied
         for name in copied:
-            assert got[name] == source[name], (twin, name)
+            assert got[name] == original[name], (twin, name)
 
-    (out / "a3" / DONE_FILE).unlink()  # a copy lost: the rerun copies it from the done source
-    again = run_pipeline(settings)
+    (out / twins[-1] / DONE_FILE).unlink()  # a copy lost: the rerun copies it from the source
+    again = run_pipeline(run_settings)
     assert again.exit_code == 0, again.lines()
     assert (again.predicted, again.copied) == (0, 1), again.lines()
-    assert (out / "a3" / DONE_FILE).is_file()
+    assert (out / twins[-1] / DONE_FILE).is_file()
+
+    sample2 = tmp_path / "sample2.fasta"
+    sample2.write_text(f">x\n{seq_a}\n>z\n{random_sequence(22, rng)}\n")
+    other = run_pipeline(replace(run_settings, input=sample2, out=tmp_path / "out2"))
+    assert other.exit_code == 0, other.lines()
+    assert (other.predicted, other.copied) == (1, 1), other.lines()
+    with Ledger(tmp_path / "out2", readonly=True) as ledger:
+        assert ledger.get("x").timings["predict"]["copied_from"] in {
+            str((out / name).resolve()) for name in ("a", "a2", "a3")}
+        assert [e.target for e in ledger.events("predict")] == ["z"]
+    assert (tmp_path / "out2" / "x" / "ranked_0.pdb").read_bytes() == (
+        out / source / "ranked_0.pdb").read_bytes()
 
 
 def test_the_scheduler_retries_a_failed_source_with_one_twin_then_fails_the_rest(tmp_path):
@@ -411,10 +438,10 @@ def test_the_prediction_index_finds_only_a_folder_that_still_holds_the_predictio
 
 
 def test_predict_copies_what_another_out_predicted_with_the_same_settings(twin_sets, tiny_params,
-                                                                          tmp_path):
+                                                                          tmp_path, settings):
     from parafold.engine.devices import predict_on
 
-    settings = replace(SETTINGS, prediction_cache_dir=tmp_path / "shared-cache")
+    settings = replace(settings, prediction_cache_dir=tmp_path / "shared-cache")
     first = predict_on((), twin_sets[:2], tmp_path / "out1", params_dir=tiny_params,
                        settings=settings)
     assert all(o.ok and o.copied_from is None for o in first.outcomes)
@@ -433,37 +460,3 @@ def test_predict_copies_what_another_out_predicted_with_the_same_settings(twin_s
                        settings=replace(settings, num_recycle=1))  # other settings: predicted
     assert other.outcomes[0].ok and other.outcomes[0].copied_from is None
     assert other.stats["this process"]["predictions"] == 1
-
-
-def test_run_copies_what_an_earlier_run_predicted_into_another_out(tiny_params, tmp_path,
-                                                                   monkeypatch):
-    """Two samples, each with its own OUT and one shared --cache-dir: the second predicts only
-    the proteins the first did not have."""
-    from parafold.fold.synthetic import random_sequence
-    from parafold.ledger import Ledger
-    from parafold.pipeline import RunSettings, run_pipeline
-    from parafold.search.settings import SearchSettings
-
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    rng = np.random.default_rng(5)
-    shared, own1, own2 = (random_sequence(n, rng) for n in (25, 22, 27))
-    samples = {"s1": {"x1": shared, "y1": own1}, "s2": {"x2": shared, "z2": own2}}
-    summaries = {}
-    for sample, records in samples.items():
-        fasta = tmp_path / f"{sample}.fasta"
-        fasta.write_text("".join(f">{rid}\n{seq}\n" for rid, seq in records.items()))
-        settings = RunSettings(input=fasta, out=tmp_path / sample, params_dir=tiny_params,
-                               search=SearchSettings(msa_mode="single_sequence"),
-                               model=replace(SETTINGS, compile_cache_dir=None),
-                               cache_dir=tmp_path / "shared-cache", cpus=2, cpus_per_search=1,
-                               max_wait_s=1.0, progress=False, plots=False)
-        summaries[sample] = run_pipeline(settings)
-        assert summaries[sample].exit_code == 0, summaries[sample].lines()
-    assert (summaries["s1"].predicted, summaries["s1"].copied) == (2, 0)
-    assert (summaries["s2"].predicted, summaries["s2"].copied) == (1, 1)
-    with Ledger(tmp_path / "s2", readonly=True) as ledger:
-        assert ledger.get("x2").timings["predict"]["copied_from"] == str(
-            (tmp_path / "s1" / "x1").resolve())
-        assert [e.target for e in ledger.events("predict")] == ["z2"]
-    assert (tmp_path / "s2" / "x2" / "ranked_0.pdb").read_bytes() == (
-        tmp_path / "s1" / "x1" / "ranked_0.pdb").read_bytes()
