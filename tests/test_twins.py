@@ -90,6 +90,8 @@ def test_a_copy_is_what_predicting_the_twin_writes(tmp_path):
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert got[name] == expected[name], name
+        # files of their own: editing one target's file must not change the other's
+        assert (twin / name).stat().st_ino != (tmp_path / "src" / name).stat().st_ino, name
     assert b"TWIN" in got["ranked_0.cif"] and b"SRC" not in got["ranked_0.cif"]
     timings = json.loads((twin / "timings.json").read_text())
     assert timings["features"] == 1.5 and "copy_prediction" in timings
