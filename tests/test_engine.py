@@ -142,3 +142,34 @@ def test_ctrl_c_interrupts_a_running_job_and_ends_idle_workers_quietly(
             time.sleep(0.1)
     err = capfd.readouterr().err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_a_sigterm_while_processes_start_is_acted_on_after_they_have(tmp_path: Path) -> None:
+    """SIGTERM raised `Terminated` wherever the main thread was, once halfway through a pool
+    writing a spawned child's start-up data: the child then printed an EOFError traceback.
+    Inside `starting_processes` the signal waits until the processes are started; then the
+    run's children are ended and `Terminated` is raised as before."""
+    script = textwrap.dedent("""
+        import concurrent.futures as cf, multiprocessing, os, signal, sys, time
+        from parafold.lifecycle import Terminated, starting_processes, stop_on_sigterm
+
+        stop_on_sigterm()
+        pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            with starting_processes():
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives "while" the pool starts
+                future = pool.submit(time.sleep, 60)
+                print("started", flush=True)
+        except Terminated:
+            print("terminated after", flush=True)
+            time.sleep(1)
+            print("children left:", len(multiprocessing.active_children()), flush=True)
+            sys.exit(0)
+        print("not terminated", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.stdout.splitlines()[:2] == ["started", "terminated after"], (
+        proc.stdout + proc.stderr)
+    assert "children left: 0" in proc.stdout, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -3,14 +3,16 @@ Ctrl-C or SIGTERM ending a command within seconds, with the shell's exit codes."
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
 __all__ = ["die_with_parent", "helper_process_init", "exit_interrupted", "EXIT_INTERRUPTED",
            "EXIT_TERMINATED", "EXIT_STOPPED_EARLY", "Terminated", "stop_on_sigterm",
            "interrupted_code", "quiet_interrupt_when_idle", "run_job", "drain_on_sigusr1",
-           "drain_requested", "DRAIN_ADVICE"]
+           "drain_requested", "DRAIN_ADVICE", "starting_processes"]
 
 R = TypeVar("R")
 _jobs_running = 0  # in this pool worker process
@@ -48,17 +50,50 @@ def stop_on_sigterm() -> None:
         return
 
     def on_sigterm(signum: int, frame: object) -> None:
-        import contextlib
-        import multiprocessing
-
+        global _sigterm_deferred
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it at once
-        for child in multiprocessing.active_children():
-            if child.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signal.SIGTERM)
-        raise Terminated
+        if _starting_processes:
+            _sigterm_deferred = True  # acted on when the process is started
+            return
+        _terminate()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _terminate() -> NoReturn:
+    import contextlib
+    import multiprocessing
+    import signal
+
+    for child in multiprocessing.active_children():
+        if child.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+    raise Terminated
+
+
+_starting_processes = 0  # main thread only: how deep in `starting_processes`
+_sigterm_deferred = False
+
+
+@contextlib.contextmanager
+def starting_processes() -> Iterator[None]:
+    """Around code that may start processes (a process pool's `submit`): a SIGTERM arriving
+    meanwhile is acted on right after it. Raised halfway through writing a spawned child's
+    start-up data, `Terminated` left the child reading half of it, and its EOFError traceback
+    on the terminal. Only the main thread, where the signal's handler runs, counts."""
+    global _starting_processes, _sigterm_deferred
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _starting_processes += 1
+    try:
+        yield
+    finally:
+        _starting_processes -= 1
+        if not _starting_processes and _sigterm_deferred:
+            _sigterm_deferred = False
+            _terminate()
 
 
 def drain_on_sigusr1() -> None:

@@ -28,7 +28,7 @@ from parafold.engine.base import (
 )
 from parafold.engine.jobs import fold_in_process, init_worker_process, warm_in_process
 from parafold.errors import InputError
-from parafold.lifecycle import run_job
+from parafold.lifecycle import run_job, starting_processes
 
 __all__ = ["LocalExecutor"]
 
@@ -59,14 +59,16 @@ class _ProcessFoldWorker(FoldWorkerHandle):
         )
 
     def warm(self) -> JobHandle[Any]:
-        return JobHandle(self._pool.submit(warm_in_process, self._spec.params_dir,
-                                           self._spec.settings, self.name,
-                                           self._spec.trust_pickles), label=self.name)
+        with starting_processes():
+            future = self._pool.submit(warm_in_process, self._spec.params_dir,
+                                       self._spec.settings, self.name, self._spec.trust_pickles)
+        return JobHandle(future, label=self.name)
 
     def fold(self, feature_sets: Sequence[Any], out_root: Path) -> JobHandle[Any]:
-        future = self._pool.submit(fold_in_process, self._spec.params_dir, self._spec.settings,
-                                   self.name, list(feature_sets), out_root,
-                                   self._spec.trust_pickles)
+        with starting_processes():
+            future = self._pool.submit(fold_in_process, self._spec.params_dir,
+                                       self._spec.settings, self.name, list(feature_sets),
+                                       out_root, self._spec.trust_pickles)
         return JobHandle(future, label=self.name)
 
     def restart(self) -> None:
@@ -113,15 +115,17 @@ class LocalExecutor(Executor):
         return self._pool
 
     def submit(self, fn: Callable[..., R], *args: Any, resources: Resources) -> JobHandle[R]:
-        try:
-            future = self._cpu_pool().submit(run_job, fn, *args)
-        except BrokenProcessPool:
-            # A worker died (killed, out of memory): its jobs failed; later ones get a new pool.
-            logger.warning("a search worker died; starting a new process pool")
-            assert self._pool is not None
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-            future = self._cpu_pool().submit(run_job, fn, *args)
+        with starting_processes():  # a pool starts its processes in submit
+            try:
+                future = self._cpu_pool().submit(run_job, fn, *args)
+            except BrokenProcessPool:
+                # A worker died (killed, out of memory): its jobs failed; later ones get a
+                # new pool.
+                logger.warning("a search worker died; starting a new process pool")
+                assert self._pool is not None
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+                future = self._cpu_pool().submit(run_job, fn, *args)
         return JobHandle(future, label=getattr(fn, "__name__", "job"))
 
     def cpu_capacity(self) -> int:

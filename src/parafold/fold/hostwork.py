@@ -30,6 +30,7 @@ import numpy as np
 from parafold.featureset import FeatureSet
 from parafold.fold.buckets import ShapeKey
 from parafold.fold.settings import ModelSettings
+from parafold.lifecycle import starting_processes
 from parafold.relax import relax_target
 
 __all__ = ["HostPools", "BusyMeter", "process_job", "write_job", "auto_workers",
@@ -134,13 +135,14 @@ class _RestartingPool(cf.Executor):
                                       mp_context=multiprocessing.get_context("spawn"))
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
-        try:
-            return self._pool.submit(fn, *args, **kwargs)
-        except BrokenProcessPool:
-            log.warning("a helper process died; starting new helpers")
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._new()
-            return self._pool.submit(fn, *args, **kwargs)
+        with starting_processes():  # the pool starts its helpers in submit
+            try:
+                return self._pool.submit(fn, *args, **kwargs)
+            except BrokenProcessPool:
+                log.warning("a helper process died; starting new helpers")
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new()
+                return self._pool.submit(fn, *args, **kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
