@@ -1,9 +1,10 @@
 """Reading the user's proteins: FASTA files, a folder of them, or a ColabFold-style CSV.
 
 FASTA and CSV files may be compressed (`.gz`, `.bz2`, `.xz`), as proteomes are downloaded
-(UniProt's `UP000005640_9606.fasta.gz`). Every record is validated on its own. A bad record becomes an `InputProblem` naming the file,
-line and reason, and the good records go on. Ids from input files are never used as paths:
-each target gets a `name` made safe for the file system, unique within the run.
+(UniProt's `UP000005640_9606.fasta.gz`). Every record is validated on its own. A bad record
+becomes an `InputProblem` naming the file, line and reason, and the good records go on. Ids
+from input files are never used as paths: each target gets a `name` made safe for the file
+system, unique within the run.
 """
 
 from __future__ import annotations

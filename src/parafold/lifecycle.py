@@ -42,7 +42,6 @@ def stop_on_sigterm() -> None:
     quick, well inside Slurm's 30 s before SIGKILL. Without it, SIGTERM ended this process
     on the spot and left the run open in the ledger. A SIGTERM ignored stays ignored."""
     import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
@@ -61,7 +60,6 @@ def stop_on_sigterm() -> None:
 
 
 def _terminate() -> NoReturn:
-    import contextlib
     import multiprocessing
     import signal
 
@@ -110,7 +108,6 @@ def drain_on_sigusr1() -> None:
     (numpy's BLAS pool) may take it instead; then the handler runs in the main thread, so a
     command's main thread must not wait without a timeout (the run's loop ticks each second)."""
     import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread() or _drain_installed:
         return
@@ -176,7 +173,6 @@ def exit_interrupted(code: int = EXIT_INTERRUPTED) -> NoReturn:
     """End this process now, after Ctrl-C, without waiting for threads: a model compile in a
     background thread (~30 s on a GPU) would hold up a normal exit. Everything written is
     already complete (files are renamed into place); the rest is redone on the next run."""
-    import contextlib
     import sys
 
     for stream in (sys.stdout, sys.stderr):

@@ -430,7 +430,8 @@ def _summary(settings: RunSettings, ledger: Ledger, targets: Sequence[Target],
         done=sum(1 for r in records if r.state is State.DONE), failures=failures,
         input_problems=tuple(problems), wall_s=time.time() - started,
         searched=sched.searched, predicted=sched.predicted, compiles=sched.compiles(),
-        engine=settings.engine, copied=sched.copied, stopped=sched.stopped, stop_advice=sched.stop_advice)
+        engine=settings.engine, copied=sched.copied, stopped=sched.stopped,
+        stop_advice=sched.stop_advice)
 
 
 def _write_run_timings(out: Path, summary: RunSummary) -> None:

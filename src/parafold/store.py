@@ -68,8 +68,9 @@ def atomic_write_json(path: Path | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
-def atomic_copy(src: Path | str, dst: Path | str) -> None:
-    """Copy a file so that `dst` is whole or absent; a hard link when the file system allows.
+def atomic_copy(src: Path | str, dst: Path | str, *, link: bool = True) -> None:
+    """Copy a file so that `dst` is whole or absent; a hard link when the file system allows
+    and `link` (False: a file of its own, which an edit of the other never changes).
 
     The temporary name is unique per call (threads of one process, or hosts sharing a file
     system, never meet on it), and is removed again if the copy fails.
@@ -77,9 +78,12 @@ def atomic_copy(src: Path | str, dst: Path | str) -> None:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(8)}.part")
-    try:
-        os.link(src, tmp)  # never overwrites: a taken name raises, and we copy instead
-    except OSError:
+    if link:
+        try:
+            os.link(src, tmp)  # never overwrites: a taken name raises, and we copy instead
+        except OSError:
+            link = False
+    if not link:
         with open(src, "rb") as source, atomic_writer(dst, "wb") as target:
             shutil.copyfileobj(source, target)
         return

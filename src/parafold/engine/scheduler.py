@@ -105,9 +105,10 @@ class Scheduler:
         # sharing the cache (`fold.reuse`)
         self._done_paths: dict[str, Path] = {key: settings.out / name
                                              for key, name in (done_sources or {}).items()}
-        self.index = PredictionIndex.for_settings(
-            settings.model.prediction_cache_dir or settings.resolved_cache_dir, settings.model,
-            settings.params_dir)
+        # where the fold workers' writers record their predictions, and this looks them up
+        self._prediction_cache = settings.model.prediction_cache_dir or settings.resolved_cache_dir
+        self.index = PredictionIndex.for_settings(self._prediction_cache, settings.model,
+                                                  settings.params_dir)
         self._parked: dict[str, list[FeatureSet]] = {}  # source name -> twins waiting for it
         self._second_try: set[str] = set()  # twin keys whose first source failed
         self.idle: list[FoldWorkerHandle] = []
@@ -144,8 +145,7 @@ class Scheduler:
         model = self.settings.model
         if model.helper_cores is None:  # the searches use the cores: a few feature helpers
             model = replace(model, helper_cores=RUN_HELPER_CORES)
-        if model.prediction_cache_dir is None:  # its writers record what they predicted
-            model = replace(model, prediction_cache_dir=self.settings.resolved_cache_dir)
+        model = replace(model, prediction_cache_dir=self._prediction_cache)
         spec = FoldWorkerSpec(self.settings.params_dir, model)
         if self.ready or self.pending or self._parked:
             self.idle = list(self.executor.start_fold_workers(spec))

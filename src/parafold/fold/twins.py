@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from parafold.fold.outputs import (
 from parafold.fold.reuse import PredictionIndex
 from parafold.fold.worker import FoldOutcome
 from parafold.relax import RELAX_METRICS_FILE
-from parafold.store import atomic_write_text, atomic_writer
+from parafold.store import atomic_copy, atomic_write_text
 
 __all__ = ["TwinPlan", "CopiedPrediction", "plan_twins", "copy_prediction",
            "second_sources", "copy_twins", "with_twins"]
@@ -147,7 +146,7 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
     for name in [n for n in files if n not in last] + last:
         if name.startswith("ranked_") and name.endswith(".cif"):
             continue  # written below for the twin's name
-        _copy_file(source_dir / name, twin_dir / name)
+        atomic_copy(source_dir / name, twin_dir / name, link=False)
         written.add(name)
     for index in range(len(order)):
         pdb_name, cif_name = f"ranked_{index}.pdb", _RANKED_CIF.format(index)
@@ -164,20 +163,12 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
     remove_stale(twin_dir, written)
     seconds = time.perf_counter() - started
     merge_timings(twin_dir / "timings.json", {"copy_prediction": round(seconds, 3)})
-    _copy_file(done, twin_dir / DONE_FILE)
+    atomic_copy(done, twin_dir / DONE_FILE, link=False)
     best = order[0] if order else None
     mean_plddt, ptm = _best_scores(twin_dir, best, ranking)
     log.info("%s: same features as %s; its prediction copied (%d files, %.2f s)", twin_name,
              source_dir.name, len(written) + 1, seconds)
-    return CopiedPrediction(twin_name, source_dir.name, tuple(order), mean_plddt, ptm,
-                            time.perf_counter() - started)
-
-
-def _copy_file(source: Path, dest: Path) -> None:
-    """A copy of its own (a hard link would let an edit of one target's file change the
-    other's), whole or absent."""
-    with open(source, "rb") as reader, atomic_writer(dest, "wb") as writer:
-        shutil.copyfileobj(reader, writer)
+    return CopiedPrediction(twin_name, source_dir.name, tuple(order), mean_plddt, ptm, seconds)
 
 
 def _best_scores(folder: Path, best: str | None, ranking: dict[str, object]
