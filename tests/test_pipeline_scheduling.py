@@ -146,3 +146,84 @@ def test_missing_params_stop_the_run_before_any_search(tmp_path: Path) -> None:
     with Ledger(settings.out, readonly=True) as ledger:
         (run,) = ledger.runs()
     assert run.exit_code == 2
+
+
+def test_a_search_killed_among_others_runs_again_alone_once(tmp_path: Path) -> None:
+    """A search job whose tool died of SIGKILL (most likely out of memory) goes back to the
+    queue and runs again alone: no other search starts while it waits or runs, and it asks for
+    every CPU. Killed again, it fails, and the error says it was alone."""
+    import concurrent.futures as cf
+
+    from parafold.engine.base import Executor, JobHandle
+    from parafold.engine.jobs import SearchOutcome
+    from parafold.engine.scheduler import Scheduler
+    from parafold.ledger import State
+
+    class Manual(Executor):
+        """Jobs wait until the test completes their futures."""
+
+        name = "manual"
+
+        def __init__(self) -> None:
+            self.jobs: list[tuple[str, int, cf.Future]] = []
+
+        def submit(self, fn, *args, resources):  # type: ignore[no-untyped-def]
+            future: cf.Future = cf.Future()
+            self.jobs.append((args[0].name, resources.cpus, future))
+            return JobHandle(future)
+
+        def cpu_capacity(self) -> int:
+            return 4
+
+        def start_fold_workers(self, spec):  # type: ignore[no-untyped-def]
+            return []
+
+    def killed(name: str) -> SearchOutcome:
+        now = time.time()
+        return SearchOutcome(name, None, f"{name}: jackhmmer was killed (SIGKILL)", "w", now,
+                             now, killed=True)
+
+    def running() -> list[str]:
+        return sorted(names for names, _, f in executor.jobs if not f.done())
+
+    settings = RunSettings(input=tmp_path / "in.fasta", out=tmp_path, params_dir=tmp_path,
+                           search=None, model=ModelSettings(config_size="tiny", models=(1,)),
+                           cpus=4, cpus_per_search=2)
+    targets = [Target(n, n, "MKV" + n.upper()) for n in ("a", "b", "c", "d")]
+    executor = Manual()
+    with Ledger(tmp_path) as ledger:
+        ledger.register(targets)
+        sched = Scheduler(settings, ledger, 1, executor, None, targets, [], total=4,
+                          done_before=0)
+        sched.search_cpus, slots = 2, 2
+        sched._submit_searches(slots)
+        assert running() == ["a", "b"]
+        future_of = {n: f for n, _, f in executor.jobs}
+
+        future_of["a"].set_result(killed("a"))
+        sched._search_finished(future_of["a"])
+        assert ledger.get("a").state is State.QUEUED
+        sched._submit_searches(slots)
+        assert running() == ["b"]  # a waits for b; c does not start meanwhile
+
+        future_of["b"].set_result(killed("b"))
+        sched._search_finished(future_of["b"])
+        sched._submit_searches(slots)
+        assert running() == ["a"] and executor.jobs[-1][:2] == ("a", 4)  # alone, every CPU
+        sched._submit_searches(slots)
+        assert running() == ["a"]  # b waits for a
+
+        future_of["a"] = executor.jobs[-1][2]
+        future_of["a"].set_result(killed("a"))
+        sched._search_finished(future_of["a"])
+        failed = ledger.get("a")
+        assert failed.state is State.FAILED
+        assert failed.error.startswith("killed again when searching alone")
+        sched._submit_searches(slots)
+        assert running() == ["b"] and executor.jobs[-1][:2] == ("b", 4)
+        executor.jobs[-1][2].set_result(SearchOutcome("b", None, "b: a broken database", "w",
+                                                      time.time(), time.time()))
+        sched._search_finished(executor.jobs[-1][2])
+        sched._submit_searches(slots)
+        assert running() == ["c", "d"]  # nothing waits alone: the queue goes on as before
+        assert sched.failed == 2 and sched.search_failed == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -190,6 +191,29 @@ def test_identical_sequences_searched_once_and_retry(tmp_path: Path, queries: li
     a, b = (read_feature_set(tmp_path / "out" / n).load() for n in ("twin_a", "twin_b"))
     assert a["domain_name"][0] == b"twin_a" and b["domain_name"][0] == b"twin_b"
     np.testing.assert_array_equal(a["msa"], b["msa"])
+
+
+def test_a_search_killed_beside_another_is_retried_alone(tmp_path: Path, queries: list[Target],
+                                                         dbs: DatabaseSet,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The out-of-memory killer's case: jackhmmer dies of SIGKILL whenever another jackhmmer
+    runs beside it. The protein's UniRef90 and MGnify searches start together; the one killed
+    runs again once no other search of the budget runs (retried beside the other, it would be
+    killed again), and the protein gets its features."""
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("FAKE_RUNNING_DIR", str(tmp_path / "running"))
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setenv("FAKE_REAL", shutil.which("jackhmmer") or "jackhmmer")
+    settings = SearchSettings(jackhmmer_binary=str(FAKES / "crowded_tool"))
+    outcome, = featurize_many([queries[5]], out_dir=tmp_path / "out", databases=dbs,
+                              settings=settings, cpus=3, cache_dir=tmp_path / "cache")
+    assert outcome.ok, outcome.error
+    calls = log.read_text().split()
+    assert calls.count("ran") == 2 and calls.count("killed") >= 1, calls
+    attempts = {f.stem: json.loads(f.read_text())["attempts"]
+                for f in tmp_path.glob("**/.timings/jackhmmer_*.json")}
+    assert sorted(attempts) == ["jackhmmer_mgnify", "jackhmmer_uniref90"], attempts
+    assert max(attempts.values()) == 2, attempts
 
 
 def test_a_failing_protein_does_not_stop_the_others(tmp_path: Path, queries: list[Target],

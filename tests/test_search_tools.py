@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import threading
 import time
@@ -14,8 +15,10 @@ from parafold.errors import (
     DatabaseNotFoundError,
     InputError,
     ToolFailedError,
+    ToolKilledError,
     ToolNotFoundError,
     ToolTimeoutError,
+    was_killed,
 )
 from parafold.search.budget import CpuBudget, threads_per_search
 from parafold.search.databases import check_databases, find_databases, fingerprint_files
@@ -175,6 +178,33 @@ def test_budget_never_oversubscribes() -> None:
     for t in threads:
         t.join()
     assert peak[0] <= 3 and budget.free == 3
+
+
+def test_alone_waits_for_the_holds_running_and_goes_before_later_ones() -> None:
+    budget = CpuBudget(3)
+    order: list[str] = []
+    first = budget.hold(1)
+    first.__enter__()
+
+    def alone() -> None:
+        with budget.alone() as cores:
+            order.append(f"alone {cores} free {budget.free}")
+
+    def later() -> None:
+        with budget.hold(1):
+            order.append("later")
+
+    waiting = threading.Thread(target=alone)
+    waiting.start()
+    time.sleep(0.2)  # the alone hold waits for the running one
+    behind = threading.Thread(target=later)
+    behind.start()
+    time.sleep(0.2)  # 2 cores are free, but a later hold does not pass the waiting alone one
+    assert order == []
+    first.__exit__(None, None, None)
+    waiting.join(5)
+    behind.join(5)
+    assert order == ["alone 3 free 0", "later"] and budget.free == 3
 
 
 def _layout(db: Path) -> None:
@@ -416,6 +446,25 @@ def test_a_tool_dies_with_the_search_worker_that_started_it(tmp_path: Path) -> N
 
 def test_a_tool_killed_by_a_signal_is_reported_as_such() -> None:
     with pytest.raises(ToolFailedError) as info:
-        run_tool([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+        run_tool([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"],
                  timeout_s=30)
-    assert info.value.returncode == -9
+    assert info.value.returncode == -15 and not was_killed(info.value)
+
+
+@pytest.mark.parametrize("how", ["itself", "under a shell"])
+def test_a_tool_killed_by_sigkill_is_named_as_likely_out_of_memory(how: str) -> None:
+    """SIGKILL that parafold did not send is the out-of-memory killer's signal: the error says
+    so, survives pickling (it comes back from a worker process) and is found in a chain."""
+    kill = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    cmd = ([sys.executable, "-c", kill] if how == "itself"
+           else ["bash", "-c", f'"{sys.executable}" -c "{kill}"; exit $?'])
+    with pytest.raises(ToolKilledError) as info:
+        run_tool(cmd, timeout_s=30)
+    assert info.value.returncode == (-9 if how == "itself" else 137)
+    assert "killed (SIGKILL), most likely for want of memory" in str(info.value)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert type(again) is ToolKilledError and str(again) == str(info.value)
+    try:
+        raise RuntimeError("the search of one protein failed") from again
+    except RuntimeError as wrapped:
+        assert was_killed(wrapped)

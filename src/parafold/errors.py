@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "ToolNotFoundError",
     "DatabaseNotFoundError",
     "ToolFailedError",
+    "ToolKilledError",
     "ToolTimeoutError",
     "FeatureError",
     "ParamsError",
@@ -28,6 +30,7 @@ __all__ = [
     "RunLockedError",
     "StorageFullError",
     "is_storage_full",
+    "was_killed",
     "storage_full_advice",
 ]
 
@@ -64,6 +67,19 @@ class ToolFailedError(ToolError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), (self.cmd, self.returncode, self.stderr_tail), self.__dict__
+
+
+class ToolKilledError(ToolFailedError):
+    """The program died of SIGKILL that parafold did not send: most often the kernel's (or the
+    job's cgroup's) out-of-memory killer. Searches run side by side share the node's memory, so
+    such a search is retried alone (`search.msa_search`, `engine.scheduler`)."""
+
+    def __init__(self, cmd: list[str], returncode: int, stderr_tail: str) -> None:
+        super().__init__(cmd, returncode, stderr_tail)
+        name = cmd[0] if cmd else "?"
+        self.args = (f"{name} was killed (SIGKILL), most likely for want of memory: the "
+                     f"out-of-memory killer of the node or of the job's cgroup. "
+                     f"{stderr_tail.strip()[-2000:]}".rstrip(),)
 
 
 class ToolTimeoutError(ToolError, TimeoutError):
@@ -118,23 +134,35 @@ _FULL_WORDS = tuple(os.strerror(code) for code in _FULL_ERRNOS)  # as a tool's s
 _SQLITE_FULL = 13
 
 
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc` and the exceptions it came from (its cause, its context, a Ray task's own)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        cause = getattr(exc, "cause", None)  # Ray wraps a task's own exception
+        exc = (cause if isinstance(cause, BaseException) else None) or exc.__cause__ \
+            or exc.__context__
+
+
 def is_storage_full(exc: BaseException | None) -> bool:
     """Whether `exc`, or an exception it came from, says a disk is full or a quota spent: an
     OSError with ENOSPC or EDQUOT, SQLite's "database or disk is full", or a search tool that
     said so and exited."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
             return True
-        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+        if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL:
             return True
-        if isinstance(exc, ToolFailedError) and any(w in exc.stderr_tail for w in _FULL_WORDS):
+        if isinstance(e, ToolFailedError) and any(w in e.stderr_tail for w in _FULL_WORDS):
             return True
-        cause = getattr(exc, "cause", None)  # Ray wraps a task's own exception
-        exc = (cause if isinstance(cause, BaseException) else None) or exc.__cause__ \
-            or exc.__context__
     return False
+
+
+def was_killed(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it came from, is a search tool killed by SIGKILL
+    (`ToolKilledError`: most likely out of memory)."""
+    return any(isinstance(e, ToolKilledError) for e in _chain(exc))
 
 
 def storage_full_advice(out: object) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parafold.errors import PipelineError, is_storage_full
+from parafold.errors import PipelineError, is_storage_full, was_killed
 from parafold.featureset import FeatureSet
 from parafold.inputs import Target
 from parafold.lifecycle import die_with_parent, exit_interrupted, quiet_interrupt_when_idle
@@ -47,7 +47,8 @@ def describe_error(exc: BaseException) -> str:
 @dataclass(frozen=True, slots=True)
 class SearchOutcome:
     """One target's CPU stage: its feature set, or why there is none (`stopped_early`: a full
-    disk or a spent quota, which stops the run instead of failing the target)."""
+    disk or a spent quota, which stops the run instead of failing the target; `killed`: a
+    search tool died of SIGKILL, most likely out of memory, so the scheduler may run it alone)."""
 
     name: str
     feature_set: FeatureSet | None
@@ -56,6 +57,7 @@ class SearchOutcome:
     start: float
     end: float
     stopped_early: bool = False
+    killed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -76,7 +78,7 @@ def search_job(target: Target, out_dir: Path, databases: Any, settings: Any, cpu
         if not isinstance(exc, PipelineError) and not full:
             logger.exception("%s: unexpected error in the search stage", target.name)
         return SearchOutcome(target.name, None, describe_error(exc), worker_label(), start,
-                             time.time(), stopped_early=full)
+                             time.time(), stopped_early=full, killed=was_killed(exc))
     return SearchOutcome(target.name, fs, "", worker_label(), start, time.time())
 
 

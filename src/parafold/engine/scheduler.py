@@ -92,6 +92,11 @@ class Scheduler:
         self.databases = databases
         self.pending: deque[Target] = deque(to_search)
         self.searching: dict[cf.Future[Any], tuple[Target, ...]] = {}
+        # Targets whose search was killed (most likely out of memory) among others: each is
+        # searched again alone, once; no other search starts while one waits or runs.
+        self._alone: deque[Target] = deque()
+        self._killed_once: set[str] = set()
+        self._searching_alone: cf.Future[Any] | None = None
         self.ready: dict[str, tuple[FeatureSet, float]] = {}
         # future -> (worker, batch, batch number, when its oldest member became ready)
         self.folding: dict[cf.Future[Any],
@@ -186,8 +191,8 @@ class Scheduler:
     def _work_left(self) -> bool:
         if self.stopped is not None:  # only what is in flight
             return bool(self.searching or self.folding or self.plotting or self.copying)
-        return bool(self.pending or self.searching or self.ready or self.folding
-                    or self.plotting or self.copying)
+        return bool(self.pending or self._alone or self.searching or self.ready
+                    or self.folding or self.plotting or self.copying)
 
     def _stop(self, reason: str, advice: str) -> None:
         """Start nothing more: a disk full or a quota spent would fail every target after;
@@ -205,6 +210,16 @@ class Scheduler:
     # --- searches ---
 
     @property
+    def _searches_left(self) -> bool:
+        """Whether more feature sets may still come from searches."""
+        return bool(self.pending or self._alone or self.searching)
+
+    def _may_search_alone(self, target: Target) -> bool:
+        """A killed search runs again alone once; an MMseqs2 batch has every CPU already."""
+        return (target.name not in self._killed_once
+                and getattr(self.settings.search, "msa_mode", "classic") != "mmseqs")
+
+    @property
     def n_searching(self) -> int:
         """Targets whose search job is running (a batch job counts all of its targets)."""
         return sum(len(targets) for targets in self.searching.values())
@@ -218,13 +233,26 @@ class Scheduler:
         if getattr(s.search, "msa_mode", "classic") == "mmseqs":
             self._submit_search_batch()
             return
+        if self._alone or self._searching_alone:
+            if self._alone and not self.searching:
+                self._submit_search(self._alone.popleft(), alone=True)
+            return
         while self.pending and len(self.searching) < slots:
-            target = self.pending.popleft()
-            self.ledger.start_search(target.name)
-            handle = self.executor.submit(
-                search_job, target, s.out, self.databases, s.search, self.search_cpus,
-                s.resolved_cache_dir, resources=Resources(cpus=self.search_cpus))
-            self.searching[handle.future] = (target,)
+            self._submit_search(self.pending.popleft())
+
+    def _submit_search(self, target: Target, *, alone: bool = False) -> None:
+        s = self.settings
+        self.ledger.start_search(target.name)
+        # Alone, the job asks for every CPU, so that no other job shares its node's memory
+        # on an engine that places jobs by their CPUs (Ray).
+        cpus = self.executor.max_job_cpus() if alone else self.search_cpus
+        handle = self.executor.submit(
+            search_job, target, s.out, self.databases, s.search, self.search_cpus,
+            s.resolved_cache_dir, resources=Resources(cpus=cpus))
+        self.searching[handle.future] = (target,)
+        if alone:
+            self._searching_alone = handle.future
+            logger.info("%s: searching again, alone", target.name)
 
     def _submit_search_batch(self) -> None:
         """Every queued target in one MMseqs2 job sized with the largest CPU share a job can get."""
@@ -244,6 +272,8 @@ class Scheduler:
 
     def _search_finished(self, future: cf.Future[Any]) -> None:
         targets = self.searching.pop(future)
+        if future is self._searching_alone:
+            self._searching_alone = None
         now = time.time()
         try:
             result = future.result()
@@ -270,9 +300,20 @@ class Scheduler:
             self.ledger.reconcile(target.name, State.QUEUED)
             self._stop(outcome.error, storage_full_advice(self.settings.out))
             return
+        if outcome.feature_set is None and outcome.killed and self._may_search_alone(target):
+            logger.warning("%s: search killed, most likely for want of memory among the "
+                           "searches beside it; it runs again alone: %s", target.name,
+                           outcome.error)
+            self.ledger.reconcile(target.name, State.QUEUED)
+            self._killed_once.add(target.name)
+            self._alone.append(target)
+            return
         if outcome.feature_set is None:
-            logger.warning("%s: search failed: %s", target.name, outcome.error)
-            self.ledger.fail(target.name, "search", outcome.error)
+            error = outcome.error
+            if outcome.killed and target.name in self._killed_once:
+                error = f"killed again when searching alone (too little memory?): {error}"
+            logger.warning("%s: search failed: %s", target.name, error)
+            self.ledger.fail(target.name, "search", error)
             self.failed += 1
             self.search_failed += 1
             self.finished += 1
@@ -325,7 +366,7 @@ class Scheduler:
         group that has waited `starve_s` goes to the first idle worker regardless.
         """
         s, now = self.settings, time.time()
-        more_coming = bool(self.pending or self.searching)
+        more_coming = self._searches_left
         live = self._live_workers()
         live_names = {w.name for w in live}
         best: tuple[tuple[Any, ...], FoldWorkerHandle, list[tuple[FeatureSet, float]], int] | None
@@ -370,7 +411,7 @@ class Scheduler:
         taken = {fs.name for fs in batch}
         chosen = self._shape(batch[0])  # more of its shape: the next call (or another worker)
         live = self._live_workers()
-        more_coming = bool(self.pending or self.searching)
+        more_coming = self._searches_left
         groups = self._ready_groups(
             worker, {w.name for w in live},
             keep=lambda fs: (fs.name not in taken and fs.name not in self._failed_on
@@ -594,7 +635,7 @@ class Scheduler:
     def _fail_without_workers(self) -> None:
         """No worker left: fail what is queued or ready (searches running finish, and their
         targets fail here next), rather than wait for a worker that will never come."""
-        names = [t.name for t in self.pending] + list(self.ready) + [
+        names = [t.name for t in (*self.pending, *self._alone)] + list(self.ready) + [
             fs.name for twins in self._parked.values() for fs in twins]
         self._parked.clear()
         if not names:
@@ -607,6 +648,7 @@ class Scheduler:
         self.failed += len(names)
         self.finished += len(names)
         self.pending.clear()
+        self._alone.clear()
         self.ready.clear()
 
     def _next_batch(self) -> int:
@@ -732,7 +774,7 @@ class Scheduler:
     def _timeout(self) -> float:
         """Until the next thing to do: a group's wait running out, or a progress tick. (Waits
         already over do not count: what is left of them waits for a worker, not the clock.)"""
-        if not (self.idle and self.ready) or not (self.pending or self.searching):
+        if not (self.idle and self.ready) or not self._searches_left:
             return _TICK_S
         now = time.time()
         left = [since + self.settings.max_wait_s - now for _, since in self.ready.values()]

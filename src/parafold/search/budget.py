@@ -37,13 +37,15 @@ def threads_per_search(cpus: int, proteins: int, requested: int = 0) -> int:
 
 
 class CpuBudget:
-    """A counting semaphore of cores, taken and given back in any amount."""
+    """A counting semaphore of cores, taken and given back in any amount; `alone()` takes all
+    of them, ahead of the holds asked for after it."""
 
     def __init__(self, cpus: int) -> None:
         if cpus < 1:
             raise ValueError(f"CPU budget must be >= 1, got {cpus}")
         self.total = cpus
         self._free = cpus
+        self._alone_waiting = 0
         self._cond = threading.Condition()
 
     @contextlib.contextmanager
@@ -51,14 +53,35 @@ class CpuBudget:
         """Wait for `cores` free cores (capped at the total), hold them for the block."""
         cores = max(1, min(cores, self.total))
         with self._cond:
-            self._cond.wait_for(lambda: self._free >= cores)
+            self._cond.wait_for(lambda: self._free >= cores and not self._alone_waiting)
             self._free -= cores
         try:
             yield cores
         finally:
-            with self._cond:
-                self._free += cores
-                self._cond.notify_all()
+            self._give_back(cores)
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[int]:
+        """Hold every core: the block runs when nothing else of this budget does (a search
+        killed for want of memory runs again so). No hold asked for while this one waits is
+        granted before it: the holds already running finish, and it starts."""
+        with self._cond:
+            self._alone_waiting += 1
+            try:
+                self._cond.wait_for(lambda: self._free == self.total)
+            finally:
+                self._alone_waiting -= 1
+                self._cond.notify_all()  # holds waiting behind this one (if it gave up)
+            self._free = 0
+        try:
+            yield self.total
+        finally:
+            self._give_back(self.total)
+
+    def _give_back(self, cores: int) -> None:
+        with self._cond:
+            self._free += cores
+            self._cond.notify_all()
 
     @property
     def free(self) -> int:

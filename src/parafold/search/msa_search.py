@@ -20,7 +20,13 @@ from pathlib import Path
 
 from alphafold.data import parsers
 
-from parafold.errors import PipelineError, ToolError, ToolFailedError, ToolTimeoutError
+from parafold.errors import (
+    PipelineError,
+    ToolError,
+    ToolFailedError,
+    ToolKilledError,
+    ToolTimeoutError,
+)
 from parafold.search.budget import CpuBudget
 from parafold.search.databases import DatabaseSet
 from parafold.search.settings import SearchSettings
@@ -90,7 +96,12 @@ class _Ctx:
 
 def _run_step(ctx: _Ctx, step: str, out_name: str,
               call: Callable[[int, Path], ToolRun], finish: Callable[[Path], str]) -> ToolTiming:
-    """Run one tool with retries under the budget; write its output file, then its timing."""
+    """Run one tool with retries under the budget; write its output file, then its timing.
+
+    An attempt killed by SIGKILL (most likely out of memory: the searches side by side share
+    the node's memory) is retried alone: it waits until no other tool of the budget runs, and
+    none starts before it.
+    """
     out = ctx.msa_dir / out_name
     timing_file = ctx.msa_dir / _TIMINGS / f"{step}.json"
     if out.is_file() and timing_file.is_file():
@@ -101,15 +112,20 @@ def _run_step(ctx: _Ctx, step: str, out_name: str,
         if ctx.cancel.is_set():
             raise SearchCancelledError(f"{step}: not started, another search failed")
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step}-", dir=ctx.msa_dir.parent))
+        alone = isinstance(last, ToolKilledError)
         try:
-            with ctx.budget.hold(ctx.threads) as cores:
+            with ctx.budget.alone() if alone else ctx.budget.hold(ctx.threads) as held:
+                cores = min(held, ctx.threads)  # alone, it holds every core, with its threads
                 started = time.monotonic()
                 try:
                     run = call(cores, tmp)
                 except (ToolFailedError, ToolTimeoutError) as exc:
                     wall += time.monotonic() - started
                     last = exc
-                    logger.warning("%s attempt %d failed: %s", step, attempt, exc)
+                    again = (", retried alone" if isinstance(exc, ToolKilledError)
+                             and attempt <= ctx.settings.retries else "")
+                    logger.warning("%s attempt %d%s failed%s: %s", step, attempt,
+                                   " (alone)" if alone else "", again, exc)
                     continue
             wall += run.wall_s
             cpu += run.cpu_s

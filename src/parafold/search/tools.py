@@ -29,6 +29,7 @@ from typing import IO
 from parafold.errors import (
     DatabaseNotFoundError,
     ToolFailedError,
+    ToolKilledError,
     ToolNotFoundError,
     ToolTimeoutError,
 )
@@ -48,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 TAIL_BYTES = 64_000
 _GUARD = str(Path(__file__).with_name("tool_guard.py"))
+# Died of SIGKILL: as the guard ends (the tool's own signal), or as a shell wrapping the tool
+# reports its child's death (128 + the signal).
+_KILLED_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,8 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
         ToolNotFoundError: the program cannot be started.
         ToolTimeoutError: it ran past `timeout_s` (it and its children were killed).
         ToolFailedError: it exited non-zero; carries the tail of its stderr.
+        ToolKilledError: it (or, for a wrapper script, its child) died of SIGKILL: most
+            likely the out-of-memory killer.
     """
     cmd = [str(c) for c in cmd]
     logger.debug("running %s", " ".join(cmd))
@@ -123,6 +129,8 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
         run = ToolRun(tuple(cmd), proc.returncode, wall, cpu, _tail(out), _tail(err))
     if run.returncode != 0:
         tail = run.stderr_tail.strip() or run.stdout_tail
+        if run.returncode in _KILLED_CODES:  # not by us: the timeout was handled above
+            raise ToolKilledError(cmd, run.returncode, tail)
         raise ToolFailedError(cmd, run.returncode, tail)
     logger.debug("%s finished in %.2f s wall, %.2f s CPU", Path(cmd[0]).name, wall, cpu)
     return run
