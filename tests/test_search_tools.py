@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import sys
 import threading
 import time
@@ -229,11 +230,17 @@ def test_find_databases_layout_overrides_and_fingerprints(tmp_path: Path) -> Non
     prints = dbs.fingerprint_map()
     assert set(prints) == set(dbs.required)
     assert find_databases(db, "full_dbs").fingerprint_map() == prints
-    # touching one mmCIF file changes only pdb_mmcif's fingerprint
-    cif = db / "pdb_mmcif" / "mmcif_files" / "1abc.cif"
-    os.utime(cif, ns=(1, 1))
-    again = find_databases(db, "full_dbs").fingerprint_map()
-    assert again["pdb_mmcif"] != prints["pdb_mmcif"] and again["uniref90"] == prints["uniref90"]
+    # a copy with new times (`cp` without -p, as jobs stage databases to local disks) and a
+    # touched file keep every fingerprint: the searches would find the same
+    copy = tmp_path / "local_disk" / "db"
+    shutil.copytree(db, copy, copy_function=shutil.copyfile)
+    os.utime(copy / "uniref90" / "uniref90.fasta", ns=(1, 1))
+    assert find_databases(copy, "full_dbs").fingerprint_map() == prints
+    # a changed byte (same size) changes that database's alone; so does an mmCIF of new size
+    (copy / "uniref90" / "uniref90.fasta").write_text(">a\nACDF\n")
+    (copy / "pdb_mmcif" / "mmcif_files" / "1abc.cif").write_text("data_1abc\n#\n")
+    again = find_databases(copy, "full_dbs").fingerprint_map()
+    assert {n for n in prints if again[n] != prints[n]} == {"uniref90", "pdb_mmcif"}
     # an override by file, and one by folder
     other = tmp_path / "elsewhere" / "u90.fasta"
     other.parent.mkdir()
@@ -257,6 +264,23 @@ _MMSEQS_FILES = ("", ".dbtype", ".index", ".lookup", ".source", ".idx", ".idx.db
                  ".idx.index", "_h", "_h.dbtype", "_h.index", "_seq", "_seq.dbtype", "_seq.index",
                  "_seq.lookup", "_seq_h", "_seq_h.dbtype", "_seq_h.index", "_aln.0", "_aln.1",
                  "_aln.dbtype", "_aln.index", "_mapping", "_taxonomy")
+
+
+def test_a_large_files_fingerprint_reads_its_start_middle_and_end(tmp_path: Path) -> None:
+    from parafold.search.databases import fingerprint_files
+
+    big = tmp_path / "big.fasta"
+    data = bytearray(os.urandom(1 << 20))
+    big.write_bytes(data)
+    first, names_and_sizes = fingerprint_files([big]), fingerprint_files([big], sample=False)
+    for where in (0, len(data) // 2, len(data) - 1):
+        changed = bytearray(data)
+        changed[where] ^= 0xFF
+        big.write_bytes(changed)
+        assert fingerprint_files([big]) != first, where
+        assert fingerprint_files([big], sample=False) == names_and_sizes  # (mmCIF files)
+    big.write_bytes(data)
+    assert fingerprint_files([big]) == first
 
 
 def _mmseqs_db(prefix: Path) -> Path:
@@ -291,7 +315,7 @@ def test_sibling_mmseqs_database_does_not_change_fingerprint(tmp_path: Path) -> 
         assert [p.name for p in mmseqs_db_files(prefix)] == sorted(
             prefix.name + suffix for suffix in _MMSEQS_FILES)
     # a changed file of its own still changes it
-    os.utime(folder / "pdb_seq.index", ns=(1, 1))
+    (folder / "pdb_seq.index").write_text("y")
     assert find_databases(tmp_path / "db", msa_mode="mmseqs").fingerprint_map() != prints
     # a read-only database's shadow links its own files only
     shadow = _shadow(pdb, tmp_path / "index")

@@ -1,9 +1,14 @@
 """Finding the AlphaFold database layout under one folder, and fingerprinting it.
 
 The globs follow docs/layout.md, so database versions may differ from AlphaFold's file names.
-A fingerprint is SHA-256 over (relative file name, size, mtime in ns) of a database's files,
-not over their content: real databases are terabytes, and reading them for every run would
-cost hours. A copied or touched database gets a new fingerprint, which only costs a cache miss.
+A fingerprint is SHA-256 over each of a database's files: its name relative to the
+database's folder, its size and a sample of its bytes (64 KiB at its start, middle and end;
+for the PDB's mmCIF files, one per entry, name and size alone). Not over whole contents:
+real databases are terabytes, and reading them for every run would cost hours. Not over
+modification times either: clusters copy databases to node-local disks for every job, and a
+copy (`cp` without `-p`) has new times but the same searches, so it keeps its fingerprint and
+the search cache stays valid. A rebuilt or newer release differs in size or in the sampled
+bytes, and gets a new fingerprint.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from parafold.errors import DatabaseNotFoundError, InputError
 from parafold.search.settings import MSA_MODES, PRESETS
 
 __all__ = ["DatabaseSet", "DatabaseStatus", "DB_NAMES", "find_databases", "check_databases",
-           "fingerprint_files", "hh_db_files", "mmseqs_db_files", "required_databases"]
+           "fingerprint_files", "database_fingerprint", "hh_db_files", "mmseqs_db_files",
+           "required_databases"]
 
 DB_NAMES = ("uniref90", "mgnify", "bfd", "uniref30", "small_bfd", "pdb70", "pdb_mmcif",
             "pdb_seqres", "mmseqs_uniref30", "mmseqs_env", "mmseqs_pdb")
@@ -45,6 +51,7 @@ _LAYOUT: dict[str, tuple[str, str, str]] = {
     "mmseqs_env": ("mmseqs", "*env*.dbtype", "mmseqs"),
     "mmseqs_pdb": ("mmseqs", "pdb*.dbtype", "mmseqs"),
 }
+_SAMPLE_BYTES = 64 * 1024  # a stretch of a database file read for its fingerprint
 HH_PARTS = ("a3m", "cs219", "hhm")  # sorted: fingerprints list files in name order
 # The parts of an MMseqs2 database `P` (headers, cluster members, alignments, taxonomy), each
 # `P_<part>`: a `.dbtype` of such a name is not a database in its own right.
@@ -146,7 +153,7 @@ class DatabaseSet:
         if missing:
             what = self.preset if self.msa_mode == "classic" else f"--msa-mode {self.msa_mode}"
             raise DatabaseNotFoundError(f"missing databases for {what}: {', '.join(missing)}")
-        prints = tuple((name, fingerprint_files(_database_files(name, self.require(name))))
+        prints = tuple((name, database_fingerprint(name, self.require(name)))
                        for name in self.used)
         return replace(self, fingerprints=prints)
 
@@ -184,16 +191,34 @@ def mmseqs_db_files(prefix: Path) -> list[Path]:
                   if _MMSEQS_OWN_SUFFIX.fullmatch(p.name[len(prefix.name):]) and p.is_file())
 
 
-def fingerprint_files(files: list[Path]) -> str:
-    """SHA-256 over (name relative to the common folder, size, mtime ns) of each file."""
+def fingerprint_files(files: list[Path], *, sample: bool = True) -> str:
+    """SHA-256 over (name relative to the common folder, size, and with `sample` a digest of
+    the bytes at its start, middle and end) of each file; see the module docstring."""
     if not files:
         return ""
     root = Path(os.path.commonpath([f.parent for f in files]))
     digest = hashlib.sha256()
     for f in sorted(files):
-        st = f.stat()
-        digest.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        size = f.stat().st_size
+        bytes_seen = _sample_digest(f, size) if sample else ""
+        digest.update(f"{f.relative_to(root)}\0{size}\0{bytes_seen}\n".encode())
     return digest.hexdigest()
+
+
+def _sample_digest(path: Path, size: int) -> str:
+    """SHA-256 of up to three `_SAMPLE_BYTES` stretches of `path`: its start, middle, end."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for offset in sorted({0, max(0, size // 2 - _SAMPLE_BYTES // 2),
+                              max(0, size - _SAMPLE_BYTES)}):
+            handle.seek(offset)
+            digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def database_fingerprint(name: str, path: Path) -> str:
+    """The fingerprint of database `name` at `path` (see the module docstring)."""
+    return fingerprint_files(_database_files(name, path), sample=_LAYOUT[name][2] != "dir")
 
 
 def _glob_in(name: str, folder: Path) -> Path | None:
@@ -279,6 +304,6 @@ def check_databases(dbs: DatabaseSet) -> list[DatabaseStatus]:
     out = []
     for name in DB_NAMES:
         path = dbs.path(name)
-        fp = fingerprint_files(_database_files(name, path)) if path is not None else ""
+        fp = database_fingerprint(name, path) if path is not None else ""
         out.append(DatabaseStatus(name, path, name in dbs.required, fp))
     return out
