@@ -186,11 +186,12 @@ def test_a_query_error_in_a_child_comes_back_as_the_thread_path_records_it(
 
 
 def test_every_pipeline_error_survives_pickling() -> None:
-    made = [errors.ToolFailedError(["mmseqs", "search"], 137, "killed\n"),
+    made = [errors.ToolFailedError(["mmseqs", "search"], 1, "failed\n"),
+            errors.ToolKilledError(["mmseqs", "search"], 137, "killed\n"),
             errors.ToolTimeoutError(["kalign"], 2.5)]
     classes = {name for name in errors.__all__ if isinstance(getattr(errors, name), type)}
     made += [getattr(errors, name)(f"{name} message") for name in sorted(classes)
-             if name not in {"ToolFailedError", "ToolTimeoutError"}]
+             if name not in {"ToolFailedError", "ToolKilledError", "ToolTimeoutError"}]
     assert {type(e).__name__ for e in made} == classes and "StorageFullError" in classes
     for exc in made:
         exc.add_note("a note")
