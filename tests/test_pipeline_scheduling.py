@@ -148,54 +148,73 @@ def test_missing_params_stop_the_run_before_any_search(tmp_path: Path) -> None:
     assert run.exit_code == 2
 
 
-def test_a_search_killed_among_others_runs_again_alone_once(tmp_path: Path) -> None:
-    """A search job whose tool died of SIGKILL (most likely out of memory) goes back to the
-    queue and runs again alone: no other search starts while it waits or runs, and it asks for
-    every CPU. Killed again, it fails, and the error says it was alone."""
-    import concurrent.futures as cf
+class _ManualExecutor:
+    """Search jobs wait until the test completes their futures; `jobs` lists (target, CPUs
+    asked for, future)."""
 
-    from parafold.engine.base import Executor, JobHandle
-    from parafold.engine.jobs import SearchOutcome
+    name = "manual"
+
+    def __init__(self) -> None:
+        import concurrent.futures as cf
+
+        self.jobs: list[tuple[str, int, cf.Future]] = []
+
+    def submit(self, fn, *args, resources):  # type: ignore[no-untyped-def]
+        import concurrent.futures as cf
+
+        from parafold.engine.base import JobHandle
+
+        future: cf.Future = cf.Future()
+        self.jobs.append((args[0].name, resources.cpus, future))
+        return JobHandle(future)
+
+    def cpu_capacity(self) -> int:
+        return 4
+
+    def max_job_cpus(self) -> int:
+        return 4
+
+    def running(self) -> list[str]:
+        return sorted(name for name, _, f in self.jobs if not f.done())
+
+
+def _search_scheduler(tmp_path: Path, ledger: Ledger, executor: _ManualExecutor,
+                      names: tuple[str, ...]) -> object:
+    """A scheduler of searches only: two at a time, 2 CPUs each, out of 4."""
     from parafold.engine.scheduler import Scheduler
-    from parafold.ledger import State
-
-    class Manual(Executor):
-        """Jobs wait until the test completes their futures."""
-
-        name = "manual"
-
-        def __init__(self) -> None:
-            self.jobs: list[tuple[str, int, cf.Future]] = []
-
-        def submit(self, fn, *args, resources):  # type: ignore[no-untyped-def]
-            future: cf.Future = cf.Future()
-            self.jobs.append((args[0].name, resources.cpus, future))
-            return JobHandle(future)
-
-        def cpu_capacity(self) -> int:
-            return 4
-
-        def start_fold_workers(self, spec):  # type: ignore[no-untyped-def]
-            return []
-
-    def killed(name: str) -> SearchOutcome:
-        now = time.time()
-        return SearchOutcome(name, None, f"{name}: jackhmmer was killed (SIGKILL)", "w", now,
-                             now, killed=True)
-
-    def running() -> list[str]:
-        return sorted(names for names, _, f in executor.jobs if not f.done())
 
     settings = RunSettings(input=tmp_path / "in.fasta", out=tmp_path, params_dir=tmp_path,
                            search=None, model=ModelSettings(config_size="tiny", models=(1,)),
                            cpus=4, cpus_per_search=2)
-    targets = [Target(n, n, "MKV" + n.upper()) for n in ("a", "b", "c", "d")]
-    executor = Manual()
+    targets = [Target(n, n, "MKV" + n.upper()) for n in names]
+    ledger.register(targets)
+    sched = Scheduler(settings, ledger, 1, executor, None, targets, [],  # type: ignore[arg-type]
+                      total=len(targets), done_before=0)
+    sched.search_cpus = 2
+    return sched
+
+
+def _failed_search(name: str, error: str = "a broken database", **how: bool) -> object:
+    from parafold.engine.jobs import SearchOutcome
+
+    now = time.time()
+    return SearchOutcome(name, None, f"{name}: {error}", "w", now, now, **how)
+
+
+def test_a_search_killed_among_others_runs_again_alone_once(tmp_path: Path) -> None:
+    """A search job whose tool died of SIGKILL (most likely out of memory) goes back to the
+    queue and runs again alone: no other search starts while it waits or runs, and it asks for
+    every CPU. Killed again, it fails, and the error says it was alone."""
+    from parafold.ledger import State
+
+    def killed(name: str) -> object:
+        return _failed_search(name, "jackhmmer was killed (SIGKILL)", killed=True)
+
+    executor = _ManualExecutor()
+    running = executor.running
     with Ledger(tmp_path) as ledger:
-        ledger.register(targets)
-        sched = Scheduler(settings, ledger, 1, executor, None, targets, [], total=4,
-                          done_before=0)
-        sched.search_cpus, slots = 2, 2
+        sched = _search_scheduler(tmp_path, ledger, executor, ("a", "b", "c", "d"))
+        slots = 2
         sched._submit_searches(slots)
         assert running() == ["a", "b"]
         future_of = {n: f for n, _, f in executor.jobs}
@@ -221,9 +240,51 @@ def test_a_search_killed_among_others_runs_again_alone_once(tmp_path: Path) -> N
         assert failed.error.startswith("killed again when searching alone")
         sched._submit_searches(slots)
         assert running() == ["b"] and executor.jobs[-1][:2] == ("b", 4)
-        executor.jobs[-1][2].set_result(SearchOutcome("b", None, "b: a broken database", "w",
-                                                      time.time(), time.time()))
+        executor.jobs[-1][2].set_result(_failed_search("b"))
         sched._search_finished(executor.jobs[-1][2])
         sched._submit_searches(slots)
         assert running() == ["c", "d"]  # nothing waits alone: the queue goes on as before
         assert sched.failed == 2 and sched.search_failed == 2
+
+
+def test_searches_of_a_dead_worker_are_queued_again_then_run_alone(tmp_path: Path) -> None:
+    """A search worker process that dies takes the searches beside it along: each is queued
+    again (behind the others); one whose worker dies a second time runs alone; a third death
+    fails it."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from parafold.ledger import State
+
+    executor = _ManualExecutor()
+    running = executor.running
+    with Ledger(tmp_path) as ledger:
+        sched = _search_scheduler(tmp_path, ledger, executor, ("a", "b", "c", "d"))
+        sched._submit_searches(2)
+        assert running() == ["a", "b"]
+        for _, _, future in executor.jobs:
+            future.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+            sched._search_finished(future)
+        assert ledger.get("a").state is State.QUEUED and ledger.get("b").state is State.QUEUED
+        assert [t.name for t in sched.pending] == ["c", "d", "a", "b"]
+        sched._submit_searches(2)
+        assert running() == ["c", "d"]
+        for name, _, future in executor.jobs[2:]:
+            future.set_result(_failed_search(name))
+            sched._search_finished(future)
+        sched._submit_searches(2)
+        assert running() == ["a", "b"]
+        a_job, b_job = executor.jobs[-2][2], executor.jobs[-1][2]
+        a_job.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+        sched._search_finished(a_job)  # a's worker died twice: a runs alone, after b
+        sched._submit_searches(2)
+        assert running() == ["b"]
+        b_job.set_result(_failed_search("b"))
+        sched._search_finished(b_job)
+        sched._submit_searches(2)
+        assert running() == ["a"] and executor.jobs[-1][:2] == ("a", 4)
+        executor.jobs[-1][2].set_exception(BrokenProcessPool("terminated abruptly"))
+        sched._search_finished(executor.jobs[-1][2])
+        failed = ledger.get("a")
+        assert failed.state is State.FAILED and "search worker died" in failed.error
+        assert failed.error.startswith("killed again when searching alone")
+        assert not sched._work_left() and sched.failed == 4

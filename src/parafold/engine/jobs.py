@@ -48,7 +48,8 @@ def describe_error(exc: BaseException) -> str:
 class SearchOutcome:
     """One target's CPU stage: its feature set, or why there is none (`stopped_early`: a full
     disk or a spent quota, which stops the run instead of failing the target; `killed`: a
-    search tool died of SIGKILL, most likely out of memory, so the scheduler may run it alone)."""
+    search tool died of SIGKILL, most likely out of memory, so the scheduler may run it alone;
+    `worker_died`: the process running the job died, so there is no outcome of its own)."""
 
     name: str
     feature_set: FeatureSet | None
@@ -58,6 +59,7 @@ class SearchOutcome:
     end: float
     stopped_early: bool = False
     killed: bool = False
+    worker_died: bool = False
 
     @property
     def ok(self) -> bool:

@@ -92,10 +92,12 @@ class Scheduler:
         self.databases = databases
         self.pending: deque[Target] = deque(to_search)
         self.searching: dict[cf.Future[Any], tuple[Target, ...]] = {}
-        # Targets whose search was killed (most likely out of memory) among others: each is
-        # searched again alone, once; no other search starts while one waits or runs.
+        # Searches that died rather than failed (`_search_again`): a killed tool (most likely
+        # out of memory among the searches beside it) is searched again alone, once, with no
+        # other search running; a dead worker's targets are queued again first.
         self._alone: deque[Target] = deque()
-        self._killed_once: set[str] = set()
+        self._searched_alone: set[str] = set()
+        self._worker_deaths: dict[str, int] = {}
         self._searching_alone: cf.Future[Any] | None = None
         self.ready: dict[str, tuple[FeatureSet, float]] = {}
         # future -> (worker, batch, batch number, when its oldest member became ready)
@@ -214,10 +216,31 @@ class Scheduler:
         """Whether more feature sets may still come from searches."""
         return bool(self.pending or self._alone or self.searching)
 
-    def _may_search_alone(self, target: Target) -> bool:
-        """A killed search runs again alone once; an MMseqs2 batch has every CPU already."""
-        return (target.name not in self._killed_once
-                and getattr(self.settings.search, "msa_mode", "classic") != "mmseqs")
+    def _search_again(self, target: Target, outcome: SearchOutcome) -> bool:
+        """Queue again a search that died rather than failed; False: it fails.
+
+        A search worker that dies (killed, out of memory) takes every search of its process
+        pool with it, most of them innocent: each is queued again, once. A search tool killed
+        by SIGKILL, or a target whose worker died twice, is searched again alone (the memory
+        of the searches beside it is the likely cause), once. MMseqs2 batches run alone anyway.
+        """
+        name = target.name
+        if outcome.worker_died:
+            self._worker_deaths[name] = self._worker_deaths.get(name, 0) + 1
+        alone_ok = (name not in self._searched_alone
+                    and getattr(self.settings.search, "msa_mode", "classic") != "mmseqs")
+        if outcome.worker_died and self._worker_deaths[name] == 1:
+            logger.warning("%s: %s; it is searched again", name, outcome.error)
+            self.pending.append(target)
+        elif (outcome.killed or outcome.worker_died) and alone_ok:
+            logger.warning("%s: search killed, most likely for want of memory among the "
+                           "searches beside it; it runs again alone: %s", name, outcome.error)
+            self._searched_alone.add(name)
+            self._alone.append(target)
+        else:
+            return False
+        self.ledger.reconcile(name, State.QUEUED)
+        return True
 
     @property
     def n_searching(self) -> int:
@@ -281,8 +304,8 @@ class Scheduler:
         except Exception as exc:  # the worker itself died (killed, out of memory)
             reason = f"search worker died: {describe_error(exc)}"
             result = None
-            outcomes = {t.name: SearchOutcome(t.name, None, reason, "?", now, now)
-                        for t in targets}
+            outcomes = {t.name: SearchOutcome(t.name, None, reason, "?", now, now,
+                                              worker_died=True) for t in targets}
         # One batch number on every event of a batch job: the timeline shows it as one job.
         batch_no = self._next_batch() if isinstance(result, list) or len(targets) > 1 else None
         for target in targets:
@@ -300,17 +323,11 @@ class Scheduler:
             self.ledger.reconcile(target.name, State.QUEUED)
             self._stop(outcome.error, storage_full_advice(self.settings.out))
             return
-        if outcome.feature_set is None and outcome.killed and self._may_search_alone(target):
-            logger.warning("%s: search killed, most likely for want of memory among the "
-                           "searches beside it; it runs again alone: %s", target.name,
-                           outcome.error)
-            self.ledger.reconcile(target.name, State.QUEUED)
-            self._killed_once.add(target.name)
-            self._alone.append(target)
+        if outcome.feature_set is None and self._search_again(target, outcome):
             return
         if outcome.feature_set is None:
             error = outcome.error
-            if outcome.killed and target.name in self._killed_once:
+            if (outcome.killed or outcome.worker_died) and target.name in self._searched_alone:
                 error = f"killed again when searching alone (too little memory?): {error}"
             logger.warning("%s: search failed: %s", target.name, error)
             self.ledger.fail(target.name, "search", error)
