@@ -101,8 +101,12 @@ def test_mmseqs_searches_every_target_in_one_batch(mmseqs_run: tuple[Path, list[
     timings = _search_timings(out, names)
     assert sum(1 for t in timings.values() if t["tool_calls"]) == 1, timings
     for name in names:
-        batch = json.loads((out / name / "timings.json").read_text())["batch"]
+        target_timings = json.loads((out / name / "timings.json").read_text())
+        batch = target_timings["batch"]
         assert batch["queries"] == N_MMSEQS, batch
+        # the batch's peak memory: the largest of its MMseqs2 calls
+        assert target_timings["search_max_rss_mib"] == max(
+            t["max_rss_mib"] for t in target_timings["tools"].values()) > 0, target_timings
         assert (out / name / "msas" / "uniref.a3m").is_file()
 
 

@@ -90,10 +90,12 @@ def test_all_queries_get_features_in_alphafold_layout(searched: dict[str, object
         for name in ("uniref90_hits.sto", "mgnify_hits.sto", "bfd_uniref_hits.a3m",
                      "pdb_hits.hhr"):
             assert (folder / "msas" / name).stat().st_size > 0
-        timings = (folder / "timings.json").read_text()
-        for step in ("jackhmmer_uniref90", "jackhmmer_mgnify", "hhblits_bfd_uniref30",
-                     "hhsearch_pdb70"):
-            assert step in timings
+        timings = json.loads((folder / "timings.json").read_text())
+        steps = ("jackhmmer_uniref90", "jackhmmer_mgnify", "hhblits_bfd_uniref30",
+                 "hhsearch_pdb70")
+        assert set(timings["tools"]) == set(steps)
+        peaks = [timings["tools"][step]["max_rss_mib"] for step in steps]  # each tool's own
+        assert min(peaks) > 0 and timings["search_max_rss_mib"] == max(peaks), timings
         fs = read_feature_set(folder)
         feats = fs.load()
         assert feats["domain_name"][0] == o.target.id.encode()

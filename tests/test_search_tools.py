@@ -122,6 +122,14 @@ def _assert_gone(pid: int, within_s: float = 5.0) -> None:
         time.sleep(0.05)
 
 
+def test_run_tool_measures_the_tools_peak_memory() -> None:
+    """The tool's own peak (a grandchild under a shell here), not the small guard's."""
+    grow = "b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096])"
+    run = run_tool(["bash", "-c", f'"{sys.executable}" -c "{grow}"; true'], timeout_s=60)
+    assert 300 <= run.max_rss_mib < 600, run.max_rss_mib
+    assert run_tool(["true"], timeout_s=60).max_rss_mib < 100
+
+
 def test_run_tool_measures_the_childs_own_cpu_time(tmp_path: Path) -> None:
     burn = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.4: pass\n"
     idle = [sys.executable, "-c", "import time; time.sleep(0.4)"]

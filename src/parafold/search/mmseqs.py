@@ -119,7 +119,7 @@ class Mmseqs:
                 continue
             wall, cpu = wall + run.wall_s, cpu + run.cpu_s
             self.timings.append(ToolTiming(step, round(wall, 3), round(cpu, 3),
-                                           self.threads, attempt))
+                                           self.threads, attempt, max_rss_mib=run.max_rss_mib))
             return run
         raise AssertionError("unreachable")
 

@@ -70,6 +70,7 @@ class ToolTiming:
     threads: int
     attempts: int
     reused: bool = False
+    max_rss_mib: float = 0.0  # peak memory of the attempt that finished (0: not measured)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,8 @@ def _run_step(ctx: _Ctx, step: str, out_name: str,
             atomic_write_text(out, finish(tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        timing = ToolTiming(step, round(wall, 3), round(cpu, 3), cores, attempt)
+        timing = ToolTiming(step, round(wall, 3), round(cpu, 3), cores, attempt,
+                            max_rss_mib=run.max_rss_mib)
         atomic_write_json(timing_file, asdict(timing))
         return timing
     assert last is not None

@@ -166,6 +166,8 @@ def _fill_entry(entry: Path, sequence: str, *, databases: DatabaseSet,
         "tools": {t.step: {k: v for k, v in asdict(t).items() if k != "step"}
                   for t in search.timings},
         "searches_wall_s": search.wall_s,
+        # the most memory one search tool took: what to size a node's memory by
+        "search_max_rss_mib": max((t.max_rss_mib for t in search.timings), default=0.0),
         "features_s": round(features_s, 3),
         "total_wall_s": round(time.monotonic() - started, 3),
     })
@@ -284,7 +286,8 @@ def _fill_mmseqs_entry(entry: Path, sequence: str, msas: dict[str, str], *,
         features_s = round(time.monotonic() - started, 3)
         atomic_write_json(entry / TIMINGS_FILE, {
             "tools": batch["tools"], "batch": batch["info"],
-            "searches_wall_s": batch["info"]["wall_s"], "features_s": features_s,
+            "searches_wall_s": batch["info"]["wall_s"],
+            "search_max_rss_mib": batch["max_rss_mib"], "features_s": features_s,
             "total_wall_s": round(batch["info"]["wall_s"] + features_s, 3)})
         write_feature_set(entry / "features", name="cache", target_id=key, features=feats,
                           key=key, msa_mode=_mode_label(settings))
@@ -379,7 +382,8 @@ def _search_and_fill(pending: dict[str, str], *, databases: DatabaseSet,
         batch = {"tools": {t.step: {k: v for k, v in asdict(t).items() if k != "step"}
                            for t in result.timings},
                  "info": {"queries": len(names), "calls": len(result.timings),
-                          "wall_s": result.wall_s, "threads": cores}}
+                          "wall_s": result.wall_s, "threads": cores},
+                 "max_rss_mib": max((t.max_rss_mib for t in result.timings), default=0.0)}
         failed: dict[str, BaseException] = {}
 
         def job(name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:

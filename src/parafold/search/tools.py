@@ -64,6 +64,7 @@ class ToolRun:
     cpu_s: float
     stdout_tail: str
     stderr_tail: str
+    max_rss_mib: float = 0.0  # peak resident memory of the tool (its largest process)
 
 
 def _tail(handle: IO[bytes]) -> str:
@@ -124,15 +125,19 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
         wall = time.monotonic() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         cpu = float(usage.ru_utime + usage.ru_stime)  # type: ignore[attr-defined]
+        # Linux: the largest of the guard and the processes it waited for (the tool), in KiB
+        max_rss_mib = round(usage.ru_maxrss / 1024, 1)  # type: ignore[attr-defined]
         if timed_out:
             raise ToolTimeoutError(cmd, timeout_s)
-        run = ToolRun(tuple(cmd), proc.returncode, wall, cpu, _tail(out), _tail(err))
+        run = ToolRun(tuple(cmd), proc.returncode, wall, cpu, _tail(out), _tail(err),
+                      max_rss_mib)
     if run.returncode != 0:
         tail = run.stderr_tail.strip() or run.stdout_tail
         if run.returncode in _KILLED_CODES:  # not by us: the timeout was handled above
             raise ToolKilledError(cmd, run.returncode, tail)
         raise ToolFailedError(cmd, run.returncode, tail)
-    logger.debug("%s finished in %.2f s wall, %.2f s CPU", Path(cmd[0]).name, wall, cpu)
+    logger.debug("%s finished in %.2f s wall, %.2f s CPU, %.0f MiB at most",
+                 Path(cmd[0]).name, wall, cpu, max_rss_mib)
     return run
 
 
