@@ -288,3 +288,24 @@ def test_searches_of_a_dead_worker_are_queued_again_then_run_alone(tmp_path: Pat
         assert failed.state is State.FAILED and "search worker died" in failed.error
         assert failed.error.startswith("killed again when searching alone")
         assert not sched._work_left() and sched.failed == 4
+
+
+def test_a_search_whose_worker_dies_while_alone_fails(tmp_path: Path) -> None:
+    """Alone, nothing else shares its memory: a target whose worker dies then is the cause,
+    and fails rather than go back to the queue."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from parafold.ledger import State
+
+    executor = _ManualExecutor()
+    with Ledger(tmp_path) as ledger:
+        sched = _search_scheduler(tmp_path, ledger, executor, ("a",))
+        sched._submit_searches(2)
+        executor.jobs[-1][2].set_result(_failed_search("a", "killed (SIGKILL)", killed=True))
+        sched._search_finished(executor.jobs[-1][2])
+        sched._submit_searches(2)
+        assert executor.running() == ["a"] and executor.jobs[-1][1] == 4  # alone
+        executor.jobs[-1][2].set_exception(BrokenProcessPool("terminated abruptly"))
+        sched._search_finished(executor.jobs[-1][2])
+        assert ledger.get("a").state is State.FAILED and not sched._work_left()
+        assert ledger.get("a").error.startswith("killed again when searching alone")

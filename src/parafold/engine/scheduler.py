@@ -94,7 +94,7 @@ class Scheduler:
         self.searching: dict[cf.Future[Any], tuple[Target, ...]] = {}
         # Searches that died rather than failed (`_search_again`): a killed tool (most likely
         # out of memory among the searches beside it) is searched again alone, once, with no
-        # other search running; a dead worker's targets are queued again first.
+        # other search running; a dead worker's targets are queued again, behind the others.
         self._alone: deque[Target] = deque()
         self._searched_alone: set[str] = set()
         self._worker_deaths: dict[str, int] = {}
@@ -222,17 +222,18 @@ class Scheduler:
         A search worker that dies (killed, out of memory) takes every search of its process
         pool with it, most of them innocent: each is queued again, once. A search tool killed
         by SIGKILL, or a target whose worker died twice, is searched again alone (the memory
-        of the searches beside it is the likely cause), once. MMseqs2 batches run alone anyway.
+        of the searches beside it is the likely cause), once; dying alone, it fails. An MMseqs2
+        batch (every CPU already) is queued again once, on a worker's death only.
         """
         name = target.name
         if outcome.worker_died:
             self._worker_deaths[name] = self._worker_deaths.get(name, 0) + 1
-        alone_ok = (name not in self._searched_alone
-                    and getattr(self.settings.search, "msa_mode", "classic") != "mmseqs")
-        if outcome.worker_died and self._worker_deaths[name] == 1:
+        fresh = name not in self._searched_alone  # else it died alone: it fails
+        mmseqs = getattr(self.settings.search, "msa_mode", "classic") == "mmseqs"
+        if outcome.worker_died and self._worker_deaths[name] == 1 and fresh:
             logger.warning("%s: %s; it is searched again", name, outcome.error)
             self.pending.append(target)
-        elif (outcome.killed or outcome.worker_died) and alone_ok:
+        elif (outcome.killed or outcome.worker_died) and fresh and not mmseqs:
             logger.warning("%s: search killed, most likely for want of memory among the "
                            "searches beside it; it runs again alone: %s", name, outcome.error)
             self._searched_alone.add(name)
