@@ -5,7 +5,9 @@ redoing work."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -122,6 +124,14 @@ def test_run_end_to_end_with_a_bad_record(pipeline_inputs: dict[str, Path],
     assert f"report: {out / 'report.html'}" in proc.stdout
     check_plots_and_report(out, names)
     assert "broken" in proc.stdout and "not amino-acid letters" in proc.stdout
+    # the largest search's peak memory: in OUT/timings.json and the summary, naming its target
+    peaks = {n: json.loads((out / n / "timings.json").read_text())["search_max_rss_mib"]
+             for n in names}
+    assert json.loads((out / "timings.json").read_text())["search_max_rss_mib"] == max(
+        peaks.values()) > 0
+    named = re.search(r"largest search: [0-9.]+ [MG]iB of memory at its peak \((\S+);",
+                      proc.stdout)
+    assert named and peaks[named.group(1)] == max(peaks.values()), proc.stdout
     status = subprocess.run([PARAFOLD, "status", str(out)], capture_output=True, text=True,
                             timeout=60)
     assert status.returncode == 0, status.stderr

@@ -134,6 +134,8 @@ class RunSummary:
     compiles: int | None
     engine: str
     copied: int = 0  # targets given a copy of an identical target's prediction
+    # the most memory one search tool of this run took (MiB) and its target: to size --mem by
+    search_peak: tuple[float, str] = (0.0, "")
     report: Path | None = None
     stopped: str | None = None  # why the run stopped early: a disk full, a drain, ...
     stop_advice: str = ""  # and what to do before the rerun
@@ -156,6 +158,11 @@ class RunSummary:
         out = [f"{self.done}/{self.targets} targets done in {self.out} "
                f"({self.searched} searched and {self.predicted} predicted{copied} in this run, "
                f"{self.wall_s:.1f} s{rate}{compiles})"]
+        peak_mib, peak_target = self.search_peak
+        if peak_mib:
+            size = f"{peak_mib / 1024:.1f} GiB" if peak_mib >= 1024 else f"{peak_mib:.0f} MiB"
+            out.append(f"largest search: {size} of memory at its peak ({peak_target}; each "
+                       "target's timings.json has its own)")
         if self.failures:
             out.append(f"{len(self.failures)} failed:")
             out.extend(f"  {f}" for f in self.failures)
@@ -430,7 +437,8 @@ def _summary(settings: RunSettings, ledger: Ledger, targets: Sequence[Target],
         done=sum(1 for r in records if r.state is State.DONE), failures=failures,
         input_problems=tuple(problems), wall_s=time.time() - started,
         searched=sched.searched, predicted=sched.predicted, compiles=sched.compiles(),
-        engine=settings.engine, copied=sched.copied, stopped=sched.stopped,
+        engine=settings.engine, copied=sched.copied, search_peak=sched.search_peak,
+        stopped=sched.stopped,
         stop_advice=sched.stop_advice)
 
 
@@ -439,6 +447,7 @@ def _write_run_timings(out: Path, summary: RunSummary) -> None:
         atomic_write_json(out / "timings.json", {
             "wall_s": round(summary.wall_s, 3), "searched": summary.searched,
             "predicted": summary.predicted, "copied": summary.copied,
+            "search_max_rss_mib": summary.search_peak[0],
             "compile_count": summary.compiles,
             "proteins_per_hour": round(summary.proteins_per_hour, 1), "engine": summary.engine,
         })

@@ -131,6 +131,7 @@ class Scheduler:
         self.searched = 0
         self.predicted = 0
         self.copied = 0
+        self.search_peak: tuple[float, str] = (0.0, "")  # the most memory a search tool took
         self.failed = failed_before
         self.search_failed = 0
         self.search_cpus = settings.search_cpus
@@ -337,9 +338,13 @@ class Scheduler:
             self.finished += 1
             return
         fs = outcome.feature_set
+        peak = fs.extra.get("search_max_rss_mib")
         self.ledger.features_ready(target.name, {
             "wall_s": round(outcome.end - outcome.start, 3), "worker": outcome.worker,
-            "tool_calls": fs.extra.get("tool_calls"), "reused": fs.extra.get("reused")})
+            "tool_calls": fs.extra.get("tool_calls"), "reused": fs.extra.get("reused"),
+            "max_rss_mib": peak})
+        if peak and peak > self.search_peak[0]:
+            self.search_peak = (peak, target.name)
         self.searched += 1
         self.featured += 1
         self._admit(fs, now)

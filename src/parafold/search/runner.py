@@ -197,8 +197,9 @@ def featurize_prepared(target: Target, *, out_dir: Path, databases: DatabaseSet,
                        cache_dir: Path, write_pkl: bool = False) -> FeatureSet:
     """`featurize_target` with a shared budget and fingerprinted databases (for the scheduler).
 
-    The returned set's `extra` says what this call did: `tool_calls` and `reused`
-    ("target": already finished, "cache": features from the cache, "": computed now).
+    The returned set's `extra` says what this call did: `tool_calls`, `reused` ("target":
+    already finished, "cache": features from the cache, "": computed now) and, computed now,
+    `search_max_rss_mib` (the most memory one of its search tools took).
     """
     if settings.msa_mode == "mmseqs":
         result = featurize_batch([target], out_dir=out_dir, databases=databases,
@@ -230,8 +231,15 @@ def featurize_prepared(target: Target, *, out_dir: Path, databases: DatabaseSet,
                "cache_hit": not filled}
     fs = _write_target(folder, target, entry, key=key, msa_names=names, timings=timings,
                        databases=databases, settings=settings, write_pkl=write_pkl)
-    reused = "" if filled else "cache"
-    return replace(fs, extra={**fs.extra, "tool_calls": tool_calls, "reused": reused})
+    return replace(fs, extra={**fs.extra, **_did(timings, tool_calls, fresh=filled)})
+
+
+def _did(timings: dict[str, Any], tool_calls: int, *, fresh: bool) -> dict[str, Any]:
+    """What a featurize call did, for its feature set's `extra` (see `featurize_prepared`)."""
+    did: dict[str, Any] = {"tool_calls": tool_calls, "reused": "" if fresh else "cache"}
+    if fresh and timings.get("search_max_rss_mib"):
+        did["search_max_rss_mib"] = timings["search_max_rss_mib"]
+    return did
 
 
 def featurize_target(target: Target, *, out_dir: Path, databases: DatabaseSet,
@@ -463,6 +471,5 @@ def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: Data
         except (PipelineError, OSError) as exc:
             results[i] = exc
             continue
-        results[i] = replace(fs, extra={**fs.extra, "tool_calls": tool_calls,
-                                        "reused": "" if fresh else "cache"})
+        results[i] = replace(fs, extra={**fs.extra, **_did(timings, tool_calls, fresh=fresh)})
     return [r for r in results if r is not None]

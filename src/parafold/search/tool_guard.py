@@ -8,8 +8,9 @@ session in the tool's place: it asks the kernel for SIGTERM when the thread that
 ends (PR_SET_PDEATHSIG) and then kills its whole process group; otherwise it waits for the tool
 and ends as the tool did (same exit code, or same signal).
 
-Invoked by `run_tool` as `python -S -E tool_guard.py PARENT_PID CMD [ARGS...]`: standard
-library only, and no parafold import, so it starts in milliseconds.
+Invoked by `run_tool` as `python -S -E tool_guard.py PARENT_PID USAGE_FD CMD [ARGS...]`: it
+writes the tool's peak resident memory (KiB) to the open file USAGE_FD. Standard library only,
+and no parafold import, so it starts in milliseconds.
 """
 
 from __future__ import annotations
@@ -40,18 +41,23 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or not argv[0].isdigit():
-        print("usage: tool_guard.py PARENT_PID CMD [ARGS...]", file=sys.stderr)
+    if len(argv) < 3 or not argv[0].isdigit() or not argv[1].isdigit():
+        print("usage: tool_guard.py PARENT_PID USAGE_FD CMD [ARGS...]", file=sys.stderr)
         return 2
     if os.getpgrp() != os.getpid():  # lead a group of its own: the kill must hit no one else
         os.setsid()
     _die_with_parent(int(argv[0]))
+    usage_fd = int(argv[1])
+    os.set_inheritable(usage_fd, False)  # the guard's to write, not the tool's
     try:  # posix_spawn, not subprocess: importing subprocess would double the start-up time
-        tool = os.posix_spawnp(argv[1], argv[1:], os.environ)
+        tool = os.posix_spawnp(argv[2], argv[2:], os.environ)
     except OSError as exc:
-        print(f"cannot start {argv[1]}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"cannot start {argv[2]}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CANNOT_START
-    _, status = os.waitpid(tool, 0)  # EINTR is retried by Python itself (PEP 475)
+    _, status, usage = os.wait4(tool, 0)  # EINTR is retried by Python itself (PEP 475)
+    # The tool's peak memory, measured here: the guard's own peak, which its caller would
+    # see, starts at that of the process that forked it (Linux keeps it across exec).
+    os.write(usage_fd, f"{usage.ru_maxrss}\n".encode())
     code = os.waitstatus_to_exitcode(status)
     if code < 0:  # killed by a signal: end the same way, so the caller sees what the tool got
         if -code not in (signal.SIGKILL, signal.SIGSTOP):  # these cannot be handled anyway

@@ -93,13 +93,15 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
     if not _startable(cmd[0], cwd, env):
         raise ToolNotFoundError(f"cannot start {cmd[0]}: not found or not executable")
     # the guard leads the tool's session and kills it if this thread dies (`tool_guard`)
-    guarded = [sys.executable, "-S", "-E", _GUARD, str(os.getpid()), *cmd]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.TemporaryFile() as usage_file:
+        guarded = [sys.executable, "-S", "-E", _GUARD, str(os.getpid()),
+                   str(usage_file.fileno()), *cmd]
         start = time.monotonic()
         try:
             proc = subprocess.Popen(guarded, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     cwd=cwd, env=None if env is None else dict(env),
-                                    start_new_session=True)
+                                    start_new_session=True, pass_fds=(usage_file.fileno(),))
         except OSError as exc:
             raise ToolNotFoundError(f"cannot start {cmd[0]}: {exc.strerror or exc}") from exc
 
@@ -125,8 +127,7 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
         wall = time.monotonic() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         cpu = float(usage.ru_utime + usage.ru_stime)  # type: ignore[attr-defined]
-        # Linux: the largest of the guard and the processes it waited for (the tool), in KiB
-        max_rss_mib = round(usage.ru_maxrss / 1024, 1)  # type: ignore[attr-defined]
+        max_rss_mib = _peak_mib(usage_file)
         if timed_out:
             raise ToolTimeoutError(cmd, timeout_s)
         run = ToolRun(tuple(cmd), proc.returncode, wall, cpu, _tail(out), _tail(err),
@@ -139,6 +140,15 @@ def run_tool(cmd: Sequence[str], *, timeout_s: float, cwd: Path | str | None = N
     logger.debug("%s finished in %.2f s wall, %.2f s CPU, %.0f MiB at most",
                  Path(cmd[0]).name, wall, cpu, max_rss_mib)
     return run
+
+
+def _peak_mib(usage_file: IO[bytes]) -> float:
+    """The tool's peak resident memory as its guard wrote it (KiB), in MiB; 0 if unknown
+    (the guard was killed first). Not the guard's own peak from `wait4`: on Linux that starts
+    at the peak of the process that forked it, here a search worker's."""
+    usage_file.seek(0)
+    text = usage_file.read().decode("ascii", errors="replace").strip()
+    return round(int(text) / 1024, 1) if text.isdigit() else 0.0
 
 
 def _startable(program: str, cwd: Path | str | None, env: Mapping[str, str] | None) -> bool:
