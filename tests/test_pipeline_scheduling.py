@@ -309,3 +309,21 @@ def test_a_search_whose_worker_dies_while_alone_fails(tmp_path: Path) -> None:
         sched._search_finished(executor.jobs[-1][2])
         assert ledger.get("a").state is State.FAILED and not sched._work_left()
         assert ledger.get("a").error.startswith("killed again when searching alone")
+
+
+def test_a_target_predicted_after_a_copy_is_no_copy_in_the_ledger(tmp_path: Path) -> None:
+    """A copy left `copied_from` in the ledger; the target's own prediction (a later run)
+    removes it, so results.tsv does not call it a copy."""
+    from parafold.engine.scheduler import _outcome_timings
+    from parafold.ledger import State
+
+    with Ledger(tmp_path) as ledger:
+        ledger.register([Target("t", "t", "MKV")])
+        ledger.reconcile("t", State.PREDICTING)
+        ledger.done("t", {"copied_from": "s", "copy_s": 0.02, "mean_plddt": 50.0})
+        ledger.reconcile("t", State.PREDICTING)
+        outcome = SimpleNamespace(timings={"predict_model_1_ptm": 1.5}, mean_plddt=61.0,
+                                  ptm=0.4)
+        ledger.done("t", _outcome_timings(outcome))
+        assert ledger.get("t").timings["predict"] == {"predict_model_1_ptm": 1.5,
+                                                      "mean_plddt": 61.0, "ptm": 0.4}

@@ -24,10 +24,10 @@ from parafold.store import atomic_write_json
 HBA_SEQ = "MVLSPADKTNVKAAWGKVGAHAGE"  # 24 residues
 HEADER = "\t".join(RESULTS_COLUMNS)
 HBA_LINE = ("hba\tsp|P69905|HBA_HUMAN\t24\t12\tdone\tmodel_2_ptm\t87.12\t0.6124\t31.75\t1"
-            "\thba/ranked_0.pdb\t4.25\t3.500\t")
+            "\thba/ranked_0.pdb\t4.25\t3.500\t\t512.2\t")
 BAD_LINE = ("bad\tbad\t10\t\tfailed\t\t\t\t\t0\t\t\t\t"
-            "[search] jackhmmer exited 1: line one line two  ")
-TABBED_LINE = "tabbed\tsp|X Y Z\t10\t\tqueued\t\t\t\t\t0\t\t\t\t"
+            "[search] jackhmmer exited 1: line one line two  \t\t")
+TABBED_LINE = "tabbed\tsp|X Y Z\t10\t\tqueued\t\t\t\t\t0\t\t\t\t\t\t"
 
 
 def _predicted(folder: Path, target_id: str, sequence: str, *, relax_best: bool) -> None:
@@ -72,7 +72,7 @@ def run_out(tmp_path: Path) -> Path:
         ledger.add_event(run_id=run_id, worker="cpu-0", kind="search", target="hba",
                          start=100.0, end=104.25, ok=True)
         _predicted(out / "hba", hba.id, HBA_SEQ, relax_best=True)
-        ledger.features_ready("hba", {})
+        ledger.features_ready("hba", {"max_rss_mib": 512.25})
         ledger.start_predict(["hba"])
         ledger.done("hba", {"predict_model_1_ptm": 1.5, "predict_model_2_ptm": 2.0})
         ledger.start_search("bad")
@@ -124,7 +124,7 @@ def test_without_a_ledger_the_id_comes_from_the_features_manifest(tmp_path: Path
     write_results_table(tmp_path)
     assert (tmp_path / RESULTS_FILE).read_text(encoding="utf-8").splitlines()[1] == (
         "t1\tmy protein  1\t14\t12\tdone\tmodel_2_ptm\t87.12\t0.6124\t31.75\t0"
-        "\tt1/ranked_0.pdb\t\t\t")
+        "\tt1/ranked_0.pdb\t\t\t\t\t")
 
 
 def test_a_killed_rewrite_keeps_the_old_table_and_leaves_no_temp_file(
@@ -214,7 +214,7 @@ def test_predict_writes_results_tsv_with_its_failures(tmp_path: Path,
     assert f"results: {tmp_path / 'o' / RESULTS_FILE}" in res.output
     assert (tmp_path / "o" / RESULTS_FILE).read_text(encoding="utf-8").splitlines() == [
         HEADER,
-        "broken\tsp|BAD 2\t14\t4\tfailed\t\t\t\t\t0\t\t\t\tOOM: shape (512, 512)",
+        "broken\tsp|BAD 2\t14\t4\tfailed\t\t\t\t\t0\t\t\t\tOOM: shape (512, 512)\t\t",
         "ok\tsp|OK1\t10\t4\tdone\tmodel_2_ptm\t87.12\t0.6124\t31.75\t0\tok/ranked_0.pdb"
-        "\t\t\t",
+        "\t\t\t\t\t",
     ]

@@ -70,6 +70,13 @@ def _files(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "timings.json"}
 
 
+def _results_rows(out: Path) -> dict[str, dict[str, str]]:
+    """OUT/results.tsv as {name: {column: cell}}."""
+    lines = (out / "results.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    return {r[0]: dict(zip(header, r, strict=True)) for r in (ln.split("\t") for ln in lines[1:])}
+
+
 def test_a_copy_is_what_predicting_the_twin_writes(tmp_path):
     preds = _predictions(41, seed=5)
     write_target_outputs(tmp_path / "src", "src", preds, {"predict_model_1_ptm": 2.0},
@@ -95,12 +102,22 @@ def test_a_copy_is_what_predicting_the_twin_writes(tmp_path):
     assert b"TWIN" in got["ranked_0.cif"] and b"SRC" not in got["ranked_0.cif"]
     timings = json.loads((twin / "timings.json").read_text())
     assert timings["features"] == 1.5 and "copy_prediction" in timings
+    assert timings["copied_from"] == "src"  # a name in the same OUT (results.tsv shows it)
     assert "predict_model_1_ptm" not in timings  # the source's GPU time is not the twin's
     ranking = json.loads((twin / DONE_FILE).read_text())
     assert copied.order == tuple(ranking["order"]) and copied.source == "src"
     best = max(preds, key=lambda p: p.mean_plddt)
     assert copied.mean_plddt == pytest.approx(best.mean_plddt)
     assert copied.ptm == pytest.approx(float(best.result["ptm"]), abs=1e-4)
+    # from another OUT, the source is its folder; predicted itself later, it is no copy
+    other = tmp_path / "other_out" / "twin"
+    other.mkdir(parents=True)
+    copy_prediction(tmp_path / "src", other, "twin")
+    assert json.loads((other / "timings.json").read_text())["copied_from"] == str(
+        (tmp_path / "src").resolve())
+    write_target_outputs(twin, "twin", preds, {"predict_model_1_ptm": 2.0}, save_raw=True)
+    timings = json.loads((twin / "timings.json").read_text())
+    assert "copied_from" not in timings and "copy_prediction" not in timings
 
 
 def test_a_copy_carries_the_relaxation(tmp_path):
@@ -243,12 +260,12 @@ def test_predict_cli_says_which_targets_were_copied(twin_sets, tiny_params, tmp_
     assert res.exit_code == 0, res.output
     assert "a_again\t24\tok (same features as a: its prediction copied)" in res.output
     assert "4/4 targets ok" in res.output
-    lines = (tmp_path / "out" / "results.tsv").read_text().splitlines()
-    header = lines[0].split("\t")
-    rows = {r[0]: dict(zip(header, r, strict=True)) for r in (ln.split("\t") for ln in lines[1:])}
+    rows = _results_rows(tmp_path / "out")
     assert sorted(rows) == ["a", "a_again", "a_third", "b"]
     assert rows["a_again"]["plddt"] == rows["a"]["plddt"] != ""
     assert rows["a_again"]["ranked_pdb"] == "a_again/ranked_0.pdb"
+    assert [rows[n]["copied_from"] for n in ("a", "a_again", "a_third", "b")] == [
+        "", "a", "a", ""]
 
 
 def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params, tmp_path,
@@ -291,6 +308,8 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
             assert rec.timings["predict"]["copied_from"] == source
             assert rec.timings["predict"]["mean_plddt"] == pytest.approx(
                 ledger.get(source).timings["predict"]["mean_plddt"], abs=1e-3)
+    assert {n: r["copied_from"] for n, r in _results_rows(out).items()} == {
+        source: "", "b": "", **dict.fromkeys(twins, source)}
     for twin in twins:
         got, original = _files(out / twin), _files(out / source)
         copied = [n for n in original if is_prediction_file(n) and not n.endswith(".cif")]

@@ -805,7 +805,10 @@ class Scheduler:
 
 
 def _outcome_timings(outcome: Any) -> dict[str, Any]:
-    timings = dict(getattr(outcome, "timings", None) or {})
+    """A prediction's entries for the ledger; None removes a copy's, left by an earlier run
+    (the ledger merges them as a JSON merge patch)."""
+    timings: dict[str, Any] = {"copied_from": None, "copy_s": None,
+                               **(getattr(outcome, "timings", None) or {})}
     for key in ("mean_plddt", "ptm"):
         value = getattr(outcome, key, None)
         if value is not None:

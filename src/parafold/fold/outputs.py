@@ -22,9 +22,12 @@ import numpy as np
 from parafold.store import atomic_write_json, atomic_write_text, atomic_writer
 
 __all__ = ["Prediction", "write_target_outputs", "is_complete", "DONE_FILE", "rank",
-           "merge_timings", "is_prediction_file", "remove_stale"]
+           "merge_timings", "is_prediction_file", "remove_stale", "COPY_TIMINGS"]
 
 DONE_FILE = "ranking_debug.json"
+# What a copy from an identical target (`fold.twins`) adds to `timings.json`: its seconds and
+# its source (a name in the same OUT, else a folder); the target's own prediction drops them.
+COPY_TIMINGS = ("copy_prediction", "copied_from")
 # The per-prediction files `write_target_outputs` owns; any it did not write this time is stale.
 _PREDICTION_FILE = re.compile(
     r"(ranked_\d+\.(pdb|cif)|unrelaxed_.+\.pdb|scores_.+\.json|pae_.+\.json|result_.+\.pkl"
@@ -135,7 +138,8 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
         write_text(f"ranked_{index}.pdb", pdbs[pred.name])
         cif = fast_mmcif.to_mmcif(prots[pred.name], file_id=name, model_type="Monomer")
         write_text(f"ranked_{index}.cif", cif)
-    merge_timings(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    merge_timings(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()},
+                  drop=COPY_TIMINGS)
     remove_stale(folder, written)
     atomic_write_json(folder / DONE_FILE, {
         "plddts": {p.name: p.ranking_confidence for p in predictions},
@@ -152,10 +156,11 @@ def remove_stale(folder: Path, written: set[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def merge_timings(path: Path, fold_timings: dict[str, float]) -> None:
+def merge_timings(path: Path, fold_timings: dict[str, Any], *,
+                  drop: tuple[str, ...] = ()) -> None:
     """One `timings.json` per target, as AlphaFold writes: the search stage's entries (per
     tool, when features were made in this folder) are kept and the GPU stage's (or the
-    relaxation's) added."""
+    relaxation's) added; the `drop` keys go (a prediction's own replaces a copy's)."""
     existing: dict[str, Any] = {}
     if path.is_file():
         try:
@@ -163,4 +168,5 @@ def merge_timings(path: Path, fold_timings: dict[str, float]) -> None:
             existing = loaded if isinstance(loaded, dict) else {}
         except (OSError, ValueError):
             existing = {}
-    atomic_write_json(path, {**existing, **fold_timings})
+    kept = {k: v for k, v in existing.items() if k not in drop}
+    atomic_write_json(path, {**kept, **fold_timings})

@@ -162,7 +162,11 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
         written.add(cif_name)
     remove_stale(twin_dir, written)
     seconds = time.perf_counter() - started
-    merge_timings(twin_dir / "timings.json", {"copy_prediction": round(seconds, 3)})
+    # a source in the twin's OUT by its name, any other by its folder (as the ledger says)
+    same_out = source_dir.resolve().parent == twin_dir.resolve().parent
+    copied_from = source_dir.name if same_out else str(source_dir.resolve())
+    merge_timings(twin_dir / "timings.json",  # the keys of `outputs.COPY_TIMINGS`
+                  {"copy_prediction": round(seconds, 3), "copied_from": copied_from})
     atomic_copy(done, twin_dir / DONE_FILE, link=False)
     best = order[0] if order else None
     mean_plddt, ptm = _best_scores(twin_dir, best, ranking)

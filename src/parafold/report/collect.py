@@ -53,11 +53,14 @@ class _Row:
     model: str | None = None
     timings: dict[str, Any] = field(default_factory=dict)
     # Not on the page, in OUT/results.tsv only: the record id as given in the input, the
-    # best model's max PAE, whether it was relaxed, whether the folder holds ranked_0.pdb.
+    # best model's max PAE, whether it was relaxed, whether the folder holds ranked_0.pdb,
+    # the most memory one of its search tools took, the target its prediction was copied from.
     target_id: str | None = None
     max_pae: float | None = None
     relaxed: bool = False
     has_ranked_pdb: bool = False
+    search_max_rss_mib: float | None = None
+    copied_from: str | None = None
 
     def as_list(self) -> list[Any]:
         return [getattr(self, c) for c in COLUMNS]
@@ -146,10 +149,16 @@ def _fill_from_folder(row: _Row, folder: Path) -> None:
     if row.state == "unknown":
         row.state = folder_state
     row.has_ranked_pdb = (folder / RANKED_PDB).is_file()
-    if not row.timings.get("predict"):  # the ledger's copy wins: never count them twice
+    if not row.timings.get("predict") or row.search_max_rss_mib is None:
         timings = _json(folder / "timings.json")
         if isinstance(timings, dict):
-            row.timings["predict"] = timings
+            if not row.timings.get("predict"):  # the ledger's wins: never count them twice
+                row.timings["predict"] = timings
+            if row.search_max_rss_mib is None:
+                row.search_max_rss_mib = _num(timings.get("search_max_rss_mib"))
+            if row.copied_from is None and isinstance(timings.get("copied_from"), str) \
+                    and folder_state == "done":
+                row.copied_from = timings["copied_from"]
     for flag, name in ((FLAG_PLDDT, PLDDT_PNG), (FLAG_PAE, PAE_PNG),
                        (FLAG_COVERAGE, COVERAGE_PNG), (FLAG_STRUCTURE, STRUCTURE_JS)):
         if (folder / name).is_file():
@@ -237,6 +246,11 @@ def collect(out_dir: Path | str) -> Collected:
             row.error = stage + rec.error
         if isinstance(rec.timings, Mapping):
             row.timings.update(rec.timings)
+            search, predict = rec.timings.get("search"), rec.timings.get("predict")
+            if isinstance(search, Mapping):
+                row.search_max_rss_mib = _num(search.get("max_rss_mib"))
+            if isinstance(predict, Mapping) and isinstance(predict.get("copied_from"), str):
+                row.copied_from = predict["copied_from"]
         stamps = rec.stamps
         if "features_ready" in stamps and "searching" in stamps:
             row.search_s = stamps["features_ready"] - stamps["searching"]

@@ -23,7 +23,8 @@ __all__ = ["RESULTS_FILE", "RESULTS_COLUMNS", "format_results", "write_results_t
 log = logging.getLogger(__name__)
 
 RESULTS_COLUMNS = ("name", "id", "length", "msa_depth", "state", "best_model", "plddt", "ptm",
-                   "max_pae", "relaxed", "ranked_pdb", "search_s", "predict_s", "error")
+                   "max_pae", "relaxed", "ranked_pdb", "search_s", "predict_s", "error",
+                   "search_max_rss_mib", "copied_from")
 _FLATTEN = str.maketrans({"\t": " ", "\r": " ", "\n": " "})
 
 
@@ -35,7 +36,8 @@ def _cells(row: _Row) -> list[Any]:
     return [row.name, row.target_id, row.length, row.msa_depth, row.state, row.model,
             _fixed(row.plddt, 2), _fixed(row.ptm, 4), _fixed(row.max_pae, 2),
             int(row.relaxed), f"{row.name}/{RANKED_PDB}" if row.has_ranked_pdb else None,
-            _fixed(row.search_s, 2), _fixed(row.predict_s, 3), row.error]
+            _fixed(row.search_s, 2), _fixed(row.predict_s, 3), row.error,
+            _fixed(row.search_max_rss_mib, 1), row.copied_from]
 
 
 def format_results(rows: Iterable[_Row]) -> str:
