@@ -279,8 +279,6 @@ _MMSEQS_FILES = ("", ".dbtype", ".index", ".lookup", ".source", ".idx", ".idx.db
 
 
 def test_a_large_files_fingerprint_reads_its_start_middle_and_end(tmp_path: Path) -> None:
-    from parafold.search.databases import fingerprint_files
-
     big = tmp_path / "big.fasta"
     data = bytearray(os.urandom(1 << 20))
     big.write_bytes(data)

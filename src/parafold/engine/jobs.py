@@ -65,6 +65,11 @@ class SearchOutcome:
     def ok(self) -> bool:
         return self.feature_set is not None
 
+    @property
+    def died(self) -> bool:
+        """Whether its search died (a tool or the worker killed) rather than failed."""
+        return self.killed or self.worker_died
+
 
 def search_job(target: Target, out_dir: Path, databases: Any, settings: Any, cpus: int,
                cache_dir: Path) -> SearchOutcome:

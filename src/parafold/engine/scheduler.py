@@ -97,7 +97,7 @@ class Scheduler:
         # other search running; a dead worker's targets are queued again, behind the others.
         self._alone: deque[Target] = deque()
         self._searched_alone: set[str] = set()
-        self._worker_deaths: dict[str, int] = {}
+        self._requeued: set[str] = set()  # queued again once after their worker died
         self._searching_alone: cf.Future[Any] | None = None
         self.ready: dict[str, tuple[FeatureSet, float]] = {}
         # future -> (worker, batch, batch number, when its oldest member became ready)
@@ -213,6 +213,11 @@ class Scheduler:
     # --- searches ---
 
     @property
+    def _batch_searches(self) -> bool:
+        """MMseqs2 mode: every queued target goes into one search job with every CPU."""
+        return getattr(self.settings.search, "msa_mode", "classic") == "mmseqs"
+
+    @property
     def _searches_left(self) -> bool:
         """Whether more feature sets may still come from searches."""
         return bool(self.pending or self._alone or self.searching)
@@ -227,14 +232,12 @@ class Scheduler:
         batch (every CPU already) is queued again once, on a worker's death only.
         """
         name = target.name
-        if outcome.worker_died:
-            self._worker_deaths[name] = self._worker_deaths.get(name, 0) + 1
         fresh = name not in self._searched_alone  # else it died alone: it fails
-        mmseqs = getattr(self.settings.search, "msa_mode", "classic") == "mmseqs"
-        if outcome.worker_died and self._worker_deaths[name] == 1 and fresh:
+        if outcome.worker_died and name not in self._requeued and fresh:
             logger.warning("%s: %s; it is searched again", name, outcome.error)
+            self._requeued.add(name)
             self.pending.append(target)
-        elif (outcome.killed or outcome.worker_died) and fresh and not mmseqs:
+        elif outcome.died and fresh and not self._batch_searches:
             logger.warning("%s: search killed, most likely for want of memory among the "
                            "searches beside it; it runs again alone: %s", name, outcome.error)
             self._searched_alone.add(name)
@@ -250,12 +253,11 @@ class Scheduler:
         return sum(len(targets) for targets in self.searching.values())
 
     def _submit_searches(self, slots: int) -> None:
-        s = self.settings
         if self.stopped is not None:
             return
         if self.retired and not self._live_workers():  # its features could never be folded
             return
-        if getattr(s.search, "msa_mode", "classic") == "mmseqs":
+        if self._batch_searches:
             self._submit_search_batch()
             return
         if self._alone or self._searching_alone:
@@ -329,7 +331,7 @@ class Scheduler:
             return
         if outcome.feature_set is None:
             error = outcome.error
-            if (outcome.killed or outcome.worker_died) and target.name in self._searched_alone:
+            if outcome.died and target.name in self._searched_alone:
                 error = f"killed again when searching alone (too little memory?): {error}"
             logger.warning("%s: search failed: %s", target.name, error)
             self.ledger.fail(target.name, "search", error)

@@ -48,7 +48,7 @@ from parafold.search.features import (
     single_sequence_features,
 )
 from parafold.search.mmseqs import MMSEQS_FILES, search_batch
-from parafold.search.msa_search import QUERY_NAME, msa_files_for, run_searches
+from parafold.search.msa_search import QUERY_NAME, ToolTiming, msa_files_for, run_searches
 from parafold.search.precomputed import file_digest, find_msa_file, read_msa, stored_msa_name
 from parafold.search.settings import SearchSettings
 from parafold.shards import Shard
@@ -163,11 +163,8 @@ def _fill_entry(entry: Path, sequence: str, *, databases: DatabaseSet,
                            settings=settings)
     features_s = time.monotonic() - t_feat
     atomic_write_json(entry / TIMINGS_FILE, {
-        "tools": {t.step: {k: v for k, v in asdict(t).items() if k != "step"}
-                  for t in search.timings},
+        **_tool_timings(search.timings),
         "searches_wall_s": search.wall_s,
-        # the most memory one search tool took: what to size a node's memory by
-        "search_max_rss_mib": max((t.max_rss_mib for t in search.timings), default=0.0),
         "features_s": round(features_s, 3),
         "total_wall_s": round(time.monotonic() - started, 3),
     })
@@ -234,6 +231,14 @@ def featurize_prepared(target: Target, *, out_dir: Path, databases: DatabaseSet,
     return replace(fs, extra={**fs.extra, **_did(timings, tool_calls, fresh=filled)})
 
 
+def _tool_timings(timings: Sequence[ToolTiming]) -> dict[str, Any]:
+    """A cache entry's `timings.json` entries for its search tools: each step's cost, and the
+    most memory one tool took (`search_max_rss_mib`: what to size a node's memory by)."""
+    return {"tools": {t.step: {k: v for k, v in asdict(t).items() if k != "step"}
+                      for t in timings},
+            "search_max_rss_mib": max((t.max_rss_mib for t in timings), default=0.0)}
+
+
 def _did(timings: dict[str, Any], tool_calls: int, *, fresh: bool) -> dict[str, Any]:
     """What a featurize call did, for its feature set's `extra` (see `featurize_prepared`)."""
     did: dict[str, Any] = {"tool_calls": tool_calls, "reused": "" if fresh else "cache"}
@@ -293,9 +298,8 @@ def _fill_mmseqs_entry(entry: Path, sequence: str, msas: dict[str, str], *,
                                 settings=settings)
         features_s = round(time.monotonic() - started, 3)
         atomic_write_json(entry / TIMINGS_FILE, {
-            "tools": batch["tools"], "batch": batch["info"],
-            "searches_wall_s": batch["info"]["wall_s"],
-            "search_max_rss_mib": batch["max_rss_mib"], "features_s": features_s,
+            **batch["tool_timings"], "batch": batch["info"],
+            "searches_wall_s": batch["info"]["wall_s"], "features_s": features_s,
             "total_wall_s": round(batch["info"]["wall_s"] + features_s, 3)})
         write_feature_set(entry / "features", name="cache", target_id=key, features=feats,
                           key=key, msa_mode=_mode_label(settings))
@@ -387,11 +391,9 @@ def _search_and_fill(pending: dict[str, str], *, databases: DatabaseSet,
         except PipelineError as exc:
             exc.add_note(f"mmseqs batch of {len(names)} sequences")
             return dict.fromkeys(pending, exc), 0
-        batch = {"tools": {t.step: {k: v for k, v in asdict(t).items() if k != "step"}
-                           for t in result.timings},
+        batch = {"tool_timings": _tool_timings(result.timings),
                  "info": {"queries": len(names), "calls": len(result.timings),
-                          "wall_s": result.wall_s, "threads": cores},
-                 "max_rss_mib": max((t.max_rss_mib for t in result.timings), default=0.0)}
+                          "wall_s": result.wall_s, "threads": cores}}
         failed: dict[str, BaseException] = {}
 
         def job(name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
