@@ -22,9 +22,10 @@ from parafold.errors import (
     was_killed,
 )
 from parafold.search.budget import CpuBudget, threads_per_search
-from parafold.search.databases import check_databases, find_databases, fingerprint_files
+from parafold.search.databases import check_databases, find_databases
 from parafold.search.settings import SearchSettings
 from parafold.search.tools import HHBlits, HHSearch, Jackhmmer, run_tool
+from parafold.store import fingerprint_files
 
 FAKES = Path(__file__).parent / "fakes"
 

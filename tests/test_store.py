@@ -37,6 +37,24 @@ def test_arrays_round_trip_without_pickle(tmp_path: Path) -> None:
         assert "aatype" in data.files
 
 
+def test_features_are_stored_deflated_and_read_back_exactly(tmp_path: Path) -> None:
+    from parafold.fold.synthetic import make_features, random_sequence
+
+    features = make_features(random_sequence(120, np.random.default_rng(3)), 400, seed=3,
+                             num_templates=4)
+    save_arrays(tmp_path / "f.npz", features)
+    raw_bytes = sum(np.asarray(v).nbytes for v in features.values())
+    assert (tmp_path / "f.npz").stat().st_size < raw_bytes / 4
+    back = load_arrays(tmp_path / "f.npz")
+    assert back.keys() == features.keys()
+    for key, value in features.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+        assert back[key].dtype == value.dtype, key
+    old_style = tmp_path / "old.npz"  # written before compression: still read
+    np.savez(old_style, msa=features["msa"])
+    np.testing.assert_array_equal(load_arrays(old_style)["msa"], features["msa"])
+
+
 def test_content_key_is_order_independent_and_sensitive() -> None:
     assert content_key(a=1, b={"x": 1, "y": 2}) == content_key(b={"y": 2, "x": 1}, a=1)
     assert content_key(a=1) != content_key(a=2)
@@ -215,11 +233,14 @@ def test_atomic_copy_onto_its_own_link_leaves_no_part_file(tmp_path: Path) -> No
 
 
 def test_a_damaged_npz_is_named_as_such_never_as_a_pickle(tmp_path: Path) -> None:
-    save_arrays(tmp_path / "a.npz", {"x": np.arange(1000)})
+    save_arrays(tmp_path / "a.npz", {"x": np.random.default_rng(0).integers(0, 9, 100_000)})
     whole = (tmp_path / "a.npz").read_bytes()
     (tmp_path / "junk.npz").write_bytes(b"not an archive at all")
     (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
-    for name in ("junk.npz", "cut.npz"):
+    middle = len(whole) // 2  # inside the deflated data of x
+    (tmp_path / "flipped.npz").write_bytes(
+        whole[:middle] + bytes(b ^ 0xFF for b in whole[middle:middle + 64]) + whole[middle + 64:])
+    for name in ("junk.npz", "cut.npz", "flipped.npz"):
         with pytest.raises(ValueError, match=r"damaged") as info:
             load_arrays(tmp_path / name)
         assert name in str(info.value) and "pickle" not in str(info.value)

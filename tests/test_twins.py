@@ -445,8 +445,14 @@ def test_the_prediction_index_finds_only_a_folder_that_still_holds_the_predictio
     for changed in (replace(SETTINGS, num_recycle=5), replace(SETTINGS, models=(2,)),
                     replace(SETTINGS, models_to_relax="best")):
         assert PredictionIndex.for_settings(tmp_path / "cache", changed, params).find(fs) is None
-    os.utime(params_path(params, "model_1_ptm"), ns=(1, 1))  # the weights were replaced
-    assert PredictionIndex.for_settings(tmp_path / "cache", SETTINGS, params).find(fs) is None
+    staged = tmp_path / "node-local" / "params"  # copied for a job: new times, same bytes
+    params_path(staged, "model_1_ptm").parent.mkdir(parents=True)
+    params_path(staged, "model_1_ptm").write_bytes(b"weights")
+    os.utime(params_path(staged, "model_1_ptm"), ns=(1, 1))
+    assert PredictionIndex.for_settings(tmp_path / "cache", SETTINGS, staged).find(fs) == (
+        folder.resolve())
+    params_path(staged, "model_1_ptm").write_bytes(b"weightz")  # other weights, same size
+    assert PredictionIndex.for_settings(tmp_path / "cache", SETTINGS, staged).find(fs) is None
     # the folder predicted again (another prediction there): the entry no longer holds
     write_target_outputs(folder, "a", _predictions(12, seed=2), {}, save_raw=False)
     assert index.find(fs) is None

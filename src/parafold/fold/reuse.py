@@ -24,7 +24,7 @@ from parafold.featureset import FeatureSet
 from parafold.fold.outputs import DONE_FILE
 from parafold.fold.params import params_path
 from parafold.fold.settings import ModelSettings
-from parafold.store import atomic_write_json, content_key, read_json
+from parafold.store import atomic_write_json, content_key, fingerprint_files, read_json
 
 __all__ = ["PredictionIndex", "INDEX_FOLDER"]
 
@@ -54,13 +54,12 @@ class PredictionIndex:
     def for_settings(cls, cache_dir: Path, settings: ModelSettings,
                      params_dir: Path) -> PredictionIndex:
         """The index in `cache_dir` for predictions made with `settings` and these params
-        (a params file's size and modification time stand for its content, as a database's
-        do for the search cache)."""
+        (a params file's size and sampled bytes stand for its content, as a database's do for
+        the search cache, so params copied to each job's local disk keep their index)."""
         params = {}
         for name in settings.model_names:
             try:
-                st = params_path(params_dir, name).stat()
-                params[name] = [st.st_size, st.st_mtime_ns]
+                params[name] = fingerprint_files([params_path(params_dir, name)])
             except OSError:
                 params[name] = None  # the worker names the missing file; nothing matches it
         fingerprint = content_key(

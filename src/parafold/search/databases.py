@@ -14,17 +14,16 @@ bytes, and gets a new fingerprint.
 from __future__ import annotations
 
 import glob
-import hashlib
-import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from parafold.errors import DatabaseNotFoundError, InputError
 from parafold.search.settings import MSA_MODES, PRESETS
+from parafold.store import fingerprint_files
 
 __all__ = ["DatabaseSet", "DatabaseStatus", "DB_NAMES", "find_databases", "check_databases",
-           "fingerprint_files", "database_fingerprint", "hh_db_files", "mmseqs_db_files",
+           "database_fingerprint", "hh_db_files", "mmseqs_db_files",
            "required_databases"]
 
 DB_NAMES = ("uniref90", "mgnify", "bfd", "uniref30", "small_bfd", "pdb70", "pdb_mmcif",
@@ -51,7 +50,6 @@ _LAYOUT: dict[str, tuple[str, str, str]] = {
     "mmseqs_env": ("mmseqs", "*env*.dbtype", "mmseqs"),
     "mmseqs_pdb": ("mmseqs", "pdb*.dbtype", "mmseqs"),
 }
-_SAMPLE_BYTES = 64 * 1024  # a stretch of a database file read for its fingerprint
 HH_PARTS = ("a3m", "cs219", "hhm")  # sorted: fingerprints list files in name order
 # The parts of an MMseqs2 database `P` (headers, cluster members, alignments, taxonomy), each
 # `P_<part>`: a `.dbtype` of such a name is not a database in its own right.
@@ -189,31 +187,6 @@ def mmseqs_db_files(prefix: Path) -> list[Path]:
         return []
     return sorted(p for p in prefix.parent.glob(glob.escape(prefix.name) + "*")
                   if _MMSEQS_OWN_SUFFIX.fullmatch(p.name[len(prefix.name):]) and p.is_file())
-
-
-def fingerprint_files(files: list[Path], *, sample: bool = True) -> str:
-    """SHA-256 over (name relative to the common folder, size, and with `sample` a digest of
-    the bytes at its start, middle and end) of each file; see the module docstring."""
-    if not files:
-        return ""
-    root = Path(os.path.commonpath([f.parent for f in files]))
-    digest = hashlib.sha256()
-    for f in sorted(files):
-        size = f.stat().st_size
-        bytes_seen = _sample_digest(f, size) if sample else ""
-        digest.update(f"{f.relative_to(root)}\0{size}\0{bytes_seen}\n".encode())
-    return digest.hexdigest()
-
-
-def _sample_digest(path: Path, size: int) -> str:
-    """SHA-256 of up to three `_SAMPLE_BYTES` stretches of `path`: its start, middle, end."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for offset in sorted({0, max(0, size // 2 - _SAMPLE_BYTES // 2),
-                              max(0, size - _SAMPLE_BYTES)}):
-            handle.seek(offset)
-            digest.update(handle.read(_SAMPLE_BYTES))
-    return digest.hexdigest()
 
 
 def database_fingerprint(name: str, path: Path) -> str:
