@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -186,13 +187,22 @@ def test_identical_sequences_searched_once_and_retry(tmp_path: Path, queries: li
     seq = queries[1].sequence
     twins = [Target("twin_a", "twin_a", seq), Target("twin_b", "twin_b", seq)]
     outcomes = featurize_many(twins, out_dir=tmp_path / "out", databases=dbs,
-                              settings=settings, cpus=CPUS, cache_dir=tmp_path / "cache")
+                              settings=settings, cpus=CPUS, cache_dir=tmp_path / "cache",
+                              write_pkl=True)
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     assert sorted(o.tool_calls for o in outcomes) == [0, 5]  # 4 searches + 1 retry, once
     assert (tmp_path / "count").read_text().strip() == "3"  # jackhmmer: 1 failure + 2 runs
     a, b = (read_feature_set(tmp_path / "out" / n).load() for n in ("twin_a", "twin_b"))
     assert a["domain_name"][0] == b"twin_a" and b["domain_name"][0] == b"twin_b"
     np.testing.assert_array_equal(a["msa"], b["msa"])
+    # one features.npz on disk for both (and the cache), named for each target when loaded
+    assert (tmp_path / "out" / "twin_a" / "features.npz").samefile(
+        tmp_path / "out" / "twin_b" / "features.npz")
+    for name in ("twin_a", "twin_b"):  # AlphaFold's features.pkl, as AlphaFold writes it
+        with open(tmp_path / "out" / name / "features.pkl", "rb") as handle:
+            pickled = pickle.load(handle)
+        assert pickled["domain_name"][0] == name.encode()
+        np.testing.assert_array_equal(pickled["msa"], a["msa"])
 
 
 def test_a_search_killed_beside_another_is_retried_alone(tmp_path: Path, queries: list[Target],

@@ -4,6 +4,10 @@ On disk a feature set is two files in one folder: `features.npz` (the raw monome
 of `alphafold.data.pipeline`, stored by `store.save_arrays`, no pickle) and `features.json`
 (the manifest, written last: its presence means the set is complete). `predict` reads either
 this folder or, only when the user trusts it, an AlphaFold/ParaFold `features.pkl`.
+
+Targets with the same sequence and search settings share one cached `features.npz` (a hard
+link where the file system allows), so its `domain_name` is not theirs; `FeatureSet.load`
+sets it to the manifest's target id.
 """
 
 from __future__ import annotations
@@ -19,10 +23,17 @@ import numpy as np
 
 from parafold.errors import FeatureError, InputError
 from parafold.inputs import safe_name, unique_name
-from parafold.store import atomic_write_json, load_arrays, read_json, save_arrays
+from parafold.store import (
+    atomic_copy,
+    atomic_write_json,
+    atomic_writer,
+    load_arrays,
+    read_json,
+    save_arrays,
+)
 
 __all__ = ["FeatureSet", "FEATURES_FILE", "MANIFEST_FILE", "PICKLE_FILE", "write_feature_set",
-           "read_feature_set", "load_features", "find_feature_sets", "collect_feature_sets"]
+           "share_feature_set", "read_feature_set", "load_features", "find_feature_sets", "collect_feature_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +80,11 @@ class FeatureSet:
         return f"{self.key}:{self.sequence}"
 
     def load(self, *, trust_pickles: bool = False) -> dict[str, np.ndarray]:
-        return load_features(self.path, trust_pickles=trust_pickles)
+        """The raw feature dict; ours named for this target (a foreign pickle as it was)."""
+        feats = load_features(self.path, trust_pickles=trust_pickles)
+        if not self.from_pickle:
+            feats["domain_name"] = np.array([self.target_id.encode("utf-8")], dtype=object)
+        return feats
 
 
 def _check_feature_dict(name: str, feats: dict[str, Any]) -> tuple[str, int, int]:
@@ -95,17 +110,34 @@ def write_feature_set(folder: Path, *, name: str, target_id: str, features: dict
     sequence, depth, templates = _check_feature_dict(name, features)
     folder.mkdir(parents=True, exist_ok=True)
     save_arrays(folder / FEATURES_FILE, features)
-    if write_pickle:
-        from parafold.store import atomic_writer
-
-        with atomic_writer(folder / PICKLE_FILE, "wb") as handle:
-            pickle.dump(dict(features), handle, protocol=4)
     fs = FeatureSet(name=name, target_id=target_id, sequence=sequence, path=folder,
                     msa_depth=depth, num_templates=templates, key=key, msa_mode=msa_mode,
                     extra=dict(extra or {}))
+    return _finish(fs, write_pickle)
+
+
+def share_feature_set(source: FeatureSet, folder: Path, *, name: str, target_id: str,
+                      key: str = "", msa_mode: str = "", extra: dict[str, Any] | None = None,
+                      write_pickle: bool = False) -> FeatureSet:
+    """`source`'s features as target `name`'s in `folder`: its `features.npz` hard-linked (a
+    copy across file systems), not read and written again, and a manifest of the target's own.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST_FILE).unlink(missing_ok=True)  # never pair an old manifest with new files
+    atomic_copy(source.path / FEATURES_FILE, folder / FEATURES_FILE)
+    fs = replace(source, name=name, target_id=target_id, path=folder, key=key,
+                 msa_mode=msa_mode, from_pickle=False, extra=dict(extra or {}))
+    return _finish(fs, write_pickle)
+
+
+def _finish(fs: FeatureSet, write_pickle: bool) -> FeatureSet:
+    """AlphaFold's `features.pkl` when asked, then the manifest, last."""
+    if write_pickle:
+        with atomic_writer(fs.path / PICKLE_FILE, "wb") as handle:
+            pickle.dump(fs.load(), handle, protocol=4)
     manifest = asdict(fs)
     manifest["path"] = "."
-    atomic_write_json(folder / MANIFEST_FILE, manifest)
+    atomic_write_json(fs.path / MANIFEST_FILE, manifest)
     return fs
 
 

@@ -2,10 +2,10 @@
 
 A cache entry (`cache_dir/<key[:2]>/<key>/`) holds `msas/`, `timings.json` and `features/`;
 its `features/features.json` is written last and is the only thing that makes the entry
-trusted. A target folder gets hard links (or copies) of the entry's MSAs, its own features
-(the target id as `domain_name`) and timings, and its manifest last as well. An entry is
-computed under an exclusive `flock`, so two processes never search the same sequence at once,
-and a lock held by a killed process is released by the kernel.
+trusted. A target folder gets hard links (or copies) of the entry's MSAs and `features.npz`,
+its own timings, and last its own manifest, which names the target. An entry is computed
+under an exclusive `flock`, so two processes never search the same sequence at once, and a
+lock held by a killed process is released by the kernel.
 
 Every MSA mode goes through the same entries, keys and target folders: `classic` searches one
 protein at a time (`featurize_prepared`); `mmseqs` searches every missing sequence of a call
@@ -34,10 +34,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from parafold.errors import PipelineError
-from parafold.featureset import MANIFEST_FILE, FeatureSet, read_feature_set, write_feature_set
+from parafold.featureset import (
+    MANIFEST_FILE,
+    FeatureSet,
+    read_feature_set,
+    share_feature_set,
+    write_feature_set,
+)
 from parafold.inputs import Target
 from parafold.search.budget import CpuBudget, threads_per_search
 from parafold.search.databases import DatabaseSet
@@ -181,11 +185,9 @@ def _write_target(folder: Path, target: Target, entry: Path, *, key: str,
     for name in msa_names:
         atomic_copy(entry / "msas" / name, folder / "msas" / name)
     atomic_write_json(folder / TIMINGS_FILE, timings)
-    feats = read_feature_set(entry / "features").load()
-    feats["domain_name"] = np.array([target.id.encode("utf-8")], dtype=object)
-    return write_feature_set(
-        folder, name=target.name, target_id=target.id, features=feats, key=key,
-        msa_mode=_mode_label(settings), write_pickle=write_pkl,
+    return share_feature_set(
+        read_feature_set(entry / "features"), folder, name=target.name, target_id=target.id,
+        key=key, msa_mode=_mode_label(settings), write_pickle=write_pkl,
         extra={"timings": TIMINGS_FILE, "databases": databases.fingerprint_map()})
 
 
