@@ -23,16 +23,19 @@ def test_fasta_good_and_bad_records(tmp_path: Path) -> None:
         ">badchars\nMKT1AY#\n"
         ">good1 again\nMKTA\n"
         ">lower\nmktayiakbzuox*\n"
-        ">complex\nMKTA:MKTA\n",
+        ">complex\nMKTA:MKTA\n"
+        ">gene\nATGGCTAGCTTACGNNTAGCATCGATCGGCTAGCTAGGATC\n"
+        ">silk_like\nGAGAGAGAGAGAGAGAGAGAGAGAGAGAGAGAGA\n",
     )
     parsed = read_targets(fasta)
     ids = [t.id for t in parsed.targets]
-    assert ids == ["good1", "lower"]
+    assert ids == ["good1", "lower", "silk_like"]  # a low-complexity protein is no gene
     assert parsed.targets[0].sequence == "MKTAYIAKQRQISFVK"
     # lower case folded, ambiguous letters kept for AlphaFold's own mapping, stop codon dropped
     assert parsed.targets[1].sequence == "MKTAYIAKBZUOX"
     problems = {p.record_id: p for p in parsed.problems}
-    assert set(problems) == {"empty", "badchars", "good1", "complex"}
+    assert set(problems) == {"empty", "badchars", "good1", "complex", "gene"}
+    assert "DNA or RNA" in problems["gene"].message
     assert problems["empty"].line == 4 and "empty sequence" in problems["empty"].message
     assert "'#'" in problems["badchars"].message and "'1'" in problems["badchars"].message
     assert "duplicate id" in problems["good1"].message and "in.fasta:1" in problems["good1"].message

@@ -39,6 +39,11 @@ STANDARD_AA = frozenset("ACDEFGHIKLMNPQRSTVWY")
 # X is unknown; B, Z, U, O are kept as written and mapped by AlphaFold's featurizer
 # (aatype: unknown; MSA: B->D, Z->E, U->C, O->X), exactly as AlphaFold does.
 ACCEPTED_AA = STANDARD_AA | frozenset("XBZUO")
+# Genes given instead of proteins (a .fna file for a .faa) are all amino-acid letters too. A
+# protein of 30 or more residues made of A, C, G, T (Thr), U and N alone, at least three of
+# them, is not met in nature, so such a record is refused rather than searched and folded.
+_NUCLEOTIDE_LETTERS = frozenset("ACGTUN")
+_NUCLEOTIDE_MIN_LENGTH = 30
 FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fna", ".seq")
 # An A3M file as input is one target: its first sequence, named after the file (so the same
 # folder serves as --msa-dir for precomputed MSAs).
@@ -264,6 +269,11 @@ def _clean_sequence(raw: str) -> tuple[str, str | None]:
     if bad:
         shown = ", ".join(repr(c) for c in bad[:10])
         return "", f"characters that are not amino-acid letters: {shown}"
+    letters = set(seq)
+    if (len(seq) >= _NUCLEOTIDE_MIN_LENGTH and letters <= _NUCLEOTIDE_LETTERS
+            and len(letters - {"N"}) >= 3):
+        return "", ("looks like DNA or RNA (only the letters A, C, G, T, U, N): give protein "
+                    "sequences (translate genes first)")
     return seq, None
 
 
