@@ -64,6 +64,9 @@ def _args() -> argparse.Namespace:
                         "finds less); each is a row of its own")
     p.add_argument("--max-queries", type=int, default=0,
                    help="use only the first N queries in part 4 (0: all)")
+    p.add_argument("--no-templates-too", action="store_true",
+                   help="in part 4, each mode also without templates (--no-templates), a row "
+                        "of its own")
     return p.parse_args()
 
 
@@ -133,13 +136,16 @@ def compare_modes(db: Path, modes: list[str], queries: list[Target], args: argpa
     print(f"  {'mode':<16} {'wall s':>9} {'proteins/h':>11} {'recall':>7} {'unrelated':>9} "
           f"{'ok':>5}")
     rows: dict[str, tuple[float, float]] = {}
-    runs = [(mode, sens) for mode in modes
-            for sens in (args.mmseqs_sensitivity if mode == "mmseqs" else (None,))]
-    for mode, sens in runs:
+    runs = [(mode, sens, templates) for mode in modes
+            for sens in (args.mmseqs_sensitivity if mode == "mmseqs" else (None,))
+            for templates in ((True, False) if args.no_templates_too else (True,))]
+    for mode, sens, templates in runs:
         label = mode if mode != "mmseqs" or len(args.mmseqs_sensitivity) == 1 else (
             f"mmseqs -s {sens:g}" if sens is not None else "mmseqs k-score")
-        dbs = find_databases(db, args.preset, msa_mode=mode)
-        settings = SearchSettings(preset=args.preset, msa_mode=mode, mmseqs_sensitivity=sens)
+        label += "" if templates else " no-tpl"
+        dbs = find_databases(db, args.preset, msa_mode=mode, templates=templates)
+        settings = SearchSettings(preset=args.preset, msa_mode=mode, mmseqs_sensitivity=sens,
+                                  use_templates=templates)
         out = work / f"mode-{label.replace(' ', '_')}"
         start = time.monotonic()
         outcomes = featurize_many(queries, out_dir=out, databases=dbs, settings=settings,
@@ -151,11 +157,12 @@ def compare_modes(db: Path, modes: list[str], queries: list[Target], args: argpa
         print(f"  {label:<16} {wall:9.1f} {rows[label][0]:11.0f} {recall:7.3f} "
               f"{unrelated:9.3f} {ok:>2}/{len(outcomes)}")
     for label, (rate, recall) in rows.items():
-        if "classic" in rows and label.startswith("mmseqs"):
-            speed = rate / rows["classic"][0]
-            rel = recall / max(rows["classic"][1], 1e-9)
-            print(f"  {label} vs classic: {speed:.1f}x proteins/hour (goal >= 20x), recall "
-                  f"{rel:.1%} of classic (goal >= 95%)")
+        base = "classic" + (" no-tpl" if label.endswith(" no-tpl") else "")
+        if base in rows and label.startswith("mmseqs"):
+            speed = rate / rows[base][0]
+            rel = recall / max(rows[base][1], 1e-9)
+            print(f"  {label} vs {base}: {speed:.1f}x proteins/hour (goal >= 20x), recall "
+                  f"{rel:.1%} of {base} (goal >= 95%)")
 
 
 def main() -> None:

@@ -352,3 +352,48 @@ def test_precomputed_stockholm_rows_aligned_with_spaces_and_tabs(tmp_path: Path)
     no_sequence.write_text("# STOCKHOLM 1.0\nsto2 ACDEFGHIKL\nhitA\n//\n")
     with pytest.raises(InputError, match=r"no_sequence.sto:3: expected"):
         read_msa(no_sequence, target)
+
+
+def test_no_templates_needs_no_template_database_and_searches_none(
+        mm_run: dict[str, object], db: Path, queries: list[Target], tmp_path: Path) -> None:
+    """--no-templates: no template search or database (absent here), no template features,
+    a cache key of its own that no template database changes; in MMseqs2 mode no PDB search."""
+    from parafold.search.mmseqs import MMSEQS_FILES
+
+    with_templates = [o.target for o in _ok(mm_run["outcomes"])
+                      if o.feature_set.num_templates > 0][:2]  # type: ignore[union-attr]
+    assert len(with_templates) == 2
+    bare = tmp_path / "db"  # the synthetic databases but the template ones
+    bare.mkdir()
+    for sub in db.iterdir():
+        if sub.name not in ("pdb70", "pdb_mmcif", "pdb_seqres"):
+            (bare / sub.name).symlink_to(sub)
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">{t.id}\n{t.sequence}\n" for t in with_templates))
+    command = [sys.executable, "-m", "parafold.cli", "features", str(fasta),
+               "-o", str(tmp_path / "out"), "--db-dir", str(bare), "--cpus", "2"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert "pdb70, pdb_mmcif (or run without templates: --no-templates)" in refused.stderr
+    proc = subprocess.run(command + ["--no-templates"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for t in with_templates:
+        fs = read_feature_set(tmp_path / "out" / t.name)
+        assert fs.num_templates == 0 and fs.load()["template_aatype"].shape[0] == 0
+        assert sorted(p.name for p in (tmp_path / "out" / t.name / "msas").iterdir()) == [
+            "bfd_uniref_hits.a3m", "mgnify_hits.sto", "uniref90_hits.sto"]
+        full = find_databases(db)  # the template databases there change nothing
+        assert fs.key == cache_key(t.sequence, full, SearchSettings(use_templates=False))
+        assert fs.key != cache_key(t.sequence, full, SearchSettings())
+
+    wrapper, log = _logged_mmseqs(tmp_path)
+    outcomes = _ok(featurize_many(
+        with_templates, out_dir=tmp_path / "mm", databases=find_databases(db, msa_mode="mmseqs"),
+        settings=SearchSettings(msa_mode="mmseqs", use_templates=False,
+                                mmseqs_binary=str(wrapper)),
+        cpus=CPUS, cache_dir=tmp_path / "cache"))
+    assert len(_calls(log, "search")) == 2  # uniref30 and env; no PDB search
+    for o in outcomes:
+        assert o.feature_set.num_templates == 0  # type: ignore[union-attr]
+        assert not (tmp_path / "mm" / o.target.name / "msas" / MMSEQS_FILES["pdb"]).exists()

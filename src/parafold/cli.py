@@ -61,12 +61,14 @@ _MSA_DIR_HELP = ("Folder of <id>.a3m or <id>.sto MSAs (precomputed mode; default
 
 
 def _database_set(db_dir: Path | None, preset: str,
-                  overrides: dict[str, Path | None], msa_mode: str = "classic") -> DatabaseSet:
+                  overrides: dict[str, Path | None], msa_mode: str = "classic",
+                  templates: bool = True) -> DatabaseSet:
     from parafold.errors import InputError
     from parafold.search.databases import find_databases
 
     try:
-        return find_databases(db_dir, preset, dict(overrides), msa_mode=msa_mode)
+        return find_databases(db_dir, preset, dict(overrides), msa_mode=msa_mode,
+                              templates=templates)
     except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -115,6 +117,7 @@ def _msa_settings(input_path: Path, msa_mode: str | None, msa_dir: Path | None,
 
 
 _Shard = Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Only part K of N (0-based) of the targets: one task of a job array, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT. Searches split by sequence; predict splits by shape, so each task compiles only its own shapes.")]
+_Templates = Annotated[bool, typer.Option("--templates/--no-templates", help="Search templates and give them to models 1 and 2, as AlphaFold does (default). --no-templates skips the template search, its databases and the mmCIF parsing (ColabFold's default).")]
 
 
 @app.command("features")
@@ -133,6 +136,7 @@ def features_cmd(
     cpus: Annotated[int, typer.Option(help="Core budget for all searches (0: every core).")] = 0,
     threads_per_search: Annotated[int, typer.Option(help="Threads per search (0: from the budget).")] = 0,
     max_template_date: Annotated[str | None, typer.Option(help="YYYY-MM-DD; newer templates are ignored.")] = None,
+    templates: _Templates = True,
     timeout: Annotated[float, typer.Option(help="Seconds before a search is killed.")] = 86_400.0,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default OUT/.cache).")] = None,
     write_pkl: Annotated[bool, typer.Option("--write-pkl", help="Also write AlphaFold's features.pkl.")] = False,
@@ -161,6 +165,7 @@ def features_cmd(
         settings = SearchSettings(preset=db_preset, timeout_s=timeout,
                                   threads_per_search=threads_per_search,
                                   max_template_date=max_template_date or DEFAULT_MAX_TEMPLATE_DATE,
+                                  use_templates=templates,
                                   **_msa_settings(input_path, msa_mode, msa_dir,
                                                   mmseqs_sensitivity))
     except InputError as exc:
@@ -174,7 +179,7 @@ def features_cmd(
         typer.echo(f"input problem: {problem}", err=True)
     overrides = {"uniref90": uniref90, "mgnify": mgnify, "bfd": bfd, "uniref30": uniref30,
                  "small_bfd": small_bfd, "pdb70": pdb70, "pdb_mmcif": pdb_mmcif}
-    dbs = _database_set(db_dir, db_preset, overrides, settings.msa_mode)
+    dbs = _database_set(db_dir, db_preset, overrides, settings.msa_mode, settings.use_templates)
     try:
         outcomes = featurize_many(
             targets, out_dir=out, databases=dbs, settings=settings,
@@ -561,6 +566,7 @@ def run_cmd(
     pdb70: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
     pdb_mmcif: Annotated[Path | None, typer.Option(help=_DB_HELP)] = None,
     max_template_date: Annotated[str | None, typer.Option(help="YYYY-MM-DD; newer templates are ignored.")] = None,
+    templates: _Templates = True,
     cpus: Annotated[int, typer.Option(help=_RUN_HELP["cpus"])] = 0,
     cpus_per_search: Annotated[int, typer.Option(help="Cores for one protein's searches (0: up to 3).")] = 0,
     gpus: Annotated[str, typer.Option(help=_RUN_HELP["gpus"])] = "all",
@@ -615,6 +621,7 @@ def run_cmd(
             db_overrides=tuple((k, v) for k, v in overrides.items() if v is not None),
             search=SearchSettings(preset=db_preset, timeout_s=timeout,
                                   max_template_date=max_template_date or DEFAULT_MAX_TEMPLATE_DATE,
+                                  use_templates=templates,
                                   **_msa_settings(input_path, msa_mode, msa_dir,
                                                   mmseqs_sensitivity)),
             model=_model_settings(

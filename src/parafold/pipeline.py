@@ -208,7 +208,8 @@ def _databases(settings: RunSettings) -> Any:
     from parafold.search import find_databases
 
     dbs = find_databases(settings.db_dir, settings.search.preset, dict(settings.db_overrides),
-                         msa_mode=settings.search.msa_mode)
+                         msa_mode=settings.search.msa_mode,
+                         templates=settings.search.use_templates)
     return dbs.fingerprinted()
 
 

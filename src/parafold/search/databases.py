@@ -19,18 +19,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from parafold.errors import DatabaseNotFoundError, InputError
-from parafold.search.settings import MSA_MODES, PRESETS
+from parafold.search.settings import MSA_MODES, PRESETS, SearchSettings
 from parafold.store import fingerprint_files
 
 __all__ = ["DatabaseSet", "DatabaseStatus", "DB_NAMES", "find_databases", "check_databases",
            "database_fingerprint", "hh_db_files", "mmseqs_db_files",
-           "required_databases"]
+           "required_databases", "TEMPLATE_DATABASES"]
 
 DB_NAMES = ("uniref90", "mgnify", "bfd", "uniref30", "small_bfd", "pdb70", "pdb_mmcif",
             "pdb_seqres", "mmseqs_uniref30", "mmseqs_env", "mmseqs_pdb")
 # MMseqs2 mode needs only the UniRef30-style database; the environmental one adds MSA rows
 # and pdb sequences (with pdb_mmcif) add templates when present.
 MMSEQS_OPTIONAL = ("mmseqs_env", "mmseqs_pdb", "pdb_mmcif")
+# What the template search and featurizer read; a set made without templates reads none.
+TEMPLATE_DATABASES = ("pdb70", "pdb_mmcif", "pdb_seqres", "mmseqs_pdb")
 _REQUIRED = {
     "full_dbs": ("uniref90", "mgnify", "bfd", "uniref30", "pdb70", "pdb_mmcif"),
     "reduced_dbs": ("uniref90", "mgnify", "small_bfd", "pdb70", "pdb_mmcif"),
@@ -65,8 +67,10 @@ _MMSEQS_OWN_SUFFIX = re.compile(
     "(?:_(?:" + "|".join(sorted(_MMSEQS_PARTS, key=len, reverse=True)) + r"))?(?:\..+)?")
 
 
-def required_databases(preset: str, msa_mode: str = "classic") -> tuple[str, ...]:
-    """The databases a run cannot start without (precomputed and single-sequence need none)."""
+def required_databases(preset: str, msa_mode: str = "classic", *,
+                       templates: bool = True) -> tuple[str, ...]:
+    """The databases a run cannot start without (precomputed and single-sequence need none;
+    without `templates`, no template database)."""
     if preset not in _REQUIRED:
         raise InputError(f"unknown database preset {preset!r}; use one of {PRESETS}")
     if msa_mode not in MSA_MODES:
@@ -75,7 +79,7 @@ def required_databases(preset: str, msa_mode: str = "classic") -> tuple[str, ...
         return ("mmseqs_uniref30",)
     if msa_mode != "classic":
         return ()
-    return _REQUIRED[preset]
+    return tuple(n for n in _REQUIRED[preset] if templates or n not in TEMPLATE_DATABASES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +87,16 @@ class DatabaseSet:
     """Where each database is. HH-suite databases are prefixes (path minus `_a3m.ffdata`).
 
     `fingerprints` is filled by `fingerprinted()`; it is computed once per run, not per target.
+    Without `templates` (`--no-templates`: no template search, as ColabFold's default) the
+    template databases count as absent, whether or not they are on disk: nothing searches or
+    fingerprints them, and each MSA mode's own "no template database" path is taken.
     """
 
     preset: str
     paths: tuple[tuple[str, Path | None], ...]
     fingerprints: tuple[tuple[str, str], ...] = field(default=())
     msa_mode: str = "classic"
+    templates: bool = True
 
     def __post_init__(self) -> None:
         required_databases(self.preset, self.msa_mode)
@@ -97,6 +105,8 @@ class DatabaseSet:
             raise InputError(f"unknown databases: {sorted(unknown)}")
 
     def path(self, name: str) -> Path | None:
+        if not self.templates and name in TEMPLATE_DATABASES:
+            return None
         return dict(self.paths).get(name)
 
     def require(self, name: str) -> Path:
@@ -112,7 +122,7 @@ class DatabaseSet:
 
     @property
     def required(self) -> tuple[str, ...]:
-        return required_databases(self.preset, self.msa_mode)
+        return required_databases(self.preset, self.msa_mode, templates=self.templates)
 
     @property
     def used(self) -> tuple[str, ...]:
@@ -120,11 +130,13 @@ class DatabaseSet:
         optional = MMSEQS_OPTIONAL if self.msa_mode == "mmseqs" else ()
         return self.required + tuple(n for n in optional if self.path(n) is not None)
 
-    def for_mode(self, msa_mode: str) -> DatabaseSet:
-        """The same paths seen by another MSA mode (its own required set and fingerprints)."""
-        if msa_mode == self.msa_mode:
+    def for_search(self, settings: SearchSettings) -> DatabaseSet:
+        """The same paths seen by these settings' MSA mode, with or without templates (their
+        own required set and fingerprints)."""
+        if (settings.msa_mode, settings.use_templates) == (self.msa_mode, self.templates):
             return self
-        return replace(self, msa_mode=msa_mode, fingerprints=())
+        return replace(self, msa_mode=settings.msa_mode, templates=settings.use_templates,
+                       fingerprints=())
 
     def missing(self) -> list[str]:
         return [name for name in self.required if self.path(name) is None]
@@ -150,7 +162,10 @@ class DatabaseSet:
         missing = self.missing()
         if missing:
             what = self.preset if self.msa_mode == "classic" else f"--msa-mode {self.msa_mode}"
-            raise DatabaseNotFoundError(f"missing databases for {what}: {', '.join(missing)}")
+            hint = (" (or run without templates: --no-templates)"
+                    if set(missing) <= set(TEMPLATE_DATABASES) else "")
+            raise DatabaseNotFoundError(
+                f"missing databases for {what}: {', '.join(missing)}{hint}")
         prints = tuple((name, database_fingerprint(name, self.require(name)))
                        for name in self.used)
         return replace(self, fingerprints=prints)
@@ -234,8 +249,9 @@ def _override(name: str, path: Path) -> Path | None:
 
 def find_databases(db_dir: Path | str | None, preset: str = "full_dbs",
                    overrides: dict[str, Path | str | None] | None = None,
-                   msa_mode: str = "classic") -> DatabaseSet:
-    """Every database found under `db_dir` (AlphaFold layout), with per-database overrides.
+                   msa_mode: str = "classic", templates: bool = True) -> DatabaseSet:
+    """Every database found under `db_dir` (AlphaFold layout), with per-database overrides
+    (`templates`: see `DatabaseSet`).
 
     A missing database is recorded as None here; `fingerprinted()` or `require()` fail on it.
 
@@ -257,7 +273,7 @@ def find_databases(db_dir: Path | str | None, preset: str = "full_dbs",
         else:
             found = _find_one(name, Path(db_dir).expanduser()) if db_dir is not None else None
         paths.append((name, found.absolute() if found is not None else None))
-    return DatabaseSet(preset=preset, paths=tuple(paths), msa_mode=msa_mode)
+    return DatabaseSet(preset=preset, paths=tuple(paths), msa_mode=msa_mode, templates=templates)
 
 
 @dataclass(frozen=True, slots=True)

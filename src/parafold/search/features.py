@@ -61,14 +61,15 @@ def build_features(sequence: str, description: str, msa_dir: Path, *,
             bfd = parsers.parse_stockholm(_read(msa_dir, "small_bfd"))
         else:
             bfd = parsers.parse_a3m(_read(msa_dir, "bfd"))
-        hits = parsers.parse_hhr(_read(msa_dir, "pdb70"))
+        hits = parsers.parse_hhr(_read(msa_dir, "pdb70")) if settings.use_templates else None
     except (ValueError, IndexError) as exc:
         raise FeatureError(f"{msa_dir}: malformed search output: {exc}") from exc
     for name, msa in (("uniref90", uniref90), ("mgnify", mgnify), ("bfd", bfd)):
         if len(msa) == 0:
             raise FeatureError(f"{msa_dir}: the {name} MSA is empty (not even the query)")
-    return msa_feature_dict(sequence, description, (uniref90, bfd, mgnify),
-                            _template_features(databases, settings, sequence, hits))
+    template_features = (None if hits is None
+                         else _template_features(databases, settings, sequence, hits))
+    return msa_feature_dict(sequence, description, (uniref90, bfd, mgnify), template_features)
 
 
 def _template_features(databases: DatabaseSet, settings: SearchSettings, sequence: str,

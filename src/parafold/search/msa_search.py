@@ -51,9 +51,10 @@ QUERY_NAME = "query"
 _TIMINGS = ".timings"
 
 
-def msa_files_for(preset: str) -> tuple[str, ...]:
+def msa_files_for(preset: str, *, templates: bool = True) -> tuple[str, ...]:
     bfd = "small_bfd" if preset == "reduced_dbs" else "bfd"
-    return tuple(MSA_FILES[k] for k in ("uniref90", "mgnify", bfd, "pdb70"))
+    names = ("uniref90", "mgnify", bfd) + (("pdb70",) if templates else ())
+    return tuple(MSA_FILES[k] for k in names)
 
 
 class SearchCancelledError(PipelineError):
@@ -204,7 +205,7 @@ def _streams(ctx: _Ctx) -> list[Callable[[], list[ToolTiming]]]:
 
     def uniref_then_templates() -> list[ToolTiming]:
         first = _jackhmmer_step(ctx, "uniref90", s.uniref_max_hits)
-        return [first, _hhsearch_step(ctx)]
+        return [first, _hhsearch_step(ctx)] if s.use_templates else [first]
 
     def bfd() -> list[ToolTiming]:
         if s.use_small_bfd:

@@ -80,9 +80,11 @@ def cache_key(sequence: str, databases: DatabaseSet, settings: SearchSettings, *
               msa_digest: str = "") -> str:
     """Content key of a sequence's features: sequence, fingerprints of the databases the MSA
     mode reads, the mode's settings, and (precomputed mode) the MSA file's digest."""
-    dbs = databases.for_mode(settings.msa_mode)
+    dbs = databases.for_search(settings)
     parts = {"sequence": sequence, "databases": dbs.fingerprint_map(),
              "settings": settings.cache_fields()}
+    if not dbs.templates:
+        parts["templates"] = False
     if msa_digest:
         parts["msa"] = msa_digest
     return content_key(**parts)
@@ -107,7 +109,7 @@ def msa_names(settings: SearchSettings, databases: DatabaseSet,
     """The files a finished target has in `msas/` for this mode."""
     mode = settings.msa_mode
     if mode == "classic":
-        return msa_files_for(settings.preset)
+        return msa_files_for(settings.preset, templates=settings.use_templates)
     if mode == "mmseqs":
         optional = (("env", "mmseqs_env"), ("pdb", "mmseqs_pdb"))
         return (MMSEQS_FILES["uniref"],) + tuple(
@@ -263,7 +265,7 @@ def featurize_target(target: Target, *, out_dir: Path, databases: DatabaseSet,
         InputError: precomputed mode and the target's MSA file is missing or invalid.
     """
     threads = threads_per_search(cpus, 1, settings.threads_per_search)
-    databases = databases.for_mode(settings.msa_mode).fingerprinted()
+    databases = databases.for_search(settings).fingerprinted()
     return featurize_prepared(target, out_dir=out_dir, databases=databases,
                               settings=settings, budget=CpuBudget(cpus), threads=threads,
                               cache_dir=cache_dir, write_pkl=write_pkl)
@@ -435,7 +437,7 @@ def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: Data
     Batches of one cache run one at a time (no sequence is searched twice at once), except
     those of different shards: shards hold disjoint sequences.
     """
-    databases = databases.for_mode(settings.msa_mode).fingerprinted()
+    databases = databases.for_search(settings).fingerprinted()
     keys = [cache_key(t.sequence, databases, settings) for t in targets]
     names = msa_names(settings, databases)
     results: list[FeatureSet | BaseException | None] = [None] * len(targets)

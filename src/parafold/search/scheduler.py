@@ -72,7 +72,7 @@ def featurize_many(targets: Sequence[Target], *, out_dir: Path, databases: Datab
     Raises:
         DatabaseNotFoundError: a database the preset needs is missing (nothing could run).
     """
-    databases = databases.for_mode(settings.msa_mode).fingerprinted()
+    databases = databases.for_search(settings).fingerprinted()
     if settings.msa_mode == "mmseqs":
         return _featurize_mmseqs(targets, out_dir=out_dir, databases=databases,
                                  settings=settings, cpus=cpus, cache_dir=cache_dir,

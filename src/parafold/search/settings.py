@@ -42,6 +42,10 @@ class SearchSettings:
     hhblits_min_prefilter_hits: int = 1000
     hhsearch_maxseq: int = 1_000_000
     msa_mode: str = "classic"
+    # False: no template search and no template features (ColabFold's default; AlphaFold
+    # always searches). The databases read then change, and with them the cache key
+    # (`DatabaseSet.for_search`), so it is not in `cache_fields`.
+    use_templates: bool = True
     # MMseqs2 (msa_mode "mmseqs"): ColabFold's search parameters. No sensitivity means
     # colabfold_search's current default, the k-mer score thresholds `--k-score seq:96,prof:80`
     # (its server uses them too); a number is `-s` (older ColabFold releases used -s 8).
