@@ -33,7 +33,8 @@ from parafold.store import (
 )
 
 __all__ = ["FeatureSet", "FEATURES_FILE", "MANIFEST_FILE", "PICKLE_FILE", "write_feature_set",
-           "share_feature_set", "read_feature_set", "load_features", "find_feature_sets", "collect_feature_sets"]
+           "share_feature_set", "read_feature_set", "load_features", "find_feature_sets",
+           "collect_feature_sets"]
 
 logger = logging.getLogger(__name__)
 
