@@ -24,10 +24,10 @@ from parafold.store import atomic_write_json
 HBA_SEQ = "MVLSPADKTNVKAAWGKVGAHAGE"  # 24 residues
 HEADER = "\t".join(RESULTS_COLUMNS)
 HBA_LINE = ("hba\tsp|P69905|HBA_HUMAN\t24\t12\tdone\tmodel_2_ptm\t87.12\t0.6124\t31.75\t1"
-            "\thba/ranked_0.pdb\t4.25\t3.500\t\t512.2\t")
+            "\thba/ranked_0.pdb\t4.25\t3.500\t\t512.2\t\t2")
 BAD_LINE = ("bad\tbad\t10\t\tfailed\t\t\t\t\t0\t\t\t\t"
-            "[search] jackhmmer exited 1: line one line two  \t\t")
-TABBED_LINE = "tabbed\tsp|X Y Z\t10\t\tqueued\t\t\t\t\t0\t\t\t\t\t\t"
+            "[search] jackhmmer exited 1: line one line two  \t\t\t")
+TABBED_LINE = "tabbed\tsp|X Y Z\t10\t\tqueued\t\t\t\t\t0\t\t\t\t\t\t\t"
 
 
 def _predicted(folder: Path, target_id: str, sequence: str, *, relax_best: bool) -> None:
@@ -37,7 +37,7 @@ def _predicted(folder: Path, target_id: str, sequence: str, *, relax_best: bool)
     from parafold.fold.synthetic import make_features
 
     write_feature_set(folder, name=folder.name, target_id=target_id,
-                      features=make_features(sequence, 12))
+                      features=make_features(sequence, 12, num_templates=2))
     rng = np.random.default_rng(0)
     length = len(sequence)
     preds = []
@@ -124,7 +124,7 @@ def test_without_a_ledger_the_id_comes_from_the_features_manifest(tmp_path: Path
     write_results_table(tmp_path)
     assert (tmp_path / RESULTS_FILE).read_text(encoding="utf-8").splitlines()[1] == (
         "t1\tmy protein  1\t14\t12\tdone\tmodel_2_ptm\t87.12\t0.6124\t31.75\t0"
-        "\tt1/ranked_0.pdb\t\t\t\t\t")
+        "\tt1/ranked_0.pdb\t\t\t\t\t\t2")
 
 
 def test_a_killed_rewrite_keeps_the_old_table_and_leaves_no_temp_file(
@@ -214,7 +214,7 @@ def test_predict_writes_results_tsv_with_its_failures(tmp_path: Path,
     assert f"results: {tmp_path / 'o' / RESULTS_FILE}" in res.output
     assert (tmp_path / "o" / RESULTS_FILE).read_text(encoding="utf-8").splitlines() == [
         HEADER,
-        "broken\tsp|BAD 2\t14\t4\tfailed\t\t\t\t\t0\t\t\t\tOOM: shape (512, 512)\t\t",
+        "broken\tsp|BAD 2\t14\t4\tfailed\t\t\t\t\t0\t\t\t\tOOM: shape (512, 512)\t\t\t0",
         "ok\tsp|OK1\t10\t4\tdone\tmodel_2_ptm\t87.12\t0.6124\t31.75\t0\tok/ranked_0.pdb"
-        "\t\t\t\t\t",
+        "\t\t\t\t\t\t0",
     ]

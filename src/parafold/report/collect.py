@@ -54,13 +54,15 @@ class _Row:
     timings: dict[str, Any] = field(default_factory=dict)
     # Not on the page, in OUT/results.tsv only: the record id as given in the input, the
     # best model's max PAE, whether it was relaxed, whether the folder holds ranked_0.pdb,
-    # the most memory one of its search tools took, the target its prediction was copied from.
+    # the most memory one of its search tools took, the target its prediction was copied from,
+    # the templates its features hold.
     target_id: str | None = None
     max_pae: float | None = None
     relaxed: bool = False
     has_ranked_pdb: bool = False
     search_max_rss_mib: float | None = None
     copied_from: str | None = None
+    templates: int | None = None
 
     def as_list(self) -> list[Any]:
         return [getattr(self, c) for c in COLUMNS]
@@ -118,6 +120,8 @@ def _fill_from_folder(row: _Row, folder: Path) -> None:
     manifest = _json(folder / "features.json")
     if isinstance(manifest, dict):
         row.msa_depth = int(manifest.get("msa_depth") or 0) or None
+        if isinstance(manifest.get("num_templates"), int):
+            row.templates = manifest["num_templates"]
         seq = manifest.get("sequence")
         if row.length is None and isinstance(seq, str):
             row.length = len(seq)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_COLUMNS = ("name", "id", "length", "msa_depth", "state", "best_model", "plddt", "ptm",
                    "max_pae", "relaxed", "ranked_pdb", "search_s", "predict_s", "error",
-                   "search_max_rss_mib", "copied_from")
+                   "search_max_rss_mib", "copied_from", "templates")
 _FLATTEN = str.maketrans({"\t": " ", "\r": " ", "\n": " "})
 
 
@@ -37,7 +37,7 @@ def _cells(row: _Row) -> list[Any]:
             _fixed(row.plddt, 2), _fixed(row.ptm, 4), _fixed(row.max_pae, 2),
             int(row.relaxed), f"{row.name}/{RANKED_PDB}" if row.has_ranked_pdb else None,
             _fixed(row.search_s, 2), _fixed(row.predict_s, 3), row.error,
-            _fixed(row.search_max_rss_mib, 1), row.copied_from]
+            _fixed(row.search_max_rss_mib, 1), row.copied_from, row.templates]
 
 
 def format_results(rows: Iterable[_Row]) -> str:
@@ -70,6 +70,7 @@ def write_results_table(out_dir: Path | str, rows: Mapping[str, _Row] | None = N
         row.target_id = row.target_id if row.target_id is not None else fs.target_id
         row.length = row.length if row.length is not None else fs.length
         row.msa_depth = row.msa_depth if row.msa_depth is not None else fs.msa_depth
+        row.templates = row.templates if row.templates is not None else fs.num_templates
     for name, error in (failures or {}).items():
         row = table.setdefault(name, _Row(name))
         row.state, row.error = "failed", error or row.error
