@@ -375,6 +375,15 @@ def test_no_templates_needs_no_template_database_and_searches_none(
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert "pdb70, pdb_mmcif (or run without templates: --no-templates)" in refused.stderr
+    from typer.testing import CliRunner
+
+    from parafold.cli import app
+
+    check = CliRunner().invoke(app, ["databases", "check", str(bare)])
+    assert check.exit_code == 1 and "--no-templates runs without them" in check.output
+    check = CliRunner().invoke(app, ["databases", "check", str(bare), "--no-templates"])
+    assert check.exit_code == 0, check.output
+    assert "unused   pdb70" in check.output and "MISSING  pdb70" not in check.output
     proc = subprocess.run(command + ["--no-templates"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -60,6 +60,9 @@ _MSA_DIR_HELP = ("Folder of <id>.a3m or <id>.sto MSAs (precomputed mode; default
                  "folder when INPUT holds .a3m files).")
 
 
+_Templates = Annotated[bool, typer.Option("--templates/--no-templates", help="Search templates and give them to models 1 and 2, as AlphaFold does (default). --no-templates skips the template search, its databases and the mmCIF parsing (ColabFold's default).")]
+
+
 def _database_set(db_dir: Path | None, preset: str,
                   overrides: dict[str, Path | None], msa_mode: str = "classic",
                   templates: bool = True) -> DatabaseSet:
@@ -78,21 +81,29 @@ def _database_set(db_dir: Path | None, preset: str,
 def databases_check(
     db_dir: Annotated[Path, typer.Argument(help="Folder with the AlphaFold database layout.")],
     db_preset: Annotated[str, typer.Option(help="full_dbs or reduced_dbs.")] = "full_dbs",
+    msa_mode: Annotated[str, typer.Option("--msa-mode", help="The MSA mode to check for: classic or mmseqs.")] = "classic",
+    templates: _Templates = True,
 ) -> None:
-    """Print which databases are present or missing, and each one's fingerprint."""
-    from parafold.search.databases import check_databases
+    """Print which databases are present or missing, and each one's fingerprint; exit 1 when
+    one that the preset and MSA mode need is missing."""
+    from parafold.search.databases import TEMPLATE_DATABASES, check_databases
 
-    dbs = _database_set(db_dir, db_preset, {})
-    missing_required = 0
+    dbs = _database_set(db_dir, db_preset, {}, msa_mode, templates)
+    missing: list[str] = []
     for st in check_databases(dbs):
         need = "required" if st.required else "optional"
         if st.present:
             typer.echo(f"present  {st.name:<11} {need:<8} {st.fingerprint}  {st.path}")
+        elif not templates and st.name in TEMPLATE_DATABASES:
+            typer.echo(f"unused   {st.name:<11} {'-':<8} {'-':<64}  (--no-templates)")
         else:
-            missing_required += st.required
+            missing += [st.name] if st.required else []
             typer.echo(f"MISSING  {st.name:<11} {need:<8} {'-':<64}  (not under {db_dir})")
-    if missing_required:
-        typer.echo(f"{missing_required} database(s) needed by {db_preset} are missing", err=True)
+    if missing:
+        what = db_preset if msa_mode == "classic" else f"--msa-mode {msa_mode}"
+        hint = (" (--no-templates runs without them)"
+                if templates and set(missing) <= set(TEMPLATE_DATABASES) else "")
+        typer.echo(f"{len(missing)} database(s) needed by {what} are missing{hint}", err=True)
         raise typer.Exit(1)
 
 
@@ -117,7 +128,6 @@ def _msa_settings(input_path: Path, msa_mode: str | None, msa_dir: Path | None,
 
 
 _Shard = Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Only part K of N (0-based) of the targets: one task of a job array, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT. Searches split by sequence; predict splits by shape, so each task compiles only its own shapes.")]
-_Templates = Annotated[bool, typer.Option("--templates/--no-templates", help="Search templates and give them to models 1 and 2, as AlphaFold does (default). --no-templates skips the template search, its databases and the mmCIF parsing (ColabFold's default).")]
 
 
 @app.command("features")
