@@ -273,10 +273,11 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
     """`parafold run` (single-sequence mode, the real tiny model): a FASTA repeating one
     sequence under three ids predicts it once, and the ledger says where each copy came from;
     a rerun copies a lost copy again; a second sample with its own OUT and the same
-    --cache-dir predicts only the protein the first did not have."""
+    --cache-dir predicts only the protein the first did not have. Before each run, `run
+    --dry-run`'s preview says what it then does, and writes nothing."""
     from parafold.fold.synthetic import random_sequence
     from parafold.ledger import Ledger
-    from parafold.pipeline import RunSettings, run_pipeline
+    from parafold.pipeline import RunSettings, preview_run, run_pipeline
     from parafold.search.settings import SearchSettings
 
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -290,6 +291,14 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
                                model=settings, cache_dir=tmp_path / "shared-cache", cpus=2,
                                cpus_per_search=1, max_wait_s=1.0, progress=False, plots=False)
 
+    def preview(settings: RunSettings) -> tuple[int, ...]:
+        p = preview_run(settings)
+        return (p.done, p.features_in_out, p.features_in_cache, p.to_search, p.searches,
+                p.to_predict, p.copies)
+
+    # (done, features in OUT, in the cache, to search, distinct searches, to predict, copies)
+    assert preview(run_settings) == (0, 0, 0, 4, 2, 2, 2)
+    assert not out.exists() and not (tmp_path / "shared-cache").exists()
     summary = run_pipeline(run_settings)
 
     assert summary.exit_code == 0, summary.lines()
@@ -318,6 +327,7 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
             assert got[name] == original[name], (twin, name)
 
     (out / twins[-1] / DONE_FILE).unlink()  # a copy lost: the rerun copies it from the source
+    assert preview(run_settings) == (3, 1, 0, 0, 0, 0, 1)
     again = run_pipeline(run_settings)
     assert again.exit_code == 0, again.lines()
     assert (again.predicted, again.copied) == (0, 1), again.lines()
@@ -325,6 +335,9 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
 
     sample2 = tmp_path / "sample2.fasta"
     sample2.write_text(f">x\n{seq_a}\n>z\n{random_sequence(22, rng)}\n")
+    assert preview(replace(run_settings, input=sample2, out=tmp_path / "out2")) == (
+        0, 0, 1, 1, 1, 1, 1)
+    assert not (tmp_path / "out2").exists()
     other = run_pipeline(replace(run_settings, input=sample2, out=tmp_path / "out2"))
     assert other.exit_code == 0, other.lines()
     assert (other.predicted, other.copied) == (1, 1), other.lines()

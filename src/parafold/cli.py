@@ -609,6 +609,7 @@ def run_cmd(
     mmseqs_sensitivity: Annotated[float | None, typer.Option(help=_MMSEQS_S_HELP)] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help=_RUN_HELP["no_plots"])] = False,
     shard: _Shard = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what the run would do: targets done, features in OUT or the cache, searches and predictions left. Writes nothing.")] = False,
 ) -> None:
     """Both stages in one run, overlapped: GPU work starts on the first finished features.
 
@@ -648,6 +649,16 @@ def run_cmd(
             shard=Shard.parse(shard) if shard is not None else None)
     except PipelineError as exc:  # InputError, or ParamsError from the params folder's record
         raise _fail(str(exc)) from exc
+    if dry_run:
+        from parafold.pipeline import preview_run
+
+        try:
+            preview = preview_run(settings)
+        except PipelineError as exc:
+            raise _fail(str(exc)) from exc
+        for line in preview.lines():
+            typer.echo(line)
+        raise typer.Exit(0)
     raise typer.Exit(_run_and_report(settings))
 
 

@@ -33,7 +33,7 @@ from parafold.store import (
 )
 
 __all__ = ["FeatureSet", "FEATURES_FILE", "MANIFEST_FILE", "PICKLE_FILE", "write_feature_set",
-           "share_feature_set", "read_feature_set", "load_features", "find_feature_sets",
+           "share_feature_set", "twin_key_of", "read_feature_set", "load_features", "find_feature_sets",
            "collect_feature_sets"]
 
 logger = logging.getLogger(__name__)
@@ -76,9 +76,7 @@ class FeatureSet:
         """Equal for feature sets with the same content (search key and sequence), which the
         GPU stage predicts once (`fold.twins`); None for a set without a key (a foreign
         `features.pkl`), which is nobody's twin."""
-        if not self.key or self.from_pickle:
-            return None
-        return f"{self.key}:{self.sequence}"
+        return None if self.from_pickle else twin_key_of(self.key, self.sequence)
 
     def load(self, *, trust_pickles: bool = False) -> dict[str, np.ndarray]:
         """The raw feature dict; ours named for this target (a foreign pickle as it was)."""
@@ -86,6 +84,11 @@ class FeatureSet:
         if not self.from_pickle:
             feats["domain_name"] = np.array([self.target_id.encode("utf-8")], dtype=object)
         return feats
+
+
+def twin_key_of(key: str, sequence: str) -> str | None:
+    """`FeatureSet.twin_key` of features with this search key and sequence (None: no key)."""
+    return f"{key}:{sequence}" if key else None
 
 
 def _check_feature_dict(name: str, feats: dict[str, Any]) -> tuple[str, int, int]:

@@ -244,6 +244,18 @@ def _usable_features(target: Target, folder: Path, key: str | None) -> FeatureSe
     return fs
 
 
+def _standing(t: Target, folder: Path, key: str | None,
+              settings: RunSettings) -> tuple[State, FeatureSet | None]:
+    """Where a target stands on disk, with its usable features: DONE (predicted, and relaxed
+    as asked), FEATURES_READY (features for this key: to predict, or to relax) or QUEUED."""
+    fs = _usable_features(t, folder, key)
+    if fs is None:
+        return State.QUEUED, None
+    if prediction_complete(folder) and not relax_pending(folder, settings.model.models_to_relax):
+        return State.DONE, fs
+    return State.FEATURES_READY, fs
+
+
 def _remove_partial_files(folder: Path) -> None:
     """Temporary files a killed writer left (`.<name>.<random>.part`): never trusted, and safe
     to delete because we hold the run lock, so no live run writes here."""
@@ -309,11 +321,10 @@ def _reconcile(ledger: Ledger, targets: Sequence[Target], settings: RunSettings,
             _fail_at_start(ledger, t.name, state, str(exc))
             plan.failed.append(t.name)
             continue
-        fs = _usable_features(t, folder, key)
+        standing, fs = _standing(t, folder, key, settings)
         if fs is None:
             _forget_stale_prediction(t, folder, key)
-        if fs is not None and prediction_complete(folder) and not relax_pending(
-                folder, settings.model.models_to_relax):
+        if fs is not None and standing is State.DONE:
             if state is not State.DONE:
                 ledger.reconcile(t.name, State.DONE)
             plan.done.append(t.name)
@@ -329,6 +340,112 @@ def _reconcile(ledger: Ledger, targets: Sequence[Target], settings: RunSettings,
                 ledger.reconcile(t.name, State.QUEUED)
             plan.to_search.append(t)
     return plan
+
+
+@dataclass(frozen=True, slots=True)
+class RunPreview:
+    """What `run` would do now (`preview_run`): the targets by the work left to each."""
+
+    out: Path
+    targets: int
+    bad_records: int
+    cannot_start: tuple[str, ...]  # "name: reason" (a precomputed MSA missing)
+    done: int
+    to_relax: int  # predicted; a relaxation asked for is missing
+    features_in_out: int
+    features_in_cache: int  # searched before: features copied into OUT, no search
+    to_search: int
+    searches: int  # distinct searches among them: identical sequences are searched once
+    to_predict: int  # GPU predictions
+    copies: int  # copies of an identical prediction: this run's, or an OUT's sharing the cache
+    params_problem: str = ""
+
+    def lines(self) -> list[str]:
+        out = [f"dry run: nothing searched, predicted or written in {self.out}",
+               f"{self.targets} targets ({self.bad_records} bad input records skipped)",
+               f"  done: {self.done}" + (f", {self.to_relax} more to relax" if self.to_relax
+                                         else ""),
+               f"  features: {self.features_in_out} in OUT, {self.features_in_cache} in the "
+               f"cache; to search: {self.to_search} targets, {self.searches} distinct searches",
+               f"  to predict: {self.to_predict}, and {self.copies} copies of identical "
+               "predictions (made in this run, or in an OUT sharing the cache)"]
+        if self.cannot_start:
+            out.append(f"  cannot start: {len(self.cannot_start)}, e.g. {self.cannot_start[0]}")
+        if self.params_problem:
+            out.append(f"params: {self.params_problem}")
+        return out
+
+
+def preview_run(settings: RunSettings) -> RunPreview:
+    """What `run_pipeline(settings)` would do, found without doing it: no lock, no ledger, no
+    file written, no search or prediction. To size a job before it is queued: the searches
+    (CPU) and predictions (GPU) left once OUT and a shared cache are counted in.
+
+    Raises:
+        InputError: the input path or an option is unusable.
+        DatabaseNotFoundError: proteins need searching and a database is missing.
+    """
+    from parafold.featureset import twin_key_of
+    from parafold.fold.params import check_params_files
+    from parafold.fold.reuse import PredictionIndex
+    from parafold.search.runner import has_cached_features
+
+    targets, problems = _read_input(settings)
+    databases = None
+    if settings.db_dir is not None or settings.db_overrides or not _needs_databases(settings):
+        with contextlib.suppress(DatabaseNotFoundError):
+            databases = _databases(settings)
+    cache = settings.resolved_cache_dir
+    counts = dict.fromkeys(("done", "relax", "out", "cache", "search"), 0)
+    cannot_start: list[str] = []
+    predicted: set[str] = set()  # twin keys of predictions there will be
+    pending: list[tuple[str | None, Path]] = []  # (twin key, folder) of targets to predict
+    searches: set[str] = set()
+    for t in targets:
+        folder = settings.out / t.name
+        try:
+            key = _expected_key(t, databases, settings)
+        except InputError as exc:
+            cannot_start.append(f"{t.name}: {exc}")
+            continue
+        standing, fs = _standing(t, folder, key, settings)
+        if fs is not None:
+            twin = fs.twin_key
+            if standing is State.DONE or prediction_complete(folder):
+                counts["done" if standing is State.DONE else "relax"] += 1
+                predicted.update([twin] if twin else [])
+            else:
+                counts["out"] += 1
+                pending.append((twin, folder))
+        elif key is not None and has_cached_features(cache, key):
+            counts["cache"] += 1
+            pending.append((twin_key_of(key, t.sequence), folder))
+        else:
+            counts["search"] += 1
+            searches.add(key or t.sequence)
+            pending.append((twin_key_of(key, t.sequence) if key else None, folder))
+    if counts["search"] and databases is None:
+        _databases(settings)  # raises: names what is missing
+    index = PredictionIndex.for_settings(settings.model.prediction_cache_dir or cache,
+                                         settings.model, settings.params_dir)
+    copies = 0
+    for twin, folder in pending:
+        if twin is not None and (twin in predicted
+                                 or index.find_key(twin, not_in=folder) is not None):
+            copies += 1
+        predicted.update([twin] if twin else [])
+    params_problem = ""
+    if pending or counts["relax"]:
+        try:
+            check_params_files(settings.params_dir, settings.model.model_names)
+        except PipelineError as exc:
+            params_problem = f"{exc} (a run would stop here)"
+    return RunPreview(
+        out=settings.out, targets=len(targets), bad_records=len(problems),
+        cannot_start=tuple(cannot_start), done=counts["done"], to_relax=counts["relax"],
+        features_in_out=counts["out"], features_in_cache=counts["cache"],
+        to_search=counts["search"], searches=len(searches), to_predict=len(pending) - copies,
+        copies=copies, params_problem=params_problem)
 
 
 def run_pipeline(settings: RunSettings, *,

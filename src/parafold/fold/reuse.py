@@ -67,8 +67,7 @@ class PredictionIndex:
             params=params)
         return cls(Path(cache_dir) / INDEX_FOLDER, fingerprint)
 
-    def _entry(self, fs: FeatureSet) -> Path | None:
-        key = fs.twin_key
+    def _entry(self, key: str | None) -> Path | None:
         if key is None:
             return None
         digest = content_key(features=key, settings=self.fingerprint)
@@ -77,7 +76,7 @@ class PredictionIndex:
     def record(self, fs: FeatureSet, folder: Path) -> None:
         """Note that `folder` holds the complete prediction of `fs`. Never raises: the index
         only saves work, and a target whose entry is lost is predicted again."""
-        entry = self._entry(fs)
+        entry = self._entry(fs.twin_key)
         if entry is None:
             return
         try:
@@ -91,7 +90,11 @@ class PredictionIndex:
     def find(self, fs: FeatureSet, *, not_in: Path | None = None) -> Path | None:
         """The folder holding a prediction of `fs` made before with these settings, if one
         was recorded and still holds it (and is not `not_in`, the target's own folder)."""
-        entry = self._entry(fs)
+        return self.find_key(fs.twin_key, not_in=not_in)
+
+    def find_key(self, twin_key: str | None, *, not_in: Path | None = None) -> Path | None:
+        """`find` by the features' `twin_key` alone (before the features are made)."""
+        entry = self._entry(twin_key)
         if entry is None:
             return None
         try:

@@ -275,7 +275,8 @@ def _entry(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / key[:2] / key
 
 
-def _has_features(cache_dir: Path, key: str) -> bool:
+def has_cached_features(cache_dir: Path, key: str) -> bool:
+    """Whether the cache holds finished features for `key`."""
     return (_entry(cache_dir, key) / "features" / MANIFEST_FILE).is_file()
 
 
@@ -416,7 +417,7 @@ def _search_and_fill(pending: dict[str, str], *, databases: DatabaseSet,
         if pool is not None:
             by_name, lost = _fill_in_processes(pool, in_threads, job)
             failed.update({names[n]: exc for n, exc in by_name.items()})
-            in_threads = [n for n in lost if not _has_features(cache_dir, names[n])]
+            in_threads = [n for n in lost if not has_cached_features(cache_dir, names[n])]
             if in_threads:
                 logger.warning("mmseqs: a feature process died; building the features of %d "
                                "queries in this process", len(in_threads))
@@ -446,13 +447,13 @@ def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: Data
         done = _target_done(Path(out_dir) / target.name, key, names)
         if done is not None:
             results[i] = replace(done, extra={**done.extra, "tool_calls": 0, "reused": "target"})
-        elif not _has_features(cache_dir, key):
+        elif not has_cached_features(cache_dir, key):
             pending[key] = target.sequence
     failed: dict[str, BaseException] = {}
     calls, searched = 0, set()
     if pending:
         with file_lock(Path(cache_dir) / _batch_lock_name(shard)):
-            pending = {k: s for k, s in pending.items() if not _has_features(cache_dir, k)}
+            pending = {k: s for k, s in pending.items() if not has_cached_features(cache_dir, k)}
             if pending:
                 failed, calls = _search_and_fill(pending, databases=databases,
                                                  settings=settings, budget=budget,
