@@ -64,6 +64,27 @@ def test_submit_runs_jobs_and_returns_errors(engine: str) -> None:
         assert ex.cpu_capacity() >= 1
 
 
+_PRIVATE_RAY = textwrap.dedent("""
+    from parafold.engine import Resources, make_executor
+    from tests.test_engine import _pid_and_square
+    with make_executor("ray", cpus=1, gpus=()) as ex:
+        _, square = ex.submit(_pid_and_square, 3, resources=Resources(cpus=1)).result(timeout=300)
+        print("RESULT", square, ex.cpu_capacity())
+""")
+
+
+def test_ray_without_an_address_starts_its_own_even_where_another_is_named() -> None:
+    """`--engine ray` without `--address` is a private Ray: Ray itself would join the cluster
+    in RAY_ADDRESS (or the one an earlier `ray start` noted in /tmp/ray) and then refuse our
+    CPU count, or run the jobs on somebody else's cluster."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_ADDRESS": "192.0.2.1:6379"}  # TEST-NET: nothing answers there
+    proc = subprocess.run([sys.executable, "-c", _PRIVATE_RAY], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT 9 1" in proc.stdout, proc.stdout
+
+
 _PARENT = textwrap.dedent("""
     import sys, time
     from pathlib import Path

@@ -107,8 +107,9 @@ class RayExecutor(Executor):
                     _use_token_if_present()
                     ray.init(address=address, logging_level=logging.WARNING,
                              log_to_driver=True)
-                else:
-                    ray.init(num_cpus=cpus, include_dashboard=False,
+                else:  # "local": a new Ray of our own, even where RAY_ADDRESS is set or
+                    # an earlier `ray start` left its address in /tmp/ray (Ray joins those)
+                    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                              logging_level=logging.WARNING, log_to_driver=True)
                 self._owns_ray = True
         except (ConnectionError, RuntimeError, ValueError) as exc:
