@@ -85,6 +85,25 @@ def test_ray_without_an_address_starts_its_own_even_where_another_is_named() -> 
     assert "RESULT 9 1" in proc.stdout, proc.stdout
 
 
+def test_a_ray_cluster_that_is_not_there_is_told_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray itself retries a gone cluster for minutes; a closed port is named in seconds, for
+    HOST:PORT and for `auto` (here through RAY_ADDRESS, as Ray looks it up)."""
+    import socket
+
+    from parafold.errors import SchedulerError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the test connects (Ray may write
+        # 127.0.0.1 as this node's own address)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    for address in (f"127.0.0.1:{port}", "auto"):
+        started = time.monotonic()
+        with pytest.raises(SchedulerError, match=f"nothing answers at [^ ]+:{port} "):
+            make_executor("ray", address=address, cpus=1)
+        assert time.monotonic() - started < 30, address
+
+
 _PARENT = textwrap.dedent("""
     import sys, time
     from pathlib import Path

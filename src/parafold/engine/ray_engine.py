@@ -22,6 +22,7 @@ __all__ = ["RayExecutor"]
 
 logger = logging.getLogger(__name__)
 R = TypeVar("R")
+_CONNECT_TIMEOUT_S = 10.0  # a head that answers at all answers faster
 
 
 def _use_token_if_present() -> None:
@@ -33,6 +34,35 @@ def _use_token_if_present() -> None:
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing answers at `address` (HOST:PORT, or `auto` found as Ray finds it), or None.
+
+    Ray retries a cluster that is gone for minutes before it gives up; a closed or silent port
+    is told here in seconds. Anything this cannot judge (a `ray://` client address, Ray's own
+    lookup changed) is left to `ray.init`.
+    """
+    import socket
+
+    target = address
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address("auto") or ""
+        except ConnectionError as exc:
+            return str(exc)
+        except Exception:  # Ray's internals moved: leave it to ray.init
+            return None
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "://" in host:
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S):
+            return None
+    except OSError as exc:
+        return f"nothing answers at {host}:{port} ({exc.strerror or exc}); is the cluster up?"
 
 
 class _FoldActorImpl:
@@ -104,6 +134,9 @@ class RayExecutor(Executor):
         try:
             if not ray.is_initialized():
                 if address:
+                    why = _unreachable(address)
+                    if why is not None:
+                        raise ConnectionError(why)
                     _use_token_if_present()
                     ray.init(address=address, logging_level=logging.WARNING,
                              log_to_driver=True)
