@@ -212,9 +212,14 @@ def test_predict_writes_results_tsv_with_its_failures(tmp_path: Path,
                                    "--no-compile-cache", "--gpus", "none"])
     assert res.exit_code == 1, res.output  # a target failed
     assert f"results: {tmp_path / 'o' / RESULTS_FILE}" in res.output
-    assert (tmp_path / "o" / RESULTS_FILE).read_text(encoding="utf-8").splitlines() == [
+    table = [
         HEADER,
         "broken\tsp|BAD 2\t14\t4\tfailed\t\t\t\t\t0\t\t\t\tOOM: shape (512, 512)\t\t\t0",
         "ok\tsp|OK1\t10\t4\tdone\tmodel_2_ptm\t87.12\t0.6124\t31.75\t0\tok/ranked_0.pdb"
         "\t\t\t\t\t\t0",
     ]
+    assert (tmp_path / "o" / RESULTS_FILE).read_text(encoding="utf-8").splitlines() == table
+    # `report` later, from the folders alone (no ledger, no manifests, no folder for `broken`):
+    # what only predict knew is kept
+    write_report(tmp_path / "o", plots=False)
+    assert (tmp_path / "o" / RESULTS_FILE).read_text(encoding="utf-8").splitlines() == table

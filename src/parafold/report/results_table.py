@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from parafold.ledger import LEDGER_FILE
 from parafold.report import RESULTS_FILE
 from parafold.report.collect import RANKED_PDB, _Row, collect
 from parafold.store import atomic_write_text
@@ -49,6 +50,36 @@ def format_results(rows: Iterable[_Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _int(cell: str | None) -> int | None:
+    return int(cell) if cell and cell.isdigit() else None
+
+
+def _keep_what_only_the_last_table_knew(table: dict[str, _Row], path: Path) -> None:
+    """`predict`'s OUT has no ledger and its folders no manifest: the id, length, MSA depth
+    and templates of a target, and a target that failed (it has no folder), are known only to
+    the `predict` that wrote the table. A later `report` (or another shard's `predict`) keeps
+    them from that table instead of dropping them; a row of its own wins."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return
+    header = lines[0].split("\t") if lines else []
+    for line in lines[1:]:
+        cells = dict(zip(header, line.split("\t"), strict=False))
+        name = cells.get("name", "")
+        row = table.get(name)
+        if row is None:
+            if not name or cells.get("state") != "failed":
+                continue
+            row = table[name] = _Row(name, state="failed", error=cells.get("error") or None)
+        row.target_id = row.target_id if row.target_id is not None else cells.get("id") or None
+        row.length = row.length if row.length is not None else _int(cells.get("length"))
+        row.msa_depth = (row.msa_depth if row.msa_depth is not None
+                         else _int(cells.get("msa_depth")))
+        row.templates = (row.templates if row.templates is not None
+                         else _int(cells.get("templates")))
+
+
 def write_results_table(out_dir: Path | str, rows: Mapping[str, _Row] | None = None, *,
                         feature_sets: Iterable[Any] = (),
                         failures: Mapping[str, str | None] | None = None) -> Path:
@@ -75,6 +106,8 @@ def write_results_table(out_dir: Path | str, rows: Mapping[str, _Row] | None = N
         row = table.setdefault(name, _Row(name))
         row.state, row.error = "failed", error or row.error
     path = out_dir / RESULTS_FILE
+    if not (out_dir / LEDGER_FILE).is_file():
+        _keep_what_only_the_last_table_knew(table, path)
     atomic_write_text(path, format_results(table[n] for n in sorted(table)))
     log.info("results of %d targets: %s", len(table), path)
     return path
