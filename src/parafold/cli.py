@@ -86,7 +86,7 @@ def databases_check(
 ) -> None:
     """Print which databases are present or missing, and each one's fingerprint; exit 1 when
     one that the preset and MSA mode need is missing."""
-    from parafold.search.databases import TEMPLATE_DATABASES, check_databases
+    from parafold.search.databases import TEMPLATE_DATABASES, check_databases, only_templates
 
     dbs = _database_set(db_dir, db_preset, {}, msa_mode, templates)
     missing: list[str] = []
@@ -100,10 +100,9 @@ def databases_check(
             missing += [st.name] if st.required else []
             typer.echo(f"MISSING  {st.name:<11} {need:<8} {'-':<64}  (not under {db_dir})")
     if missing:
-        what = db_preset if msa_mode == "classic" else f"--msa-mode {msa_mode}"
-        hint = (" (--no-templates runs without them)"
-                if templates and set(missing) <= set(TEMPLATE_DATABASES) else "")
-        typer.echo(f"{len(missing)} database(s) needed by {what} are missing{hint}", err=True)
+        hint = " (--no-templates runs without them)" if only_templates(missing) else ""
+        typer.echo(f"{len(missing)} database(s) needed by {dbs.needed_by} are missing{hint}",
+                   err=True)
         raise typer.Exit(1)
 
 

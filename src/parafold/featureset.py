@@ -33,8 +33,8 @@ from parafold.store import (
 )
 
 __all__ = ["FeatureSet", "FEATURES_FILE", "MANIFEST_FILE", "PICKLE_FILE", "write_feature_set",
-           "share_feature_set", "twin_key_of", "read_feature_set", "load_features", "find_feature_sets",
-           "collect_feature_sets"]
+           "share_feature_set", "twin_key_of", "read_feature_set", "load_features",
+           "find_feature_sets", "collect_feature_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def write_feature_set(folder: Path, *, name: str, target_id: str, features: dict
     fs = FeatureSet(name=name, target_id=target_id, sequence=sequence, path=folder,
                     msa_depth=depth, num_templates=templates, key=key, msa_mode=msa_mode,
                     extra=dict(extra or {}))
-    return _finish(fs, write_pickle)
+    return _finish(fs, dict(features) if write_pickle else None)
 
 
 def share_feature_set(source: FeatureSet, folder: Path, *, name: str, target_id: str,
@@ -131,14 +131,14 @@ def share_feature_set(source: FeatureSet, folder: Path, *, name: str, target_id:
     atomic_copy(source.path / FEATURES_FILE, folder / FEATURES_FILE)
     fs = replace(source, name=name, target_id=target_id, path=folder, key=key,
                  msa_mode=msa_mode, from_pickle=False, extra=dict(extra or {}))
-    return _finish(fs, write_pickle)
+    return _finish(fs, fs.load() if write_pickle else None)
 
 
-def _finish(fs: FeatureSet, write_pickle: bool) -> FeatureSet:
-    """AlphaFold's `features.pkl` when asked, then the manifest, last."""
-    if write_pickle:
+def _finish(fs: FeatureSet, pickled: dict[str, Any] | None) -> FeatureSet:
+    """AlphaFold's `features.pkl` of `pickled` when given, then the manifest, last."""
+    if pickled is not None:
         with atomic_writer(fs.path / PICKLE_FILE, "wb") as handle:
-            pickle.dump(fs.load(), handle, protocol=4)
+            pickle.dump(pickled, handle, protocol=4)
     manifest = asdict(fs)
     manifest["path"] = "."
     atomic_write_json(fs.path / MANIFEST_FILE, manifest)

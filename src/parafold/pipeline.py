@@ -213,6 +213,15 @@ def _databases(settings: RunSettings) -> Any:
     return dbs.fingerprinted()
 
 
+def _databases_if_found(settings: RunSettings) -> Any:
+    """The run's databases, or None when some are missing or none were given: that is fine
+    if nothing needs searching (callers raise through `_databases` if something does)."""
+    if settings.db_dir is not None or settings.db_overrides or not _needs_databases(settings):
+        with contextlib.suppress(DatabaseNotFoundError):
+            return _databases(settings)
+    return None
+
+
 def _needs_databases(settings: RunSettings) -> bool:
     """Whether the MSA mode reads databases (precomputed and single-sequence read none)."""
     from parafold.search.databases import required_databases
@@ -391,10 +400,7 @@ def preview_run(settings: RunSettings) -> RunPreview:
     from parafold.search.runner import has_cached_features
 
     targets, problems = _read_input(settings)
-    databases = None
-    if settings.db_dir is not None or settings.db_overrides or not _needs_databases(settings):
-        with contextlib.suppress(DatabaseNotFoundError):
-            databases = _databases(settings)
+    databases = _databases_if_found(settings)
     cache = settings.resolved_cache_dir
     counts = dict.fromkeys(("done", "relax", "out", "cache", "search"), 0)
     cannot_start: list[str] = []
@@ -501,11 +507,7 @@ def _run(settings: RunSettings, ledger: Ledger, run_id: int, started: float,
     for p in problems:
         logger.warning("input: %s", p)
     ledger.register(targets, run_id=run_id)
-    databases = None
-    if settings.db_dir is not None or settings.db_overrides or not _needs_databases(settings):
-        # A missing database is fine if nothing needs searching (raised below if so).
-        with contextlib.suppress(DatabaseNotFoundError):
-            databases = _databases(settings)
+    databases = _databases_if_found(settings)
     plan = _reconcile(ledger, targets, settings, databases)
     if plan.to_search and databases is None:
         databases = _databases(settings)  # raises: names what is missing

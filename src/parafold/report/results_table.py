@@ -54,6 +54,13 @@ def _int(cell: str | None) -> int | None:
     return int(cell) if cell and cell.isdigit() else None
 
 
+def _fill_blanks(row: _Row, **values: Any) -> None:
+    """Set each of the row's fields that nobody filled yet."""
+    for name, value in values.items():
+        if getattr(row, name) is None:
+            setattr(row, name, value)
+
+
 def _keep_what_only_the_last_table_knew(table: dict[str, _Row], path: Path) -> None:
     """`predict`'s OUT has no ledger and its folders no manifest: the id, length, MSA depth
     and templates of a target, and a target that failed (it has no folder), are known only to
@@ -72,12 +79,9 @@ def _keep_what_only_the_last_table_knew(table: dict[str, _Row], path: Path) -> N
             if not name or cells.get("state") != "failed":
                 continue
             row = table[name] = _Row(name, state="failed", error=cells.get("error") or None)
-        row.target_id = row.target_id if row.target_id is not None else cells.get("id") or None
-        row.length = row.length if row.length is not None else _int(cells.get("length"))
-        row.msa_depth = (row.msa_depth if row.msa_depth is not None
-                         else _int(cells.get("msa_depth")))
-        row.templates = (row.templates if row.templates is not None
-                         else _int(cells.get("templates")))
+        _fill_blanks(row, target_id=cells.get("id") or None, length=_int(cells.get("length")),
+                     msa_depth=_int(cells.get("msa_depth")),
+                     templates=_int(cells.get("templates")))
 
 
 def write_results_table(out_dir: Path | str, rows: Mapping[str, _Row] | None = None, *,
@@ -98,10 +102,8 @@ def write_results_table(out_dir: Path | str, rows: Mapping[str, _Row] | None = N
     table = dict(rows) if rows is not None else collect(out_dir).rows
     for fs in feature_sets:
         row = table.setdefault(fs.name, _Row(fs.name))
-        row.target_id = row.target_id if row.target_id is not None else fs.target_id
-        row.length = row.length if row.length is not None else fs.length
-        row.msa_depth = row.msa_depth if row.msa_depth is not None else fs.msa_depth
-        row.templates = row.templates if row.templates is not None else fs.num_templates
+        _fill_blanks(row, target_id=fs.target_id, length=fs.length, msa_depth=fs.msa_depth,
+                     templates=fs.num_templates)
     for name, error in (failures or {}).items():
         row = table.setdefault(name, _Row(name))
         row.state, row.error = "failed", error or row.error

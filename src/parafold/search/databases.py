@@ -24,7 +24,7 @@ from parafold.store import fingerprint_files
 
 __all__ = ["DatabaseSet", "DatabaseStatus", "DB_NAMES", "find_databases", "check_databases",
            "database_fingerprint", "hh_db_files", "mmseqs_db_files",
-           "required_databases", "TEMPLATE_DATABASES"]
+           "required_databases", "only_templates", "TEMPLATE_DATABASES"]
 
 DB_NAMES = ("uniref90", "mgnify", "bfd", "uniref30", "small_bfd", "pdb70", "pdb_mmcif",
             "pdb_seqres", "mmseqs_uniref30", "mmseqs_env", "mmseqs_pdb")
@@ -65,6 +65,11 @@ _MMSEQS_COMPANIONS = tuple(f"_{part}" for part in _MMSEQS_PARTS)
 # `uniref30_db` and `uniref30_db2`).
 _MMSEQS_OWN_SUFFIX = re.compile(
     "(?:_(?:" + "|".join(sorted(_MMSEQS_PARTS, key=len, reverse=True)) + r"))?(?:\..+)?")
+
+
+def only_templates(names: list[str]) -> bool:
+    """Whether the databases `names` are all template databases (`--no-templates` needs none)."""
+    return set(names) <= set(TEMPLATE_DATABASES)
 
 
 def required_databases(preset: str, msa_mode: str = "classic", *,
@@ -142,6 +147,11 @@ class DatabaseSet:
         return [name for name in self.required if self.path(name) is None]
 
     @property
+    def needed_by(self) -> str:
+        """What needs the required databases, as the user named it: the preset, or the mode."""
+        return self.preset if self.msa_mode == "classic" else f"--msa-mode {self.msa_mode}"
+
+    @property
     def mmcif_dir(self) -> Path:
         return self.require("pdb_mmcif") / "mmcif_files"
 
@@ -161,11 +171,9 @@ class DatabaseSet:
             return self
         missing = self.missing()
         if missing:
-            what = self.preset if self.msa_mode == "classic" else f"--msa-mode {self.msa_mode}"
-            hint = (" (or run without templates: --no-templates)"
-                    if set(missing) <= set(TEMPLATE_DATABASES) else "")
+            hint = " (or run without templates: --no-templates)" if only_templates(missing) else ""
             raise DatabaseNotFoundError(
-                f"missing databases for {what}: {', '.join(missing)}{hint}")
+                f"missing databases for {self.needed_by}: {', '.join(missing)}{hint}")
         prints = tuple((name, database_fingerprint(name, self.require(name)))
                        for name in self.used)
         return replace(self, fingerprints=prints)
