@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -385,7 +386,15 @@ def test_sigusr1_drains_features_the_searches_under_way_finish(
             if "searching (" in line:
                 os.killpg(proc.pid, signal.SIGUSR1)
                 break
-        rest, _ = proc.communicate(timeout=300)
+        # the rest through the same buffer the loop read from (communicate() reads the pipe
+        # itself and loses lines already buffered: another protein's "searching" line)
+        watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))
+        watchdog.start()
+        try:
+            rest = proc.stdout.read()
+        finally:
+            watchdog.cancel()
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
