@@ -103,9 +103,11 @@ def _useful_flops(done: list, settings, iterations: int) -> float:
     from parafold.fold.buckets import shape_key
     from parafold.fold.workmodel import shape_flops
 
-    return sum(iterations * shape_flops(replace(shape_key(fs.length, fs.msa_depth, name, settings),
-                                                length=fs.length), settings.config_size)
-               for fs in done for name in settings.model_names)
+    def useful(fs, name: str) -> float:
+        key = shape_key(fs.length, fs.msa_depth, name, settings, templates=fs.num_templates > 0)
+        return shape_flops(replace(key, length=fs.length), settings.config_size)
+
+    return sum(iterations * useful(fs, name) for fs in done for name in settings.model_names)
 
 
 def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sampler) -> dict:

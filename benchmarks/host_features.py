@@ -47,7 +47,7 @@ def measure(length: int, depth: int, settings: ModelSettings, rng: np.random.Gen
     for r in range(repeats):
         n = length + r
         raw = make_features(random_sequence(n, rng), depth, seed=n)
-        key = shape_key(n, depth, model, settings)
+        key = shape_key(n, depth, model, settings, templates=False)  # make_features: none
         cfg = model_config(model, settings, clusters=key.clusters, extra=key.extra,
                            templates=key.templates, pallas={"use_pallas": False})
         started = time.perf_counter()

@@ -58,7 +58,8 @@ def plan(proteins: list[tuple[int, int]], settings: ModelSettings, costs: ShapeC
          merge: bool) -> dict[str, float]:
     """Shapes, padded work and modelled seconds of one plan for the first model."""
     model = settings.model_names[0]
-    own = [shape_key(length, rows, model, settings) for length, rows in proteins]
+    own = [shape_key(length, rows, model, settings, templates=False)  # as gpu_stage's inputs
+           for length, rows in proteins]
     dest = merge_targets(own, [length for length, _ in proteins],
                          compile_s=costs.compile_s if merge else 0.0, run_s=costs.run_s,
                          max_waste=settings.merge_max_waste)

@@ -31,7 +31,8 @@ def env(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fold")
     # compile_cost_s=0: every shape compiles on its own (these tests count compiles per shape)
-    settings = ModelSettings(config_size="tiny", models=(3, 4), num_recycle=1, float32=True,
+    # model 1 (templates) and model 3 (none): targets without templates share their shapes
+    settings = ModelSettings(config_size="tiny", models=(1, 3), num_recycle=1, float32=True,
                              compile_cost_s=0.0,
                              compile_cache_dir=tmp_path_factory.getbasetemp() / "jax-cache")
     write_random_params(root / "weights", settings, seed=0)
@@ -76,11 +77,15 @@ def test_padded_equals_unpadded(env):
         feats = process_features(raw, runner.config("model_3_ptm", key), key, seed=5)
         result, _ = runner.fetch(runner.launch("model_3_ptm", key, params, feats, seed=5))
         results[key] = unpad_result(result, 30)
-    a, b = results[padded], results[exact]
+    _assert_same_prediction(results[padded], results[exact], 30)
+
+
+def _assert_same_prediction(a: dict, b: dict, length: int) -> None:
+    """Coordinates within 0.01 A, pLDDT within 0.01, pTM within 1e-3, and not degenerate."""
     pos_a = a["structure_module"]["final_atom_positions"]
     pos_b = b["structure_module"]["final_atom_positions"]
     mask = b["structure_module"]["final_atom_mask"] > 0
-    assert pos_a.shape == pos_b.shape == (30, 37, 3)
+    assert pos_a.shape == pos_b.shape == (length, 37, 3)
     assert np.abs(pos_a - pos_b)[mask].max() <= 0.01
     assert np.abs(a["plddt"] - b["plddt"]).max() <= 0.01
     assert abs(float(a["ptm"]) - float(b["ptm"])) <= 1e-3
@@ -89,10 +94,63 @@ def test_padded_equals_unpadded(env):
     assert pos_a[:, 1].std(axis=0).min() > 1.0
 
 
+def test_a_template_model_runs_a_target_without_templates_as_with_masked_templates(env):
+    """Model 1 on a target without templates: in the no-template shape it shares with model 3
+    (template stack off, 28 sampled cluster rows padded to 32) the same coordinates, pLDDT
+    and pTM as in its template shape with 4 masked templates, AlphaFold's own way."""
+    import jax
+
+    from parafold.fold.buckets import shape_key
+    from parafold.fold.params import load_params, without_template_stack
+    from parafold.fold.processing import process_features, unpad_result
+    from parafold.fold.runner import ModelRunner
+    from parafold.fold.synthetic import make_features, random_sequence
+
+    root, settings, _ = env
+    raw = make_features(random_sequence(30, np.random.default_rng(4)), 40, seed=4)
+    runner = ModelRunner(settings)
+    params = jax.device_put(load_params(root / "weights", "model_1_ptm", settings))
+    shared = shape_key(30, 40, "model_1_ptm", settings, templates=False)
+    masked = shape_key(30, 40, "model_1_ptm", settings, templates=True)
+    assert shared == shape_key(30, 40, "model_3_ptm", settings, templates=False)
+    assert (shared.family, shared.clusters, shared.templates) == ("no_templates", 32, 0)
+    assert (masked.family, masked.clusters, masked.templates) == ("templates", 28, 4)
+    results = {}
+    for key, weights in ((shared, without_template_stack(params)), (masked, params)):
+        feats = process_features(raw, runner.config("model_1_ptm", key), key, seed=5)
+        assert feats["msa_mask"].shape[1] == key.clusters
+        assert feats["msa_mask"][0, 28:].sum() == 0  # model 1 samples 28 rows in either
+        result, _ = runner.fetch(runner.launch("model_1_ptm", key, weights, feats, seed=5))
+        results[key] = unpad_result(result, 30)
+    _assert_same_prediction(results[shared], results[masked], 30)
+
+
+def test_model_1_alone_runs_targets_with_and_without_templates_in_one_shape(env):
+    """Model 1 only, one target with templates and one without, of one size: both run in the
+    template shape (the one without masked, as AlphaFold runs it): one compile, not two."""
+    from dataclasses import replace
+
+    from parafold.fold.synthetic import make_features, random_sequence
+    from parafold.fold.worker import FoldWorker
+
+    root, settings, _ = env
+    rng = np.random.default_rng(21)
+    sets = [write_feature_set(root / "mixed" / name, name=name, target_id=name,
+                              features=make_features(random_sequence(30, rng), 40, seed=i,
+                                                     num_templates=templates))
+            for i, (name, templates) in enumerate((("found", 2), ("free", 0)))]
+    worker = FoldWorker(root / "weights", replace(settings, models=(1,), compile_cost_s=None))
+    outcomes = worker.fold(sets, root / "mixed-out")
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert [(k.family, k.templates) for k in worker.runner.compiled_keys] == [("templates", 4)]
+    assert outcomes[0].bucket == outcomes[1].bucket
+
+
 def test_compiles_once_per_family_and_shape(env, fold_run):
     worker, outcomes = fold_run
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
-    # 4 proteins x 2 models of one family, two length buckets -> exactly two executables
+    # 4 proteins without templates x models 1 and 3, two length buckets -> exactly two
+    # executables: model 1 runs them without its template stack, in model 3's shapes
     keys = worker.runner.compiled_keys
     assert [(k.family, k.length) for k in keys] == [("no_templates", 32), ("no_templates", 38)]
     assert worker.stats["compiles"] == 2
@@ -145,7 +203,7 @@ def test_second_process_compiles_nothing(env, fold_run):
         from parafold.featureset import read_feature_set
         from parafold.fold.settings import ModelSettings
         from parafold.fold.worker import FoldWorker
-        s = ModelSettings(config_size="tiny", models=(3, 4), num_recycle=1, float32=True,
+        s = ModelSettings(config_size="tiny", models=(1, 3), num_recycle=1, float32=True,
                           compile_cache_dir=Path({str(settings.compile_cache_dir)!r}),
                           executable_cache=False)  # level 1 alone: JAX's persistent cache
         w = FoldWorker(Path({str(root / "weights")!r}), s)

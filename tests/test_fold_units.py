@@ -104,6 +104,92 @@ def test_depth_buckets_follow_alphafold_split():
     assert shallow != buckets.shape_key(100, 40, "model_2_ptm", s)
 
 
+@pytest.mark.parametrize("config_size", ["full", "tiny"])
+def test_targets_without_templates_share_one_shape_across_all_five_models(config_size):
+    """ColabFold's trick for template-free runs, kept exact: models 1-2 drop the template
+    stack (same result, `test_fold_model`), and every model buckets on one ladder, so a
+    shallow MSA needs one compile for five models (it needed four: two families, two
+    extra-MSA caps), and two with templates."""
+    s = ModelSettings(config_size=config_size)
+    names = [f"model_{n}_ptm" for n in range(1, 6)]
+    for rows in (5, 40, 200, 600):
+        free = {buckets.shape_key(100, rows, name, s, templates=False) for name in names}
+        assert len(free) == 1 and free.pop().family == "no_templates", rows
+        found = {name: buckets.shape_key(100, rows, name, s) for name in names}
+        assert len(set(found.values())) == 2, rows
+        assert found["model_1_ptm"] == found["model_2_ptm"] != found["model_3_ptm"]
+        assert found["model_3_ptm"] == buckets.shape_key(100, rows, "model_1_ptm", s,
+                                                         templates=False)
+    # without buckets, as AlphaFold pads: model 1's 508 rows go in model 3's 512
+    flat = ModelSettings(config_size=config_size, msa_depth_buckets=False)
+    assert (buckets.shape_key(100, 40, "model_1_ptm", flat, templates=False)
+            == buckets.shape_key(100, 40, "model_3_ptm", flat))
+    if config_size == "full":  # a deep MSA: models 2 and 5 take 1,024 extra rows, not 5,120
+        deep = {name: buckets.shape_key(100, 3000, name, s, templates=False) for name in names}
+        assert deep["model_2_ptm"] == deep["model_5_ptm"] != deep["model_1_ptm"]
+        assert deep["model_2_ptm"].extra == 1024 and deep["model_1_ptm"].extra == 5120
+
+
+def test_targets_without_templates_join_a_template_shape_that_runs_anyway():
+    """With template models only (here model 1), a group without templates runs in the
+    template shape of its size (templates masked, as AlphaFold runs it) when that shape runs
+    anyway and its extra work costs less than a compile; a group with templates never runs
+    in a no-template shape."""
+    s = ModelSettings(models=(1,))
+    model = s.model_names[0]
+    found = buckets.shape_key(100, 40, model, s)
+    free = buckets.shape_key(100, 40, model, s, templates=False)
+    alt = buckets.alternative_key(100, 40, model, s, templates=False)
+    assert alt == found and free.family == "no_templates"
+    assert buckets.alternative_key(100, 40, model, s, templates=True) is None
+    assert buckets.alternative_key(100, 40, "model_3_ptm", s, templates=False) is None
+
+    def run_s(k: buckets.ShapeKey) -> float:
+        return 0.1 * (k.length / 100) ** 2 * (1 + (k.clusters + k.templates) / 128)
+
+    merge = functools.partial(buckets.merge_targets, compile_s=27.0, run_s=run_s)
+    dest = merge([found, free, free], [100, 100, 99], alternatives=[None, alt, alt])
+    assert dest == {found: found, free: found}
+    assert merge([found, free], [100, 100])[free] == free  # no alternative: stays
+    assert merge([found, free], [100, 100], alternatives=[None, alt],
+                 compile_s=0.0)[free] == free
+    # a group of targets with templates never moves into a no-template shape
+    deeper_free = buckets.shape_key(100, 400, model, s, templates=False)
+    assert merge([found, deeper_free], [100, 100], alternatives=[None, None])[found] == found
+    # a key's alternative holds all of its targets: 31 and 32 rows share no-template rung 32,
+    # but 32 rows need template rung 127, so that group cannot join the 31-row template shape
+    low = buckets.shape_key(100, 31, model, s)
+    shallow_free = buckets.shape_key(100, 31, model, s, templates=False)
+    assert shallow_free == buckets.shape_key(100, 32, model, s, templates=False)
+    alts = [buckets.alternative_key(100, rows, model, s, templates=False) for rows in (31, 32)]
+    assert [(a.clusters, low.clusters) for a in alts] == [(31, 31), (127, 31)]
+    both = merge([low, shallow_free, shallow_free], [100] * 3, alternatives=[None, *alts[::-1]])
+    assert both[shallow_free] == shallow_free
+    one = merge([low, shallow_free], [100, 100], alternatives=[None, alts[0]])
+    assert one[shallow_free] == low
+
+
+def test_a_worker_runs_a_target_without_templates_in_its_groups_template_shape(tmp_path):
+    """Model 1 only, one target with templates and one without, of one size: one group, one
+    template shape (nothing more to compile); alone, the one without runs without them."""
+    from parafold.featureset import FeatureSet
+    from parafold.fold.worker import FoldWorker
+
+    settings = ModelSettings(config_size="tiny", models=(1,), compile_cache_dir=None)
+
+    def target(name: str, templates: int) -> FeatureSet:
+        return FeatureSet(name=name, target_id=name, sequence="A" * 40, path=tmp_path / name,
+                          msa_depth=10, num_templates=templates)
+
+    found, free = target("found", 4), target("free", 0)
+    with FoldWorker(tmp_path / "weights", settings) as worker:
+        worker.group([found, free])  # (a group a target: batches of one on the CPU)
+        assert worker.shape_key(free) == worker.shape_key(found)
+        assert worker.shape_key(free).family == "templates"
+        worker.group([free])
+        assert worker.shape_key(free).family == "no_templates"
+
+
 def test_settings_validation():
     assert ModelSettings(models=(1, 3)).model_names == ("model_1_ptm", "model_3_ptm")
     assert ModelSettings(model_preset="monomer", models=(2,)).model_names == ("model_2",)
@@ -193,7 +279,7 @@ def test_low_memory_retry_failure_stays_with_its_target(tmp_path):
     worker = FoldWorker.__new__(FoldWorker)  # no runner, params or pools: a fake runner below
     worker.runner = SimpleNamespace(low_memory_key=lambda k: replace(k, low_memory=True),
                                     stats=SimpleNamespace(compile_s=0.0), launch=launch)
-    worker._params = {"model_1": None}
+    worker._params = {"model_1": {}}
     worker._loop_s = Counter()
     fs = FeatureSet(name="t", target_id="t", sequence="A" * 20, path=tmp_path / "t",
                     msa_depth=4, num_templates=0)

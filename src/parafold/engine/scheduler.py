@@ -359,7 +359,8 @@ class Scheduler:
             from parafold.fold.buckets import shape_key
 
             model = self.settings.model
-            key = shape_key(fs.length, fs.msa_depth, model.model_names[0], model)
+            key = shape_key(fs.length, fs.msa_depth, model.model_names[0], model,
+                            templates=fs.num_templates > 0)
             self._key_cache[fs.name] = key
         return key
 
@@ -488,15 +489,20 @@ class Scheduler:
                  group: list[tuple[FeatureSet, float]], compiled: set[Any]) -> bool:
         """The worker would run this group in a bigger shape it has compiled (it decides the
         same way, `FoldWorker.group`)."""
-        from parafold.fold.buckets import merge_targets
+        from parafold.fold.buckets import alternative_key, merge_targets
         from parafold.fold.costs import shape_costs
 
         if not compiled:
             return False
-        costs = shape_costs(self.settings.model, getattr(worker, "platform", "cpu"))
+        model = self.settings.model
+        costs = shape_costs(model, getattr(worker, "platform", "cpu"))
         dest = merge_targets([shape] * len(group), [fs.length for fs, _ in group],
                              compile_s=costs.compile_s, run_s=costs.run_s,
-                             max_waste=self.settings.model.merge_max_waste, available=compiled)
+                             max_waste=model.merge_max_waste, available=compiled,
+                             alternatives=[alternative_key(fs.length, fs.msa_depth,
+                                                           model.model_names[0], model,
+                                                           templates=fs.num_templates > 0)
+                                           for fs, _ in group])
         return dest[shape] != shape
 
     def _dispatch_folds(self) -> None:

@@ -18,11 +18,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from parafold.fold.config import DepthCaps, depth_caps, family_of
+from parafold.fold.config import TEMPLATES, DepthCaps, depth_caps, family_of, ladder_caps
 from parafold.fold.settings import ModelSettings
 
 __all__ = ["ShapeKey", "length_ladder", "length_bucket", "depth_ladder", "depth_bucket",
-           "shape_key", "padding_waste", "holds", "merge_groups", "merge_targets"]
+           "shape_key", "padding_waste", "holds", "merge_groups", "merge_targets",
+           "alternative_key"]
 
 _DEPTH_FACTOR = 4
 
@@ -98,21 +99,29 @@ def _minimums(caps: DepthCaps) -> tuple[int, int]:
 
 
 def shape_key(length: int, msa_depth: int, model_name: str, settings: ModelSettings,
-              *, low_memory: bool = False) -> ShapeKey:
-    """The key a target of `length` residues and `msa_depth` MSA rows runs under for a model.
+              *, templates: bool = True, low_memory: bool = False) -> ShapeKey:
+    """The key a target of `length` residues and `msa_depth` MSA rows runs under for a model;
+    `templates` false: the target has none, so models 1-2 run it without the template stack
+    (`config.family_of`).
 
     AlphaFold takes up to `caps.clusters` rows as cluster centres and the rest, up to
-    `caps.extra`, as the extra MSA; buckets pad each part to a rung of its ladder.
+    `caps.extra`, as the extra MSA, each model its own caps; buckets pad each part to a rung
+    of its family's ladder (`config.ladder_caps`), so models whose caps differ (model 1 takes
+    508 cluster rows and 5,120 extra ones, model 2 508 and 1,024, model 3 512 and 5,120)
+    share a key wherever one rung holds what each of them takes.
     """
-    caps = depth_caps(model_name, settings.config_size)
+    family = family_of(model_name, templates=templates)
+    own = depth_caps(model_name, settings.config_size)
+    ladder = ladder_caps(family, settings.config_size)
+    extra_rows = min(max(msa_depth - own.clusters, 0), own.extra)
     if settings.msa_depth_buckets:
-        min_clusters, min_extra = _minimums(caps)
-        clusters = depth_bucket(msa_depth, caps.clusters, min_clusters)
-        extra = depth_bucket(msa_depth - caps.clusters, caps.extra, min_extra)
+        min_clusters, min_extra = _minimums(ladder)
+        clusters = depth_bucket(min(msa_depth, own.clusters), ladder.clusters, min_clusters)
+        extra = min(depth_bucket(extra_rows, ladder.extra, min_extra), own.extra)
     else:
-        clusters, extra = caps.clusters, caps.extra
-    return ShapeKey(family=family_of(model_name), length=length_bucket(length, settings),
-                    clusters=clusters, extra=extra, templates=caps.templates,
+        clusters, extra = ladder.clusters, own.extra
+    return ShapeKey(family=family, length=length_bucket(length, settings),
+                    clusters=clusters, extra=extra, templates=ladder.templates,
                     low_memory=low_memory)
 
 
@@ -133,7 +142,9 @@ def holds(big: ShapeKey, small: ShapeKey, *, shortest: int | None = None,
 def merge_groups(counts: Mapping[ShapeKey, int], *, compile_s: float,
                  run_s: Callable[[ShapeKey], float],
                  shortest: Mapping[ShapeKey, int] | None = None, max_waste: float = 0.0,
-                 available: Iterable[ShapeKey] = ()) -> dict[ShapeKey, ShapeKey]:
+                 available: Iterable[ShapeKey] = (),
+                 alternatives: Mapping[ShapeKey, ShapeKey] | None = None
+                 ) -> dict[ShapeKey, ShapeKey]:
     """The key each key's targets run under: a group moves to a bigger key that runs anyway
     when the extra device time of its targets there costs less than compiling its own.
 
@@ -147,19 +158,26 @@ def merge_groups(counts: Mapping[ShapeKey, int], *, compile_s: float,
     work grows. On an H100 a full-model compile took 25-30 s and a small protein 0.05-0.3 s,
     so even a group of a few hundred proteins moves one rung up; `compile_s` 0 merges nothing,
     and a shape `run_s` cannot price (infinite) is never a destination.
+
+    `alternatives[key]`: another key its targets may run under, or in a key that holds that
+    one, on the same terms: targets without templates of a template model (a key of the
+    no-template family) under the template family's key, their templates masked
+    (`alternative_key`), when the template shape runs anyway.
     """
     dest = {key: key for key in counts}
     if compile_s <= 0:
         return dest
-    size, low = dict(counts), dict(shortest or {})
+    size, low, alt = dict(counts), dict(shortest or {}), dict(alternatives or {})
     compiled = set(available)
     candidates = [*counts, *(k for k in compiled if k not in counts)]
     for key in sorted(counts, key=_size_order):
         if key in compiled:
             continue
+        own = [key] if key not in alt else [key, alt[key]]
         options = [(size[key] * (run_s(k) - run_s(key)), _size_order(k), k)
                    for k in candidates if k != key and dest.get(k, k) == k
-                   and holds(k, key, shortest=low.get(key), max_waste=max_waste)]
+                   and any(k == o or holds(k, o, shortest=low.get(key), max_waste=max_waste)
+                           for o in own)]
         options = [option for option in options if math.isfinite(option[0])]  # unpriced: stay
         if not options:
             continue
@@ -173,19 +191,44 @@ def merge_groups(counts: Mapping[ShapeKey, int], *, compile_s: float,
         size[key] = 0
         if key in low:
             low[target] = min(low.get(target, low[key]), low[key])
+        if key in alt and target.family == key.family:  # what the target key's group may use
+            alt[target] = _cover(alt.get(target, alt[key]), alt[key])
     return dest
+
+
+def alternative_key(length: int, msa_depth: int, model_name: str, settings: ModelSettings,
+                    *, templates: bool) -> ShapeKey | None:
+    """The template family's key a target without templates may also run under for a
+    template model (its templates then padded and masked, as AlphaFold runs it), for
+    `merge_groups`: None when the target has templates or the model takes none."""
+    if templates or family_of(model_name) != TEMPLATES:
+        return None
+    return shape_key(length, msa_depth, model_name, settings, templates=True)
 
 
 def merge_targets(keys: Sequence[ShapeKey], lengths: Sequence[int], *, compile_s: float,
                   run_s: Callable[[ShapeKey], float], max_waste: float = 0.0,
-                  available: Iterable[ShapeKey] = ()) -> dict[ShapeKey, ShapeKey]:
+                  available: Iterable[ShapeKey] = (),
+                  alternatives: Sequence[ShapeKey | None] | None = None
+                  ) -> dict[ShapeKey, ShapeKey]:
     """`merge_groups` for targets given one by one: each target's own key and real length
-    (the shortest target of a key bounds its padding)."""
+    (the shortest target of a key bounds its padding), and its `alternative_key` if any (a
+    key's alternative holds every one of its targets')."""
     shortest: dict[ShapeKey, int] = {}
     for key, length in zip(keys, lengths, strict=True):
         shortest[key] = min(shortest.get(key, length), length)
+    alt: dict[ShapeKey, ShapeKey] = {}
+    for key, other in zip(keys, alternatives or [None] * len(keys), strict=True):
+        if other is not None:
+            alt[key] = _cover(alt.get(key, other), other)
     return merge_groups(Counter(keys), compile_s=compile_s, run_s=run_s, shortest=shortest,
-                        max_waste=max_waste, available=available)
+                        max_waste=max_waste, available=available, alternatives=alt)
+
+
+def _cover(a: ShapeKey, b: ShapeKey) -> ShapeKey:
+    """The smallest key of `a`'s kind that holds both."""
+    return replace(a, length=max(a.length, b.length), clusters=max(a.clusters, b.clusters),
+                   extra=max(a.extra, b.extra))
 
 
 def _size_order(key: ShapeKey) -> tuple[int, int, int]:

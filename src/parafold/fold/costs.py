@@ -103,7 +103,8 @@ def cut_by_cost(feature_sets: Sequence[FeatureSet], count: int, settings: ModelS
     given one compiles few of them (job-array shards, devices)."""
     costs = shape_costs(settings, platform)
     model = settings.model_names[0]
-    keys = {fs.name: shape_key(fs.length, fs.msa_depth, model, settings) for fs in feature_sets}
+    keys = {fs.name: shape_key(fs.length, fs.msa_depth, model, settings,
+                               templates=fs.num_templates > 0) for fs in feature_sets}
     seconds = {key: costs.run_s(key) for key in set(keys.values())}
     parts = cut_by_work(feature_sets, count, order=lambda fs: (keys[fs.name], fs.length, fs.name),
                         work=lambda fs: seconds[keys[fs.name]])

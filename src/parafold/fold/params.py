@@ -26,7 +26,7 @@ from parafold.fold.settings import ModelSettings
 from parafold.store import atomic_write_json, atomic_writer, read_json
 
 __all__ = ["params_path", "check_params_files", "load_params", "expected_shapes", "write_random_params",
-           "read_params_info", "PARAMS_INFO_FILE"]
+           "read_params_info", "without_template_stack", "PARAMS_INFO_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ _STACKED_SCOPES = ("evoformer_iteration", "extra_msa_stack", "__layer_stack_no_s
 # AlphaFold's own init for parameters it starts constant: we draw around these values.
 _CONSTANT_BASE = {"scale": 1.0, "gating_b": 1.0, "trainable_point_weights": 0.5413}
 _SMALL_STD = 0.1
+# Scopes of models 1-2 that models 3-5 lack: the template stack and its MSA-row embedding.
+_TEMPLATE_STACK = ("/template_embedding", "/template_single_embedding", "/template_projection")
 
 Shapes = dict[str, dict[str, tuple[int, ...]]]
 
@@ -142,6 +144,14 @@ def load_params(params_dir: Path, model_name: str, settings: ModelSettings
     _check(path, params, expected_shapes(model_name, settings))
     return {scope: {name: np.asarray(v, np.float32) for name, v in leaves.items()}
             for scope, leaves in params.items()}
+
+
+def without_template_stack(params: dict[str, Any]) -> dict[str, Any]:
+    """A template model's params without the template stack, as models 3-5 have them: what it
+    runs a target without templates with (`config.family_of`), so its params fit the same
+    compiled function. The arrays are shared, not copied."""
+    return {scope: leaves for scope, leaves in params.items()
+            if not any(part in scope for part in _TEMPLATE_STACK)}
 
 
 def _draw(scope: str, name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

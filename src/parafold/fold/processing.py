@@ -4,7 +4,8 @@ AlphaFold's own input pipeline does the padding: its `make_fixed_size` step pads
 axis to `crop_size`, the MSA to `max_msa_clusters`, the extra MSA to `max_extra_msa` and the
 templates to `max_templates`, with zero masks. We set those sizes to the target's bucket
 instead of the target's own sizes, so a padded target sees exactly the random draws (MSA
-sampling, masking) the unpadded one would.
+sampling, masking) the unpadded one would. A model samples at most its own MSA sizes; where the
+bucket is bigger (one shared with a model that samples more) the rest is padded here.
 """
 
 from __future__ import annotations
@@ -65,7 +66,27 @@ def process_features(raw: dict[str, Any], cfg: ml_collections.ConfigDict, key: S
     graph.finalize()
     with tf.Session(graph=graph) as session:
         processed = session.run(batch)
-    return {k: np.asarray(v) for k, v in processed.items() if np.asarray(v).dtype != object}
+    arrays = {k: np.asarray(v) for k, v in processed.items() if np.asarray(v).dtype != object}
+    return _pad_msa_axes(arrays, data_cfg.eval.feat, key)
+
+
+def _pad_msa_axes(arrays: dict[str, np.ndarray], schema: Any, key: ShapeKey
+                  ) -> dict[str, np.ndarray]:
+    """Zero-pad MSA axes the pipeline left shorter than the key: a model that samples fewer
+    rows than its bucket holds (model 1 takes 508 cluster rows, in a bucket of 512 it shares
+    with model 3). Zeros are what AlphaFold's own padding writes, masks included."""
+    from alphafold.model.tf import shape_placeholders as sp
+
+    sizes = {sp.NUM_MSA_SEQ: key.clusters, sp.NUM_EXTRA_SEQ: key.extra}
+    for name, value in arrays.items():
+        axes = list(schema[name]) if name in schema else []
+        if len(axes) + 1 != value.ndim:  # the leading axis is the recycling iteration
+            continue
+        widths = [(0, 0)] + [(0, max(0, sizes.get(axis, 0) - size))
+                             for axis, size in zip(axes, value.shape[1:], strict=True)]
+        if any(after for _, after in widths):
+            arrays[name] = np.pad(value, widths)
+    return arrays
 
 
 def _cut(value: Any, length: int, pair: bool) -> np.ndarray:

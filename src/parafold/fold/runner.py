@@ -1,7 +1,8 @@
 """The compiled-model cache: one executable per input shape, shared by a family's models.
 
 Params are an argument of the compiled function, not a constant baked into it, so swapping
-model_1 for model_2 (or model_3 for model_5) reuses the executable. Each recycling iteration
+model_1 for model_2 (or model_3 for model_5, or, for a target without templates, any model for
+any other: `config.family_of`) reuses the executable. Each recycling iteration
 is one call of the executable, as in the fork (`AlphaFold_noE` with `batch['prev']`), so the
 number of recycles never changes a shape. Executables are built ahead of time
 (`jit(...).lower(...).compile()`) into a dict keyed by `ShapeKey`: that dict is the compile
@@ -156,12 +157,14 @@ def forward_transform(model_name: str, settings: ModelSettings, *, low_memory: b
     return hk.transform(forward), cfg
 
 
-def probe_batch(model_name: str, settings: ModelSettings) -> dict[str, Any]:
-    """A small processed batch for tracing (parameter shapes do not depend on its size)."""
+def probe_batch(model_name: str, settings: ModelSettings, *, templates: bool = True
+                ) -> dict[str, Any]:
+    """A small processed batch for tracing (parameter shapes do not depend on its size);
+    `templates` false: as a target without templates is processed."""
     from parafold.fold.processing import process_features
     from parafold.fold.synthetic import make_features
 
-    key = shape_key(16, 4, model_name, settings)
+    key = shape_key(16, 4, model_name, settings, templates=templates)
     _, cfg = forward_transform(model_name, settings, low_memory=False, key=key)
     raw = make_features("ACDEFGHIKLMNPQRS", 4, num_templates=1 if key.templates else 0)
     feats = process_features(raw, cfg, key, seed=0)
@@ -185,7 +188,7 @@ def input_shapes(model_name: str, settings: ModelSettings, key: ShapeKey) -> dic
              sp.NUM_TEMPLATES: key.templates}
     lead = (key.batch,) if key.batch > 1 else ()
     out = {}
-    for name, (axes, dtype) in _feature_schema(model_name, settings).items():
+    for name, (axes, dtype) in _feature_schema(model_name, settings, key.templates > 0).items():
         # as AlphaFold's make_fixed_size: an axis padded to size 0 keeps the data's size
         shape = tuple(sizes.get(axis, 0) or probed for axis, probed in axes)
         out[name] = jax.ShapeDtypeStruct(
@@ -194,13 +197,13 @@ def input_shapes(model_name: str, settings: ModelSettings, key: ShapeKey) -> dic
 
 
 @functools.lru_cache(maxsize=16)
-def _feature_schema(model_name: str, settings: ModelSettings
+def _feature_schema(model_name: str, settings: ModelSettings, templates: bool
                     ) -> dict[str, tuple[tuple[tuple[str, int], ...], np.dtype]]:
     """Per processed feature: each axis as (padding placeholder, or "" where not padded, and
     the probe's size), and the dtype."""
     schema = forward_transform(model_name, settings, low_memory=False)[1].data.eval.feat
     out = {}
-    for name, value in probe_batch(model_name, settings).items():
+    for name, value in probe_batch(model_name, settings, templates=templates).items():
         named = [axis or "" for axis in schema[name]] if name in schema else []
         if len(named) != value.ndim:
             named = [""] * value.ndim

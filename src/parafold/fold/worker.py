@@ -28,7 +28,7 @@ import numpy as np
 from parafold.errors import GpuOutOfMemoryError, InferenceError, PipelineError, is_storage_full
 from parafold.featureset import FeatureSet
 from parafold.fold.batching import batch_size, batched_key, next_pow2, stack_members
-from parafold.fold.buckets import ShapeKey, merge_targets, shape_key
+from parafold.fold.buckets import ShapeKey, alternative_key, merge_targets, shape_key
 from parafold.fold.costs import shape_costs
 from parafold.fold.hostwork import (
     BusyMeter,
@@ -166,8 +166,8 @@ class FoldWorker:
                                                    self.params_dir))
         self._params: dict[str, Any] = {}
         self._caps: dict[ShapeKey, int] = {}
-        # target -> (length, MSA rows) its merged key is made for (`group`)
-        self._merged_into: dict[str, tuple[int, int]] = {}
+        # target -> (length, MSA rows, templates) its merged key is made for (`group`)
+        self._merged_into: dict[str, tuple[int, int, bool]] = {}
         self._key_rows: dict[ShapeKey, int] = {}  # keys grouped so far -> their deepest rows
         platform = self.runner.platform
         self.costs = shape_costs(settings, platform)
@@ -218,10 +218,12 @@ class FoldWorker:
 
     def shape_key(self, fs: FeatureSet, model_name: str | None = None) -> ShapeKey:
         """`fs`'s key for a model; a target `group` moved to a bigger shape counts that shape's
-        length and the rows of its deepest own target, so every model's key moves along."""
-        length, rows = self._merged_into.get(fs.name, (fs.length, fs.msa_depth))
+        length and the rows of its deepest own target (or its own, if deeper), and runs with
+        templates if that shape has them, so every model's key moves along."""
+        length, rows, templates = self._merged_into.get(
+            fs.name, (fs.length, fs.msa_depth, fs.num_templates > 0))
         return shape_key(length, rows, model_name or self.settings.model_names[0],
-                         self.settings)
+                         self.settings, templates=templates)
 
     @property
     def shapes_run(self) -> tuple[ShapeKey, ...]:
@@ -243,11 +245,15 @@ class FoldWorker:
         this call or an earlier one runs when its extra device time costs less than a compile
         (`buckets.merge_groups`, priced by `costs.ShapeCosts`)."""
         self._merged_into = {}
+        first = self.settings.model_names[0]
         own = {fs.name: self.shape_key(fs) for fs in feature_sets}
         dest = merge_targets(
             list(own.values()), [fs.length for fs in feature_sets],
             compile_s=self.costs.compile_s, run_s=self.costs.run_s,
-            max_waste=self.settings.merge_max_waste, available=self.shapes_run)
+            max_waste=self.settings.merge_max_waste, available=self.shapes_run,
+            alternatives=[alternative_key(fs.length, fs.msa_depth, first, self.settings,
+                                          templates=fs.num_templates > 0)
+                          for fs in feature_sets])
         deepest = self._key_rows  # a key -> MSA rows of the deepest target run under it
         for fs in feature_sets:
             if dest[own[fs.name]] == own[fs.name]:
@@ -256,7 +262,12 @@ class FoldWorker:
         for fs in feature_sets:
             key = dest[own[fs.name]]
             if key != own[fs.name]:
-                self._merged_into[fs.name] = (key.length, deepest[key])
+                # every model's key moves along, deep enough for this target's own rows too;
+                # a target without templates moved into a template shape runs it with its
+                # templates masked, as AlphaFold does
+                self._merged_into[fs.name] = (key.length,
+                                              max(deepest.get(key, 0), fs.msa_depth),
+                                              key.templates > 0)
             groups.setdefault(key, []).append(fs)
         counts = Counter(own.values())
         for key in sorted(k for k in counts if dest[k] != k):
@@ -292,6 +303,17 @@ class FoldWorker:
             self._params[model_name] = jax.device_put(
                 load_params(self.params_dir, model_name, self.settings))
         return self._params[model_name]
+
+    def _params_for(self, model_name: str, key: ShapeKey) -> Any:
+        """The model's params as `key`'s compiled function takes them: a template model runs a
+        target without templates without its template stack (`config.family_of`)."""
+        from parafold.fold.config import uses_templates
+        from parafold.fold.params import without_template_stack
+
+        params = self._device_params(model_name)
+        if key.templates == 0 and uses_templates(model_name):
+            return without_template_stack(params)
+        return params
 
     def _runs(self) -> list[_Run]:
         names = self.settings.model_names
@@ -353,7 +375,7 @@ class FoldWorker:
         for key, model_name in self._planned.items():
             try:  # the same params the loop will pass; probing shapes runs AlphaFold's
                 # feature pipeline, so it stays in this thread
-                params = self._device_params(model_name)
+                params = self._params_for(model_name, key)
                 shapes = input_shapes(model_name, self.settings, key)
             except Exception as exc:  # only an optimisation: the loop compiles it itself (and
                 # meets a target's error again there)
@@ -500,7 +522,7 @@ class FoldWorker:
             return self._launch_unit(key, run, feats)
 
     def _launch_unit(self, key: ShapeKey, run: _Run, feats: list[dict[str, np.ndarray]]) -> Any:
-        params = self._device_params(run.model_name)
+        params = self._params_for(run.model_name, key)
         if key.batch == 1:
             return self.runner.launch(run.model_name, key, params, feats[0], run.seed)
         import jax
