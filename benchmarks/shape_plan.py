@@ -5,7 +5,9 @@ For the same synthetic sets `gpu_stage.py` folds (same generator and seed, so th
 lengths and MSA depths), prints the shapes with and without merging groups into bigger
 shapes (`buckets.merge_groups`), the padded matmul work of each plan relative to every
 target in its own bucket (`workmodel.shape_flops`), and a *modelled* cold time of the GPU
-stage: compiles x `compile_s` + device seconds from `ShapeCosts.run_s` (constants measured on
+stage: compiles (the executables the run's models need at each shape: models 1-5 share one
+for a target without templates and a shallow MSA, `ShapeCosts.executables`) x `compile_s` +
+device seconds from `ShapeCosts.run_s` (constants measured on
 an H100, see `parafold.fold.costs`), and the same with one compile-ahead thread overlapping
 the device perfectly (`pipelined_s`, shapes in the worker's order, most work first; and in
 plain key order for comparison). The model is the planner's own view, not a measurement: the
@@ -13,6 +15,8 @@ GPU benchmark is what checks it.
 
     python benchmarks/shape_plan.py                                   # issue 3's 200 of 50-300
     python benchmarks/shape_plan.py --n 1000 --lengths 50-150 --depths 32-127
+    python benchmarks/shape_plan.py --n 1000 --lengths 50-150 --depths 32-127 --models 1,2,3,4,5 \
+        --with-templates       # every protein with templates (gpu_stage's have none)
 
 With `--shards N`, also the GPU stage of a job array of N one-GPU tasks (`predict --shard`):
 the set cut by shape into runs of equal modelled work (`costs.cut_by_cost`) against a cut at
@@ -55,13 +59,14 @@ def sample_set(n: int, lengths: tuple[int, int], depths: tuple[int, int], seed: 
 
 
 def plan(proteins: list[tuple[int, int]], settings: ModelSettings, costs: ShapeCosts, *,
-         merge: bool) -> dict[str, float]:
-    """Shapes, padded work and modelled seconds of one plan for the first model."""
+         merge: bool, templates: bool = False) -> dict[str, float]:
+    """Shapes (of the first model), executables, padded work and modelled seconds of one
+    plan; `templates`: every protein has them (gpu_stage's inputs have none)."""
     model = settings.model_names[0]
-    own = [shape_key(length, rows, model, settings, templates=False)  # as gpu_stage's inputs
+    own = [shape_key(length, rows, model, settings, templates=templates)
            for length, rows in proteins]
     dest = merge_targets(own, [length for length, _ in proteins],
-                         compile_s=costs.compile_s if merge else 0.0, run_s=costs.run_s,
+                         compile_s=costs.group_compile_s if merge else 0.0, run_s=costs.run_s,
                          max_waste=settings.merge_max_waste)
     ran = [dest[key] for key in own]
     own_work = sum(shape_flops(key, settings.config_size) for key in own)
@@ -69,37 +74,40 @@ def plan(proteins: list[tuple[int, int]], settings: ModelSettings, costs: ShapeC
     real_work = sum(shape_flops(replace(key, length=length), settings.config_size)
                     for key, (length, _) in zip(own, proteins, strict=True))
     shapes = len(set(ran))
+    compile_s = {key: costs.group_compile_s(key) for key in set(ran)}
+    compiles = sum(compile_s.values())
     device_s = sum(costs.run_s(key) for key in ran)
     work = Counter()
     for key in ran:
         work[key] += costs.run_s(key)
-    return {"shapes": shapes, "work_vs_own_buckets": round(ran_work / own_work, 3),
+    return {"shapes": shapes, "executables": sum(costs.executables(k) for k in set(ran)),
+            "work_vs_own_buckets": round(ran_work / own_work, 3),
             "work_vs_real_lengths": round(ran_work / real_work, 3),
-            "compile_s": round(shapes * costs.compile_s, 1), "device_s": round(device_s, 1),
-            "modelled_cold_s": round(shapes * costs.compile_s + device_s, 1),
-            "modelled_per_hour": round(3600 * len(proteins)
-                                       / (shapes * costs.compile_s + device_s)),
-            "pipelined_key_order_s": round(pipelined_s([work[k] for k in sorted(work)],
-                                                       costs.compile_s), 1),
-            "pipelined_s": round(pipelined_s(sorted(work.values(), reverse=True),
-                                             costs.compile_s), 1)}
+            "compile_s": round(compiles, 1), "device_s": round(device_s, 1),
+            "modelled_cold_s": round(compiles + device_s, 1),
+            "modelled_per_hour": round(3600 * len(proteins) / (compiles + device_s)),
+            "pipelined_key_order_s": round(pipelined_s([(compile_s[k], work[k])
+                                                        for k in sorted(work)]), 1),
+            "pipelined_s": round(pipelined_s(sorted(((compile_s[k], work[k]) for k in work),
+                                                    key=lambda pair: -pair[1])), 1)}
 
 
-def pipelined_s(run_s: list[float], compile_s: float) -> float:
-    """Wall time when one thread compiles the shapes in order while the device runs each
-    shape's work as soon as its compile is done and the shape before it has run."""
+def pipelined_s(shapes: list[tuple[float, float]]) -> float:
+    """Wall time when one thread compiles the shapes (compile seconds, device seconds) in
+    order while the device runs each shape's work as soon as its compile is done and the
+    shape before it has run."""
     compiled = device = 0.0
-    for seconds in run_s:
+    for compile_s, seconds in shapes:
         compiled += compile_s
         device = max(device, compiled) + seconds
     return device
 
 
 def array_plan(proteins: list[tuple[int, int]], settings: ModelSettings, platform: str,
-               shards: int, *, by_shape: bool) -> dict[str, float]:
+               shards: int, *, by_shape: bool, templates: bool = False) -> dict[str, float]:
     """Compiles and modelled times of N tasks, each planning its own part like a worker."""
     sets = [FeatureSet(name=f"{i:07d}", target_id=str(i), sequence="A" * length,
-                       path=Path("."), msa_depth=rows, num_templates=0)
+                       path=Path("."), msa_depth=rows, num_templates=4 if templates else 0)
             for i, (length, rows) in enumerate(proteins)]
     if by_shape:  # as `predict --shard` cuts
         parts = [run.sets for run in cut_by_cost(sets, shards, settings, platform)]
@@ -107,7 +115,8 @@ def array_plan(proteins: list[tuple[int, int]], settings: ModelSettings, platfor
         parts = [Shard(k, shards).by_hash(sets, key=lambda fs: fs.target_id)
                  for k in range(shards)]
     costs = shape_costs(settings, platform)
-    tasks = [plan([(fs.length, fs.msa_depth) for fs in part], settings, costs, merge=True)
+    tasks = [plan([(fs.length, fs.msa_depth) for fs in part], settings, costs, merge=True,
+                  templates=templates)
              if part else {"shapes": 0, "pipelined_s": 0.0} for part in parts]
     slowest = max(t["pipelined_s"] for t in tasks)
     return {"compiles": sum(t["shapes"] for t in tasks),
@@ -133,6 +142,8 @@ def main() -> None:
     parser.add_argument("--config", default="full", choices=("full", "tiny"))
     parser.add_argument("--platform", default="gpu", choices=("gpu", "cpu"))
     parser.add_argument("--merge-max-waste", type=float, default=0.5)
+    parser.add_argument("--with-templates", action="store_true",
+                        help="every protein has templates (default: none, as gpu_stage's)")
     parser.add_argument("--shards", type=int, default=0,
                         help="also model a job array of this many one-GPU tasks")
     parser.add_argument("--json", default=None, help="also write the rows here")
@@ -145,13 +156,13 @@ def main() -> None:
     costs = shape_costs(base, args.platform)
     print(f"{args.n} proteins of {args.lengths[0]}-{args.lengths[1]} residues, "
           f"{args.depths[0]}-{args.depths[1]} MSA rows; {args.config} config on {args.platform}: "
-          f"compile {costs.compile_s:.1f} s a shape, device model {costs.describe()}")
-    rows = {label: plan(proteins, base, costs, merge=merge)
+          f"compile {costs.compile_s:.1f} s an executable, device model {costs.describe()}")
+    rows = {label: plan(proteins, base, costs, merge=merge, templates=args.with_templates)
             for label, merge in (("no merges", False), ("merges (default)", True))}
     if args.shards:
         for label, by_shape in (("array, cut by shape", True), ("array, cut at random", False)):
             rows[label] = array_plan(proteins, base, args.platform, args.shards,
-                                     by_shape=by_shape)
+                                     by_shape=by_shape, templates=args.with_templates)
     width = max(len(k) for k in rows)
     for label, row in rows.items():
         print(f"{label:<{width}}  " + "  ".join(f"{k} {v}" for k, v in row.items()))

@@ -359,9 +359,17 @@ def test_shape_costs_price_every_family_model_seed_and_iteration():
     assert gpu.run_s(key) == pytest.approx(shape_flops(key, "full") * 4 / gpu.flops_per_s)
     assert gpu.run_s(replace(key, batch=8)) == gpu.run_s(key)  # per target
     assert gpu.run_s(replace(key, length=key.length + 16)) > gpu.run_s(key)
-    every = shape_costs(ModelSettings(num_seeds=2), "gpu")  # 5 models in 2 families, 2 seeds
-    assert every.compile_s == pytest.approx(2 * gpu.compile_s)
+    every = shape_costs(ModelSettings(num_seeds=2), "gpu")  # 5 models, 2 seeds
+    assert every.compile_s == gpu.compile_s  # an executable's
     assert every.run_s(key) == pytest.approx(10 * gpu.run_s(key))
+    # a group's compiles: an executable for each distinct key of the five models (one for a
+    # shallow MSA without templates; models 2 and 5 take fewer extra rows from a deep one)
+    assert gpu.executables(key) == 1
+    for rows, templates, executables in ((200, True, 2), (200, False, 1), (3000, True, 4),
+                                         (3000, False, 2)):
+        first = buckets.shape_key(100, rows, "model_1_ptm", every.settings, templates=templates)
+        assert every.executables(first) == executables, (rows, templates)
+        assert every.group_compile_s(first) == pytest.approx(executables * gpu.compile_s)
     assert shape_costs(replace(one, compile_cost_s=3.0), "gpu").compile_s == 3.0
     odd = replace(key, templates=2)  # shapes the work model was not fitted for: no guess
     deeper = replace(odd, clusters=odd.clusters * 4)

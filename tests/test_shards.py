@@ -192,7 +192,8 @@ def test_predict_shards_are_runs_of_shapes_so_each_compiles_few():
                           for _ in range(120)])
     settings = ModelSettings(config_size="full", models=(1,), compile_cache_dir=None)
     costs = shape_costs(settings, "gpu")
-    own = {fs.name: shape_key(fs.length, fs.msa_depth, "model_1_ptm", settings) for fs in sets}
+    own = {fs.name: shape_key(fs.length, fs.msa_depth, "model_1_ptm", settings,
+                              templates=fs.num_templates > 0) for fs in sets}
     count = 4
     cut = cut_by_cost(sets, count, settings, "gpu")
     parts = [run.sets for run in cut]

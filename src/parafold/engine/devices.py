@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -188,7 +188,7 @@ def fold_on_devices(feature_sets: Sequence[FeatureSet], out_root: Path,
     if not workers:
         raise ValueError("no fold workers")
     platform = workers[0].platform
-    compile_s = shape_costs(settings, platform).compile_s
+    compile_s = shape_costs(settings, platform).group_compile_s
     lanes = [_Lane(w) for w in workers]
     cut = cut_by_cost(feature_sets, len(workers) * runs_per_device, settings, platform)
     for i, part in enumerate(cut):  # equal work per lane, as cut
@@ -249,7 +249,7 @@ def _stop_if_asked(lanes: list[_Lane], orphans: deque[_Run],
 
 
 def _next_run(lane: _Lane, lanes: list[_Lane], orphans: deque[_Run],
-              compile_s: float) -> _Run | None:
+              compile_s: Callable[[ShapeKey], float]) -> _Run | None:
     """The lane's next run; else a run nobody holds; else the last queued run of the lane
     with the most modelled work left, if the compiles it needs here cost less than the work
     queued before it there (that device's running run not counted: a safe side)."""
@@ -261,7 +261,7 @@ def _next_run(lane: _Lane, lanes: list[_Lane], orphans: deque[_Run],
     if victim is None:
         return None
     run = victim.queue[-1]
-    compiles = len(run.shapes - lane.compiled) * compile_s
+    compiles = sum(compile_s(shape) for shape in run.shapes - lane.compiled)
     if compiles >= victim.work_left - run.work:
         return None
     victim.queue.pop()

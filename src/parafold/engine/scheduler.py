@@ -497,7 +497,7 @@ class Scheduler:
         model = self.settings.model
         costs = shape_costs(model, getattr(worker, "platform", "cpu"))
         dest = merge_targets([shape] * len(group), [fs.length for fs, _ in group],
-                             compile_s=costs.compile_s, run_s=costs.run_s,
+                             compile_s=costs.group_compile_s, run_s=costs.run_s,
                              max_waste=model.merge_max_waste, available=compiled,
                              alternatives=[alternative_key(fs.length, fs.msa_depth,
                                                            model.model_names[0], model,

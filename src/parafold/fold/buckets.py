@@ -139,7 +139,8 @@ def holds(big: ShapeKey, small: ShapeKey, *, shortest: int | None = None,
             and padding_waste(shortest, big.length) <= max_waste)
 
 
-def merge_groups(counts: Mapping[ShapeKey, int], *, compile_s: float,
+def merge_groups(counts: Mapping[ShapeKey, int], *,
+                 compile_s: float | Callable[[ShapeKey], float],
                  run_s: Callable[[ShapeKey], float],
                  shortest: Mapping[ShapeKey, int] | None = None, max_waste: float = 0.0,
                  available: Iterable[ShapeKey] = (),
@@ -152,7 +153,8 @@ def merge_groups(counts: Mapping[ShapeKey, int], *, compile_s: float,
     longer bucket while its shortest target, `shortest[key]` residues, wastes at most
     `max_waste` on padding) and runs anyway (in `counts`, or compiled before: `available`)
     with the least extra time, `targets x (run_s(there) - run_s(own))`, if that is under
-    `compile_s`. Smallest keys first, so a group that grew by a merge may move on with all its
+    `compile_s` (seconds, or seconds for the key's group: `ShapeCosts.group_compile_s`).
+    Smallest keys first, so a group that grew by a merge may move on with all its
     targets (each step is paid for by the compile it saves). A key in `available` is compiled
     already and stays. Padded rows and residues are masked, so no result changes; only the
     work grows. On an H100 a full-model compile took 25-30 s and a small protein 0.05-0.3 s,
@@ -165,8 +167,7 @@ def merge_groups(counts: Mapping[ShapeKey, int], *, compile_s: float,
     (`alternative_key`), when the template shape runs anyway.
     """
     dest = {key: key for key in counts}
-    if compile_s <= 0:
-        return dest
+    price = compile_s if callable(compile_s) else (lambda _key: float(compile_s))
     size, low, alt = dict(counts), dict(shortest or {}), dict(alternatives or {})
     compiled = set(available)
     candidates = [*counts, *(k for k in compiled if k not in counts)]
@@ -182,7 +183,8 @@ def merge_groups(counts: Mapping[ShapeKey, int], *, compile_s: float,
         if not options:
             continue
         extra_s, _, target = min(options)
-        if extra_s >= compile_s:
+        saved_s = price(key)
+        if saved_s <= 0 or extra_s >= saved_s:
             continue
         for k, d in dest.items():
             if d == key:
@@ -206,7 +208,8 @@ def alternative_key(length: int, msa_depth: int, model_name: str, settings: Mode
     return shape_key(length, msa_depth, model_name, settings, templates=True)
 
 
-def merge_targets(keys: Sequence[ShapeKey], lengths: Sequence[int], *, compile_s: float,
+def merge_targets(keys: Sequence[ShapeKey], lengths: Sequence[int], *,
+                  compile_s: float | Callable[[ShapeKey], float],
                   run_s: Callable[[ShapeKey], float], max_waste: float = 0.0,
                   available: Iterable[ShapeKey] = (),
                   alternatives: Sequence[ShapeKey | None] | None = None

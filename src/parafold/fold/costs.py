@@ -3,8 +3,8 @@ in it. The planner (`buckets.merge_groups`) weighs the two: a group runs in a bi
 that runs anyway when its targets' extra device time there is less than a compile.
 
 Device time is modelled as matmul work (`workmodel.shape_flops`, exact for the padded shape)
-over a rate measured on each platform; compiles as a measured constant per shape and model
-family. Measured figures (random weights, 1 model x 3 recycles):
+over a rate measured on each platform; compiles as a measured constant per executable, times
+the executables the run's models need at a shape. Measured figures (random weights, 1 model x 3 recycles):
 
 * GPU, full config (NVIDIA H100, jax 0.11.2, fused kernels, stop 10): compiles took 24.6-30.3 s
   one at a time; the first 316 of 1,000 proteins (50-150 residues, 32-127 MSA rows; shapes
@@ -24,13 +24,14 @@ figure (0 turns merging off).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from parafold.fold.buckets import ShapeKey, shape_key
-from parafold.fold.config import family_of
+from parafold.fold.config import depth_caps, family_of, uses_templates
 from parafold.fold.settings import ModelSettings
 from parafold.shards import cut_by_work
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ShapeCosts", "shape_costs", "CostRun", "cut_by_cost"]
 
-# (platform, config size) -> (seconds to compile one shape of one family, matmul FLOP/s)
+# (platform, config size) -> (seconds to compile one executable, matmul FLOP/s)
 _MEASURED: dict[tuple[str, str], tuple[float, float]] = {
     ("gpu", "full"): (27.0, 7.0e13),
     ("gpu", "tiny"): (5.0, 7.0e13),  # not measured
@@ -50,14 +51,27 @@ _MEASURED: dict[tuple[str, str], tuple[float, float]] = {
 
 @dataclass(frozen=True, slots=True)
 class ShapeCosts:
-    """Seconds a worker pays to compile a shape (every model family of the run) and to run one
-    target in it (every model, seed and recycling iteration)."""
+    """Seconds a worker pays to compile a shape (`group_compile_s`: the executables every model
+    of the run needs there; `compile_s` each) and to run one target in it (every model, seed
+    and recycling iteration)."""
 
     compile_s: float
     flops_per_s: float
     predictions: int
     iterations: int
     config_size: str
+    settings: ModelSettings | None = None
+
+    def executables(self, key: ShapeKey) -> int:
+        """Executables a group at first-model `key` needs for all the run's models: models
+        whose keys coincide share one (without templates and with a shallow MSA, all five)."""
+        if self.settings is None:
+            return 1
+        return _executables(replace(key, batch=1, low_memory=False), self.settings)
+
+    def group_compile_s(self, key: ShapeKey) -> float:
+        """Seconds of compiles a group at first-model `key` brings (`executables` of them)."""
+        return self.compile_s * self.executables(key)
 
     def run_s(self, key: ShapeKey) -> float:
         """Device seconds of one target at `key`'s padded sizes, all its predictions; infinite
@@ -78,12 +92,29 @@ class ShapeCosts:
 def shape_costs(settings: ModelSettings, platform: str) -> ShapeCosts:
     """The measured costs for `platform` ("gpu" for any accelerator, or "cpu")."""
     compile_s, rate = _MEASURED[("cpu" if platform == "cpu" else "gpu", settings.config_size)]
-    families = {family_of(name) for name in settings.model_names}
     if settings.compile_cost_s is not None:
         compile_s = settings.compile_cost_s
-    return ShapeCosts(compile_s=compile_s * len(families), flops_per_s=rate,
+    return ShapeCosts(compile_s=compile_s, flops_per_s=rate,
                       predictions=len(settings.model_names) * settings.num_seeds,
-                      iterations=settings.num_iterations, config_size=settings.config_size)
+                      iterations=settings.num_iterations, config_size=settings.config_size,
+                      settings=settings)
+
+
+@functools.lru_cache(maxsize=4096)
+def _executables(key: ShapeKey, settings: ModelSettings) -> int:
+    """Executables a target at first-model `key` needs for all of `settings`' models: models
+    whose keys coincide share one (a target without templates and a shallow MSA: one for all
+    five; with templates: two). The target is one the key is the own key of (as many cluster
+    rows as the key, or those and its extra rows); a first model without templates cannot
+    tell whether targets have them, so they are taken to (the dearer case)."""
+    first = settings.model_names[0]
+    templates = key.templates > 0 or not uses_templates(first)
+    own_clusters = depth_caps(first, settings.config_size).clusters
+    for rows in (min(key.clusters, own_clusters), own_clusters + key.extra):
+        if shape_key(key.length, rows, first, settings, templates=templates) == key:
+            return len({shape_key(key.length, rows, name, settings, templates=templates)
+                        for name in settings.model_names})
+    return len({family_of(name, templates=templates) for name in settings.model_names})
 
 
 @dataclass(frozen=True, slots=True)

@@ -249,7 +249,7 @@ class FoldWorker:
         own = {fs.name: self.shape_key(fs) for fs in feature_sets}
         dest = merge_targets(
             list(own.values()), [fs.length for fs in feature_sets],
-            compile_s=self.costs.compile_s, run_s=self.costs.run_s,
+            compile_s=self.costs.group_compile_s, run_s=self.costs.run_s,
             max_waste=self.settings.merge_max_waste, available=self.shapes_run,
             alternatives=[alternative_key(fs.length, fs.msa_depth, first, self.settings,
                                           templates=fs.num_templates > 0)
@@ -280,7 +280,7 @@ class FoldWorker:
         work = {key: len(members) * self.costs.run_s(key) for key, members in groups.items()}
         if len(feature_sets) > 1:
             log.info("%d targets fall in %d shapes and run in %d; modelled device time %.0f s, "
-                     "~%.0f s a compile (%s)", len(feature_sets), len(counts), len(groups),
+                     "~%.0f s an executable (%s)", len(feature_sets), len(counts), len(groups),
                      sum(work.values()), self.costs.compile_s, self.costs.describe())
         out = []
         for key in sorted(groups, key=lambda k: (-work[k], k)):
