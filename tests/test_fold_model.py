@@ -155,6 +155,11 @@ def test_compiles_once_per_family_and_shape(env, fold_run):
     assert [(k.family, k.length) for k in keys] == [("no_templates", 32), ("no_templates", 38)]
     assert worker.stats["compiles"] == 2
     assert worker.stats["predictions"] == 8
+    # the persistent cache keeps the model's executables, not the feature pipeline's small
+    # jits (about three a target, one per raw shape)
+    stored = [p.name for p in env[1].compile_cache_dir.glob("*-cache")]
+    assert sum(name.startswith("jit_step") for name in stored) >= 2
+    assert sum(not name.startswith("jit_step") for name in stored) <= 2, stored
 
 
 def test_outputs_are_alphafold_compatible(env, fold_run):
