@@ -9,8 +9,8 @@ stage: compiles (the executables the run's models need at each shape: models 1-5
 for a target without templates and a shallow MSA, `ShapeCosts.executables`) x `compile_s` +
 device seconds from `ShapeCosts.run_s` (constants measured on
 an H100, see `parafold.fold.costs`), and the same with one compile-ahead thread overlapping
-the device perfectly (`pipelined_s`, shapes in the worker's order, most work first; and in
-plain key order for comparison). The model is the planner's own view, not a measurement: the
+the device perfectly (`pipelined_s`, shapes in the worker's order, most work first): the plan
+`costs.plan_stage` makes, which `parafold predict --dry-run` prints for real feature sets. The model is the planner's own view, not a measurement: the
 GPU benchmark is what checks it.
 
     python benchmarks/shape_plan.py                                   # issue 3's 200 of 50-300
@@ -29,18 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from parafold.featureset import FeatureSet
-from parafold.fold.buckets import merge_targets, shape_key
-from parafold.fold.costs import ShapeCosts, cut_by_cost, shape_costs
+from parafold.fold.costs import cut_by_cost, plan_stage, shape_costs
 from parafold.fold.settings import ModelSettings
 from parafold.fold.synthetic import random_sequence
-from parafold.fold.workmodel import shape_flops
 from parafold.shards import Shard
 
 
@@ -58,72 +54,43 @@ def sample_set(n: int, lengths: tuple[int, int], depths: tuple[int, int], seed: 
     return out
 
 
-def plan(proteins: list[tuple[int, int]], settings: ModelSettings, costs: ShapeCosts, *,
-         merge: bool, templates: bool = False) -> dict[str, float]:
-    """Shapes (of the first model), executables, padded work and modelled seconds of one
-    plan; `templates`: every protein has them (gpu_stage's inputs have none)."""
-    model = settings.model_names[0]
-    own = [shape_key(length, rows, model, settings, templates=templates)
-           for length, rows in proteins]
-    dest = merge_targets(own, [length for length, _ in proteins],
-                         compile_s=costs.group_compile_s if merge else 0.0, run_s=costs.run_s,
-                         max_waste=settings.merge_max_waste)
-    ran = [dest[key] for key in own]
-    own_work = sum(shape_flops(key, settings.config_size) for key in own)
-    ran_work = sum(shape_flops(key, settings.config_size) for key in ran)
-    real_work = sum(shape_flops(replace(key, length=length), settings.config_size)
-                    for key, (length, _) in zip(own, proteins, strict=True))
-    shapes = len(set(ran))
-    compile_s = {key: costs.group_compile_s(key) for key in set(ran)}
-    compiles = sum(compile_s.values())
-    device_s = sum(costs.run_s(key) for key in ran)
-    work = Counter()
-    for key in ran:
-        work[key] += costs.run_s(key)
-    return {"shapes": shapes, "executables": sum(costs.executables(k) for k in set(ran)),
-            "work_vs_own_buckets": round(ran_work / own_work, 3),
-            "work_vs_real_lengths": round(ran_work / real_work, 3),
-            "compile_s": round(compiles, 1), "device_s": round(device_s, 1),
-            "modelled_cold_s": round(compiles + device_s, 1),
-            "modelled_per_hour": round(3600 * len(proteins) / (compiles + device_s)),
-            "pipelined_key_order_s": round(pipelined_s([(compile_s[k], work[k])
-                                                        for k in sorted(work)]), 1),
-            "pipelined_s": round(pipelined_s(sorted(((compile_s[k], work[k]) for k in work),
-                                                    key=lambda pair: -pair[1])), 1)}
-
-
-def pipelined_s(shapes: list[tuple[float, float]]) -> float:
-    """Wall time when one thread compiles the shapes (compile seconds, device seconds) in
-    order while the device runs each shape's work as soon as its compile is done and the
-    shape before it has run."""
-    compiled = device = 0.0
-    for compile_s, seconds in shapes:
-        compiled += compile_s
-        device = max(device, compiled) + seconds
-    return device
-
-
-def array_plan(proteins: list[tuple[int, int]], settings: ModelSettings, platform: str,
-               shards: int, *, by_shape: bool, templates: bool = False) -> dict[str, float]:
-    """Compiles and modelled times of N tasks, each planning its own part like a worker."""
-    sets = [FeatureSet(name=f"{i:07d}", target_id=str(i), sequence="A" * length,
+def feature_sets(proteins: list[tuple[int, int]], templates: bool) -> list[FeatureSet]:
+    """Stand-ins for the proteins (only length, MSA rows and templates are planned on)."""
+    return [FeatureSet(name=f"{i:07d}", target_id=str(i), sequence="A" * length,
                        path=Path("."), msa_depth=rows, num_templates=4 if templates else 0)
             for i, (length, rows) in enumerate(proteins)]
+
+
+def plan(sets: list[FeatureSet], settings: ModelSettings, platform: str, *,
+         merge: bool) -> dict[str, float]:
+    """Shapes (of the first model), executables, padded work and modelled seconds of one
+    plan (`costs.plan_stage`, what `predict --dry-run` prints)."""
+    stage = plan_stage(sets, settings, platform, merge=merge)
+    return {"shapes": stage.shapes, "executables": stage.executables,
+            "work_vs_own_buckets": round(stage.work_vs_own_buckets, 3),
+            "work_vs_real_lengths": round(stage.work_vs_real_lengths, 3),
+            "compile_s": round(stage.compile_s, 1), "device_s": round(stage.device_s, 1),
+            "modelled_cold_s": round(stage.sequential_s, 1),
+            "modelled_per_hour": round(3600 * len(sets) / stage.sequential_s),
+            "pipelined_s": round(stage.pipelined_s, 1)}
+
+
+def array_plan(sets: list[FeatureSet], settings: ModelSettings, platform: str,
+               shards: int, *, by_shape: bool) -> dict[str, float]:
+    """Compiles and modelled times of N tasks, each planning its own part like a worker."""
     if by_shape:  # as `predict --shard` cuts
         parts = [run.sets for run in cut_by_cost(sets, shards, settings, platform)]
     else:
         parts = [Shard(k, shards).by_hash(sets, key=lambda fs: fs.target_id)
                  for k in range(shards)]
-    costs = shape_costs(settings, platform)
-    tasks = [plan([(fs.length, fs.msa_depth) for fs in part], settings, costs, merge=True,
-                  templates=templates)
-             if part else {"shapes": 0, "pipelined_s": 0.0} for part in parts]
+    tasks = [plan(part, settings, platform, merge=True) if part
+             else {"executables": 0, "pipelined_s": 0.0} for part in parts]
     slowest = max(t["pipelined_s"] for t in tasks)
-    return {"compiles": sum(t["shapes"] for t in tasks),
-            "most_in_a_task": max(t["shapes"] for t in tasks),
+    return {"compiles": sum(t["executables"] for t in tasks),
+            "most_in_a_task": max(t["executables"] for t in tasks),
             "slowest_task_s": round(slowest, 1),
             "fastest_task_s": round(min(t["pipelined_s"] for t in tasks), 1),
-            "per_hour_per_gpu": round(3600 * len(proteins) / slowest / shards)}
+            "per_hour_per_gpu": round(3600 * len(sets) / slowest / shards)}
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -157,12 +124,13 @@ def main() -> None:
     print(f"{args.n} proteins of {args.lengths[0]}-{args.lengths[1]} residues, "
           f"{args.depths[0]}-{args.depths[1]} MSA rows; {args.config} config on {args.platform}: "
           f"compile {costs.compile_s:.1f} s an executable, device model {costs.describe()}")
-    rows = {label: plan(proteins, base, costs, merge=merge, templates=args.with_templates)
+    sets = feature_sets(proteins, args.with_templates)
+    rows = {label: plan(sets, base, args.platform, merge=merge)
             for label, merge in (("no merges", False), ("merges (default)", True))}
     if args.shards:
         for label, by_shape in (("array, cut by shape", True), ("array, cut at random", False)):
-            rows[label] = array_plan(proteins, base, args.platform, args.shards,
-                                     by_shape=by_shape, templates=args.with_templates)
+            rows[label] = array_plan(sets, base, args.platform, args.shards,
+                                     by_shape=by_shape)
     width = max(len(k) for k in rows)
     for label, row in rows.items():
         print(f"{label:<{width}}  " + "  ".join(f"{k} {v}" for k, v in row.items()))

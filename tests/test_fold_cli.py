@@ -40,6 +40,45 @@ def test_params_random_then_predict(tmp_path, tmp_path_factory):
     assert res.exit_code == 2 and "tiny" in res.output
 
 
+def test_predict_dry_run_sizes_the_gpu_stage_and_writes_nothing(tmp_path):
+    """Targets done, copied and left, the shapes and executables the rest needs (one for all
+    five models: no templates, shallow MSAs, merged into one shape) and modelled GPU time;
+    missing params are named; OUT is left as it was."""
+    import numpy as np
+
+    from parafold.fold.synthetic import make_features, random_sequence
+
+    rng = np.random.default_rng(5)
+    same = make_features(random_sequence(60, rng), 30, seed=1)
+    specs = (("a", same, "k1"), ("a_copy", same, "k1"),
+             ("b", make_features(random_sequence(90, rng), 100, seed=2), "k2"),
+             ("done", make_features(random_sequence(70, rng), 20, seed=3), "k3"))
+    for name, features, key in specs:
+        write_feature_set(tmp_path / "feats" / name, name=name, target_id=name,
+                          features=features, key=key)
+    out = tmp_path / "out"
+    (out / "done").mkdir(parents=True)
+    (out / "done" / "ranking_debug.json").write_text("{}")
+    before = sorted(out.rglob("*"))
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "feats"), "-o", str(out),
+                                   "--params-dir", str(tmp_path / "w"), "--models", "1,2,3,4,5",
+                                   "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "4 targets: 1 done, 1 to copy from an identical target, 2 to predict" in res.output
+    assert "shapes after merging: 1; executables to compile for all models: 1" in res.output
+    assert "modelled on one GPU" in res.output and "proteins/hour" in res.output
+    assert "params_model_1_ptm.npz: missing" in res.output
+    assert sorted(out.rglob("*")) == before
+    with_templates = tmp_path / "feats" / "c"
+    write_feature_set(with_templates, name="c", target_id="c", key="k4",
+                      features=make_features(random_sequence(60, rng), 30, num_templates=2))
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "feats"), "-o", str(out),
+                                   "--params-dir", str(tmp_path / "w"), "--models", "1,2,3,4,5",
+                                   "--dry-run", "--gpus", "none"])
+    assert "executables to compile for all models: 3" in res.output, res.output
+    assert "modelled on the CPU" in res.output
+
+
 def test_predict_refuses_untrusted_pickles(tmp_path):
     from parafold.fold.synthetic import make_features
 

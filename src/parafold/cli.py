@@ -365,6 +365,7 @@ def predict(
     shard: _Shard = None,
     gpus: Annotated[str, typer.Option(help="GPUs to use: 'all' (default: a fold process on each, every one taking neighbouring shapes), 'none', or ids like 0,1.")] = "all",
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where finished predictions are indexed (default OUT/.cache); runs sharing it copy a target predicted before with the same features and settings instead of predicting it again.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what predict would do: targets done and left, the shapes and compiles they need, and the GPU time they would take (modelled). Writes nothing.")] = False,
 ) -> None:
     """Predict structures from features (GPU stage); exit 0 only if every target succeeded.
 
@@ -410,6 +411,11 @@ def predict(
                            "features.json + features.npz (or features.pkl with --trust-pickles) "
                            "in each folder given or in its immediate subfolders", err=True)
             raise typer.Exit(2)
+        if dry_run:
+            for line in _predict_preview(sets, out, params_dir, settings,
+                                         "cpu" if gpus == "none" else "gpu"):
+                typer.echo(line)
+            return
         if part is not None:
             every = sets
             twins = plan_twins(every, out)  # a source and its twins go to one task
@@ -447,6 +453,48 @@ def predict(
     _exit_if_stopped_early(out, [o.stopped_early for o in failed])
     if failed or problems:
         raise typer.Exit(1)
+
+
+def _predict_preview(sets: list[Any], out: Path, params_dir: Path, settings: Any,
+                     platform: str) -> list[str]:
+    """`predict --dry-run`: what is done, copied and left, and the modelled GPU stage of what
+    is left (`costs.plan_stage`), found without writing anything."""
+    from parafold.errors import PipelineError
+    from parafold.fold.costs import plan_stage
+    from parafold.fold.outputs import is_complete
+    from parafold.fold.params import check_params_files
+    from parafold.fold.twins import plan_twins
+
+    done = sum(is_complete(out / fs.name) for fs in sets)
+    twins = plan_twins(sets, out)
+    left = [fs for fs in twins.fold if not is_complete(out / fs.name)]
+    stage = plan_stage(left, settings, platform)
+    costs = stage.costs
+    where = "one GPU (an H100's figures)" if platform == "gpu" else "the CPU (a 2-core machine's)"
+    lines = [f"dry run: nothing predicted or written in {out}",
+             f"{len(sets)} targets: {done} done, {twins.copies} to copy from an identical "
+             f"target, {len(left)} to predict",
+             f"models {', '.join(settings.model_names)} x {settings.num_seeds} seed(s), "
+             f"{settings.num_iterations} iterations each"]
+    if left:
+        lines += [f"  shapes after merging: {stage.shapes}; executables to compile for all "
+                  f"models: {stage.executables}; padded work {stage.work_vs_real_lengths:.2f}x "
+                  "the proteins' own",
+                  f"  modelled on {where} from cold caches: compiles "
+                  f"{_minutes(stage.compile_s)} ({costs.compile_s:.0f} s an executable), "
+                  f"device {_minutes(stage.device_s)}, about {_minutes(stage.pipelined_s)} "
+                  f"with the compiles overlapped: ~{stage.per_hour:,.0f} proteins/hour "
+                  "(a model, not a measurement; cached compiles and more GPUs take less)"]
+    try:
+        check_params_files(params_dir, settings.model_names)
+    except PipelineError as exc:
+        lines.append(f"params: {exc} (predict would stop here)")
+    return lines
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else (
+        f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
 
 
 def _write_predict_results(out: Path, sets: list[Any], failures: dict[str, str | None]) -> None:

@@ -38,7 +38,7 @@ from parafold.shards import cut_by_work
 if TYPE_CHECKING:
     from parafold.featureset import FeatureSet
 
-__all__ = ["ShapeCosts", "shape_costs", "CostRun", "cut_by_cost"]
+__all__ = ["ShapeCosts", "shape_costs", "CostRun", "cut_by_cost", "StagePlan", "plan_stage"]
 
 # (platform, config size) -> (seconds to compile one executable, matmul FLOP/s)
 _MEASURED: dict[tuple[str, str], tuple[float, float]] = {
@@ -141,3 +141,69 @@ def cut_by_cost(feature_sets: Sequence[FeatureSet], count: int, settings: ModelS
                         work=lambda fs: seconds[keys[fs.name]])
     return [CostRun(part, sum(seconds[keys[fs.name]] for fs in part),
                     frozenset(keys[fs.name] for fs in part)) for part in parts]
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlan:
+    """The GPU stage a set of feature sets makes, as `FoldWorker.group` plans it (merges
+    included, one worker), priced by `ShapeCosts`: modelled, not measured."""
+
+    targets: int
+    shapes: int  # the first model's, after merging
+    executables: int  # for all the run's models
+    compile_s: float
+    device_s: float
+    pipelined_s: float  # one compile-ahead thread overlapping the device, most work first
+    work_vs_own_buckets: float  # padded work after merging / each target in its own bucket
+    work_vs_real_lengths: float  # / each target at its own length (MSA buckets counted)
+    costs: ShapeCosts
+
+    @property
+    def sequential_s(self) -> float:
+        return self.compile_s + self.device_s
+
+    @property
+    def per_hour(self) -> float:
+        return 3600 * self.targets / self.pipelined_s if self.pipelined_s else 0.0
+
+
+def plan_stage(feature_sets: Sequence[FeatureSet], settings: ModelSettings, platform: str,
+               *, merge: bool = True) -> StagePlan:
+    """Shapes, executables and modelled seconds of folding `feature_sets` on one worker of
+    `platform` ("gpu" prices with the H100 figures above) from cold caches; `merge` false:
+    every group in its own shape."""
+    from collections import Counter
+
+    from parafold.fold.buckets import alternative_key, merge_targets
+    from parafold.fold.workmodel import shape_flops
+
+    costs = shape_costs(settings, platform)
+    first = settings.model_names[0]
+    own = [shape_key(fs.length, fs.msa_depth, first, settings, templates=fs.num_templates > 0)
+           for fs in feature_sets]
+    dest = merge_targets(own, [fs.length for fs in feature_sets],
+                         compile_s=costs.group_compile_s if merge else 0.0, run_s=costs.run_s,
+                         max_waste=settings.merge_max_waste,
+                         alternatives=[alternative_key(fs.length, fs.msa_depth, first, settings,
+                                                       templates=fs.num_templates > 0)
+                                       for fs in feature_sets])
+    ran = [dest[key] for key in own]
+    work: Counter[ShapeKey] = Counter()
+    for key in ran:
+        work[key] += costs.run_s(key)
+    compiles = {key: costs.group_compile_s(key) for key in work}
+    compiled = device = 0.0
+    for key in sorted(work, key=lambda k: (-work[k], k)):  # the worker's order
+        compiled += compiles[key]
+        device = max(device, compiled) + work[key]
+    size = settings.config_size
+    padded = sum(shape_flops(key, size) for key in ran)
+    own_work = sum(shape_flops(key, size) for key in own)
+    real_work = sum(shape_flops(replace(key, length=fs.length), size)
+                    for key, fs in zip(own, feature_sets, strict=True))
+    return StagePlan(
+        targets=len(feature_sets), shapes=len(work),
+        executables=sum(costs.executables(key) for key in work),
+        compile_s=sum(compiles.values()), device_s=sum(work.values()), pipelined_s=device,
+        work_vs_own_buckets=padded / own_work if own_work else 1.0,
+        work_vs_real_lengths=padded / real_work if real_work else 1.0, costs=costs)
