@@ -169,7 +169,7 @@ def test_run_takes_the_gpu_stage_options_predict_takes(tmp_path, monkeypatch):
             str(tmp_path / "p"), "--models", "1,3", "--compile-cache", str(tmp_path / "jax"),
             "--compile-cost", "0", "--merge-max-waste", "0.2", "--no-msa-depth-buckets",
             "--recycle-early-stop-tolerance", "0.5", "--random-seed", "7", "--save-raw",
-            "--compile-ahead", "0", "--no-fused-kernels"]
+            "--compile-ahead", "0", "--no-fused-kernels", "--compile-cache-max-gb", "2.5"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     model = seen[0].model
@@ -177,11 +177,16 @@ def test_run_takes_the_gpu_stage_options_predict_takes(tmp_path, monkeypatch):
     assert (model.compile_cost_s, model.merge_max_waste) == (0.0, 0.2)
     assert not model.msa_depth_buckets and model.recycle_early_stop_tolerance == 0.5
     assert (model.random_seed, model.save_raw, model.compile_ahead) == (7, True, 0)
-    assert model.use_pallas is False
+    assert model.use_pallas is False and model.compile_cache_max_bytes == 2_500_000_000
     res = CliRunner().invoke(app, [*args[:6], "--no-compile-cache", "--compile-cost", "-1"])
     assert res.exit_code == 2 and "--compile-cost must be >= 0" in res.output
     res = CliRunner().invoke(app, [*args[:6], "--no-compile-cache"])
     assert res.exit_code == 0 and seen[-1].model.compile_cache_dir is None
+    assert seen[-1].model.compile_cache_max_bytes == 20_000_000_000  # the default bound
+    res = CliRunner().invoke(app, [*args[:6], "--compile-cache-max-gb", "0"])
+    assert res.exit_code == 0 and seen[-1].model.compile_cache_max_bytes is None
+    res = CliRunner().invoke(app, [*args[:6], "--compile-cache-max-gb", "-1"])
+    assert res.exit_code == 2 and "--compile-cache-max-gb must be >= 0" in res.output
 
 
 @pytest.mark.parametrize("gpus", ["none", "0,1"])

@@ -63,6 +63,9 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+_LONG_AGO = 1_000_000_000  # 2001
+
+
 def _run(root: Path, out: Path) -> tuple[dict, dict[str, np.ndarray]]:
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(root), str(out)],
                           capture_output=True, text=True, timeout=900, env=dict(os.environ))
@@ -84,6 +87,8 @@ def warm(tmp_path_factory):
     write_random_params(root / "weights", settings, seed=0)
     first = _run(root, root / "first.npz")
     files = sorted((root / "cache" / "executables").glob("*.bin"))
+    for path in files:  # long unused: a load must mark them used (`fold.cache_budget`)
+        os.utime(path, (_LONG_AGO, _LONG_AGO))
     second = _run(root, root / "second.npz")
     return root, settings, first, second, files
 
@@ -92,6 +97,7 @@ def test_second_process_loads_without_tracing(warm):
     _, _, (stats1, out1), (stats2, out2), files = warm
     assert stats1["executable_hits"] == 0 and stats1["traced"] == 2
     assert len(files) == 2  # lone and batched
+    assert all(path.stat().st_mtime > _LONG_AGO + 1e8 for path in files)  # loads touch them
     assert stats2["compiles"] == 2 and stats2["executable_hits"] == 2
     assert stats2["traced"] == 0 and stats2["persistent_hits"] == 0
     assert stats2["predictions"] == 3 and stats2["batched_members"] == 2

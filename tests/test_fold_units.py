@@ -190,6 +190,36 @@ def test_a_worker_runs_a_target_without_templates_in_its_groups_template_shape(t
         assert worker.shape_key(free).family == "no_templates"
 
 
+def test_the_compilation_cache_folder_is_held_to_its_bound_least_recently_used_first(tmp_path):
+    """JAX's entries and serialized executables, by last use (access or modification time):
+    over the bound, the oldest go until 80% of it is left; other files stay; a fold worker
+    prunes its folder when it starts."""
+    from parafold.fold.cache_budget import prune_compile_cache
+    from parafold.fold.runner import ModelRunner
+
+    folder = tmp_path / "jax"
+    (folder / "executables").mkdir(parents=True)
+    names = ["jit_step-a-cache", "executables/b.bin", "jit_step-c-cache", "executables/d.bin",
+             "jit_step-e-cache"]  # least recently used first
+    for age, name in enumerate(reversed(names)):
+        path = folder / name
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (2e9 - age * 3600, 1e9))  # used an hour apart, written long ago
+    (folder / ".lockfile").write_bytes(b"y" * 5000)  # not an entry: never counted or removed
+    assert prune_compile_cache(folder, 5000) == 0
+    assert prune_compile_cache(folder, None) == 0
+    assert prune_compile_cache(folder, 4000) == 2000  # 5000 > 4000: down to 3200
+    assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == [
+        ".lockfile", "d.bin", "jit_step-c-cache", "jit_step-e-cache"]
+    settings = ModelSettings(config_size="tiny", models=(3,), compile_cache_dir=folder,
+                             compile_cache_max_bytes=2500)
+    ModelRunner(settings)
+    assert sorted(p.name for p in folder.rglob("*-cache")) == ["jit_step-e-cache"]
+    assert (folder / ".lockfile").is_file()
+    with pytest.raises(InputError, match="bound"):
+        ModelSettings(compile_cache_max_bytes=0)
+
+
 def test_settings_validation():
     assert ModelSettings(models=(1, 3)).model_names == ("model_1_ptm", "model_3_ptm")
     assert ModelSettings(model_preset="monomer", models=(2,)).model_names == ("model_2",)

@@ -295,6 +295,7 @@ _RandomSeed = Annotated[int, typer.Option("--random-seed", help="Base random see
 _Pallas = Annotated[bool | None, typer.Option("--fused-kernels/--no-fused-kernels", help="Force fused kernels on or off (default: auto).")]
 _CompileCache = Annotated[Path | None, typer.Option("--compile-cache", help="Persistent compilation cache folder (default ~/.cache/parafold/jax; on a cluster, a shared folder lets every node reuse what one compiled).")]
 _NoCompileCache = Annotated[bool, typer.Option("--no-compile-cache", help="Do not use a persistent compilation cache.")]
+_CompileCacheMaxGb = Annotated[float, typer.Option("--compile-cache-max-gb", help="Bound on the compilation cache folder: a fold worker that finds more removes the least recently used compiled shapes first (0: no bound).")]
 _NoDepthBuckets = Annotated[bool, typer.Option("--no-msa-depth-buckets", help="Pad every MSA to the config's full sizes.")]
 _SaveRaw = Annotated[bool, typer.Option("--save-raw", help="Also write result_<model>.pkl.")]
 _CompileAhead = Annotated[int, typer.Option("--compile-ahead", help="Threads compiling the next shapes while the current ones run (0: compile each shape when first needed; more than 1 slows each compile on a GPU).")]
@@ -306,16 +307,20 @@ _ModelsToRelax = Annotated[str, typer.Option("--models-to-relax", help="Amber-re
 def _model_settings(params_dir: Path, *, models: str, config: str | None,
                     compile_cache: Path | None, no_compile_cache: bool,
                     no_depth_buckets: bool, tolerance: float, compile_cost: float | None,
-                    **fields: Any) -> Any:
+                    compile_cache_max_gb: float, **fields: Any) -> Any:
     """The ModelSettings both commands build from their options (other fields pass through).
 
     Raises:
         InputError: a bad value; ParamsError: an unreadable params record.
     """
+    from parafold.errors import InputError
     from parafold.fold.settings import ModelSettings, default_compile_cache_dir, parse_model_numbers
 
     cache_dir = None if no_compile_cache else (compile_cache or default_compile_cache_dir())
+    if compile_cache_max_gb < 0:
+        raise InputError(f"--compile-cache-max-gb must be >= 0, got {compile_cache_max_gb}")
     return ModelSettings(models=parse_model_numbers(models),
+                         compile_cache_max_bytes=int(compile_cache_max_gb * 1e9) or None,
                          config_size=_predict_config(params_dir, config),
                          compile_cache_dir=cache_dir, msa_depth_buckets=not no_depth_buckets,
                          recycle_early_stop_tolerance=tolerance, compile_cost_s=compile_cost,
@@ -351,6 +356,7 @@ def predict(
     float32: Annotated[bool, typer.Option("--float32", help="Run the model in float32.")] = False,
     compile_cache: _CompileCache = None,
     no_compile_cache: _NoCompileCache = False,
+    compile_cache_max_gb: _CompileCacheMaxGb = 20.0,
     executable_cache: Annotated[bool, typer.Option("--executable-cache", help="Experimental: also keep serialized executables in the compile cache, so a warm process skips tracing and lowering.")] = False,
     no_depth_buckets: _NoDepthBuckets = False,
     save_raw: _SaveRaw = False,
@@ -389,6 +395,7 @@ def predict(
         settings = _model_settings(
             params_dir, models=models, config=config, compile_cache=compile_cache,
             no_compile_cache=no_compile_cache, no_depth_buckets=no_depth_buckets,
+            compile_cache_max_gb=compile_cache_max_gb,
             tolerance=tolerance, compile_cost=compile_cost, model_preset=model_preset,
             num_recycle=num_recycle, num_seeds=num_seeds, random_seed=random_seed,
             use_pallas=pallas, float32=float32, executable_cache=executable_cache,
@@ -640,6 +647,7 @@ def run_cmd(
     pallas: _Pallas = None,
     compile_cache: _CompileCache = None,
     no_compile_cache: _NoCompileCache = False,
+    compile_cache_max_gb: _CompileCacheMaxGb = 20.0,
     no_depth_buckets: _NoDepthBuckets = False,
     save_raw: _SaveRaw = False,
     compile_ahead: _CompileAhead = 1,
@@ -685,6 +693,7 @@ def run_cmd(
             model=_model_settings(
                 params_dir, models=models, config=config, compile_cache=compile_cache,
                 no_compile_cache=no_compile_cache, no_depth_buckets=no_depth_buckets,
+                compile_cache_max_gb=compile_cache_max_gb,
                 tolerance=tolerance, compile_cost=compile_cost, model_preset=model_preset,
                 num_recycle=num_recycle, num_seeds=num_seeds, random_seed=random_seed,
                 use_pallas=pallas, float32=float32, save_raw=save_raw, max_batch=max_batch,

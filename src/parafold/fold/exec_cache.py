@@ -22,6 +22,7 @@ are stored: one that JAX's persistent cache returned re-serializes broken on XLA
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -214,13 +215,16 @@ class ExecutableCache:
                 raise ValueError("payload truncated or corrupted")
             out_tree = decode_tree(header["out_tree"])
             _check_payload(payload)
-            return deserialize_and_load(payload, in_tree, out_tree)
+            loaded = deserialize_and_load(payload, in_tree, out_tree)
         except Exception as exc:  # any failure: compile as usual
             # the key fixes the content, so this file can never become usable: remove it
             log.debug("executable cache: %s unusable (%s: %s); removed, compiling", path.name,
                       type(exc).__name__, exc)
             self.discard(key)
             return None
+        with contextlib.suppress(OSError):  # used now: last to go from a bounded folder
+            os.utime(path)  # (`fold.cache_budget`)
+        return loaded
 
     def store(self, key: str, compiled: Any, describe: str = "") -> bool:
         """Write `compiled` under `key` atomically; False (debug log) if it cannot be."""

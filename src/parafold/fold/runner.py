@@ -124,6 +124,21 @@ def enable_persistent_cache(cache_dir: Path | None) -> None:
     log.info("persistent compilation cache: %s", cache_dir)
 
 
+_PRUNED: set[Path] = set()
+
+
+def _prune_once(settings: ModelSettings) -> None:
+    """Hold the compilation cache folder to its bound, once per process and folder
+    (`fold.cache_budget`): before this process adds to it."""
+    from parafold.fold.cache_budget import prune_compile_cache
+
+    folder = settings.compile_cache_dir
+    if folder is None or Path(folder) in _PRUNED:
+        return
+    _PRUNED.add(Path(folder))
+    prune_compile_cache(folder, settings.compile_cache_max_bytes)
+
+
 @contextlib.contextmanager
 def _oom_as_error(key: ShapeKey, doing: str) -> Iterator[None]:
     """XLA's out-of-memory inside the block becomes `GpuOutOfMemoryError` naming the shape;
@@ -335,6 +350,7 @@ class ModelRunner:
         import jax
 
         self.settings = settings
+        _prune_once(settings)
         enable_persistent_cache(settings.compile_cache_dir)
         self.pallas = resolve_pallas(settings)
         if self.pallas.get("use_pallas"):

@@ -81,6 +81,9 @@ class ModelSettings:
     use_pallas: bool | None = None
     float32: bool = False
     compile_cache_dir: Path | None = field(default_factory=default_compile_cache_dir)
+    # a fold worker that finds more in the folder removes the least recently used first
+    # (`fold.cache_budget`); None: no bound
+    compile_cache_max_bytes: int | None = 20 * 10**9
     max_length_waste: float = 0.15
     min_length_bucket: int = 32
     length_multiple: int = 8
@@ -135,6 +138,8 @@ class ModelSettings:
         if self.models_to_relax not in RELAX_CHOICES:
             raise InputError(f"--models-to-relax {self.models_to_relax!r}: expected "
                              f"{', '.join(RELAX_CHOICES[:-1])} or {RELAX_CHOICES[-1]}")
+        if self.compile_cache_max_bytes is not None and self.compile_cache_max_bytes <= 0:
+            raise InputError("the compilation cache bound must be positive (None: no bound)")
         if self.device_memory_bytes is not None and self.device_memory_bytes <= 0:
             raise InputError("device memory must be positive")
 
