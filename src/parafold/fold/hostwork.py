@@ -33,7 +33,7 @@ from parafold.fold.settings import ModelSettings
 from parafold.lifecycle import starting_processes
 from parafold.relax import relax_target
 
-__all__ = ["HostPools", "BusyMeter", "process_job", "write_job", "auto_workers",
+__all__ = ["HostPools", "BusyMeter", "process_job", "write_job", "relax_job", "auto_workers",
            "feature_helpers", "host_cores", "MAX_FEATURE_HELPERS"]
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,16 @@ def write_job(folder: Path, name: str, predictions: list[Any], timings: dict[str
     if index is not None:
         index.record(feature_set, folder)
     return ranked
+
+
+def relax_job(folder: Path, relax: str, index: Any = None, feature_set: Any = None) -> Any:
+    """Relax a target predicted before (`parafold.relax`), then record it in the prediction
+    `index` when there is one: the index is keyed by settings that include the relaxation,
+    so only now does it hold what a later run with these settings would copy."""
+    outcome = relax_target(folder, relax)
+    if index is not None:
+        index.record(feature_set, folder)
+    return outcome
 
 
 def auto_workers(configured: int | None, platform: str, *, gpu_default: int) -> int:

@@ -37,13 +37,14 @@ from parafold.fold.hostwork import (
     feature_helpers,
     host_cores,
     process_job,
+    relax_job,
     write_job,
 )
 from parafold.fold.outputs import Prediction, is_complete
 from parafold.fold.reuse import PredictionIndex
 from parafold.fold.settings import ModelSettings
 from parafold.lifecycle import drain_requested
-from parafold.relax import RelaxError, relax_pending, relax_target
+from parafold.relax import RelaxError, relax_pending
 
 __all__ = ["FoldWorker", "FoldOutcome"]
 
@@ -443,7 +444,7 @@ class FoldWorker:
         ctx = _Pass(out_root, {fs.name: _TargetState(fs, runs) for fs in todo}, skipped)
         for fs in relax_only:
             ctx.relaxing[fs.name] = (fs, self.pools.writes().submit(
-                relax_target, out_root / fs.name, relax))
+                relax_job, out_root / fs.name, relax, self.index, fs))
         units = self._plan(todo)
         futures: dict[int, list[cf.Future[Any] | None]] = {}
         pending: _Pending | None = None
