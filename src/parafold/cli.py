@@ -477,7 +477,9 @@ def _predict_preview(sets: list[Any], out: Path, params_dir: Path, settings: Any
     left = [fs for fs in twins.fold if not is_complete(out / fs.name)]
     stage = plan_stage(left, settings, platform)
     costs = stage.costs
-    where = "one GPU (an H100's figures)" if platform == "gpu" else "the CPU (a 2-core machine's)"
+    where = "one GPU (an H100's figures" if platform == "gpu" else "the CPU (a 2-core machine's"
+    where += ("; guesses for the tiny config)" if (platform, settings.config_size) == ("gpu", "tiny")
+              else ")")
     lines = [f"dry run: nothing predicted or written in {out}",
              f"{len(sets)} targets: {done} done, {twins.copies} to copy from an identical "
              f"target, {len(left)} to predict",
@@ -500,6 +502,8 @@ def _predict_preview(sets: list[Any], out: Path, params_dir: Path, settings: Any
 
 
 def _minutes(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     return f"{seconds:.0f} s" if seconds < 120 else (
         f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
 
