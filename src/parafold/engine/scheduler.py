@@ -489,21 +489,17 @@ class Scheduler:
                  group: list[tuple[FeatureSet, float]], compiled: set[Any]) -> bool:
         """The worker would run this group in a bigger shape it has compiled (it decides the
         same way, `FoldWorker.group`)."""
-        from parafold.fold.buckets import alternative_key, merge_targets
+        from parafold.fold.buckets import plan_merges
         from parafold.fold.costs import shape_costs
 
         if not compiled:
             return False
-        model = self.settings.model
-        costs = shape_costs(model, getattr(worker, "platform", "cpu"))
-        dest = merge_targets([shape] * len(group), [fs.length for fs, _ in group],
-                             compile_s=costs.group_compile_s, run_s=costs.run_s,
-                             max_waste=model.merge_max_waste, available=compiled,
-                             alternatives=[alternative_key(fs.length, fs.msa_depth,
-                                                           model.model_names[0], model,
-                                                           templates=fs.num_templates > 0)
-                                           for fs, _ in group])
-        return dest[shape] != shape
+        costs = shape_costs(self.settings.model, getattr(worker, "platform", "cpu"))
+        _, dest = plan_merges([(fs.length, fs.msa_depth, fs.num_templates > 0)
+                               for fs, _ in group], self.settings.model,
+                              compile_s=costs.group_compile_s, run_s=costs.run_s,
+                              available=compiled)
+        return dest.get(shape, shape) != shape
 
     def _dispatch_folds(self) -> None:
         if self.stopped is not None:

@@ -23,7 +23,7 @@ from parafold.fold.settings import ModelSettings
 
 __all__ = ["ShapeKey", "length_ladder", "length_bucket", "depth_ladder", "depth_bucket",
            "shape_key", "padding_waste", "holds", "merge_groups", "merge_targets",
-           "alternative_key"]
+           "alternative_key", "plan_merges"]
 
 _DEPTH_FACTOR = 4
 
@@ -226,6 +226,24 @@ def merge_targets(keys: Sequence[ShapeKey], lengths: Sequence[int], *,
             alt[key] = _cover(alt.get(key, other), other)
     return merge_groups(Counter(keys), compile_s=compile_s, run_s=run_s, shortest=shortest,
                         max_waste=max_waste, available=available, alternatives=alt)
+
+
+def plan_merges(targets: Sequence[tuple[int, int, bool]], settings: ModelSettings, *,
+                compile_s: float | Callable[[ShapeKey], float],
+                run_s: Callable[[ShapeKey], float], available: Iterable[ShapeKey] = ()
+                ) -> tuple[list[ShapeKey], dict[ShapeKey, ShapeKey]]:
+    """Each target's own key for the run's first model, and where each own key's group runs
+    (`merge_targets`, with the template-shape alternatives): the one plan the fold worker, the
+    scheduler and the cost model make. Targets are (length, MSA rows, has templates)."""
+    first = settings.model_names[0]
+    own = [shape_key(length, rows, first, settings, templates=templates)
+           for length, rows, templates in targets]
+    dest = merge_targets(own, [length for length, _, _ in targets], compile_s=compile_s,
+                         run_s=run_s, max_waste=settings.merge_max_waste, available=available,
+                         alternatives=[alternative_key(length, rows, first, settings,
+                                                       templates=templates)
+                                       for length, rows, templates in targets])
+    return own, dest
 
 
 def _cover(a: ShapeKey, b: ShapeKey) -> ShapeKey:

@@ -174,19 +174,14 @@ def plan_stage(feature_sets: Sequence[FeatureSet], settings: ModelSettings, plat
     every group in its own shape."""
     from collections import Counter
 
-    from parafold.fold.buckets import alternative_key, merge_targets
+    from parafold.fold.buckets import plan_merges
     from parafold.fold.workmodel import shape_flops
 
     costs = shape_costs(settings, platform)
-    first = settings.model_names[0]
-    own = [shape_key(fs.length, fs.msa_depth, first, settings, templates=fs.num_templates > 0)
-           for fs in feature_sets]
-    dest = merge_targets(own, [fs.length for fs in feature_sets],
-                         compile_s=costs.group_compile_s if merge else 0.0, run_s=costs.run_s,
-                         max_waste=settings.merge_max_waste,
-                         alternatives=[alternative_key(fs.length, fs.msa_depth, first, settings,
-                                                       templates=fs.num_templates > 0)
-                                       for fs in feature_sets])
+    own, dest = plan_merges([(fs.length, fs.msa_depth, fs.num_templates > 0)
+                             for fs in feature_sets], settings,
+                            compile_s=costs.group_compile_s if merge else 0.0,
+                            run_s=costs.run_s)
     ran = [dest[key] for key in own]
     work: Counter[ShapeKey] = Counter()
     for key in ran:

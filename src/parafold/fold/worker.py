@@ -28,7 +28,7 @@ import numpy as np
 from parafold.errors import GpuOutOfMemoryError, InferenceError, PipelineError, is_storage_full
 from parafold.featureset import FeatureSet
 from parafold.fold.batching import batch_size, batched_key, next_pow2, stack_members
-from parafold.fold.buckets import ShapeKey, alternative_key, merge_targets, shape_key
+from parafold.fold.buckets import ShapeKey, plan_merges, shape_key
 from parafold.fold.costs import shape_costs
 from parafold.fold.hostwork import (
     BusyMeter,
@@ -246,15 +246,11 @@ class FoldWorker:
         this call or an earlier one runs when its extra device time costs less than a compile
         (`buckets.merge_groups`, priced by `costs.ShapeCosts`)."""
         self._merged_into = {}
-        first = self.settings.model_names[0]
-        own = {fs.name: self.shape_key(fs) for fs in feature_sets}
-        dest = merge_targets(
-            list(own.values()), [fs.length for fs in feature_sets],
-            compile_s=self.costs.group_compile_s, run_s=self.costs.run_s,
-            max_waste=self.settings.merge_max_waste, available=self.shapes_run,
-            alternatives=[alternative_key(fs.length, fs.msa_depth, first, self.settings,
-                                          templates=fs.num_templates > 0)
-                          for fs in feature_sets])
+        keys, dest = plan_merges(
+            [(fs.length, fs.msa_depth, fs.num_templates > 0) for fs in feature_sets],
+            self.settings, compile_s=self.costs.group_compile_s, run_s=self.costs.run_s,
+            available=self.shapes_run)
+        own = {fs.name: key for fs, key in zip(feature_sets, keys, strict=True)}
         deepest = self._key_rows  # a key -> MSA rows of the deepest target run under it
         for fs in feature_sets:
             if dest[own[fs.name]] == own[fs.name]:
