@@ -298,6 +298,9 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
 
     # (done, features in OUT, in the cache, to search, distinct searches, to predict, copies)
     assert preview(run_settings) == (0, 0, 0, 4, 2, 2, 2)
+    first = preview_run(run_settings)  # no features yet: no shapes to plan
+    assert first.gpu_plan.targets == 0 and first.gpu_unplanned == 2
+    assert not any("GPU stage" in line for line in first.lines())
     assert not out.exists() and not (tmp_path / "shared-cache").exists()
     summary = run_pipeline(run_settings)
 
@@ -347,6 +350,14 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
         assert [e.target for e in ledger.events("predict")] == ["z"]
     assert (tmp_path / "out2" / "x" / "ranked_0.pdb").read_bytes() == (
         out / source / "ranked_0.pdb").read_bytes()
+    # z's prediction lost, its features kept: the preview plans its GPU stage
+    (tmp_path / "out2" / "z" / DONE_FILE).unlink()
+    lost = preview_run(replace(run_settings, input=sample2, out=tmp_path / "out2"))
+    assert (lost.to_predict, lost.gpu_unplanned) == (1, 0)
+    assert (lost.gpu_plan.targets, lost.gpu_plan.shapes, lost.gpu_plan.executables) == (1, 1, 1)
+    text = "\n".join(lost.lines())
+    assert "GPU stage of the 1 to predict whose features exist:" in text
+    assert "executables to compile for all models: 1" in text and "proteins/hour" in text
 
 
 def test_the_scheduler_retries_a_failed_source_with_one_twin_then_fails_the_rest(tmp_path):

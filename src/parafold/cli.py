@@ -476,36 +476,18 @@ def _predict_preview(sets: list[Any], out: Path, params_dir: Path, settings: Any
     twins = plan_twins(sets, out)
     left = [fs for fs in twins.fold if not is_complete(out / fs.name)]
     stage = plan_stage(left, settings, platform)
-    costs = stage.costs
-    where = "one GPU (an H100's figures" if platform == "gpu" else "the CPU (a 2-core machine's"
-    where += ("; guesses for the tiny config)" if (platform, settings.config_size) == ("gpu", "tiny")
-              else ")")
     lines = [f"dry run: nothing predicted or written in {out}",
              f"{len(sets)} targets: {done} done, {twins.copies} to copy from an identical "
              f"target, {len(left)} to predict",
              f"models {', '.join(settings.model_names)} x {settings.num_seeds} seed(s), "
              f"{settings.num_iterations} iterations each"]
     if left:
-        lines += [f"  shapes after merging: {stage.shapes}; executables to compile for all "
-                  f"models: {stage.executables}; padded work {stage.work_vs_real_lengths:.2f}x "
-                  "the proteins' own",
-                  f"  modelled on {where} from cold caches: compiles "
-                  f"{_minutes(stage.compile_s)} ({costs.compile_s:.0f} s an executable), "
-                  f"device {_minutes(stage.device_s)}, about {_minutes(stage.pipelined_s)} "
-                  f"with the compiles overlapped: ~{stage.per_hour:,.0f} proteins/hour "
-                  "(a model, not a measurement; cached compiles and more GPUs take less)"]
+        lines += stage.lines(platform)
     try:
         check_params_files(params_dir, settings.model_names)
     except PipelineError as exc:
         lines.append(f"params: {exc} (predict would stop here)")
     return lines
-
-
-def _minutes(seconds: float) -> str:
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    return f"{seconds:.0f} s" if seconds < 120 else (
-        f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
 
 
 def _write_predict_results(out: Path, sets: list[Any], failures: dict[str, str | None]) -> None:

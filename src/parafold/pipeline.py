@@ -368,6 +368,9 @@ class RunPreview:
     to_predict: int  # GPU predictions
     copies: int  # copies of an identical prediction: this run's, or an OUT's sharing the cache
     params_problem: str = ""
+    gpu_plan: Any = None  # `costs.StagePlan` of the predictions whose features exist
+    gpu_platform: str = "gpu"
+    gpu_unplanned: int = 0  # predictions whose features are still to be searched
 
     def lines(self) -> list[str]:
         out = [f"dry run: nothing searched, predicted or written in {self.out}",
@@ -378,6 +381,12 @@ class RunPreview:
                f"cache; to search: {self.to_search} targets, {self.searches} distinct searches",
                f"  to predict: {self.to_predict}, and {self.copies} copies of identical "
                "predictions (made in this run, or in an OUT sharing the cache)"]
+        if self.gpu_plan is not None and self.gpu_plan.targets:
+            out.append(f"  GPU stage of the {self.gpu_plan.targets} to predict whose features "
+                       "exist" + (f" ({self.gpu_unplanned} more once searched: their MSA "
+                                  "depths are not known yet)" if self.gpu_unplanned else "")
+                       + ":")
+            out.extend("  " + line for line in self.gpu_plan.lines(self.gpu_platform))
         if self.cannot_start:
             out.append(f"  cannot start: {len(self.cannot_start)}, e.g. {self.cannot_start[0]}")
         if self.params_problem:
@@ -395,9 +404,10 @@ def preview_run(settings: RunSettings) -> RunPreview:
         DatabaseNotFoundError: proteins need searching and a database is missing.
     """
     from parafold.featureset import twin_key_of
+    from parafold.fold.costs import plan_stage
     from parafold.fold.params import check_params_files
     from parafold.fold.reuse import PredictionIndex
-    from parafold.search.runner import has_cached_features
+    from parafold.search.runner import cached_feature_set
 
     targets, problems = _read_input(settings)
     databases = _databases_if_found(settings)
@@ -405,7 +415,8 @@ def preview_run(settings: RunSettings) -> RunPreview:
     counts = dict.fromkeys(("done", "relax", "out", "cache", "search"), 0)
     cannot_start: list[str] = []
     predicted: set[str] = set()  # twin keys of predictions there will be
-    pending: list[tuple[str | None, Path]] = []  # (twin key, folder) of targets to predict
+    # (twin key, folder, features if they exist) of the targets to predict
+    pending: list[tuple[str | None, Path, FeatureSet | None]] = []
     searches: set[str] = set()
     for t in targets:
         folder = settings.out / t.name
@@ -422,24 +433,28 @@ def preview_run(settings: RunSettings) -> RunPreview:
                 predicted.update([twin] if twin else [])
             else:
                 counts["out"] += 1
-                pending.append((twin, folder))
-        elif key is not None and has_cached_features(cache, key):
+                pending.append((twin, folder, fs))
+        elif key is not None and (cached := cached_feature_set(cache, key)) is not None:
             counts["cache"] += 1
-            pending.append((twin_key_of(key, t.sequence), folder))
+            pending.append((twin_key_of(key, t.sequence), folder, cached))
         else:
             counts["search"] += 1
             searches.add(key or t.sequence)
-            pending.append((twin_key_of(key, t.sequence) if key else None, folder))
+            pending.append((twin_key_of(key, t.sequence) if key else None, folder, None))
     if counts["search"] and databases is None:
         _databases(settings)  # raises: names what is missing
     index = PredictionIndex.for_settings(settings.model.prediction_cache_dir or cache,
                                          settings.model, settings.params_dir)
     copies = 0
-    for twin, folder in pending:
+    plannable: list[FeatureSet] = []  # predictions whose shapes are known
+    for twin, folder, fs in pending:
         if twin is not None and (twin in predicted
                                  or index.find_key(twin, not_in=folder) is not None):
             copies += 1
+        elif fs is not None:
+            plannable.append(fs)
         predicted.update([twin] if twin else [])
+    platform = "cpu" if settings.gpus == () else "gpu"
     params_problem = ""
     if pending or counts["relax"]:
         try:
@@ -451,7 +466,9 @@ def preview_run(settings: RunSettings) -> RunPreview:
         cannot_start=tuple(cannot_start), done=counts["done"], to_relax=counts["relax"],
         features_in_out=counts["out"], features_in_cache=counts["cache"],
         to_search=counts["search"], searches=len(searches), to_predict=len(pending) - copies,
-        copies=copies, params_problem=params_problem)
+        copies=copies, params_problem=params_problem,
+        gpu_plan=plan_stage(plannable, settings.model, platform), gpu_platform=platform,
+        gpu_unplanned=len(pending) - copies - len(plannable))
 
 
 def run_pipeline(settings: RunSettings, *,

@@ -166,6 +166,29 @@ class StagePlan:
     def per_hour(self) -> float:
         return 3600 * self.targets / self.pipelined_s if self.pipelined_s else 0.0
 
+    def lines(self, platform: str) -> list[str]:
+        """What `--dry-run` prints of it: shapes, executables, padding, modelled times."""
+        where = ("one GPU (an H100's figures" if platform == "gpu"
+                 else "the CPU (a 2-core machine's")
+        where += ("; guesses for the tiny config)"
+                  if (platform, self.costs.config_size) == ("gpu", "tiny") else ")")
+        return [f"  shapes after merging: {self.shapes}; executables to compile for all "
+                f"models: {self.executables}; padded work {self.work_vs_real_lengths:.2f}x "
+                "the proteins' own",
+                f"  modelled on {where} from cold caches: compiles {_duration(self.compile_s)} "
+                f"({self.costs.compile_s:.0f} s an executable), device "
+                f"{_duration(self.device_s)}, about {_duration(self.pipelined_s)} with the "
+                f"compiles overlapped: ~{self.per_hour:,.0f} proteins/hour (a model, not a "
+                "measurement; cached compiles and more GPUs take less)"]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
 
 def plan_stage(feature_sets: Sequence[FeatureSet], settings: ModelSettings, platform: str,
                *, merge: bool = True) -> StagePlan:

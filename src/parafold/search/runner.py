@@ -280,6 +280,17 @@ def has_cached_features(cache_dir: Path, key: str) -> bool:
     return (_entry(cache_dir, key) / "features" / MANIFEST_FILE).is_file()
 
 
+def cached_feature_set(cache_dir: Path, key: str) -> FeatureSet | None:
+    """The finished features the cache holds for `key` (their manifest: length, MSA depth,
+    templates), or None."""
+    if not has_cached_features(cache_dir, key):
+        return None
+    try:
+        return read_feature_set(_entry(cache_dir, key) / "features")
+    except (PipelineError, TypeError, ValueError, OSError):  # unreadable: searched again
+        return None
+
+
 def _batch_lock_name(shard: Shard | None) -> str:
     return ".mmseqs-batch.lock" if shard is None else (
         f".mmseqs-batch-{shard.index}-of-{shard.count}.lock")
