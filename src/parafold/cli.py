@@ -420,7 +420,7 @@ def predict(
             raise typer.Exit(2)
         if dry_run:
             for line in _predict_preview(sets, out, params_dir, settings,
-                                         "cpu" if gpus == "none" else "gpu"):
+                                         "cpu" if chosen == () else "gpu"):
                 typer.echo(line)
             return
         if part is not None:

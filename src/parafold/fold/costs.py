@@ -4,7 +4,8 @@ that runs anyway when its targets' extra device time there is less than a compil
 
 Device time is modelled as matmul work (`workmodel.shape_flops`, exact for the padded shape)
 over a rate measured on each platform; compiles as a measured constant per executable, times
-the executables the run's models need at a shape. Measured figures (random weights, 1 model x 3 recycles):
+the executables the run's models need at a shape. Measured figures (random weights, 1 model
+x 3 recycles):
 
 * GPU, full config (NVIDIA H100, jax 0.11.2, fused kernels, stop 10): compiles took 24.6-30.3 s
   one at a time; the first 316 of 1,000 proteins (50-150 residues, 32-127 MSA rows; shapes
@@ -60,13 +61,11 @@ class ShapeCosts:
     predictions: int
     iterations: int
     config_size: str
-    settings: ModelSettings | None = None
+    settings: ModelSettings
 
     def executables(self, key: ShapeKey) -> int:
         """Executables a group at first-model `key` needs for all the run's models: models
         whose keys coincide share one (without templates and with a shallow MSA, all five)."""
-        if self.settings is None:
-            return 1
         return _executables(replace(key, batch=1, low_memory=False), self.settings)
 
     def group_compile_s(self, key: ShapeKey) -> float:

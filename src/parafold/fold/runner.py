@@ -95,8 +95,9 @@ def _events() -> _CacheEvents:
     return _EVENTS
 
 
-def enable_persistent_cache(cache_dir: Path | None) -> None:
-    """Point JAX's persistent compilation cache at `cache_dir` (None: leave it off).
+def enable_persistent_cache(cache_dir: Path | None, max_bytes: int | None = None) -> None:
+    """Point JAX's persistent compilation cache at `cache_dir` (None: leave it off), first
+    holding the folder to `max_bytes` (`fold.cache_budget`; None: no bound).
 
     Only compiles of a second or more are stored: the model's (seconds, also the tiny config
     of CPU tests; 25-30 s on a GPU), not the small jits of AlphaFold's feature pipeline (tens
@@ -106,9 +107,12 @@ def enable_persistent_cache(cache_dir: Path | None) -> None:
     global _CACHE_DIR
     import jax
 
+    from parafold.fold.cache_budget import prune_compile_cache
+
     _events()
     if cache_dir is None or Path(cache_dir) == _CACHE_DIR:
         return
+    prune_compile_cache(cache_dir, max_bytes)  # before this process adds to it
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     if _CACHE_DIR is not None:
         try:
@@ -122,21 +126,6 @@ def enable_persistent_cache(cache_dir: Path | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     _CACHE_DIR = Path(cache_dir)
     log.info("persistent compilation cache: %s", cache_dir)
-
-
-_PRUNED: set[Path] = set()
-
-
-def _prune_once(settings: ModelSettings) -> None:
-    """Hold the compilation cache folder to its bound, once per process and folder
-    (`fold.cache_budget`): before this process adds to it."""
-    from parafold.fold.cache_budget import prune_compile_cache
-
-    folder = settings.compile_cache_dir
-    if folder is None or Path(folder) in _PRUNED:
-        return
-    _PRUNED.add(Path(folder))
-    prune_compile_cache(folder, settings.compile_cache_max_bytes)
 
 
 @contextlib.contextmanager
@@ -350,8 +339,7 @@ class ModelRunner:
         import jax
 
         self.settings = settings
-        _prune_once(settings)
-        enable_persistent_cache(settings.compile_cache_dir)
+        enable_persistent_cache(settings.compile_cache_dir, settings.compile_cache_max_bytes)
         self.pallas = resolve_pallas(settings)
         if self.pallas.get("use_pallas"):
             import ml_collections
