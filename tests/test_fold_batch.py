@@ -12,6 +12,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
                       "--xla_llvm_disable_expensive_passes=true")
 
 from dataclasses import replace  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -204,3 +205,70 @@ def test_matmul_flops_count_scan_bodies_times_length():
 
     jaxpr = jax.make_jaxpr(f)(jnp.ones((4, 8)), jnp.ones((8, 8)))
     assert matmul_flops(jaxpr.jaxpr) == 5 * 2 * 4 * 8 * 8
+
+
+@pytest.mark.parametrize(("model", "templates"), [("model_1_ptm", True), ("model_3_ptm", False)])
+def test_vmap_keeps_every_fused_kernel_batched(monkeypatch, model, templates):
+    """With the fused kernels an sm_90 GPU (H100, H200) selects, the batched iteration runs each
+    kernel once over all members (the member axis in its grid), not once per member: JAX's
+    Pallas batching falls back to a loop over members for some kernels (batched scalar-prefetch
+    or grid-bound operands), which would leave a batch no faster than its members one by one.
+    Traced, not run: Triton kernels need a GPU."""
+    import collections
+
+    import colabfold_kernels.device
+    import jax
+    from jax.extend import core as jcore
+
+    from parafold.fold.batching import batched_key
+    from parafold.fold.buckets import shape_key
+    from parafold.fold.runner import (
+        ModelRunner,
+        _batched_step_fn,
+        _step_fn,
+        forward_transform,
+        input_shapes,
+    )
+
+    monkeypatch.setattr(colabfold_kernels.device, "compute_capability", lambda: 90)
+    settings = ModelSettings(models=(int(model.split("_")[1]),), compile_cache_dir=None)
+    key = shape_key(64, 100, model, settings, templates=templates)
+    pallas = {"use_pallas": True, "kernel_backend": "pallas", "compute_capability": 90}
+    transform, _ = forward_transform(model, settings, low_memory=False, key=key, pallas=pallas)
+
+    def kernels(closed: Any) -> collections.Counter:
+        found: collections.Counter = collections.Counter()
+
+        def walk(jaxpr: Any) -> None:
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "pallas_call":
+                    found[(eqn.params["name"], eqn.outvars[0].aval.shape[0])] += 1
+                for value in eqn.params.values():
+                    for sub in value if isinstance(value, (list, tuple)) else [value]:
+                        inner = getattr(sub, "jaxpr", sub)
+                        if isinstance(inner, jcore.Jaxpr):
+                            walk(inner)
+
+        walk(closed.jaxpr)
+        return found
+
+    def trace(step: Any, batch: int) -> collections.Counter:
+        k = batched_key(key, batch)
+        prev = {n: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                for n, v in ModelRunner._prev(key.length, batch).items()}
+        rng = jax.ShapeDtypeStruct((batch, 2) if batch > 1 else (2,), np.uint32)
+        return kernels(jax.make_jaxpr(step)(params, rng, input_shapes(model, settings, k), prev))
+
+    single_inputs = input_shapes(model, settings, key)
+    single_prev = {n: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                   for n, v in ModelRunner._prev(key.length).items()}
+    params = jax.eval_shape(lambda r, b, p: transform.init(r, {**b, "prev": p}),
+                            jax.random.PRNGKey(0), single_inputs, single_prev)
+    single = trace(_step_fn(transform), 1)
+    batched = trace(_batched_step_fn(transform), 6)
+    assert sum(single.values()) >= 20, single  # the fused path was taken
+    names: collections.Counter = collections.Counter()
+    for (name, lead), count in batched.items():
+        assert lead == 6, f"{name}: runs per member ({count} call(s) of leading size {lead})"
+        names[name] += count
+    assert names == collections.Counter(n for (n, _), c in single.items() for _ in range(c))
