@@ -190,6 +190,30 @@ def test_a_worker_runs_a_target_without_templates_in_its_groups_template_shape(t
         assert worker.shape_key(free).family == "no_templates"
 
 
+def test_a_merged_target_keeps_its_templates_when_the_first_model_takes_none(tmp_path):
+    """--models 3,1: model 3's shapes hold targets with and without templates; a target with
+    templates merged into a deeper shape of its length still runs model 1 with them."""
+    from parafold.featureset import FeatureSet
+    from parafold.fold.worker import FoldWorker
+
+    settings = ModelSettings(config_size="tiny", models=(3, 1), compile_cache_dir=None)
+
+    def target(name: str, rows: int, templates: int) -> FeatureSet:
+        return FeatureSet(name=name, target_id=name, sequence="A" * 40, path=tmp_path / name,
+                          msa_depth=rows, num_templates=templates)
+
+    shallow = target("shallow", 2, 4)
+    deep = [target(f"deep{i}", 30, 4 * (i % 2)) for i in range(3)]
+    with FoldWorker(tmp_path / "weights", settings) as worker:
+        worker.group([shallow, *deep])
+        merged = worker.shape_key(shallow)
+        assert merged == worker.shape_key(deep[0]) and merged.family == "no_templates"
+        model_1 = worker.shape_key(shallow, "model_1_ptm")
+        assert model_1.family == "templates" and model_1.templates > 0
+        assert model_1.clusters >= worker.shape_key(deep[1], "model_1_ptm").clusters
+        assert worker.shape_key(deep[0], "model_1_ptm").family == "no_templates"
+
+
 def test_the_compilation_cache_folder_is_held_to_its_bound_least_recently_used_first(tmp_path):
     """JAX's entries and serialized executables, by last use (access or modification time):
     over the bound, the oldest go until 80% of it is left; other files stay; a fold worker
@@ -206,7 +230,14 @@ def test_the_compilation_cache_folder_is_held_to_its_bound_least_recently_used_f
         path.write_bytes(b"x" * 1000)
         os.utime(path, (2e9 - age * 3600, 1e9))  # used an hour apart, written long ago
     (folder / ".lockfile").write_bytes(b"y" * 5000)  # not an entry: never counted or removed
+    killed = folder / "executables" / ".f.bin.0123.part"  # a killed worker's half-written file
+    killed.write_bytes(b"z" * 9000)
+    os.utime(killed, (2e9, 1e9))
+    live = folder / "executables" / ".g.bin.4567.part"  # one being written now
+    live.write_bytes(b"z" * 10)
     assert prune_compile_cache(folder, 5000) == 0
+    assert not killed.exists() and live.exists()
+    live.unlink()
     assert prune_compile_cache(folder, None) == 0
     assert prune_compile_cache(folder, 4000) == 2000  # 5000 > 4000: down to 3200
     assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == [
@@ -218,6 +249,22 @@ def test_the_compilation_cache_folder_is_held_to_its_bound_least_recently_used_f
     assert (folder / ".lockfile").is_file()
     with pytest.raises(InputError, match="bound"):
         ModelSettings(compile_cache_max_bytes=0)
+
+
+def test_a_compilation_cache_folder_that_cannot_be_made_is_skipped_with_a_warning(tmp_path,
+                                                                                 caplog):
+    """A read-only home on compute nodes, another user's folder: the worker compiles without
+    the persistent cache instead of failing."""
+    import jax
+
+    from parafold.fold.runner import enable_persistent_cache
+
+    blocker = tmp_path / "home"
+    blocker.write_text("a file where the cache's parent folder should be")
+    before = jax.config.jax_compilation_cache_dir
+    enable_persistent_cache(blocker / ".cache" / "jax", 10**9)
+    assert jax.config.jax_compilation_cache_dir == before
+    assert "cannot be used" in caplog.text and "compiling without it" in caplog.text
 
 
 def test_settings_validation():

@@ -12,12 +12,15 @@ Recent use is the later of a file's access and modification times: the executabl
 touches a file it loads; JAX's entries are read without a touch, so their access time counts,
 which Linux updates at most daily (relatime) or never (noatime: then oldest first). Workers
 sharing the folder may prune at once: a file another removed first is skipped, and a process
-that reads an entry being removed still has it (POSIX), or compiles again.
+that reads an entry being removed still has it (POSIX), or compiles again. An executable's
+half-written file left by a killed worker (`executables/.*.part`, a few hundred MB) is removed
+once it is an hour old: a live write finishes in seconds.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 
 _KEEP = 0.8  # a prune leaves the folder at this fraction of the bound
 _PATTERNS = ("*-cache", "executables/*.bin")  # JAX's entries, then ours (`fold.exec_cache`)
+_PARTIAL = "executables/.*.part"  # `store.atomic_writer`'s temporary files
+_PARTIAL_STALE_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,7 @@ def prune_compile_cache(folder: Path | None, max_bytes: int | None) -> int:
     to `_KEEP` of it; returns the bytes removed. None for either: nothing to do."""
     if folder is None or max_bytes is None or not Path(folder).is_dir():
         return 0
+    _remove_stale_partials(Path(folder))
     entries = cache_entries(Path(folder))
     total = sum(e.size for e in entries)
     if total <= max_bytes:
@@ -74,3 +80,14 @@ def prune_compile_cache(folder: Path | None, max_bytes: int | None) -> int:
              "recently used entries (%.1f GB)", folder, total / 1e9, max_bytes / 1e9, count,
              removed / 1e9)
     return removed
+
+
+def _remove_stale_partials(folder: Path) -> None:
+    """Half-written executables of killed workers: never entries, never finished."""
+    cutoff = time.time() - _PARTIAL_STALE_S
+    for path in folder.glob(_PARTIAL):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:  # removed by another worker, or not ours to remove
+            continue

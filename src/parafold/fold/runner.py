@@ -113,7 +113,13 @@ def enable_persistent_cache(cache_dir: Path | None, max_bytes: int | None = None
     if cache_dir is None or Path(cache_dir) == _CACHE_DIR:
         return
     prune_compile_cache(cache_dir, max_bytes)  # before this process adds to it
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only home on compute nodes, another user's folder: the
+        # cache only saves work, so compile without it (as JAX does with a folder it cannot use)
+        log.warning("compilation cache %s cannot be used (%s); compiling without it",
+                    cache_dir, exc)
+        return
     if _CACHE_DIR is not None:
         try:
             from jax._src import compilation_cache

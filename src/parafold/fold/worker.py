@@ -219,8 +219,10 @@ class FoldWorker:
 
     def shape_key(self, fs: FeatureSet, model_name: str | None = None) -> ShapeKey:
         """`fs`'s key for a model; a target `group` moved to a bigger shape counts that shape's
-        length and the rows of its deepest own target (or its own, if deeper), and runs with
-        templates if that shape has them, so every model's key moves along."""
+        length and the rows of its deepest own target (or its own, if deeper), so every model's
+        key moves along; it runs the template models with its templates, or with masked ones
+        if it has none and that shape has them (a first model without templates, 3-5, groups
+        targets with and without them in one shape: each keeps its own for models 1-2)."""
         length, rows, templates = self._merged_into.get(
             fs.name, (fs.length, fs.msa_depth, fs.num_templates > 0))
         return shape_key(length, rows, model_name or self.settings.model_names[0],
@@ -264,7 +266,7 @@ class FoldWorker:
                 # templates masked, as AlphaFold does
                 self._merged_into[fs.name] = (key.length,
                                               max(deepest.get(key, 0), fs.msa_depth),
-                                              key.templates > 0)
+                                              key.templates > 0 or fs.num_templates > 0)
             groups.setdefault(key, []).append(fs)
         counts = Counter(own.values())
         for key in sorted(k for k in counts if dest[k] != k):
