@@ -488,6 +488,36 @@ def test_the_prediction_index_finds_only_a_folder_that_still_holds_the_predictio
     unwritable.record(fs, folder)
 
 
+def test_a_prediction_relaxed_later_serves_only_runs_that_relax(tmp_path):
+    """`parafold relax OUT` (or a rerun asking for relaxation) rewrites the ranked files and
+    writes the relaxation marker, not the done marker: the entry made without relaxation no
+    longer holds, so a run without relaxation predicts instead of copying relaxed files."""
+    from parafold.fold.params import params_path
+    from parafold.fold.reuse import PredictionIndex
+
+    params = tmp_path / "params"
+    params_path(params, "model_1_ptm").parent.mkdir(parents=True)
+    params_path(params, "model_1_ptm").write_bytes(b"weights")
+    plain = PredictionIndex.for_settings(tmp_path / "cache", SETTINGS, params)
+    relaxing = PredictionIndex.for_settings(
+        tmp_path / "cache", replace(SETTINGS, models_to_relax="best"), params)
+    fs = _set("a", "MKVLA", "ka")
+    folder = tmp_path / "out1" / "a"
+    order = write_target_outputs(folder, "a", _predictions(12, seed=1), {}, save_raw=False)
+    plain.record(fs, folder)
+    assert plain.find(fs) == folder.resolve()
+    # what relax_target leaves: the relaxed structure as ranked_0, the marker written last
+    relaxed = "REMARK relaxed\n" + (folder / f"unrelaxed_{order[0]}.pdb").read_text()
+    (folder / f"relaxed_{order[0]}.pdb").write_text(relaxed)
+    (folder / "ranked_0.pdb").write_text(relaxed)
+    (folder / RELAX_METRICS_FILE).write_text(json.dumps({order[0]: {"attempts": 1}}))
+    relaxing.record(fs, folder)
+    assert plain.find(fs) is None
+    assert relaxing.find(fs) == folder.resolve()
+    (folder / RELAX_METRICS_FILE).write_text(json.dumps({order[0]: {"attempts": 2}}))
+    assert relaxing.find(fs) is None  # relaxed again since: not the recorded relaxation
+
+
 def test_predict_copies_what_another_out_predicted_with_the_same_settings(twin_sets, tiny_params,
                                                                           tmp_path, settings):
     from parafold.engine.devices import predict_on
@@ -511,3 +541,15 @@ def test_predict_copies_what_another_out_predicted_with_the_same_settings(twin_s
                        settings=replace(settings, num_recycle=1))  # other settings: predicted
     assert other.outcomes[0].ok and other.outcomes[0].copied_from is None
     assert other.stats["this process"]["predictions"] == 1
+
+    # a folder indexed but no longer whole (cleaned up in part): its targets are predicted in
+    # the same pass, once for all the twins, instead of failing
+    (tmp_path / "out1" / "a" / "ranked_0.pdb").unlink()
+    third = predict_on((), twin_sets, tmp_path / "out4", params_dir=tiny_params,
+                       settings=settings)
+    by_name = {o.name: o for o in third.outcomes}
+    assert all(o.ok for o in third.outcomes), [o.error for o in third.outcomes]
+    assert third.stats["this process"]["predictions"] == 1
+    assert by_name["a"].copied_from is None
+    assert by_name["a_again"].copied_from == "a" and by_name["a_third"].copied_from == "a"
+    assert by_name["b"].copied_from == str((tmp_path / "out1" / "b").resolve())

@@ -91,7 +91,7 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
         PipelineError: the params folder is unusable (found before any target is folded).
     """
     from parafold.fold.reuse import PredictionIndex
-    from parafold.fold.twins import copy_twins, plan_twins, second_sources
+    from parafold.fold.twins import TwinPlan, copy_twins, plan_twins, second_sources
 
     def predict(sets: Sequence[FeatureSet]) -> DevicesResult:
         return _predict(devices, sets, out_root, params_dir=params_dir, settings=settings,
@@ -106,8 +106,18 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
         return predict(feature_sets)
     log.info("%d targets have the features of another or were predicted before: their files "
              "are copied", plan.copies)
+    # Predictions made before (in another OUT) are copied first: they need no device, and one
+    # whose folder went away since it was indexed (cleaned up, predicted again) is predicted
+    # in this pass instead of failing after it.
+    outcomes = copy_twins(TwinPlan([], found=plan.found), {}, out_root)
+    lost = [fs for sets in plan.found.values() for fs in sets
+            if not outcomes[fs.name].ok and not outcomes[fs.name].stopped_early]
+    for fs in lost:
+        del outcomes[fs.name]
+    replanned = plan_twins(lost, out_root)
+    plan = TwinPlan([*plan.fold, *replanned.fold], {**plan.twins, **replanned.twins})
     result = predict(plan.fold)
-    outcomes = {o.name: o for o in result.outcomes}
+    outcomes.update((o.name, o) for o in result.outcomes)
     stats = dict(result.stats)
     plan, second = second_sources(plan, outcomes)
     outcomes.update(copy_twins(plan, outcomes, out_root))

@@ -11,7 +11,9 @@ params files); a later target with that key, in this OUT or another, gets a copy
 The index holds paths, never the files: nothing is stored twice. An entry is used only while
 the folder still holds that very prediction (its done marker has the recorded size,
 modification time and inode; a prediction made again, or another target in that folder,
-rewrites the marker); anything else is a miss, and the target is predicted as usual.
+rewrites the marker) relaxed as it was (the relaxation marker too: `parafold relax` or a rerun
+asking for relaxation rewrites it but not the done marker, and a run without relaxation must
+not be given relaxed files); anything else is a miss, and the target is predicted as usual.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from parafold.featureset import FeatureSet
 from parafold.fold.outputs import DONE_FILE
 from parafold.fold.params import params_path
 from parafold.fold.settings import ModelSettings
+from parafold.relax import RELAX_METRICS_FILE
 from parafold.store import atomic_write_json, content_key, fingerprint_files, read_json
 
 __all__ = ["PredictionIndex", "INDEX_FOLDER"]
@@ -38,9 +41,16 @@ _RESULT_SETTINGS = ("model_preset", "models", "num_recycle", "recycle_early_stop
                     "save_raw", "models_to_relax")
 
 
-def _done_stamp(folder: Path) -> list[int]:
+def _done_stamp(folder: Path) -> list[int | None]:
+    """The done marker's size, modification time and inode, then the relaxation marker's
+    (None for each while the folder holds no relaxation)."""
     st = (folder / DONE_FILE).stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    try:
+        relaxed = (folder / RELAX_METRICS_FILE).stat()
+    except FileNotFoundError:
+        return [st.st_size, st.st_mtime_ns, st.st_ino, None, None, None]
+    return [st.st_size, st.st_mtime_ns, st.st_ino,
+            relaxed.st_size, relaxed.st_mtime_ns, relaxed.st_ino]
 
 
 @dataclass(frozen=True, slots=True)

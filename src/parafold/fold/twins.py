@@ -141,6 +141,13 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
                           f"no readable {DONE_FILE} ({exc})") from exc
     files = sorted(p.name for p in source_dir.iterdir()
                    if p.is_file() and is_prediction_file(p.name))
+    missing = [name for i, model in enumerate(order)
+               for name in (f"unrelaxed_{model}.pdb", f"ranked_{i}.pdb", _RANKED_CIF.format(i))
+               if name not in files]
+    if missing:  # a folder cleaned up in part since: the twin is predicted instead
+        raise OutputError(f"{twin_name}: cannot copy the prediction of {source_dir.name}: "
+                          f"it lacks {', '.join(missing[:3])}"
+                          f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
     last = [n for n in _LAST_BEFORE_DONE if n in files]
     written: set[str] = set()
     for name in [n for n in files if n not in last] + last:
@@ -150,8 +157,6 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
         written.add(name)
     for index in range(len(order)):
         pdb_name, cif_name = f"ranked_{index}.pdb", _RANKED_CIF.format(index)
-        if pdb_name not in written or cif_name not in files:
-            continue
         try:
             prot = protein.from_pdb_string((source_dir / pdb_name).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
