@@ -268,6 +268,7 @@ def test_predict_cli_says_which_targets_were_copied(twin_sets, tiny_params, tmp_
         "", "a", "a", ""]
 
 
+@pytest.mark.timeout(300)  # a run waiting for a fold worker that never starts fails here
 def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params, tmp_path,
                                                                      monkeypatch, settings):
     """`parafold run` (single-sequence mode, the real tiny model): a FASTA repeating one
@@ -335,6 +336,16 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
     assert again.exit_code == 0, again.lines()
     assert (again.predicted, again.copied) == (0, 1), again.lines()
     assert (out / twins[-1] / DONE_FILE).is_file()
+    # lost again, and the source cleaned up in part: the rerun has only a copy to make, it
+    # fails, and the twin is predicted itself (fold workers start then; the run once hung)
+    (out / twins[-1] / DONE_FILE).unlink()
+    (out / source / "unrelaxed_model_1_ptm.pdb").unlink()
+    again = run_pipeline(run_settings)
+    assert again.exit_code == 0, again.lines()
+    assert (again.predicted, again.copied) == (1, 0), again.lines()
+    assert (out / twins[-1] / "unrelaxed_model_1_ptm.pdb").is_file()
+    (out / source / "unrelaxed_model_1_ptm.pdb").write_bytes(
+        (out / twins[-1] / "unrelaxed_model_1_ptm.pdb").read_bytes())
 
     sample2 = tmp_path / "sample2.fasta"
     sample2.write_text(f">x\n{seq_a}\n>z\n{random_sequence(22, rng)}\n")

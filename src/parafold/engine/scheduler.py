@@ -121,6 +121,8 @@ class Scheduler:
         self.idle: list[FoldWorkerHandle] = []
         self.retired: dict[str, str] = {}  # worker name -> why it is out of rotation
         self._warming: dict[cf.Future[Any], FoldWorkerHandle] = {}
+        self._fold_spec: FoldWorkerSpec | None = None  # set by `run`
+        self._fold_workers_started = False
         self._shapes: dict[str, set[Any]] = {}  # worker name -> shapes it has been given
         self._streak: dict[str, set[int]] = {}  # worker name -> batches failed in a row
         self._failed_in: dict[str, int] = {}  # target -> the batch it first failed in
@@ -154,11 +156,9 @@ class Scheduler:
         if model.helper_cores is None:  # the searches use the cores: a few feature helpers
             model = replace(model, helper_cores=RUN_HELPER_CORES)
         model = replace(model, prediction_cache_dir=self._prediction_cache)
-        spec = FoldWorkerSpec(self.settings.params_dir, model)
+        self._fold_spec = FoldWorkerSpec(self.settings.params_dir, model)
         if self.ready or self.pending or self._parked:
-            self.idle = list(self.executor.start_fold_workers(spec))
-            for worker in self.idle:  # imports and weights load while the first searches run
-                self._warming[worker.warm().future] = worker
+            self._start_fold_workers()
         capacity = self.executor.cpu_capacity()
         # Never ask for more CPUs per search than exist, or the search could never start.
         self.search_cpus = min(self.settings.search_cpus, capacity)
@@ -190,6 +190,16 @@ class Scheduler:
                         self._copy_finished(future)
                     else:
                         self._fold_finished(future)
+
+    def _start_fold_workers(self) -> None:
+        """Once, when the run first has something to predict: at the start, or later when
+        it started with copies only and one failed (its target is then predicted itself)."""
+        if self._fold_spec is None or self._fold_workers_started:
+            return
+        self._fold_workers_started = True
+        self.idle = list(self.executor.start_fold_workers(self._fold_spec))
+        for worker in self.idle:  # imports and weights load while the first searches run
+            self._warming[worker.warm().future] = worker
 
     def _work_left(self) -> bool:
         if self.stopped is not None:  # only what is in flight
@@ -504,6 +514,8 @@ class Scheduler:
     def _dispatch_folds(self) -> None:
         if self.stopped is not None:
             return
+        if self.ready:
+            self._start_fold_workers()
         if self.retired and not self._live_workers():
             self._fail_without_workers()
             return
