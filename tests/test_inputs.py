@@ -56,6 +56,21 @@ def test_unsafe_ids_never_become_paths(tmp_path: Path) -> None:
     assert parsed.targets[0].id == "../../etc/passwd"  # the id is kept for display
 
 
+@pytest.mark.timeout(120)  # numbering from 2 for each id took hours at this count
+def test_many_long_ids_sharing_their_first_80_characters_get_short_unique_names() -> None:
+    """Long contig or assembly ids cut to one base: numbered in linear time, the number never
+    pushing a name past the limit, case-insensitively unique, as a rerun names them again."""
+    from parafold.inputs import MAX_NAME_LEN, UniqueNames
+
+    base = "GCA_000001405.29_GRCh38.p14_genomic_scaffold_assembly_component_region_chr"[:80]
+    names = UniqueNames()
+    made = [names.add(base) for _ in range(120_000)]
+    assert len(set(n.lower() for n in made)) == len(made)
+    assert max(len(n) for n in made) <= MAX_NAME_LEN and made[-1].endswith("_120000")
+    again = UniqueNames()
+    assert [again.add(n) for n in ("P1", "p1", "P1_2", "P1")] == ["P1", "p1_2", "P1_2_2", "P1_3"]
+
+
 def test_csv_and_folder_inputs(tmp_path: Path) -> None:
     folder = tmp_path / "inputs"
     folder.mkdir()

@@ -76,6 +76,28 @@ def test_feature_set_manifest_written_last(tmp_path: Path) -> None:
         read_feature_set(folder)
 
 
+def test_a_manifest_naming_an_unsafe_folder_is_refused(tmp_path: Path) -> None:
+    """A feature folder from elsewhere: its manifest's name becomes the target's output folder
+    in `predict`, so a name that is a path is an error naming the manifest, the rest go on."""
+    import json
+
+    from parafold.featureset import collect_feature_sets
+    from parafold.fold.synthetic import make_features
+
+    for name in ("good", "bad"):
+        write_feature_set(tmp_path / "in" / name, name=name, target_id=name,
+                          features=make_features("MKTAYIAKQR", 4))
+    manifest = tmp_path / "in" / "bad" / "features.json"
+    data = json.loads(manifest.read_text())
+    data["name"] = "../../escaped"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="not a safe folder name"):
+        read_feature_set(tmp_path / "in" / "bad")
+    sets, problems = collect_feature_sets([tmp_path / "in"])
+    assert [fs.name for fs in sets] == ["good"]
+    assert len(problems) == 1 and "features.json" in str(problems[0])
+
+
 def test_foreign_pickle_needs_trust(tmp_path: Path) -> None:
     import pickle
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from parafold.errors import FeatureError, InputError
-from parafold.inputs import safe_name, unique_name
+from parafold.inputs import UniqueNames, safe_name
 from parafold.store import (
     atomic_copy,
     atomic_write_json,
@@ -157,9 +157,14 @@ def read_feature_set(folder: Path, *, trust_pickles: bool = False) -> FeatureSet
         try:
             data = read_json(manifest_path)
             data["path"] = folder
-            return FeatureSet(**data)
+            fs = FeatureSet(**data)
         except (ValueError, TypeError) as exc:
             raise InputError(f"{manifest_path}: malformed feature manifest: {exc}") from exc
+        if not isinstance(fs.name, str) or safe_name(fs.name) != fs.name:
+            # the name becomes the target's output folder: never a path from a file
+            raise InputError(f"{manifest_path}: target name {fs.name!r} is not a safe folder "
+                             "name (letters, digits, '.', '_' and '-')")
+        return fs
     if (folder / PICKLE_FILE).is_file():
         if not trust_pickles:
             raise InputError(
@@ -222,13 +227,13 @@ def collect_feature_sets(roots: Iterable[Path], *,
     """
     sets: list[FeatureSet] = []
     problems: list[str] = []
-    used: set[str] = set()
+    used = UniqueNames()
     holders: dict[str, Path] = {}  # lowercase name -> the folder of the set that has it
     for root in roots:
         found, issues = find_feature_sets(root, trust_pickles=trust_pickles)
         problems.extend(issues)
         for fs in found:
-            name = unique_name(fs.name, used)
+            name = used.add(fs.name)
             if name != fs.name:
                 logger.warning("%s and %s are both named %r; writing the second to %r",
                                holders[fs.name.lower()], fs.path, fs.name, name)

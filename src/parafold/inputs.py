@@ -29,7 +29,7 @@ __all__ = [
     "read_targets",
     "is_a3m_input",
     "safe_name",
-    "unique_name",
+    "UniqueNames",
     "sequence_hash",
     "STANDARD_AA",
     "ACCEPTED_AA",
@@ -120,18 +120,28 @@ def safe_name(raw: str) -> str:
     return name or "target"
 
 
-def unique_name(base: str, used: set[str]) -> str:
-    """`base`, or else `base_2`, `base_3`, ...: the first not in `used`, which it joins.
+class UniqueNames:
+    """Target names made unique: `base`, else `base_2`, `base_3`, ... (the first not taken).
 
-    Compared case-insensitively (`used` holds lowercase names), so two names never share a
-    folder on a case-insensitive file system either.
+    Compared case-insensitively, so two names never share a folder on a case-insensitive file
+    system either. Each base remembers its last number, so a million ids that share their
+    first `MAX_NAME_LEN` characters (long contig ids) cost linear time, and the base is cut
+    to leave room for the number: a name never outgrows `MAX_NAME_LEN`.
     """
-    name, n = base, 1
-    while name.lower() in used:
-        n += 1
-        name = f"{base[: MAX_NAME_LEN - 6]}_{n}"
-    used.add(name.lower())
-    return name
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+        self._last: dict[str, int] = {}
+
+    def add(self, base: str) -> str:
+        name, n = base, self._last.get(base.lower(), 1)
+        while name.lower() in self._taken:
+            n += 1
+            suffix = f"_{n}"
+            name = base[: MAX_NAME_LEN - len(suffix)].rstrip("._-") + suffix
+        self._last[base.lower()] = n
+        self._taken.add(name.lower())
+        return name
 
 
 @dataclass(slots=True)
@@ -287,7 +297,7 @@ def read_targets(path: Path | str) -> ParsedInput:
     targets: list[Target] = []
     problems: list[InputProblem] = []
     seen_ids: dict[str, str] = {}
-    used_names: set[str] = set()
+    used_names = UniqueNames()
     for file in _input_files(path):
         kind = _kind(file)
         if kind in TABLE_SUFFIXES:
@@ -305,6 +315,6 @@ def read_targets(path: Path | str) -> ParsedInput:
                 problems.append(InputProblem(rec.source, rec.line, record_id, problem))
                 continue
             seen_ids[record_id] = f"{rec.source}:{rec.line}"
-            name = unique_name(safe_name(record_id), used_names)
+            name = used_names.add(safe_name(record_id))
             targets.append(Target(record_id, name, seq, f"{rec.source}:{rec.line}"))
     return ParsedInput(tuple(targets), tuple(problems))
