@@ -64,11 +64,27 @@ def test_predict_dry_run_sizes_the_gpu_stage_and_writes_nothing(tmp_path):
                                    "--params-dir", str(tmp_path / "w"), "--models", "1,2,3,4,5",
                                    "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "4 targets: 1 done, 1 to copy from an identical target, 2 to predict" in res.output
+    assert ("4 targets: 1 done, 1 to copy from an identical target, 0 from an earlier "
+            "prediction (--cache-dir), 2 to predict") in res.output
     assert "shapes after merging: 1; executables to compile for all models: 1" in res.output
     assert "modelled on one GPU" in res.output and "proteins/hour" in res.output
     assert "params_model_1_ptm.npz: missing" in res.output
     assert sorted(out.rglob("*")) == before
+    # b predicted before in another OUT sharing the cache folder: a copy, not a prediction
+    from parafold.featureset import read_feature_set
+    from parafold.fold.reuse import PredictionIndex
+    from parafold.fold.settings import ModelSettings
+
+    elsewhere = tmp_path / "other_out" / "b"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "ranking_debug.json").write_text("{}")
+    PredictionIndex.for_settings(tmp_path / "cache", ModelSettings(), tmp_path / "w").record(
+        read_feature_set(tmp_path / "feats" / "b"), elsewhere)
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "feats"), "-o", str(out),
+                                   "--params-dir", str(tmp_path / "w"), "--models", "1,2,3,4,5",
+                                   "--cache-dir", str(tmp_path / "cache"), "--dry-run"])
+    assert ("4 targets: 1 done, 1 to copy from an identical target, 1 from an earlier "
+            "prediction (--cache-dir), 1 to predict") in res.output, res.output
     with_templates = tmp_path / "feats" / "c"
     write_feature_set(with_templates, name="c", target_id="c", key="k4",
                       features=make_features(random_sequence(60, rng), 30, num_templates=2))

@@ -268,6 +268,46 @@ def test_predict_cli_says_which_targets_were_copied(twin_sets, tiny_params, tmp_
         "", "a", "a", ""]
 
 
+def test_a_rerun_with_other_model_settings_predicts_again(twin_sets, tiny_params, tmp_path,
+                                                         settings, caplog):
+    """A prediction records what it was made with; `predict` into the same OUT with other
+    settings (here more recycles) predicts again instead of taking the old files for done,
+    with the same settings nothing; copies record their source's; a folder from an older
+    parafold, recording nothing, counts as done."""
+    import logging
+
+    from parafold.engine.devices import predict_on
+    from parafold.fold.outputs import SETTINGS_KEY
+
+    out = tmp_path / "out"
+
+    def predict(model_settings: ModelSettings) -> int:
+        result = predict_on((), twin_sets, out, params_dir=tiny_params,
+                            settings=model_settings)
+        assert all(o.ok for o in result.outcomes), [o.error for o in result.outcomes]
+        return result.stats["this process"]["predictions"]
+
+    def made() -> dict[str, str]:
+        return {fs.name: json.loads((out / fs.name / "timings.json").read_text())[SETTINGS_KEY]
+                for fs in twin_sets}
+
+    assert predict(settings) == 2
+    first = made()
+    assert len(set(first.values())) == 1  # the copies say what their source was made with
+    assert predict(settings) == 0
+    more = replace(settings, num_recycle=1)
+    with caplog.at_level(logging.WARNING):
+        assert predict(more) == 2
+    assert "2 targets were predicted before with other model settings" in caplog.text
+    assert set(made().values()) != set(first.values()) and len(set(made().values())) == 1
+    assert predict(more) == 0
+    for fs in twin_sets:  # as an older parafold left them: no record, taken as done
+        timings = json.loads((out / fs.name / "timings.json").read_text())
+        del timings[SETTINGS_KEY]
+        (out / fs.name / "timings.json").write_text(json.dumps(timings))
+    assert predict(settings) == 0
+
+
 @pytest.mark.timeout(300)  # a run waiting for a fold worker that never starts fails here
 def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params, tmp_path,
                                                                      monkeypatch, settings):
@@ -369,6 +409,14 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
     text = "\n".join(lost.lines())
     assert "GPU stage of the 1 to predict whose features exist:" in text
     assert "executables to compile for all models: 1" in text and "proteins/hour" in text
+    # the first OUT again with more recycles: its predictions are made again (once a
+    # sequence), not taken for done, and the preview says so first
+    more = replace(run_settings, model=replace(settings, num_recycle=1))
+    assert preview(more) == (0, 4, 0, 0, 0, 2, 2)
+    changed = run_pipeline(more)
+    assert changed.exit_code == 0, changed.lines()
+    assert (changed.predicted, changed.copied) == (2, 2), changed.lines()
+    assert preview(more)[0] == 4 and preview(run_settings)[0] == 0
 
 
 def test_the_scheduler_retries_a_failed_source_with_one_twin_then_fails_the_rest(tmp_path):

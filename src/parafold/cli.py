@@ -385,6 +385,7 @@ def predict(
     from parafold.errors import PipelineError
     from parafold.featureset import collect_feature_sets
     from parafold.fold.costs import cut_by_cost
+    from parafold.fold.reuse import prediction_fingerprint
     from parafold.fold.twins import plan_twins, with_twins
     from parafold.lifecycle import drain_on_sigusr1, exit_interrupted
     from parafold.shards import Shard
@@ -425,7 +426,8 @@ def predict(
             return
         if part is not None:
             every = sets
-            twins = plan_twins(every, out)  # a source and its twins go to one task
+            twins = plan_twins(every, out, fingerprint=prediction_fingerprint(
+                settings, params_dir, relaxation=False))  # a source and its twins: one task
             sets, how = part.pinned(
                 out / ".parafold-shards" / f"predict-{part.count}.json", every,
                 name=lambda fs: fs.name,
@@ -470,15 +472,21 @@ def _predict_preview(sets: list[Any], out: Path, params_dir: Path, settings: Any
     from parafold.fold.costs import plan_stage
     from parafold.fold.outputs import is_complete
     from parafold.fold.params import check_params_files
+    from parafold.fold.reuse import PredictionIndex, prediction_fingerprint
     from parafold.fold.twins import plan_twins
 
-    done = sum(is_complete(out / fs.name) for fs in sets)
-    twins = plan_twins(sets, out)
-    left = [fs for fs in twins.fold if not is_complete(out / fs.name)]
+    made = prediction_fingerprint(settings, params_dir, relaxation=False)
+    index = (None if settings.prediction_cache_dir is None else
+             PredictionIndex.for_settings(settings.prediction_cache_dir, settings, params_dir))
+    done = sum(is_complete(out / fs.name, made) for fs in sets)
+    twins = plan_twins(sets, out, index, fingerprint=made)
+    left = [fs for fs in twins.fold if not is_complete(out / fs.name, made)]
     stage = plan_stage(left, settings, platform)
+    found = sum(len(copies) for copies in twins.found.values())
     lines = [f"dry run: nothing predicted or written in {out}",
-             f"{len(sets)} targets: {done} done, {twins.copies} to copy from an identical "
-             f"target, {len(left)} to predict",
+             f"{len(sets)} targets: {done} done, {twins.copies - found} to copy from an "
+             f"identical target, {found} from an earlier prediction (--cache-dir), "
+             f"{len(left)} to predict",
              f"models {', '.join(settings.model_names)} x {settings.num_seeds} seed(s), "
              f"{settings.num_iterations} iterations each"]
     if left:

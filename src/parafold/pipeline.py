@@ -180,11 +180,19 @@ class RunSummary:
         return out
 
 
-def prediction_complete(folder: Path) -> bool:
-    """Whether the GPU stage finished this target folder (its done marker is there)."""
+def prediction_complete(folder: Path, made: str | None = None) -> bool:
+    """Whether the GPU stage finished this target folder (its done marker is there), with
+    the model settings and params of `made` (`reuse.prediction_fingerprint`) when given."""
     from parafold.fold.outputs import is_complete
 
-    return bool(is_complete(folder))
+    return bool(is_complete(folder, made))
+
+
+def _prediction_made(settings: RunSettings) -> str:
+    """What this run's predictions record they were made with (relaxation apart)."""
+    from parafold.fold.reuse import prediction_fingerprint
+
+    return prediction_fingerprint(settings.model, settings.params_dir, relaxation=False)
 
 
 def _read_input(settings: RunSettings) -> tuple[list[Target], list[InputProblem]]:
@@ -253,14 +261,16 @@ def _usable_features(target: Target, folder: Path, key: str | None) -> FeatureSe
     return fs
 
 
-def _standing(t: Target, folder: Path, key: str | None,
-              settings: RunSettings) -> tuple[State, FeatureSet | None]:
-    """Where a target stands on disk, with its usable features: DONE (predicted, and relaxed
-    as asked), FEATURES_READY (features for this key: to predict, or to relax) or QUEUED."""
+def _standing(t: Target, folder: Path, key: str | None, settings: RunSettings,
+              made: str | None = None) -> tuple[State, FeatureSet | None]:
+    """Where a target stands on disk, with its usable features: DONE (predicted, with the
+    settings of `made` when given, and relaxed as asked), FEATURES_READY (features for this
+    key: to predict, or to relax) or QUEUED."""
     fs = _usable_features(t, folder, key)
     if fs is None:
         return State.QUEUED, None
-    if prediction_complete(folder) and not relax_pending(folder, settings.model.models_to_relax):
+    if (prediction_complete(folder, made)
+            and not relax_pending(folder, settings.model.models_to_relax)):
         return State.DONE, fs
     return State.FEATURES_READY, fs
 
@@ -319,6 +329,7 @@ def _reconcile(ledger: Ledger, targets: Sequence[Target], settings: RunSettings,
                databases: Any) -> _Plan:
     """Bring the ledger in line with disk and decide what is left to do."""
     plan = _Plan()
+    made = _prediction_made(settings)
     for t in targets:
         folder = settings.out / t.name
         _remove_partial_files(folder)
@@ -330,7 +341,7 @@ def _reconcile(ledger: Ledger, targets: Sequence[Target], settings: RunSettings,
             _fail_at_start(ledger, t.name, state, str(exc))
             plan.failed.append(t.name)
             continue
-        standing, fs = _standing(t, folder, key, settings)
+        standing, fs = _standing(t, folder, key, settings, made)
         if fs is None:
             _forget_stale_prediction(t, folder, key)
         if fs is not None and standing is State.DONE:
@@ -412,6 +423,7 @@ def preview_run(settings: RunSettings) -> RunPreview:
     targets, problems = _read_input(settings)
     databases = _databases_if_found(settings)
     cache = settings.resolved_cache_dir
+    made = _prediction_made(settings)
     counts = dict.fromkeys(("done", "relax", "out", "cache", "search"), 0)
     cannot_start: list[str] = []
     predicted: set[str] = set()  # twin keys of predictions there will be
@@ -425,10 +437,10 @@ def preview_run(settings: RunSettings) -> RunPreview:
         except InputError as exc:
             cannot_start.append(f"{t.name}: {exc}")
             continue
-        standing, fs = _standing(t, folder, key, settings)
+        standing, fs = _standing(t, folder, key, settings, made)
         if fs is not None:
             twin = fs.twin_key
-            if standing is State.DONE or prediction_complete(folder):
+            if standing is State.DONE or prediction_complete(folder, made):
                 counts["done" if standing is State.DONE else "relax"] += 1
                 predicted.update([twin] if twin else [])
             else:

@@ -90,7 +90,7 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
     Raises:
         PipelineError: the params folder is unusable (found before any target is folded).
     """
-    from parafold.fold.reuse import PredictionIndex
+    from parafold.fold.reuse import PredictionIndex, prediction_fingerprint
     from parafold.fold.twins import TwinPlan, copy_twins, plan_twins, second_sources
 
     def predict(sets: Sequence[FeatureSet]) -> DevicesResult:
@@ -101,7 +101,8 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
     if settings.prediction_cache_dir is not None:
         index = PredictionIndex.for_settings(settings.prediction_cache_dir, settings,
                                              params_dir)
-    plan = plan_twins(feature_sets, out_root, index)
+    made = prediction_fingerprint(settings, params_dir, relaxation=False)
+    plan = plan_twins(feature_sets, out_root, index, fingerprint=made)
     if not plan.copies:
         return predict(feature_sets)
     log.info("%d targets have the features of another or were predicted before: their files "
@@ -114,7 +115,7 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
             if not outcomes[fs.name].ok and not outcomes[fs.name].stopped_early]
     for fs in lost:
         del outcomes[fs.name]
-    replanned = plan_twins(lost, out_root)
+    replanned = plan_twins(lost, out_root, fingerprint=made)
     plan = TwinPlan([*plan.fold, *replanned.fold], {**plan.twins, **replanned.twins})
     result = predict(plan.fold)
     outcomes.update((o.name, o) for o in result.outcomes)

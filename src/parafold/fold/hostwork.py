@@ -64,14 +64,15 @@ def process_job(fs: FeatureSet, model_name: str, settings: ModelSettings, key: S
 
 def write_job(folder: Path, name: str, predictions: list[Any], timings: dict[str, float],
               save_raw: bool, relax: str = "none", index: Any = None,
-              feature_set: Any = None) -> list[str]:
+              feature_set: Any = None, fingerprint: str | None = None) -> list[str]:
     """Every output file of one target (atomic writes), then the relaxation `relax` asks for
     (`parafold.relax`; its failure raises `RelaxError` after the prediction's files are
     complete), then its entry in the prediction `index` (`fold.reuse`) when there is one;
     prediction names best first."""
     from parafold.fold.outputs import write_target_outputs
 
-    ranked = write_target_outputs(folder, name, predictions, timings, save_raw=save_raw)
+    ranked = write_target_outputs(folder, name, predictions, timings, save_raw=save_raw,
+                                  fingerprint=fingerprint)
     if relax != "none":
         relax_target(folder, relax)
     if index is not None:

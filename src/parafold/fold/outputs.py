@@ -22,12 +22,17 @@ import numpy as np
 from parafold.store import atomic_write_json, atomic_write_text, atomic_writer
 
 __all__ = ["Prediction", "write_target_outputs", "is_complete", "DONE_FILE", "rank",
-           "merge_timings", "is_prediction_file", "remove_stale", "COPY_TIMINGS"]
+           "merge_timings", "is_prediction_file", "remove_stale", "COPY_TIMINGS",
+           "SETTINGS_KEY", "made_with"]
 
 DONE_FILE = "ranking_debug.json"
 # What a copy from an identical target (`fold.twins`) adds to `timings.json`: its seconds and
 # its source (a name in the same OUT, else a folder); the target's own prediction drops them.
 COPY_TIMINGS = ("copy_prediction", "copied_from")
+# The `timings.json` entry naming the settings a prediction was made with
+# (`reuse.prediction_fingerprint`): a rerun with other models, recycles, seeds or params
+# predicts again instead of taking the old files for done.
+SETTINGS_KEY = "prediction_settings"
 # The per-prediction files `write_target_outputs` owns; any it did not write this time is stale.
 _PREDICTION_FILE = re.compile(
     r"(ranked_\d+\.(pdb|cif)|unrelaxed_.+\.pdb|scores_.+\.json|pae_.+\.json|result_.+\.pkl"
@@ -65,8 +70,25 @@ class Prediction:
         return self.mean_plddt
 
 
-def is_complete(folder: Path) -> bool:
-    return (Path(folder) / DONE_FILE).is_file()
+def is_complete(folder: Path, fingerprint: str | None = None) -> bool:
+    """Whether `folder` holds a finished prediction (its done marker), made with the settings
+    of `fingerprint` when given (one that records none, from an older parafold, counts)."""
+    if not (Path(folder) / DONE_FILE).is_file():
+        return False
+    if fingerprint is None:
+        return True
+    recorded = made_with(folder)
+    return recorded is None or recorded == fingerprint
+
+
+def made_with(folder: Path) -> str | None:
+    """The settings fingerprint `folder`'s prediction records, if any."""
+    try:
+        timings = json.loads((Path(folder) / "timings.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = timings.get(SETTINGS_KEY) if isinstance(timings, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def is_prediction_file(file_name: str) -> bool:
@@ -105,8 +127,10 @@ def _pae_json(pred: Prediction) -> str:
 
 
 def write_target_outputs(folder: Path, name: str, predictions: Sequence[Prediction],
-                         timings: dict[str, float], *, save_raw: bool) -> list[str]:
-    """Write every file for one target; returns prediction names best first."""
+                         timings: dict[str, float], *, save_raw: bool,
+                         fingerprint: str | None = None) -> list[str]:
+    """Write every file for one target; returns prediction names best first. `fingerprint`
+    (the settings it was made with) goes into `timings.json`."""
     from alphafold.common import protein
 
     from parafold.fold import mmcif as fast_mmcif
@@ -138,8 +162,10 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
         write_text(f"ranked_{index}.pdb", pdbs[pred.name])
         cif = fast_mmcif.to_mmcif(prots[pred.name], file_id=name, model_type="Monomer")
         write_text(f"ranked_{index}.cif", cif)
-    merge_timings(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()},
-                  drop=COPY_TIMINGS)
+    made = {SETTINGS_KEY: fingerprint} if fingerprint is not None else {}
+    merge_timings(folder / "timings.json",
+                  {**{k: round(v, 3) for k, v in timings.items()}, **made},
+                  drop=(*COPY_TIMINGS, SETTINGS_KEY))
     remove_stale(folder, written)
     atomic_write_json(folder / DONE_FILE, {
         "plddts": {p.name: p.ranking_confidence for p in predictions},

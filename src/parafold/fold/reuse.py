@@ -29,7 +29,7 @@ from parafold.fold.settings import ModelSettings
 from parafold.relax import RELAX_METRICS_FILE
 from parafold.store import atomic_write_json, content_key, fingerprint_files, read_json
 
-__all__ = ["PredictionIndex", "INDEX_FOLDER"]
+__all__ = ["PredictionIndex", "INDEX_FOLDER", "prediction_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,22 @@ INDEX_FOLDER = "predictions"
 _RESULT_SETTINGS = ("model_preset", "models", "num_recycle", "recycle_early_stop_tolerance",
                     "num_seeds", "random_seed", "config_size", "use_pallas", "float32",
                     "save_raw", "models_to_relax")
+
+
+def prediction_fingerprint(settings: ModelSettings, params_dir: Path, *,
+                           relaxation: bool = True) -> str:
+    """A key of everything that decides a prediction's files: the result settings and the
+    params (each file's size and sampled bytes, so params copied to each job's local disk
+    keep it); without `relaxation`, the prediction's alone (relaxation is checked apart)."""
+    params = {}
+    for name in settings.model_names:
+        try:
+            params[name] = fingerprint_files([params_path(params_dir, name)])
+        except OSError:
+            params[name] = None  # the worker names the missing file; nothing matches it
+    chosen = [n for n in _RESULT_SETTINGS if relaxation or n != "models_to_relax"]
+    return content_key(settings={name: getattr(settings, name) for name in chosen},
+                       params=params)
 
 
 def _done_stamp(folder: Path) -> list[int | None]:
@@ -66,16 +82,7 @@ class PredictionIndex:
         """The index in `cache_dir` for predictions made with `settings` and these params
         (a params file's size and sampled bytes stand for its content, as a database's do for
         the search cache, so params copied to each job's local disk keep their index)."""
-        params = {}
-        for name in settings.model_names:
-            try:
-                params[name] = fingerprint_files([params_path(params_dir, name)])
-            except OSError:
-                params[name] = None  # the worker names the missing file; nothing matches it
-        fingerprint = content_key(
-            settings={name: getattr(settings, name) for name in _RESULT_SETTINGS},
-            params=params)
-        return cls(Path(cache_dir) / INDEX_FOLDER, fingerprint)
+        return cls(Path(cache_dir) / INDEX_FOLDER, prediction_fingerprint(settings, params_dir))
 
     def _entry(self, key: str | None) -> Path | None:
         if key is None:

@@ -29,8 +29,10 @@ from parafold.errors import OutputError, PipelineError, is_storage_full
 from parafold.featureset import FeatureSet
 from parafold.fold.outputs import (
     DONE_FILE,
+    SETTINGS_KEY,
     is_complete,
     is_prediction_file,
+    made_with,
     merge_timings,
     remove_stale,
 )
@@ -66,10 +68,12 @@ class TwinPlan:
 
 
 def plan_twins(feature_sets: Sequence[FeatureSet], out_root: Path,
-               index: PredictionIndex | None = None) -> TwinPlan:
-    """One source per twin key: a set whose prediction is complete in `out_root` if there is
-    one (nothing to predict), else a folder the prediction `index` knows (another OUT's),
-    else the first set. Sets complete themselves are never copied to."""
+               index: PredictionIndex | None = None, *,
+               fingerprint: str | None = None) -> TwinPlan:
+    """One source per twin key: a set whose prediction is complete in `out_root` (made with
+    the settings of `fingerprint`, when given) if there is one (nothing to predict), else a
+    folder the prediction `index` knows (another OUT's), else the first set. Sets complete
+    themselves are never copied to."""
     out_root = Path(out_root)
     groups: dict[str, list[FeatureSet]] = {}
     for fs in feature_sets:
@@ -77,7 +81,7 @@ def plan_twins(feature_sets: Sequence[FeatureSet], out_root: Path,
         if key is not None:
             groups.setdefault(key, []).append(fs)
     complete = {fs.name for group in groups.values() if len(group) > 1 or index is not None
-                for fs in group if is_complete(out_root / fs.name)}
+                for fs in group if is_complete(out_root / fs.name, fingerprint)}
     copied: set[str] = set()
     twins: dict[str, list[FeatureSet]] = {}
     found: dict[Path, list[FeatureSet]] = {}
@@ -170,8 +174,11 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
     # a source in the twin's OUT by its name, any other by its folder (as the ledger says)
     same_out = source_dir.resolve().parent == twin_dir.resolve().parent
     copied_from = source_dir.name if same_out else str(source_dir.resolve())
+    made = made_with(source_dir)  # the settings it was made with, as predicting would say
     merge_timings(twin_dir / "timings.json",  # the keys of `outputs.COPY_TIMINGS`
-                  {"copy_prediction": round(seconds, 3), "copied_from": copied_from})
+                  {"copy_prediction": round(seconds, 3), "copied_from": copied_from,
+                   **({SETTINGS_KEY: made} if made is not None else {})},
+                  drop=(SETTINGS_KEY,))
     atomic_copy(done, twin_dir / DONE_FILE, link=False)
     best = order[0] if order else None
     mean_plddt, ptm = _best_scores(twin_dir, best, ranking)

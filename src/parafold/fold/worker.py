@@ -41,7 +41,7 @@ from parafold.fold.hostwork import (
     write_job,
 )
 from parafold.fold.outputs import Prediction, is_complete
-from parafold.fold.reuse import PredictionIndex
+from parafold.fold.reuse import PredictionIndex, prediction_fingerprint
 from parafold.fold.settings import ModelSettings
 from parafold.lifecycle import drain_requested
 from parafold.relax import RelaxError, relax_pending
@@ -165,6 +165,8 @@ class FoldWorker:
         self.index = (None if settings.prediction_cache_dir is None else
                       PredictionIndex.for_settings(settings.prediction_cache_dir, settings,
                                                    self.params_dir))
+        # what each prediction records it was made with; a folder made otherwise is redone
+        self.fingerprint = prediction_fingerprint(settings, self.params_dir, relaxation=False)
         self._params: dict[str, Any] = {}
         self._caps: dict[ShapeKey, int] = {}
         # target -> (length, MSA rows, templates) its merged key is made for (`group`)
@@ -429,15 +431,20 @@ class FoldWorker:
         skipped: dict[str, FoldOutcome] = {}
         relax = self.settings.models_to_relax
         relax_only: list[FeatureSet] = []
+        redone = 0
         for fs in feature_sets:
             folder = out_root / fs.name
-            if not is_complete(folder):
+            if not is_complete(folder, self.fingerprint):
+                redone += is_complete(folder)
                 todo.append(fs)
             elif relax_pending(folder, relax):
                 relax_only.append(fs)
             else:
                 skipped[fs.name] = FoldOutcome(name=fs.name, ok=True, skipped=True,
                                                length=fs.length, output_dir=folder)
+        if redone:
+            log.warning("%d targets were predicted before with other model settings (models, "
+                        "recycles, seeds, preset or params): predicting them again", redone)
         runs = len(self._runs())
         ctx = _Pass(out_root, {fs.name: _TargetState(fs, runs) for fs in todo}, skipped)
         for fs in relax_only:
@@ -656,7 +663,7 @@ class FoldWorker:
             future = self.pools.writes().submit(
                 write_job, ctx.out_root / fs.name, fs.name, state.predictions,
                 dict(state.timings), self.settings.save_raw, self.settings.models_to_relax,
-                self.index, fs)
+                self.index, fs, self.fingerprint)
             future.add_done_callback(lambda f: self._note_storage_full(f, ctx))
             ctx.writes[fs.name] = future
         else:
