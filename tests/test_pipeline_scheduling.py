@@ -327,3 +327,21 @@ def test_a_target_predicted_after_a_copy_is_no_copy_in_the_ledger(tmp_path: Path
         ledger.done("t", _outcome_timings(outcome))
         assert ledger.get("t").timings["predict"] == {"predict_model_1_ptm": 1.5,
                                                       "mean_plddt": 61.0, "ptm": 0.4}
+
+
+def test_a_drain_that_leaves_nothing_behind_exits_as_a_finished_run(tmp_path: Path) -> None:
+    """75 tells a job script to requeue: only when targets are left for the rerun."""
+    from parafold.lifecycle import EXIT_STOPPED_EARLY
+    from parafold.pipeline import Failure, RunSummary
+
+    def summary(done: int, failed: int) -> RunSummary:
+        return RunSummary(out=tmp_path, targets=4, done=done,
+                          failures=tuple(Failure(f"t{i}", "predict", "x") for i in range(failed)),
+                          input_problems=(), wall_s=1.0, searched=0, predicted=done,
+                          compiles=0, engine="local", stopped="SIGUSR1: asked to drain")
+
+    assert summary(3, 0).exit_code == EXIT_STOPPED_EARLY
+    assert "Rerun the same command to resume." in summary(3, 0).lines()
+    assert summary(4, 0).exit_code == 0
+    assert summary(3, 1).exit_code == 1
+    assert any("nothing was left to do" in line for line in summary(4, 0).lines())

@@ -218,6 +218,15 @@ def test_relax_command_relaxes_each_target_and_names_failures(predicted, tmp_pat
     (out / "t9").mkdir()
     (out / "t9" / "features.json").write_text("{}")  # a target not predicted yet
 
+    from parafold.report import write_results_table
+
+    def relaxed_column() -> dict[str, str]:
+        lines = [line.split("\t") for line in (out / "results.tsv").read_text().splitlines()]
+        column = lines[0].index("relaxed")
+        return {cells[0]: cells[column] for cells in lines[1:]}
+
+    write_results_table(out)  # as predict leaves it
+    assert relaxed_column()["t22"] == "0"
     res = CliRunner().invoke(app, ["relax", str(out), "--cpus", "2"])
     assert res.exit_code == 1, res.output
     assert "t20\tFAILED: t20: cannot read" in res.output
@@ -225,6 +234,7 @@ def test_relax_command_relaxes_each_target_and_names_failures(predicted, tmp_pat
     assert "1 target folder(s) not predicted yet, left alone: t9" in res.output
     assert "1/2 targets relaxed" in res.output
     assert not relax_pending(out / "t22", "best")
+    assert relaxed_column()["t22"] == "1" and relaxed_column()["t20"] == "0"
 
     res = CliRunner().invoke(app, ["relax", str(out / "t22"), "--cpus", "1"])
     assert res.exit_code == 0 and "t22\talready relaxed" in res.output, res.output

@@ -566,8 +566,25 @@ def relax_cmd(
         exit_interrupted(_interrupted(exc, "relaxed models are kept"))
     failed = sum(1 for r in results if r.error is not None)
     typer.echo(f"{len(results) - failed}/{len(results)} targets relaxed")
+    _refresh_tables(outs)
     if failed:
         raise typer.Exit(1)
+
+
+def _refresh_tables(outs: list[Path]) -> None:
+    """After `relax`: each OUT's `results.tsv` (and the report of a `run`'s OUT) says which
+    targets are relaxed now. Never fails the command: the relaxed files are on disk."""
+    from parafold.report import RESULTS_FILE, write_report, write_results_table
+    from parafold.report.html import REPORT_FILE
+
+    for out in outs:
+        try:
+            if (out / REPORT_FILE).is_file():
+                typer.echo(f"report: {write_report(out, plots=False)}")
+            elif (out / RESULTS_FILE).is_file():
+                typer.echo(f"results: {write_results_table(out)}")
+        except Exception as exc:
+            typer.echo(f"could not update the tables in {out}: {exc}", err=True)
 
 
 # --- run, status, demo ---
@@ -632,7 +649,7 @@ def run_cmd(
     address: Annotated[str | None, typer.Option(help=_RUN_HELP["address"])] = None,
     model_preset: Annotated[str, typer.Option(help="monomer or monomer_ptm.")] = "monomer_ptm",
     models: Annotated[str, typer.Option(help="Models to run, e.g. 1,2,3,4,5.")] = "1,2,3,4,5",
-    num_recycle: Annotated[int, typer.Option(help="Recycling iterations.")] = 3,
+    num_recycle: Annotated[int, typer.Option(help="Recycling iterations after the first.")] = 3,
     num_seeds: Annotated[int, typer.Option(help="Seeds per model.")] = 1,
     config: Annotated[str | None, typer.Option("--config", help="full or tiny (default: what the params folder records, else full).")] = None,
     float32: Annotated[bool, typer.Option("--float32", help="Full precision (default bf16 where the model uses it).")] = False,
@@ -663,8 +680,9 @@ def run_cmd(
     """Both stages in one run, overlapped: GPU work starts on the first finished features.
 
     Resumable: rerun the same command after a crash or kill and finished work is kept.
-    Exit code 0 only when every target succeeded (1: some failed; 2: bad options or inputs;
-    3: another live run holds OUT). With --shard each task of a job array needs its own OUT
+    Exit code 0 only when every target succeeded and every input record was read (1: some
+    failed, or input records were skipped; 2: bad options or an unusable input; 3: another
+    live run holds OUT; 75: stopped early with targets left, rerun to resume). With --shard each task of a job array needs its own OUT
     (it holds the task's ledger); a shared --cache-dir lets the tasks share searches.
     """
     from parafold.engine.base import parse_gpus

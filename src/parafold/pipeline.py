@@ -141,8 +141,15 @@ class RunSummary:
     stop_advice: str = ""  # and what to do before the rerun
 
     @property
+    def left(self) -> int:
+        """Targets neither done nor failed: what a rerun would do."""
+        return max(0, self.targets - self.done - len(self.failures))
+
+    @property
     def exit_code(self) -> int:
-        if self.stopped is not None:
+        """75 when stopped early with targets left (a job script requeues on it), else 0
+        when every target and input record is fine, else 1."""
+        if self.stopped is not None and self.left:
             return EXIT_STOPPED_EARLY
         return 0 if not self.failures and not self.input_problems and \
             self.done == self.targets else 1
@@ -169,9 +176,11 @@ class RunSummary:
         if self.input_problems:
             out.append(f"{len(self.input_problems)} input records skipped:")
             out.extend(f"  {p}" for p in self.input_problems)
-        if self.stopped is not None:
+        if self.stopped is not None and self.left:
             out.append(f"stopped early: {self.stopped}")
             out.append(self.stop_advice or "Rerun the same command to resume.")
+        elif self.stopped is not None:
+            out.append(f"asked to stop early ({self.stopped}), but nothing was left to do")
         if self.report is not None:
             out.append(f"report: {self.report}")
             table = self.report.with_name(RESULTS_FILE)
