@@ -130,8 +130,53 @@ def test_recall_and_precision_per_query(searched: dict[str, object], db: Path,
         assert len(unrelated) <= 0.05 * len(hits), (target.id, unrelated)
 
 
+def _deepmind_make_msa_features(msas: list[parsers.Msa]) -> dict[str, np.ndarray]:
+    """DeepMind's AlphaFold 2.3 `make_msa_features`, whose de-duplication (first copy of each
+    aligned sequence kept) the installed fork commented out."""
+    from alphafold.common import residue_constants
+    from alphafold.data import msa_identifiers
+
+    int_msa, deletion_matrix, species_ids, seen = [], [], [], set()
+    for msa in msas:
+        for i, sequence in enumerate(msa.sequences):
+            if sequence in seen:
+                continue
+            seen.add(sequence)
+            int_msa.append([residue_constants.HHBLITS_AA_TO_ID[res] for res in sequence])
+            deletion_matrix.append(msa.deletion_matrix[i])
+            species = msa_identifiers.get_identifiers(msa.descriptions[i]).species_id
+            species_ids.append(species.encode("utf-8"))
+    num_res = len(msas[0].sequences[0])
+    return {"deletion_matrix_int": np.array(deletion_matrix, dtype=np.int32),
+            "msa": np.array(int_msa, dtype=np.int32),
+            "num_alignments": np.array([len(int_msa)] * num_res, dtype=np.int32),
+            "msa_species_identifiers": np.array(species_ids, dtype=np.object_)}
+
+
+def test_msa_rows_deduplicated_across_databases_as_deepmind_does() -> None:
+    """The query once (not once per database), a hit of UniRef90 and BFD once, with the
+    deletions and description of its first copy."""
+    from parafold.search.features import msa_feature_dict
+
+    q, hit = "MKTAYIAKQR", "MKTAYLAKQR"
+    uniref90 = parsers.Msa([q, hit], [[0] * 10, [0] * 10], ["query", "UniRef90_A"])
+    bfd = parsers.Msa([q, hit, "MKTAY-AKQR"], [[0] * 10, [1] + [0] * 9, [0] * 10],
+                      ["query", "UniRef100_A", "B"])
+    mgnify = parsers.Msa([q], [[0] * 10], ["query"])
+    feats = msa_feature_dict(q, "query", (uniref90, bfd, mgnify))
+    want = _deepmind_make_msa_features([uniref90, bfd, mgnify])
+    assert feats["msa"].shape == (3, 10) and feats["num_alignments"][0] == 3
+    assert feats["deletion_matrix_int"][1].sum() == 0  # UniRef90's copy, not BFD's
+    for key, value in want.items():
+        np.testing.assert_array_equal(feats[key], value, err_msg=key)
+
+
 def test_features_equal_alphafold_datapipeline(searched: dict[str, object], dbs: DatabaseSet,
-                                               queries: list[Target], tmp_path: Path) -> None:
+                                               queries: list[Target], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """DataPipeline's features, its MSA rows de-duplicated as in DeepMind's release."""
+    monkeypatch.setattr("alphafold.data.pipeline.make_msa_features",
+                        _deepmind_make_msa_features)
     settings = SearchSettings()
     target = queries[0]
     pipeline = DataPipeline(
@@ -253,6 +298,42 @@ def test_timeout_fails_the_target(tmp_path: Path, queries: list[Target], dbs: Da
                              settings=settings, cpus=CPUS, cache_dir=tmp_path / "cache")[0]
     assert not outcome.ok and "ToolTimeoutError" in outcome.error
     assert time.monotonic() - start < 30
+
+
+def test_an_unusable_output_of_a_tool_that_exits_0_is_never_stored(
+        tmp_path: Path, queries: list[Target], dbs: DatabaseSet) -> None:
+    """hhblits exits 0 but leaves an empty A3M (a full disk it ignored): the attempt fails and
+    nothing is stored, so the rerun searches again (it used to reuse the file and fail the
+    target for ever). An unusable file an older version stored is searched again too."""
+    real = shutil.which("hhblits")
+    calls, fake = tmp_path / "calls", tmp_path / "hhblits"
+    fake.write_text(f"""#!/bin/bash
+echo call >> {calls}
+if [ "$(wc -l < {calls})" = 1 ]; then
+  while [ $# -gt 0 ]; do if [ "$1" = -oa3m ]; then : > "$2"; fi; shift; done
+  exit 0
+fi
+exec {real} "$@"
+""")
+    fake.chmod(0o755)
+    settings = SearchSettings(hhblits_binary=str(fake), retries=0)
+    target, cache = queries[6], tmp_path / "cache"
+    first, = featurize_many([target], out_dir=tmp_path / "out", databases=dbs,
+                            settings=settings, cpus=CPUS, cache_dir=cache)
+    assert not first.ok and "ToolFailedError" in first.error, first.error
+    assert "bfd_uniref_hits.a3m is unusable: it is empty" in first.error
+    assert not list(cache.glob("*/*/msas/bfd_uniref_hits.a3m"))
+    second, = featurize_many([target], out_dir=tmp_path / "out", databases=dbs,
+                             settings=settings, cpus=CPUS, cache_dir=cache)
+    assert second.ok, second.error  # searched for real (the others: what the first left)
+    assert len(calls.read_text().split()) == 2
+    entry, = cache.glob("*/*")
+    (entry / "msas" / MSA_FILES["bfd"]).write_text("")  # stored by an older version
+    (entry / "features" / "features.json").unlink()
+    third = featurize_target(target, out_dir=tmp_path / "out3", databases=dbs,
+                             settings=settings, cpus=CPUS, cache_dir=cache)
+    assert third.extra["tool_calls"] == 1 and len(calls.read_text().split()) == 3
+    assert third.msa_depth == second.feature_set.msa_depth  # type: ignore[union-attr]
 
 
 def _cli(*args: str) -> list[str]:
@@ -411,3 +492,16 @@ def test_sigusr1_drains_features_the_searches_under_way_finish(
         if t not in started:
             assert f"stopped: {t.id} " in output and "not searched: SIGUSR1" in output, output
             assert not (out / t.name / "features.json").exists()
+
+
+def test_a_stockholm_output_cut_short_or_without_sequences_is_unusable() -> None:
+    """jackhmmer's outputs are checked by their shape, not parsed (they reach hundreds of MB)."""
+    from parafold.search.msa_search import _output_problem
+
+    good = "# STOCKHOLM 1.0\n\n#=GS q DE query\nq ACDE\nh1 AC-E\n#=GC RF xxxx\n//\n"
+    assert _output_problem("uniref90_hits.sto", good) == ""
+    assert "cut short" in _output_problem("uniref90_hits.sto", good[:-3])
+    assert "no sequence" in _output_problem("uniref90_hits.sto",
+                                            "# STOCKHOLM 1.0\n#=GC RF xx\n//\n")
+    assert "not a Stockholm" in _output_problem("mgnify_hits.sto", ">q\nACDE\n")
+    assert "empty" in _output_problem("mgnify_hits.sto", "\n")

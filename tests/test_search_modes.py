@@ -145,6 +145,51 @@ def test_mmseqs_index_is_made_once_and_reused(tmp_path: Path, db: Path,
     assert (copy / "uniref30_db.idx.dbtype").is_file()
 
 
+def _createdb(fasta_text: str, prefix: Path) -> None:
+    """`prefix` made afresh from `fasta_text` (a new release at the same path)."""
+    for old in prefix.parent.glob(prefix.name + "*"):
+        if ".idx" not in old.name:
+            old.unlink()
+    fasta = prefix.parent.parent / "release.fasta"
+    fasta.write_text(fasta_text)
+    subprocess.run(["mmseqs", "createdb", str(fasta), str(prefix), "-v", "1"], check=True)
+
+
+@pytest.mark.parametrize("shadow", [True, False])
+def test_mmseqs_index_is_remade_when_its_database_is_replaced(
+        tmp_path: Path, db: Path, queries: list[Target], shadow: bool) -> None:
+    """A new release at the same path gets a new index (in the shadow folder and beside the
+    database): the old index's hits would be stored under the new database's cache key."""
+    from parafold.search.databases import database_fingerprint
+    from parafold.search.mmseqs import Mmseqs, ensure_index, search_batch
+
+    prefix = tmp_path / "dbs" / "uniref30_db"
+    prefix.parent.mkdir()
+    wrapper, log = _logged_mmseqs(tmp_path)
+    settings = SearchSettings(msa_mode="mmseqs", mmseqs_binary=str(wrapper),
+                              mmseqs_num_iterations=1,
+                              mmseqs_index_dir=str(tmp_path / "index") if shadow else "")
+    rng = np.random.default_rng(3)
+    unrelated = "".join(f">rnd{i}\n" + "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 120))
+                        + "\n" for i in range(30))
+
+    rows = []
+    for n, release in enumerate(((db / "uniref90" / "uniref90.fasta").read_text(), unrelated)):
+        _createdb(release, prefix)
+        out = search_batch([("q0", queries[0].sequence)], tmp_path / f"work{n}", uniref=prefix,
+                           env=None, pdb=None, settings=settings, threads=CPUS)
+        rows.append(out.msas["q0"]["uniref"].count(">"))
+    assert rows[0] > 1 and rows[1] == 1, rows  # release 2 has no relative: the query alone
+    assert len(_calls(log, "createindex")) == 2
+    indexed = next((tmp_path / "index").iterdir()) / prefix.name if shadow else prefix
+    stamp = indexed.with_name(prefix.name + ".idx.fingerprint")
+    assert stamp.read_text().strip() == database_fingerprint("mmseqs_uniref30", prefix)
+    if not shadow:  # an index without a stamp beside the database is someone else's: kept
+        stamp.unlink()
+        assert ensure_index(Mmseqs(binary=str(wrapper)), prefix) == prefix
+        assert len(_calls(log, "createindex")) == 2
+
+
 def _precomputed_folder(mm_out: Path, folder: Path, targets: list[Target]) -> Path:
     """Each target's uniref and env A3M from the MMseqs2 run concatenated, as `<id>.a3m`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,6 +245,7 @@ def test_precomputed_stockholm_equals_alphafold_parse(tmp_path: Path) -> None:
     (">q\nACDEFGHIKV\n", ":1: the first sequence is not target"),
     (">q\nACDEFGHIKL\n>hit\nACDEFGH\n", ":3: row 'hit' aligns 7 columns; the query has 10"),
     (">q\nACDEFGHIKL\n>hit\nACDEFGHIK1\n", ":4: characters not allowed in A3M"),
+    (">q\nACDEFGHIKL\n>hit\nACDEFGHIKL*\n", ":4: characters not allowed in A3M: ['*']"),
     ("", ": empty MSA file"),
     (None, "no precomputed MSA in"),
 ])
@@ -288,6 +334,31 @@ def test_resume_in_every_new_mode(mm_run: dict[str, object], db: Path,
         assert all(o.tool_calls == 0 for o in again), mode
 
 
+def test_a_finished_folder_is_reused_only_for_its_own_target(tmp_path: Path) -> None:
+    """'sp|P1|X' and 'sp_P1_X' collide on the safe name 'sp_P1_X' and get folders by input
+    order: reordered, each folder is another id's, with the same key (same sequence). It was
+    reused as is, so a target got the other's features (named for the other)."""
+    seq = "MKTAYIAKQRQISFVKSHFSRQ"
+    settings = SearchSettings(msa_mode="single_sequence")
+    dbs = find_databases(None, msa_mode="single_sequence")
+    fasta = tmp_path / "in.fasta"
+
+    def run(ids: tuple[str, str]) -> list[TargetOutcome]:
+        fasta.write_text("".join(f">{i}\n{seq}\n" for i in ids))
+        return _ok(featurize_many(read_targets(fasta).targets, out_dir=tmp_path / "out",
+                                  databases=dbs, settings=settings, cpus=1,
+                                  cache_dir=tmp_path / "cache"))
+
+    run(("sp|P1|X", "sp_P1_X"))
+    again = run(("sp_P1_X", "sp|P1|X"))
+    assert [o.target.name for o in again] == ["sp_P1_X", "sp_P1_X_2"]
+    for o in again:
+        assert o.reused == "cache", o  # remade from the cache, not taken from the other id
+        on_disk = read_feature_set(tmp_path / "out" / o.target.name)
+        assert on_disk.target_id == o.feature_set.target_id == o.target.id  # type: ignore
+    assert all(o.reused == "target" for o in run(("sp_P1_X", "sp|P1|X")))
+
+
 def test_cli_a3m_input_defaults_to_precomputed(mm_run: dict[str, object], queries: list[Target],
                                                tmp_path: Path) -> None:
     folder = _precomputed_folder(Path(mm_run["out"]), tmp_path / "in",  # type: ignore[arg-type]
@@ -352,6 +423,60 @@ def test_precomputed_stockholm_rows_aligned_with_spaces_and_tabs(tmp_path: Path)
     no_sequence.write_text("# STOCKHOLM 1.0\nsto2 ACDEFGHIKL\nhitA\n//\n")
     with pytest.raises(InputError, match=r"no_sequence.sto:3: expected"):
         read_msa(no_sequence, target)
+
+
+def test_precomputed_msas_with_dots_and_lowercase_query_columns(tmp_path: Path) -> None:
+    """HH-suite A3M's '.' (a gap in an insert column) is dropped like the insertions; hmmalign
+    Stockholm's '.' gaps are '-' and its lowercase query residues columns. Both used to pass
+    validation and end in KeyError: '.'; a '*' is an InputError naming the file and line."""
+    from parafold.errors import InputError
+    from parafold.search.precomputed import read_msa
+
+    target = Target("t1", "t1", "MKTAYIAKQR")
+    a3m = tmp_path / "t1.a3m"
+    a3m.write_text(">query\nMKTAYIAKQR\n>hit\nMKT..AYIAKQR\n>hit2\nMKTabAYIAKQ-\n")
+    msa = read_msa(a3m, target)
+    assert list(msa.sequences) == ["MKTAYIAKQR", "MKTAYIAKQR", "MKTAYIAKQ-"]
+    assert [list(row) for row in msa.deletion_matrix] == [[0] * 10] * 2 + [[0, 0, 0, 2] + [0] * 6]
+    sto = tmp_path / "t2.sto"
+    sto.write_text("# STOCKHOLM 1.0\nquery  MKT..AYiAKQR\nhit1   MKTgsAYIAKQR\n"
+                   "hit2   MKT..AY.AK-R\n//\n")
+    msa = read_msa(sto, target)
+    assert list(msa.sequences) == ["MKTAYIAKQR", "MKTAYIAKQR", "MKTAY-AK-R"]
+    assert [row[3] for row in msa.deletion_matrix] == [0, 2, 0]  # 'gs' before hit1's A
+    settings = SearchSettings(msa_mode="precomputed", msa_dir=str(tmp_path))
+    sto.rename(tmp_path / "t1.sto")
+    for suffix in (".a3m", ".sto"):  # the whole way to features
+        if suffix == ".sto":
+            a3m.unlink()
+        (o,) = _ok(featurize_many([target], out_dir=tmp_path / f"out{suffix}",
+                                  databases=find_databases(None, msa_mode="precomputed"),
+                                  settings=settings, cpus=1, cache_dir=tmp_path / "cache"))
+        assert o.feature_set is not None and o.feature_set.msa_depth >= 2
+    star = tmp_path / "star.sto"
+    star.write_text("# STOCKHOLM 1.0\nquery MKTAYIAKQR\nhit1  MKTAYIAKQ*\n//\n")
+    with pytest.raises(InputError, match=r"star.sto:3: characters not allowed in Stockholm"):
+        read_msa(star, target)
+
+
+def test_precomputed_msa_extension_in_any_case(tmp_path: Path) -> None:
+    """`P2.A3M` (as some tools and file systems write it) is P2's MSA; `.sto` likewise."""
+    from parafold.search.precomputed import find_msa_file, stored_msa_name
+
+    upper, mixed = tmp_path / "P2.A3M", tmp_path / "P3.Sto"
+    upper.write_text(">q\nMKTAYIAK\n")
+    mixed.write_text("# STOCKHOLM 1.0\nq MKTAYIAK\n//\n")
+    assert find_msa_file(tmp_path, Target("P2", "P2", "MKTAYIAK")) == upper
+    assert find_msa_file(tmp_path, Target("P3", "P3", "MKTAYIAK")) == mixed
+    assert stored_msa_name(mixed) == "precomputed.sto"
+    (lower := tmp_path / "P2.a3m").write_text(">q\nMKTAYIAK\n")
+    assert find_msa_file(tmp_path, Target("P2", "P2", "MKTAYIAK")) == lower  # exact first
+    settings = SearchSettings(msa_mode="precomputed", msa_dir=str(tmp_path))
+    lower.unlink()
+    _ok(featurize_many([Target("P2", "P2", "MKTAYIAK"), Target("P3", "P3", "MKTAYIAK")],
+                       out_dir=tmp_path / "out", databases=find_databases(
+                           None, msa_mode="precomputed"), settings=settings, cpus=1,
+                       cache_dir=tmp_path / "cache"))
 
 
 def test_no_templates_needs_no_template_database_and_searches_none(

@@ -23,7 +23,7 @@ from parafold.search.settings import MSA_MODES, PRESETS, SearchSettings
 from parafold.store import fingerprint_files
 
 __all__ = ["DatabaseSet", "DatabaseStatus", "DB_NAMES", "find_databases", "check_databases",
-           "database_fingerprint", "hh_db_files", "mmseqs_db_files",
+           "database_fingerprint", "hh_db_files", "mmseqs_db_files", "mmseqs_fingerprint",
            "required_databases", "only_templates", "TEMPLATE_DATABASES"]
 
 DB_NAMES = ("uniref90", "mgnify", "bfd", "uniref30", "small_bfd", "pdb70", "pdb_mmcif",
@@ -188,8 +188,8 @@ def _database_files(name: str, path: Path) -> list[Path]:
         return [path]
     if kind == "hh":
         return hh_db_files(path)
-    if kind == "mmseqs":  # indexes are ours, made later: they must not change the fingerprint
-        return [p for p in mmseqs_db_files(path) if ".idx" not in p.name[len(path.name):]]
+    if kind == "mmseqs":
+        return _mmseqs_data_files(path)
     files = sorted(p for p in (path / "mmcif_files").iterdir() if p.is_file())
     return files + [p for p in (path / "obsolete.dat",) if p.is_file()]
 
@@ -210,6 +210,17 @@ def mmseqs_db_files(prefix: Path) -> list[Path]:
         return []
     return sorted(p for p in prefix.parent.glob(glob.escape(prefix.name) + "*")
                   if _MMSEQS_OWN_SUFFIX.fullmatch(p.name[len(prefix.name):]) and p.is_file())
+
+
+def _mmseqs_data_files(prefix: Path) -> list[Path]:
+    """An MMseqs2 database's files but its indexes: those are ours, made later, and must not
+    change the fingerprint."""
+    return [p for p in mmseqs_db_files(prefix) if ".idx" not in p.name[len(prefix.name):]]
+
+
+def mmseqs_fingerprint(prefix: Path) -> str:
+    """The fingerprint of the MMseqs2 database `prefix` (what `database_fingerprint` gives)."""
+    return fingerprint_files(_mmseqs_data_files(prefix))
 
 
 def database_fingerprint(name: str, path: Path) -> str:

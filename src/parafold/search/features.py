@@ -19,8 +19,8 @@ from parafold.search.databases import DatabaseSet
 from parafold.search.msa_search import MSA_FILES
 from parafold.search.settings import SearchSettings
 
-__all__ = ["build_features", "make_template_featurizer", "msa_feature_dict", "mmseqs_features",
-           "single_sequence_features", "empty_template_features"]
+__all__ = ["build_features", "deduplicate_msas", "make_template_featurizer", "msa_feature_dict",
+           "mmseqs_features", "single_sequence_features", "empty_template_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +101,37 @@ def empty_template_features() -> dict[str, np.ndarray]:
 def msa_feature_dict(sequence: str, description: str, msas: tuple[parsers.Msa, ...],
                      template_features: dict[str, np.ndarray] | None = None
                      ) -> dict[str, np.ndarray]:
-    """Sequence, MSA and template features in DataPipeline's order (one path for every mode)."""
+    """Sequence, MSA and template features in DataPipeline's order (one path for every mode);
+    MSA rows de-duplicated as DeepMind's AlphaFold does (`deduplicate_msas`)."""
     for msa in msas:
         if len(msa) == 0:
             raise FeatureError("an MSA is empty (not even the query)")
     return {
         **pipeline.make_sequence_features(sequence=sequence, description=description,
                                           num_res=len(sequence)),
-        **pipeline.make_msa_features(msas),
+        **pipeline.make_msa_features(deduplicate_msas(msas)),
         **(template_features if template_features is not None else empty_template_features()),
     }
+
+
+def deduplicate_msas(msas: tuple[parsers.Msa, ...]) -> tuple[parsers.Msa, ...]:
+    """Each aligned sequence once, where it first occurs across `msas` in order, with its own
+    deletions and description: DeepMind's `make_msa_features`, whose de-duplication the
+    installed fork commented out (the query would count once per MSA, a hit found in two
+    databases twice). An MSA left with no row is dropped; the first keeps the query."""
+    seen: set[str] = set()
+    out = []
+    for msa in msas:
+        keep = []
+        for i, seq in enumerate(msa.sequences):
+            if seq not in seen:
+                seen.add(seq)
+                keep.append(i)
+        if keep:
+            out.append(parsers.Msa(sequences=[msa.sequences[i] for i in keep],
+                                   deletion_matrix=[msa.deletion_matrix[i] for i in keep],
+                                   descriptions=[msa.descriptions[i] for i in keep]))
+    return tuple(out)
 
 
 def single_sequence_features(sequence: str, description: str) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ database (`ensure_index`) and reused by every later run.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import logging
 import os
@@ -32,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parafold.errors import DatabaseNotFoundError, ToolFailedError, ToolTimeoutError
-from parafold.search.databases import mmseqs_db_files
+from parafold.search.databases import mmseqs_db_files, mmseqs_fingerprint
 from parafold.search.msa_search import QUERY_NAME, ToolTiming
 from parafold.search.settings import SearchSettings
 from parafold.search.tools import ToolRun, resolve_binary, run_tool
-from parafold.store import file_lock
+from parafold.store import atomic_write_text, file_lock
 
 __all__ = ["MMSEQS_FILES", "MmseqsDatabase", "Mmseqs", "MmseqsBatchResult", "ensure_index",
            "has_index", "read_mmseqs_db", "search_batch", "M8_FIELDS"]
@@ -128,6 +129,28 @@ def has_index(prefix: Path) -> bool:
     return prefix.with_name(prefix.name + ".idx.dbtype").is_file()
 
 
+def _stamp(prefix: Path) -> Path:
+    """Beside an index parafold made: the fingerprint of the database it was made from.
+    Named `.idx*`, so neither fingerprints nor shadow folders take it for the database's."""
+    return prefix.with_name(prefix.name + ".idx.fingerprint")
+
+
+def _index_fits(prefix: Path, fingerprint: str, *, foreign_ok: bool) -> bool:
+    """Whether `prefix` has an index made from the database as it is now.
+
+    A database replaced at the same path keeps the old index (and the shadow folder its name),
+    whose search would pair the new cache key with the old sequences: the stamp tells. An
+    index without a stamp is someone else's (ColabFold's setup makes them beside the database:
+    `foreign_ok`), or a build killed before its stamp (in a shadow folder, always ours).
+    """
+    if not has_index(prefix):
+        return False
+    stamp = _stamp(prefix)
+    if not stamp.is_file():
+        return foreign_ok
+    return stamp.read_text().strip() == fingerprint
+
+
 def _shadow(prefix: Path, index_dir: Path) -> Path:
     """A writable twin of a read-only database: links to its files, room for an index."""
     tag = hashlib.sha256(str(prefix.absolute()).encode()).hexdigest()[:16]
@@ -141,24 +164,37 @@ def _shadow(prefix: Path, index_dir: Path) -> Path:
     return folder / prefix.name
 
 
+def _build_index(mmseqs: Mmseqs, prefix: Path, fingerprint: str) -> None:
+    """`createindex` afresh (an old index's files removed first), stamped with `fingerprint`;
+    the stamp says "building" until it ends, so a killed build is redone. Hold the lock."""
+    for old in prefix.parent.glob(glob.escape(prefix.name) + ".idx*"):
+        old.unlink(missing_ok=True)
+    atomic_write_text(_stamp(prefix), "building\n")
+    logger.info("indexing %s (once; later runs reuse the index)", prefix)
+    with tempfile.TemporaryDirectory(prefix=".tmp-idx-", dir=prefix.parent) as tmp:
+        mmseqs.run(f"createindex_{prefix.name}", "createindex", prefix, tmp)
+    atomic_write_text(_stamp(prefix), fingerprint + "\n")
+
+
 def ensure_index(mmseqs: Mmseqs, prefix: Path, index_dir: Path | None = None) -> Path:
-    """The prefix to search with an index, made once (`createindex`) and reused afterwards.
+    """The prefix to search with an index, made once (`createindex`) and reused afterwards,
+    until the database changes (its fingerprint is stamped beside the index).
 
     The index goes next to the database when its folder is writable and no `index_dir` is
     given; otherwise into `index_dir`, beside links to the database's files.
     """
-    if has_index(prefix):
+    fingerprint = mmseqs_fingerprint(prefix)
+    if _index_fits(prefix, fingerprint, foreign_ok=True):
         return prefix
     if index_dir is not None or not os.access(prefix.parent, os.W_OK):
         if index_dir is None:
-            raise DatabaseNotFoundError(f"{prefix}: read-only and no index; give an index "
-                                        "folder (SearchSettings.mmseqs_index_dir)")
+            raise DatabaseNotFoundError(f"{prefix}: read-only and no index made from it as it "
+                                        "is now; give an index folder "
+                                        "(SearchSettings.mmseqs_index_dir)")
         prefix = _shadow(prefix, index_dir)
     with file_lock(prefix.with_name(f".{prefix.name}.idx.lock")):
-        if not has_index(prefix):
-            logger.info("indexing %s (once; later runs reuse the index)", prefix)
-            with tempfile.TemporaryDirectory(prefix=".tmp-idx-", dir=prefix.parent) as tmp:
-                mmseqs.run(f"createindex_{prefix.name}", "createindex", prefix, tmp)
+        if not _index_fits(prefix, fingerprint, foreign_ok=False):
+            _build_index(mmseqs, prefix, fingerprint)
     return prefix
 
 

@@ -9,6 +9,7 @@ record, so a killed run keeps every finished search and the rerun only does the 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -106,7 +107,7 @@ def _run_step(ctx: _Ctx, step: str, out_name: str,
     """
     out = ctx.msa_dir / out_name
     timing_file = ctx.msa_dir / _TIMINGS / f"{step}.json"
-    if out.is_file() and timing_file.is_file():
+    if _reusable(out, timing_file):
         return ToolTiming(**{**read_json(timing_file), "reused": True})
     wall = cpu = 0.0
     last: ToolError | None = None
@@ -121,6 +122,7 @@ def _run_step(ctx: _Ctx, step: str, out_name: str,
                 started = time.monotonic()
                 try:
                     run = call(cores, tmp)
+                    text = _checked_output(run, out_name, finish, tmp)
                 except (ToolFailedError, ToolTimeoutError) as exc:
                     wall += time.monotonic() - started
                     last = exc
@@ -131,7 +133,7 @@ def _run_step(ctx: _Ctx, step: str, out_name: str,
                     continue
             wall += run.wall_s
             cpu += run.cpu_s
-            atomic_write_text(out, finish(tmp))
+            atomic_write_text(out, text)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         timing = ToolTiming(step, round(wall, 3), round(cpu, 3), cores, attempt,
@@ -141,6 +143,76 @@ def _run_step(ctx: _Ctx, step: str, out_name: str,
     assert last is not None
     last.add_note(f"{step} failed after {ctx.settings.retries + 1} attempts")
     raise last
+
+
+def _output_problem(out_name: str, text: str) -> str:
+    """What is wrong with a search output ("": ok): A3M and HHR parsed as `build_features`
+    will parse them; a Stockholm file (jackhmmer's, up to hundreds of MB on UniRef90, parsed
+    once, later) checked for its header, a sequence line and its closing `//`."""
+    if not text.strip():
+        return "it is empty"
+    suffix = Path(out_name).suffix
+    if suffix == ".sto":
+        return _stockholm_problem(text)
+    try:
+        if suffix == ".hhr":
+            parsers.parse_hhr(text)
+            return ""
+        msa = (parsers.parse_stockholm if suffix == ".sto" else parsers.parse_a3m)(text)
+    except (ValueError, IndexError, KeyError) as exc:
+        return f"it does not parse: {exc!r}"
+    if len(msa) == 0:
+        return "it holds no sequence"
+    if len({len(seq) for seq in msa.sequences}) > 1:
+        return "its rows align to different lengths (cut short?)"
+    return ""
+
+
+_SEQUENCE_LINE = re.compile(r"^(?![#/])\S", re.MULTILINE)  # a line not markup or blank
+
+
+def _stockholm_problem(text: str) -> str:
+    if not text.lstrip().startswith("# STOCKHOLM"):
+        return "it is not a Stockholm file"
+    if text.rstrip().rsplit("\n", 1)[-1].strip() != "//":
+        return "it is cut short (no closing //)"
+    if _SEQUENCE_LINE.search(text) is None:
+        return "it holds no sequence"
+    return ""
+
+
+def _reusable(out: Path, timing_file: Path) -> bool:
+    """Whether an earlier run finished this step. An unusable output stored by a version that
+    did not check outputs is searched again, or the target would fail at every rerun."""
+    if not (out.is_file() and timing_file.is_file()):
+        return False
+    try:
+        problem = _output_problem(out.name, out.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = f"it cannot be read: {exc}"
+    if problem:
+        logger.warning("%s: stored search output unusable (%s); searching again", out, problem)
+    return not problem
+
+
+def _checked_output(run: ToolRun, out_name: str, finish: Callable[[Path], str],
+                    tmp: Path) -> str:
+    """The step's output text, refused when the tool exited 0 but left it missing, empty or
+    cut short (a full disk it ignored): stored, every rerun would reuse it and fail again.
+
+    Raises:
+        ToolFailedError: the output is unusable (an attempt that failed: it is retried).
+    """
+    try:
+        text = finish(tmp)
+    except OSError as exc:
+        text, problem = "", f"it cannot be read: {exc.strerror}"
+    else:
+        problem = _output_problem(out_name, text)
+    if problem:
+        raise ToolFailedError(list(run.cmd), run.returncode,
+                              f"but its output for {out_name} is unusable: {problem}")
+    return text
 
 
 def _jackhmmer_step(ctx: _Ctx, db_name: str, max_hits: int | None) -> ToolTiming:

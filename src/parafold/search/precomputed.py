@@ -1,15 +1,17 @@
-"""MSAs the user already has: `<dir>/<target id or name>.a3m` (or `.sto`), checked, then features.
+"""MSAs the user already has: `<dir>/<target id or name>.a3m` (or `.sto`, either extension in
+any case), checked, then features.
 
 A precomputed MSA is trusted only after checks that catch the usual mix-ups (another
 protein's file, a truncated or hand-edited alignment): its first sequence must be the target
 (gaps removed), and every row must align to the query's columns (A3M: uppercase letters plus
-'-' count the columns; lowercase letters are insertions). A bad file is an `InputError` naming
-the file and the line, never a silently wrong feature dict.
+'-' count the columns; lowercase letters are insertions, '.' gaps between them). A bad file is
+an `InputError` naming the file and the line, never a silently wrong feature dict.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from pathlib import Path
 
@@ -21,7 +23,8 @@ from parafold.inputs import Target
 __all__ = ["MSA_SUFFIXES", "find_msa_file", "read_msa", "file_digest", "stored_msa_name"]
 
 MSA_SUFFIXES = (".a3m", ".sto")
-_A3M_ROW = re.compile(r"^[A-Za-z.\-*]*$")
+# A3M's '.' (HH-suite) and Stockholm's (hmmalign): a gap in an insert column
+_MSA_ROW = re.compile(r"^[A-Za-z.\-]*$")
 
 
 def find_msa_file(msa_dir: Path | str, target: Target) -> Path:
@@ -36,14 +39,26 @@ def find_msa_file(msa_dir: Path | str, target: Target) -> Path:
         if "/" in stem or stem in (".", ".."):
             continue
         for suffix in MSA_SUFFIXES:
-            path = folder / f"{stem}{suffix}"
-            tried.append(path.name)
-            try:
-                if path.is_file():
-                    return path
-            except OSError:  # e.g. a very long id: ENAMETOOLONG; the safe name comes next
-                continue
-    raise InputError(f"{target.id}: no precomputed MSA in {folder} (tried {', '.join(tried)})")
+            tried.append(f"{stem}{suffix}")
+            found = _existing(folder, stem, suffix)
+            if found is not None:
+                return found
+    raise InputError(f"{target.id}: no precomputed MSA in {folder} (tried {', '.join(tried)}, "
+                     "the extensions in any case)")
+
+
+def _existing(folder: Path, stem: str, suffix: str) -> Path | None:
+    """`<stem><suffix>` with the suffix in any case (`P2.A3M` too), lower case first; each
+    spelling tried by name, not by listing a folder that may hold a million MSAs."""
+    spellings = itertools.product(*(dict.fromkeys((c.lower(), c.upper())) for c in suffix))
+    for spelling in spellings:
+        path = folder / f"{stem}{''.join(spelling)}"
+        try:
+            if path.is_file():
+                return path
+        except OSError:  # e.g. a very long id: ENAMETOOLONG; the safe name comes next
+            return None
+    return None
 
 
 def stored_msa_name(path: Path) -> str:
@@ -67,8 +82,8 @@ def _a3m_rows(path: Path, text: str) -> list[tuple[int, str, str]]:
             rows.append((lineno, line[1:].split("\t")[0].strip(), ""))
         elif not rows:
             raise InputError(f"{path}:{lineno}: sequence data before the first '>' header")
-        elif not _A3M_ROW.match(line):
-            bad = sorted(set(re.sub(r"[A-Za-z.\-*]", "", line)))
+        elif not _MSA_ROW.match(line):
+            bad = sorted(set(re.sub(r"[A-Za-z.\-]", "", line)))
             raise InputError(f"{path}:{lineno}: characters not allowed in A3M: {bad[:5]}")
         else:
             start, name, seq = rows[-1]
@@ -108,15 +123,27 @@ def read_msa(path: Path, target: Target) -> parsers.Msa:
         if columns != target.length:
             raise InputError(f"{path}:{lineno}: row {name!r} aligns {columns} columns; the "
                              f"query has {target.length} (uppercase letters and '-' count)")
-    # AlphaFold's parser has no comments: a '#' line (ColabFold's first line) would crash it
-    # before the first header, or be glued onto a sequence after it.
-    return parsers.parse_a3m("\n".join(
-        line for line in text.splitlines() if not line.strip().startswith("#")))
+    return parsers.parse_a3m(_for_alphafold_a3m(text))
 
 
-def _read_stockholm(path: Path, text: str, target: Target) -> parsers.Msa:
-    lengths: dict[str, int] = {}
-    first = ""
+def _for_alphafold_a3m(text: str) -> str:
+    """The A3M as AlphaFold's parser takes it. It has no comments: a '#' line (ColabFold's
+    first line) would crash it before the first header, or be glued onto a sequence after it.
+    Nor does it know '.': like an insertion's letters, it is no column of the query."""
+    lines = (line.strip() for line in text.splitlines())
+    return "\n".join(line if line.startswith(">") else line.replace(".", "")
+                     for line in lines if not line.startswith("#"))
+
+
+def _stockholm_rows(path: Path, text: str) -> list[tuple[str, str]]:
+    """(name, sequence) per sequence line, as AlphaFold's parser expects them: '.' gaps (insert
+    columns, hmmalign's) as '-', and letters upper-cased, so a query residue in an insert
+    column is a column and a hit's inserted letters are its deletions.
+
+    Raises:
+        InputError: a line is not '<name> <sequence>' or has characters no MSA holds.
+    """
+    rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith(("#", "//")):
@@ -126,17 +153,29 @@ def _read_stockholm(path: Path, text: str, target: Target) -> parsers.Msa:
             raise InputError(f"{path}:{lineno}: expected '<name> <aligned sequence>', got "
                              f"{line[:60]!r}")
         name, seq = fields
+        if not _MSA_ROW.match(seq):
+            bad = sorted(set(re.sub(r"[A-Za-z.\-]", "", seq)))
+            raise InputError(f"{path}:{lineno}: characters not allowed in Stockholm: {bad[:5]}")
+        rows.append((name, seq.replace(".", "-").upper()))
+    return rows
+
+
+def _read_stockholm(path: Path, text: str, target: Target) -> parsers.Msa:
+    """The validated MSA of a Stockholm file (see `read_msa`)."""
+    rows = _stockholm_rows(path, text)
+    lengths: dict[str, int] = {}
+    for name, seq in rows:
         lengths[name] = lengths.get(name, 0) + len(seq)
-        first = first or name
     if not lengths:
         raise InputError(f"{path}: no sequences in the Stockholm MSA")
+    first = rows[0][0]
     ragged = {n: ln for n, ln in lengths.items() if ln != lengths[first]}
     if ragged:
         name, length = next(iter(ragged.items()))
         raise InputError(f"{path}: row {name!r} has {length} columns, the first row "
                          f"{lengths[first]}")
     try:
-        msa = parsers.parse_stockholm(text)
+        msa = parsers.parse_stockholm("\n".join(f"{name} {seq}" for name, seq in rows))
     except (ValueError, IndexError, KeyError) as exc:
         raise InputError(f"{path}: malformed Stockholm MSA: {exc}") from exc
     _check_query(str(path), msa.sequences[0], target)

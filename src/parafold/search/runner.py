@@ -123,16 +123,20 @@ def _mode_label(settings: SearchSettings) -> str:
     return settings.preset if settings.msa_mode == "classic" else settings.msa_mode
 
 
-def _target_done(folder: Path, key: str, msa_names: tuple[str, ...]) -> FeatureSet | None:
-    """The target's finished feature set if it was made under the same key, else None."""
+def _target_done(folder: Path, target: Target, key: str,
+                 msa_names: tuple[str, ...]) -> FeatureSet | None:
+    """The target's finished feature set if it was made for this target under the same key,
+    else None. The key alone is not enough: ids whose safe names collide get their folders
+    by input order, so a reordered input would hand one id's folder to the other."""
     if not (folder / MANIFEST_FILE).is_file():
         return None
     try:
         fs = read_feature_set(folder)
     except Exception:  # a foreign or damaged manifest is simply recomputed
         return None
-    ok = fs.key == key and (folder / TIMINGS_FILE).is_file() and all(
-        (folder / "msas" / n).is_file() for n in msa_names)
+    ok = (fs.key == key and fs.target_id == target.id and fs.name == target.name
+          and (folder / TIMINGS_FILE).is_file()
+          and all((folder / "msas" / n).is_file() for n in msa_names))
     return fs if ok else None
 
 
@@ -212,7 +216,7 @@ def featurize_prepared(target: Target, *, out_dir: Path, databases: DatabaseSet,
     key, msa_file = target_key(target, databases, settings)
     folder = Path(out_dir) / target.name
     names = msa_names(settings, databases, msa_file)
-    done = _target_done(folder, key, names)
+    done = _target_done(folder, target, key, names)
     if done is not None:
         logger.info("%s: already finished", target.id)
         return replace(done, extra={**done.extra, "tool_calls": 0, "reused": "target"})
@@ -455,7 +459,7 @@ def featurize_batch(targets: Sequence[Target], *, out_dir: Path, databases: Data
     results: list[FeatureSet | BaseException | None] = [None] * len(targets)
     pending: dict[str, str] = {}
     for i, (target, key) in enumerate(zip(targets, keys, strict=True)):
-        done = _target_done(Path(out_dir) / target.name, key, names)
+        done = _target_done(Path(out_dir) / target.name, target, key, names)
         if done is not None:
             results[i] = replace(done, extra={**done.extra, "tool_calls": 0, "reused": "target"})
         elif not has_cached_features(cache_dir, key):
