@@ -156,6 +156,23 @@ def test_compressed_fasta_and_csv_read_as_the_plain_files(tmp_path: Path, suffix
     assert [t.id for t in both.targets] == ["sp|P1|A", "sp|P2|B", "P3"]
 
 
+def test_a3m_files_are_named_by_their_whole_stem(tmp_path: Path) -> None:
+    """An A3M input's id is its file's stem, spaces and all: `my prot.a3m` and `my other.a3m`
+    are two targets (the stem's first word made them one id, the second a duplicate), and the
+    precomputed-MSA lookup then finds each by its id."""
+    from parafold.inputs import Target
+    from parafold.search.precomputed import find_msa_file
+
+    for stem, seq in (("my prot", "MKVLAAG"), ("my other", "MKTAYIA")):
+        (tmp_path / f"{stem}.a3m").write_text(f">query\n{seq}\n")
+    parsed = read_targets(tmp_path)
+    assert parsed.problems == ()
+    assert sorted(t.id for t in parsed.targets) == ["my other", "my prot"]
+    for t in parsed.targets:
+        assert " " not in t.name
+        assert find_msa_file(tmp_path, Target(t.id, t.name, t.sequence)).stem == t.id
+
+
 def test_a_broken_or_compressed_a3m_input_is_refused_naming_the_file(tmp_path: Path) -> None:
     broken = tmp_path / "cut.fasta.gz"
     broken.write_bytes(b"\x1f\x8b\x08\x00 truncated")

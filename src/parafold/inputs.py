@@ -150,6 +150,7 @@ class _RawRecord:
     line: int
     header: str
     sequence: str
+    whole_header_is_id: bool = False  # an A3M file's stem: `my prot.a3m` is `my prot`
 
 
 def _kind(path: Path) -> str:
@@ -232,11 +233,13 @@ def _a3m_records(path: Path) -> list[_RawRecord]:
     """
     records = _fasta_records(path, comments=(";", "#"))
     if not records:
-        return [_RawRecord(str(path), 1, path.stem, "\0no sequence in the A3M file")]
+        return [_RawRecord(str(path), 1, path.stem, "\0no sequence in the A3M file",
+                       whole_header_is_id=True)]
     first = records[0]
     return [_RawRecord(first.source, first.line, path.stem,
                        first.sequence if first.sequence.startswith("\0")
-                       else first.sequence.replace("-", "").replace(".", ""))]
+                       else first.sequence.replace("-", "").replace(".", ""),
+                       whole_header_is_id=True)]
 
 
 def is_a3m_input(path: Path | str) -> bool:
@@ -305,7 +308,8 @@ def read_targets(path: Path | str) -> ParsedInput:
         else:
             records = _a3m_records(file) if kind in A3M_SUFFIXES else _fasta_records(file)
         for rec in records:
-            record_id = rec.header.split()[0] if rec.header.split() else ""
+            record_id = (rec.header.strip() if rec.whole_header_is_id
+                         else rec.header.split()[0] if rec.header.split() else "")
             seq, problem = _clean_sequence(rec.sequence)
             if problem is None and not record_id:
                 problem = "record has no id"
