@@ -171,6 +171,30 @@ def test_worker_batches_with_helper_processes(env, tmp_path):
         assert o.timings[f"predict_{MODEL}"] > 0
 
 
+def test_out_of_memory_sending_a_batchs_inputs_halves_the_batch(env, tmp_path, monkeypatch):
+    """XLA's out-of-memory while the stacked inputs go to the device is the shape's, as at
+    launch: the batch is halved and every member predicted, none failed."""
+    import jax
+
+    from parafold.fold.worker import FoldWorker
+
+    root, settings, _, sets = env
+    real_put, raised = jax.device_put, []
+
+    def device_put(x, *args, **kwargs):
+        if isinstance(x, list) and not raised:  # a batch's per-iteration inputs
+            raised.append(True)
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                               "3221225472 bytes.")
+        return real_put(x, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "device_put", device_put)
+    with FoldWorker(root / "weights", settings) as worker:
+        outcomes = worker.fold(sets, tmp_path / "out")
+    assert raised and all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert all("batch=4" not in o.bucket for o in outcomes)
+
+
 def test_batch_size_model_monotone_and_capped():
     from parafold.fold.batching import batch_size, member_bytes, next_pow2
 

@@ -369,15 +369,21 @@ def test_low_memory_retry_failure_stays_with_its_target(tmp_path):
 
 
 def test_host_pool_replaces_a_killed_helper():
-    """A helper killed mid-job fails that job only; later jobs get fresh helpers."""
+    """A helper killed mid-job (each time it runs: the OOM killer on a huge target) fails that
+    job only: the jobs queued behind it, which its death broke too, run in fresh helpers, as
+    do later jobs."""
     from concurrent.futures.process import BrokenProcessPool
 
     from parafold.fold.hostwork import HostPools
 
     pools = HostPools(feature_workers=1, write_workers=0)
     try:
+        before = [pools.features().submit(abs, -i) for i in range(2)]
+        killer = pools.features().submit(os._exit, 1)
+        behind = [pools.features().submit(abs, -i) for i in range(4)]
         with pytest.raises(BrokenProcessPool):
-            pools.features().submit(os._exit, 1).result(timeout=120)
+            killer.result(timeout=120)
+        assert [f.result(timeout=120) for f in before + behind] == [0, 1, 0, 1, 2, 3]
         assert pools.features().submit(os.getpid).result(timeout=120) > 0
     finally:
         pools.close()

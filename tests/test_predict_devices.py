@@ -126,6 +126,18 @@ def test_a_dead_process_gives_its_run_to_another_device_and_dies_twice_to_retire
     assert sorted(ran) == sorted(fs.name for fs in sets)
 
 
+def test_a_run_whose_device_died_goes_to_another_device_even_when_that_one_is_busy():
+    """gpu0's device is lost (its process dies on every run): its restarted process must not
+    take back the run it died on while gpu1, busy, can take it when free; so nothing fails,
+    and gpu0 retires after its second death (on its own second run)."""
+    sets = _sets([60, 61, 62, 200, 201, 202])
+    lost = FakeWorker("gpu0", fail=[RuntimeError("CUDA error: device lost")] * 10)
+    slow = FakeWorker("gpu1", delay=0.2)
+    result = fold_on_devices(sets, Path("/out"), [lost, slow], SETTINGS, runs_per_device=1)
+    assert all(o.ok for o in result.outcomes), [o.error for o in result.outcomes if not o.ok]
+    assert sorted(n for run in slow.runs for n in run) == sorted(fs.name for fs in sets)
+
+
 def test_a_run_that_kills_every_process_fails_its_targets_and_the_rest_go_on():
     sets = _sets([60, 61, 62, 200, 201, 202])
     a, b = FakeWorker("gpu0", poison="t04"), FakeWorker("gpu1", poison="t04")

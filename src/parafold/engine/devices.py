@@ -52,6 +52,7 @@ class _Run:
     work: float  # modelled device seconds
     shapes: frozenset[ShapeKey]  # the first model's own shapes of its sets
     tries: int = 0
+    failed_on: set[str] = field(default_factory=set)  # devices whose process died on it
 
 
 @dataclass(slots=True)
@@ -261,13 +262,17 @@ def _stop_if_asked(lanes: list[_Lane], orphans: deque[_Run],
 
 def _next_run(lane: _Lane, lanes: list[_Lane], orphans: deque[_Run],
               compile_s: Callable[[ShapeKey], float]) -> _Run | None:
-    """The lane's next run; else a run nobody holds; else the last queued run of the lane
-    with the most modelled work left, if the compiles it needs here cost less than the work
-    queued before it there (that device's running run not counted: a safe side)."""
+    """The lane's next run; else a run nobody holds (not one this device died on while
+    another device is live: its second try goes elsewhere); else the last queued run of the
+    lane with the most modelled work left, if the compiles it needs here cost less than the
+    work queued before it there (that device's running run not counted: a safe side)."""
     if lane.queue:
         return lane.queue.popleft()
-    if orphans:
-        return orphans.popleft()
+    live = {ln.worker.name for ln in lanes if not ln.retired}
+    for i, orphan in enumerate(orphans):
+        if lane.worker.name not in orphan.failed_on or live <= orphan.failed_on:
+            del orphans[i]
+            return orphan
     victim = max((ln for ln in lanes if ln.queue), key=lambda ln: ln.work_left, default=None)
     if victim is None:
         return None
@@ -306,6 +311,7 @@ def _finished(future: cf.Future[Any], lane: _Lane, run: _Run,
                     name=fs.name, ok=False, length=fs.length,
                     error=f"{fs.name}: its run failed {run.tries} time(s): {reason}")
         else:
+            run.failed_on.add(lane.worker.name)
             orphans.append(run)  # another device tries it once
         if isinstance(exc, PipelineError):
             return

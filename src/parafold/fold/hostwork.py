@@ -14,10 +14,13 @@ it may use.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import logging
 import multiprocessing
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -132,31 +135,85 @@ class _Inline(cf.Executor):
         return future
 
 
+def _marked(marker: str, fn: Callable[..., Any], args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> Any:
+    """In a helper: note that the job started (`_RestartingPool` blames only started jobs for
+    a helper's death), then run it."""
+    Path(marker).touch()
+    return fn(*args, **kwargs)
+
+
 class _RestartingPool(cf.Executor):
-    """A spawn process pool that replaces itself once broken: when a helper is killed (say by
-    the OOM killer) its jobs in flight fail, and later jobs run in fresh helpers instead of
-    failing for the rest of the worker's life."""
+    """A spawn process pool that replaces itself once broken.
+
+    A helper killed (say by the OOM killer) breaks the whole pool: every job in it fails, not
+    only the killed one's. A job that had not started is simply run again in fresh helpers; a
+    job that had started (the killed one, or one beside it) runs once more, and fails if that
+    pool breaks too: the job that kills its helper each time fails alone. Whether a job started
+    is a marker file it touches first (a few microseconds)."""
+
+    _MAX_SUBMITS = 6  # a pool that breaks before any job starts (bad helper start-up) ends too
 
     def __init__(self, workers: int) -> None:
         self._workers = workers
+        self._lock = threading.Lock()  # the pool is replaced from its callbacks' threads too
+        self._markers = Path(tempfile.mkdtemp(prefix="parafold-jobs-"))
+        self._count = itertools.count()
         self._pool = self._new()
 
     def _new(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self._workers, initializer=_child_init,
                                       mp_context=multiprocessing.get_context("spawn"))
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
-        with starting_processes():  # the pool starts its helpers in submit
+    def _submit_to_pool(self, *args: Any) -> cf.Future[Any]:
+        with self._lock, starting_processes():  # the pool starts its helpers in submit
             try:
-                return self._pool.submit(fn, *args, **kwargs)
+                return self._pool.submit(_marked, *args)
             except BrokenProcessPool:
                 log.warning("a helper process died; starting new helpers")
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._new()
-                return self._pool.submit(fn, *args, **kwargs)
+                return self._pool.submit(_marked, *args)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        job: cf.Future[Any] = cf.Future()
+        marker = self._markers / str(next(self._count))
+        started_before = submits = 0
+
+        def attempt() -> None:
+            nonlocal submits
+            submits += 1
+            self._submit_to_pool(str(marker), fn, args, kwargs).add_done_callback(settle)
+
+        def settle(done: cf.Future[Any]) -> None:
+            nonlocal started_before
+            started = marker.is_file()
+            marker.unlink(missing_ok=True)
+            if done.cancelled():
+                job.cancel()
+                return
+            exc = done.exception()
+            if (isinstance(exc, BrokenProcessPool) and started_before + started < 2
+                    and submits < self._MAX_SUBMITS):
+                started_before += started
+                try:  # its helper, or another's, died: in fresh helpers
+                    attempt()
+                except Exception as again:  # e.g. the pool was shut down meanwhile
+                    job.set_exception(again)
+            elif exc is not None:
+                job.set_exception(exc)
+            else:
+                job.set_result(done.result())
+
+        attempt()
+        return job
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        with self._lock:
+            pool = self._pool
+        pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        if wait:
+            shutil.rmtree(self._markers, ignore_errors=True)
 
 
 class HostPools:

@@ -487,6 +487,18 @@ class ModelRunner:
         return (_Entry(compiled=compiled, fingerprint=fingerprint, seconds=seconds),
                 "persistent cache" if hit else "compiled")
 
+    def put_batch(self, key: ShapeKey, inputs: Any) -> Any:
+        """A batch's inputs sent to the device (asynchronously). Out of memory here is the
+        shape's, as at launch: the worker halves the batch instead of failing its members.
+
+        Raises:
+            GpuOutOfMemoryError: XLA reported the device out of memory.
+        """
+        import jax
+
+        with _oom_as_error(key, "sending the inputs of"):
+            return jax.device_put(inputs)
+
     def launch(self, model_name: str, key: ShapeKey, params: Any, feats: dict[str, np.ndarray],
                seed: int) -> Launched:
         """Dispatch all recycling iterations; returns before the device is done (unless early

@@ -531,9 +531,7 @@ class FoldWorker:
         params = self._params_for(run.model_name, key)
         if key.batch == 1:
             return self.runner.launch(run.model_name, key, params, feats[0], run.seed)
-        import jax
-
-        inputs = jax.device_put(stack_members(feats, key))  # asynchronous: overlaps the device
+        inputs = self.runner.put_batch(key, stack_members(feats, key))  # overlaps the device
         return self.runner.launch_batch(run.model_name, key, params, inputs,
                                         [run.seed] * len(feats))
 
