@@ -413,7 +413,21 @@ def test_repredicting_with_fewer_models_removes_stale_files(tmp_path, monkeypatc
     assert (folder / "ranked_2.cif").is_file() and (folder / "result_model_1_ptm.pkl").is_file()
     (folder / "features.json").write_text("{}")  # other files in the folder are not ours
     (folder / "msas").mkdir()
-    (folder / outputs.DONE_FILE).unlink()  # as the pipeline does before predicting again
+    # predicted again (other settings): a write that stops on the way (a full disk, a kill)
+    # leaves no done marker naming the old models, whose files it has removed
+    real_copy = outputs.atomic_write_text
+
+    def full_disk(path, text):
+        if path.name == "ranked_0.cif":
+            raise OSError(28, "No space left on device")
+        real_copy(path, text)
+
+    monkeypatch.setattr(outputs, "atomic_write_text", full_disk)
+    with pytest.raises(OSError):
+        outputs.write_target_outputs(folder, "t", [_prediction("model_2_ptm", 60.0)],
+                                     {"predict": 1.0}, save_raw=False)
+    assert not outputs.is_complete(folder)
+    monkeypatch.setattr(outputs, "atomic_write_text", real_copy)
 
     seen: list[str] = []
     real_write_json = outputs.atomic_write_json
@@ -430,6 +444,22 @@ def test_repredicting_with_fewer_models_removes_stale_files(tmp_path, monkeypatc
                 "scores_model_2_ptm.json", "timings.json", "unrelaxed_model_2_ptm.pdb"]
     assert seen == expected
     assert sorted(p.name for p in folder.iterdir()) == sorted([*expected, outputs.DONE_FILE])
+
+
+def test_a_model_whose_confidence_is_not_a_number_ranks_last(tmp_path):
+    """A numerical blow-up in one model: ranked_0 is still the best finite one, and
+    ranking_debug.json stays JSON (null, not NaN)."""
+    import json
+
+    from parafold.fold.outputs import write_target_outputs
+
+    preds = [_prediction("model_1_ptm", 50.0), _prediction("model_2_ptm", float("nan")),
+             _prediction("model_3_ptm", 80.0), _prediction("model_4_ptm", 60.0)]
+    order = write_target_outputs(tmp_path / "t", "t", preds, {}, save_raw=False)
+    assert order == ["model_3_ptm", "model_4_ptm", "model_1_ptm", "model_2_ptm"]
+    ranking = json.loads((tmp_path / "t" / "ranking_debug.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"{c} in ranking_debug.json"))
+    assert ranking["order"] == order and ranking["plddts"]["model_2_ptm"] is None
 
 
 def test_shape_costs_price_every_family_model_seed_and_iteration():

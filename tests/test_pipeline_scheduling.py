@@ -345,3 +345,27 @@ def test_a_drain_that_leaves_nothing_behind_exits_as_a_finished_run(tmp_path: Pa
     assert summary(4, 0).exit_code == 0
     assert summary(3, 1).exit_code == 1
     assert any("nothing was left to do" in line for line in summary(4, 0).lines())
+
+
+def test_a_prediction_from_an_old_sequence_is_removed_with_its_plots(tmp_path: Path) -> None:
+    """The input changed under the same id: the old prediction (and its plots, its structure
+    script) goes at once, so while the new sequence is searched, or if that fails, no table
+    or report shows the old protein as this target's."""
+    import json
+
+    from parafold.featureset import MANIFEST_FILE
+    from parafold.pipeline import _forget_stale_prediction
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / MANIFEST_FILE).write_text(json.dumps({"sequence": "MKVLAAGIVG", "key": "k"}))
+    old = ["ranking_debug.json", "ranked_0.pdb", "ranked_0.cif", "unrelaxed_model_1_ptm.pdb",
+           "scores_model_1_ptm.json", "pae_model_1_ptm.json", "plddt.png", "pae.png",
+           "coverage.png", "ranked_0.pdb.js"]
+    for name in [*old, "features.npz", "timings.json"]:
+        (folder / name).write_text("x")
+    _forget_stale_prediction(Target("t", "t", "MKVLAAGIVG"), folder, "k")  # unchanged
+    assert all((folder / name).is_file() for name in old)
+    _forget_stale_prediction(Target("t", "t", "MKTAYIAKQR"), folder, "k")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [MANIFEST_FILE, "features.npz", "timings.json"])

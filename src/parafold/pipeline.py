@@ -315,6 +315,22 @@ def _forget_stale_prediction(target: Target, folder: Path, key: str | None) -> N
     if (folder / DONE_FILE).is_file():
         logger.warning("%s: %s since the last run; predicting it again", target.name, why)
         (folder / DONE_FILE).unlink(missing_ok=True)
+    _remove_old_prediction(folder)
+
+
+def _remove_old_prediction(folder: Path) -> None:
+    """The files of a prediction from other features, and what was drawn from them: until the
+    new one is made (or if its search fails) no table, report or script may take them for
+    this target's."""
+    from parafold.fold.outputs import remove_stale
+    from parafold.report.collect import STRUCTURE_JS
+    from parafold.report.plots import COVERAGE_PNG, PAE_PNG, PLDDT_PNG
+
+    if not folder.is_dir():
+        return
+    remove_stale(folder, set())
+    for name in (STRUCTURE_JS, PLDDT_PNG, PAE_PNG, COVERAGE_PNG):
+        (folder / name).unlink(missing_ok=True)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ earlier prediction of the same target (other models, more ranks) are removed bef
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from collections.abc import Sequence
@@ -97,7 +98,18 @@ def is_prediction_file(file_name: str) -> bool:
 
 
 def rank(predictions: Sequence[Prediction]) -> list[Prediction]:
-    return sorted(predictions, key=lambda p: p.ranking_confidence, reverse=True)
+    """Best first; a prediction whose confidence is not a number (a numerical blow-up) last,
+    never ranked_0 by the accident of where a NaN leaves a sort."""
+    def key(p: Prediction) -> tuple[bool, float]:
+        confidence = p.ranking_confidence
+        return math.isfinite(confidence), confidence if math.isfinite(confidence) else 0.0
+
+    return sorted(predictions, key=key, reverse=True)
+
+
+def _json_number(value: float) -> float | None:
+    """JSON has no NaN or infinity (jq and browsers refuse the file): null instead."""
+    return value if math.isfinite(value) else None
 
 
 def _protein(pred: Prediction) -> Any:
@@ -137,6 +149,9 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # First: a folder predicted before (other settings) must not look done with the old
+    # ranking until the new one is written, whatever stops this on the way.
+    (folder / DONE_FILE).unlink(missing_ok=True)
     written: set[str] = set()
 
     def write_text(file_name: str, text: str) -> None:
@@ -168,7 +183,7 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
                   drop=(*COPY_TIMINGS, SETTINGS_KEY))
     remove_stale(folder, written)
     atomic_write_json(folder / DONE_FILE, {
-        "plddts": {p.name: p.ranking_confidence for p in predictions},
+        "plddts": {p.name: _json_number(p.ranking_confidence) for p in predictions},
         "order": [p.name for p in ranked],
     })
     return [p.name for p in ranked]
