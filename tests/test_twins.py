@@ -27,6 +27,7 @@ from parafold.fold import mmcif  # noqa: E402
 from parafold.fold.outputs import (  # noqa: E402
     DONE_FILE,
     Prediction,
+    is_complete,
     is_prediction_file,
     write_target_outputs,
 )
@@ -118,6 +119,27 @@ def test_a_copy_is_what_predicting_the_twin_writes(tmp_path):
     write_target_outputs(twin, "twin", preds, {"predict_model_1_ptm": 2.0}, save_raw=True)
     timings = json.loads((twin / "timings.json").read_text())
     assert "copied_from" not in timings and "copy_prediction" not in timings
+
+
+def test_a_copy_stopped_on_the_way_leaves_no_done_marker(tmp_path, monkeypatch):
+    """A twin predicted before with other settings is copied to: a copy stopped half way (a
+    full disk, a kill) must not leave the old done marker beside the new files."""
+    import parafold.fold.twins as twins
+
+    write_target_outputs(tmp_path / "src", "src", _predictions(12, seed=1), {}, save_raw=False)
+    write_target_outputs(tmp_path / "twin", "twin", _predictions(12, seed=2), {},
+                         save_raw=False)
+    real_copy = twins.atomic_copy
+
+    def full_disk(src, dst, **kwargs):
+        if dst.name.startswith("unrelaxed_"):
+            raise OSError(28, "No space left on device")
+        real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(twins, "atomic_copy", full_disk)
+    with pytest.raises(OSError):
+        copy_prediction(tmp_path / "src", tmp_path / "twin", "twin")
+    assert not is_complete(tmp_path / "twin")
 
 
 def test_a_copy_carries_the_relaxation(tmp_path):

@@ -153,6 +153,7 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
                           f"it lacks {', '.join(missing[:3])}"
                           f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
     last = [n for n in _LAST_BEFORE_DONE if n in files]
+    (twin_dir / DONE_FILE).unlink(missing_ok=True)  # an old prediction's: not done till the end
     written: set[str] = set()
     for name in [n for n in files if n not in last] + last:
         if name.startswith("ranked_") and name.endswith(".cif"):
