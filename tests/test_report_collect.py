@@ -48,3 +48,24 @@ def test_retired_fold_workers_are_in_the_summary(tmp_path: Path) -> None:
         ledger.end_run(run_id, 0)
     summary = collect_run(tmp_path)["summary"]
     assert summary["workers_retired"] == [["gpu1", "failed to start: RuntimeError: no device"]]
+
+
+def test_wall_time_sums_each_runs_own_span_across_a_resume(tmp_path: Path) -> None:
+    """Killed after 1 h (never ended), resumed 23 h later for another hour: the summary counts
+    the 2 h the runs ran, not the day between, as `parafold status` does."""
+    names = [f"t{i}" for i in range(20)]
+    with Ledger(tmp_path) as ledger:
+        for start, batch in ((1000.0, names[:10]), (1000.0 + 24 * 3600, names[10:])):
+            run_id = ledger.begin_run({})
+            ledger.register([Target(n, n, "MKTAYIAKQR") for n in names], run_id=run_id)
+            for j, name in enumerate(batch):  # one GPU busy the whole hour
+                ledger.start_search(name)
+                ledger.features_ready(name, {})
+                ledger.start_predict([name])
+                ledger.add_event(run_id=run_id, worker="gpu-0", kind="predict", target=name,
+                                 start=start + j * 360, end=start + (j + 1) * 360, ok=True)
+                ledger.done(name, {})
+        ledger.end_run(run_id, 0)  # the second run only: the first was SIGKILLed
+    summary = collect_run(tmp_path)["summary"]
+    assert summary["wall_s"] == 7200.0
+    assert summary["proteins_per_hour"] == 10.0 and summary["gpu_busy"] == 1.0

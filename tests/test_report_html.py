@@ -113,6 +113,43 @@ def test_report_without_ledger_and_without_plots(tmp_path: Path, report) -> None
         "plddt.png", "pae.png", "coverage.png"}
 
 
+def test_a_folder_without_its_done_marker_offers_no_stale_structure(tmp_path: Path,
+                                                                   report) -> None:
+    """A target queued again (its sequence changed) or failed has no ranking_debug.json: the
+    old prediction's ranked_0.pdb and plots are not its result, so no 3D view, no plots."""
+    run, _ = report
+    name = run.done[0]
+    folder = tmp_path / "copy" / name
+    shutil.copytree(run.out / name, folder)
+    (folder / "ranking_debug.json").unlink()
+    (folder / "ranked_0.pdb.js").unlink()
+    data = _page_data(write_report(folder.parent, plots=False))
+    (row,) = data["rows"]
+    assert row[COL["state"]] == "features_ready" and row[COL["flags"]] == 0
+    assert not (folder / "ranked_0.pdb.js").exists()
+    table = (folder.parent / "results.tsv").read_text(encoding="utf-8").splitlines()
+    assert f"{name}/ranked_0.pdb" not in table[1]
+
+
+def test_one_malformed_file_does_not_stop_the_report(tmp_path: Path, report) -> None:
+    """An MSA depth that is no integer ("n/a", NaN, 1e400 read as inf) or pLDDTs that are no
+    numbers give null fields for that target; the report of the others is whole."""
+    run, _ = report
+    out = tmp_path / "copy"
+    shutil.copytree(run.out / run.done[0], out / "good")
+    for name, depth in zip(run.done, ('"n/a"', "NaN", "1e400"), strict=True):
+        shutil.copytree(run.out / name, out / name)
+        (out / name / "features.json").write_text(f'{{"msa_depth": {depth}}}')
+        for scores in (out / name).glob("scores_*.json"):
+            scores.write_text('{"plddt": ["n/a", 50]}')
+        (out / name / "plddt.png").unlink()
+    rows = {r[COL["name"]]: r for r in _page_data(write_report(out))["rows"]}
+    assert rows["good"][COL["msa_depth"]] >= 5 and rows["good"][COL["flags"]] & FLAG_PAE
+    for name in run.done:
+        assert rows[name][COL["msa_depth"]] is None and rows[name][COL["state"]] == "done"
+        assert not (out / name / "plddt.png").exists()
+
+
 def test_page_escapes_script_breaking_text(tmp_path: Path) -> None:
     data = {"summary": {"failures": []}, "columns": COLUMNS, "lanes": [], "events": [],
             "rows": [["x", 1, 1, None, None, None, None, "failed", "</script><b>", 0, None]]}

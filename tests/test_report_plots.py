@@ -18,6 +18,7 @@ from parafold.report.plots import (
     PAE_PNG,
     PLDDT_PNG,
     coverage_stats,
+    plddt_of,
     plot_msa_coverage,
     plot_pae,
     plot_plddt,
@@ -87,6 +88,22 @@ def test_broken_inputs_are_skipped_not_raised(tmp_path: Path, run) -> None:
     written = {p.name for p in write_target_plots(folder)}
     assert written == {PAE_PNG}  # the one intact PAE file still draws
     _assert_png(folder / PAE_PNG)
+
+
+def test_scores_that_are_no_numbers_are_skipped_not_raised(tmp_path: Path, run) -> None:
+    """A hand-edited or foreign scores file ("n/a", ragged rows) gives no pLDDT curve and no
+    pLDDT plot; the target's other plots are still drawn."""
+    assert plddt_of({"plddt": ["n/a", 50]}) is None
+    assert plddt_of({"plddt": [[1, 2], [3]]}) is None
+    assert plddt_of({"plddt": [[]]}) is None
+    assert plddt_of({"plddt": [50, 70]}) is not None
+    folder = tmp_path / "odd"
+    shutil.copytree(run.out / run.done[0], folder)
+    for png in folder.glob("*.png"):
+        png.unlink()
+    for i, scores in enumerate(sorted(folder.glob("scores_*.json"))):
+        scores.write_text(json.dumps({"plddt": ["n/a", 50] if i else [[1, 2], [3]]}))
+    assert {p.name for p in write_target_plots(folder)} == {PAE_PNG, COVERAGE_PNG}
 
 
 def test_plot_functions_validate_input(tmp_path: Path) -> None:

@@ -119,6 +119,20 @@ def test_a_missing_ranked_pdb_is_an_empty_cell(run_out: Path) -> None:
     assert (row["name"], row["state"], row["ranked_pdb"]) == ("hba", "done", "")
 
 
+def test_a_failed_target_without_its_done_marker_has_no_ranked_pdb(run_out: Path) -> None:
+    """Its sequence changed (the marker removed), then the new search failed: the folder's
+    ranked_0.pdb is the old sequence's, not this target's result."""
+    (run_out / "hba" / "ranking_debug.json").unlink()
+    with Ledger(run_out) as ledger:
+        run_id = ledger.begin_run({})
+        ledger.register([Target("sp|P69905|HBA_HUMAN", "hba", "MKTAYIAKQR")], run_id=run_id)
+        ledger.start_search("hba")
+        ledger.fail("hba", "search", "jackhmmer died")
+        ledger.end_run(run_id, 1)
+    row = _hba_cells(run_out)
+    assert (row["state"], row["ranked_pdb"], row["best_model"]) == ("failed", "", "")
+
+
 def test_without_a_ledger_the_id_comes_from_the_features_manifest(tmp_path: Path) -> None:
     _predicted(tmp_path / "t1", "my\tprotein\r\n1", "MKTAYIAKQRQISF", relax_best=False)
     write_results_table(tmp_path)

@@ -190,3 +190,29 @@ def test_status_json_for_scripts_one_out_and_several(tmp_path: Path) -> None:
     assert (both["total"], both["done"], both["failed"], both["remaining"],
             both["running"]) == (5, 2, 2, 1, 0)
     assert both["proteins_per_hour"] is None  # none running
+
+
+def test_status_rate_of_a_killed_run_ends_at_its_last_activity(tmp_path: Path) -> None:
+    """A run SIGKILLed (no end written, lock gone) and read a day later: its elapsed time
+    stops at its last event or done time, so its rate does not fall with the wall clock."""
+    import sqlite3
+
+    with Ledger(tmp_path) as led:
+        run = led.begin_run()
+        names = [f"t{i}" for i in range(10)]
+        led.register(_targets(names), run_id=run)
+        for n in names[:6]:
+            _finish(led, n)
+        start = time.time() - 86400 - 3600
+        led.add_event(run_id=run, worker="gpu0", kind="predict", target="t5",
+                      start=start + 3000, end=start + 3600, ok=True)
+    db = sqlite3.connect(tmp_path / "parafold.sqlite")
+    db.execute("UPDATE runs SET started_at = ?", (start,))
+    db.execute("UPDATE targets SET done_at = ? WHERE state = 'done'", (start + 1800,))
+    db.commit()
+    db.close()
+    status = read_status(tmp_path)
+    assert not status.live
+    assert abs(status.elapsed_s - 3600) < 1  # the event's end, after the last done time
+    assert status.proteins_per_hour is not None and abs(status.proteins_per_hour - 6) < 0.01
+    assert status.as_dict()["elapsed_s"] == 3600.0

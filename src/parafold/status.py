@@ -44,6 +44,7 @@ class RunStatus:
     now: float
     other_runs: int = 0  # targets in the ledger that are not in the latest run's input
     worker_events: tuple[WorkerEvent, ...] = ()  # the latest run's (e.g. a retired GPU worker)
+    last_activity: float | None = None  # the latest run's last event end or done time
 
     @property
     def total(self) -> int:
@@ -55,10 +56,14 @@ class RunStatus:
 
     @property
     def elapsed_s(self) -> float:
+        """Up to now while live, else up to the recorded end; a run SIGKILLed (never ended)
+        stops at its last activity, so its rate does not decay with the time since."""
         if self.run_started is None:
             return 0.0
-        return (self.run_ended if self.run_ended and not self.live else self.now) \
-            - self.run_started
+        end = self.now
+        if not self.live:
+            end = self.run_ended or self.last_activity or self.now
+        return end - self.run_started
 
     @property
     def proteins_per_hour(self) -> float | None:
@@ -197,9 +202,14 @@ def read_status(out: Path | str) -> RunStatus:
         worker_events = tuple(e for e in ledger.worker_events()
                               if latest is not None and e.run_id == latest.id)
         done_this_run = 0
+        last_activity: float | None = None
         if latest is not None:
-            done_this_run = sum(1 for r in ledger.targets(State.DONE, run_id=scope)
-                                if r.stamps.get("done", 0) >= latest.started_at)
+            done_at = [d for r in ledger.targets(State.DONE, run_id=scope)
+                       if (d := r.stamps.get("done", 0)) >= latest.started_at]
+            done_this_run = len(done_at)
+            if latest.ended_at is None:  # perhaps SIGKILLed: `elapsed_s` may need it
+                ends = [e.end for e in ledger.events() if e.run_id == latest.id and e.end]
+                last_activity = max(done_at + ends, default=None)
     holder = read_lock_holder(out)
     held = lock_is_held(out)
     if held is None:  # the lock file cannot be probed: fall back to the PID it names
@@ -212,4 +222,5 @@ def read_status(out: Path | str) -> RunStatus:
         input_problems=tuple(problems), live=live, holder=holder,
         run_started=latest.started_at if latest else None,
         run_ended=latest.ended_at if latest else None, done_this_run=done_this_run,
-        now=time.time(), other_runs=other_runs, worker_events=worker_events)
+        now=time.time(), other_runs=other_runs, worker_events=worker_events,
+        last_activity=last_activity)

@@ -90,6 +90,17 @@ def _num(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _int(value: Any) -> int | None:
+    """An int from a JSON field, None for one that is not ("n/a", NaN, inf, a list): one
+    hand-edited or foreign file must not stop the report of every target."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _round(value: float | None, digits: int) -> float | None:
     value = _num(value)
     return None if value is None else round(value, digits)
@@ -119,7 +130,7 @@ def _fill_from_folder(row: _Row, folder: Path) -> None:
     folder_state = "unknown"
     manifest = _json(folder / "features.json")
     if isinstance(manifest, dict):
-        row.msa_depth = int(manifest.get("msa_depth") or 0) or None
+        row.msa_depth = _int(manifest.get("msa_depth")) or None
         if isinstance(manifest.get("num_templates"), int):
             row.templates = manifest["num_templates"]
         seq = manifest.get("sequence")
@@ -152,7 +163,6 @@ def _fill_from_folder(row: _Row, folder: Path) -> None:
             row.plddt = _num(plddts.get(order[0]))
     if row.state == "unknown":
         row.state = folder_state
-    row.has_ranked_pdb = (folder / RANKED_PDB).is_file()
     if not row.timings.get("predict") or row.search_max_rss_mib is None:
         timings = _json(folder / "timings.json")
         if isinstance(timings, dict):
@@ -163,6 +173,9 @@ def _fill_from_folder(row: _Row, folder: Path) -> None:
             if row.copied_from is None and isinstance(timings.get("copied_from"), str) \
                     and folder_state == "done":
                 row.copied_from = timings["copied_from"]
+    if not order:  # no done marker (failed, or queued again): structure and plots are stale
+        return
+    row.has_ranked_pdb = (folder / RANKED_PDB).is_file()
     for flag, name in ((FLAG_PLDDT, PLDDT_PNG), (FLAG_PAE, PAE_PNG),
                        (FLAG_COVERAGE, COVERAGE_PNG), (FLAG_STRUCTURE, STRUCTURE_JS)):
         if (folder / name).is_file():
@@ -206,6 +219,23 @@ def _union_seconds(intervals: list[tuple[float, float]]) -> float:
             total += stop - max(start, end)
             end = stop
     return total
+
+
+def _wall_seconds(events: list[Any], runs: list[Any]) -> float:
+    """Seconds the runs ran, summed: each run's first to last event, or its recorded start to
+    end when it has none. The downtime between a killed run and its resume is no work time,
+    so it must not dilute the rate and GPU busy fraction (`parafold status` counts the same).
+    A run never ended and without events counts up to now only when no run has events (a run
+    still starting); one killed before its first event would count its downtime."""
+    spans: dict[Any, tuple[float, float]] = {}
+    for e in events:
+        if e.end is not None:
+            lo, hi = spans.get(e.run_id, (e.start, e.end))
+            spans[e.run_id] = (min(lo, e.start), max(hi, e.end))
+    now = time.time()
+    return sum(hi - lo for lo, hi in spans.values()) + sum(
+        (r.ended_at or now) - r.started_at for r in runs
+        if r.id not in spans and (r.ended_at is not None or not spans))
 
 
 def _timeline(events: list[Any], index: Mapping[str, int]) -> tuple[list[dict[str, Any]],
@@ -293,9 +323,7 @@ def collect_run(out_dir: Path | str, collected: Collected | None = None) -> dict
     rows, events, runs, worker_events = c.rows, c.events, c.runs, c.worker_events
     index = {n: i for i, n in enumerate(rows)}
     lanes, timeline, t0 = _timeline(events, index)
-    span = max((ev[2] for ev in timeline), default=0.0)
-    if not span and runs:
-        span = sum((r.ended_at or time.time()) - r.started_at for r in runs)
+    span = _wall_seconds(events, runs)
     done = [r for r in rows.values() if r.state == "done"]
     failed = [r for r in rows.values() if r.state == "failed"]
     compiles, compile_s = _compile_stats(r.timings.get("predict") or {} for r in rows.values())

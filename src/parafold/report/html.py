@@ -33,6 +33,7 @@ ASSET_DIR = "report"  # a name the pipeline reserves: no target can take it
 VIEWER_JS = "3Dmol-min.js"
 _VENDORED = (VIEWER_JS, "3Dmol-min.js.LICENSE.txt", "3Dmol-LICENSE.txt")
 _PDB_RECORDS = ("ATOM", "HETATM", "TER", "MODEL", "ENDMDL", "END")
+_DONE_MARKER = "ranking_debug.json"  # parafold.fold.outputs.DONE_FILE, without importing fold
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -74,11 +75,13 @@ def write_structure_js(target_dir: Path) -> Path | None:
     """`ranked_0.pdb.js` beside `ranked_0.pdb`, rewritten only when the PDB is newer.
 
     The script calls `parafoldStructure(name, pdb_text)`; only coordinate records are kept.
+    A folder without its done marker gets none: its `ranked_0.pdb` is an earlier
+    prediction's (the target failed, or its sequence changed and it is queued again).
     """
     pdb = target_dir / "ranked_0.pdb"
     out = target_dir / STRUCTURE_JS
     try:
-        if not pdb.is_file():
+        if not pdb.is_file() or not (target_dir / _DONE_MARKER).is_file():
             return None
         if out.is_file() and out.stat().st_mtime >= pdb.stat().st_mtime:
             return out

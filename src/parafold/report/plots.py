@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -212,11 +212,18 @@ def read_model_scores(target_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def plddt_of(scores: Mapping[str, Any]) -> np.ndarray | None:
-    """The per-residue pLDDT list of one model's scores, whatever the writer called it."""
+    """The per-residue pLDDT list of one model's scores, whatever the writer called it; None
+    for a list that is no numbers (["n/a", 50], ragged rows): one odd file must not stop the
+    plots or the report of every target."""
     for key in ("plddt", "plddts", "per_residue_plddt"):
         value = scores.get(key)
         if isinstance(value, list) and value:
-            return np.asarray(value, dtype=float)
+            try:
+                curve = np.asarray(value, dtype=float)
+            except (TypeError, ValueError, OverflowError) as exc:
+                log.debug("pLDDT %r is not numbers (%s); skipped", key, exc)
+                return None
+            return curve if curve.size else None
     return None
 
 
@@ -232,7 +239,7 @@ def read_pae(path: Path) -> np.ndarray | None:
         return None
     try:
         return _check_pae(np.asarray(matrix, dtype=float))
-    except ValueError as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         log.warning("%s: %s; skipped", path, exc)
         return None
 
@@ -250,6 +257,16 @@ def _read_msa(target_dir: Path) -> np.ndarray | None:
         return None
 
 
+def _draw(draw: Callable[[Any, Path], Path], data: Any, path: Path) -> list[Path]:
+    """One plot, or none when its data cannot be drawn (a foreign or hand-edited file): the
+    target's other plots and the report go on. A full disk still raises."""
+    try:
+        return [draw(data, path)]
+    except (TypeError, ValueError, OverflowError) as exc:
+        log.debug("%s: not drawn (%s)", path, exc)
+        return []
+
+
 def write_target_plots(target_dir: Path | str) -> list[Path]:
     """Draw every plot the target folder has inputs for; return the files written.
 
@@ -261,15 +278,15 @@ def write_target_plots(target_dir: Path | str) -> list[Path]:
     scores = read_model_scores(target_dir)
     curves = {m: c for m, s in scores.items() if (c := plddt_of(s)) is not None}
     if curves:
-        written.append(plot_plddt(curves, target_dir / PLDDT_PNG))
+        written += _draw(plot_plddt, curves, target_dir / PLDDT_PNG)
     order = model_order(target_dir)
     pae_files = {p.stem.removeprefix("pae_"): p for p in target_dir.glob("pae_*.json")}
     paes = {m: mat for m in _ordered(list(pae_files), order)
             if (mat := read_pae(pae_files[m])) is not None}
     if paes:
-        written.append(plot_pae_models(paes, target_dir / PAE_PNG))
+        written += _draw(plot_pae_models, paes, target_dir / PAE_PNG)
     msa = _read_msa(target_dir)
     if msa is not None and msa.ndim == 2 and msa.size:
-        written.append(plot_msa_coverage(msa, target_dir / COVERAGE_PNG))
+        written += _draw(plot_msa_coverage, msa, target_dir / COVERAGE_PNG)
     log.debug("%s: wrote %d plots", target_dir.name, len(written))
     return written
