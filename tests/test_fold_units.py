@@ -278,6 +278,9 @@ def test_settings_validation():
         ModelSettings(config_size="huge")
     with pytest.raises(InputError):
         ModelSettings(model_preset="multimer")
+    for tolerance in (-0.5, float("nan"), float("inf")):  # NaN turned early stopping off
+        with pytest.raises(InputError, match="tolerance"):
+            ModelSettings(recycle_early_stop_tolerance=tolerance)
 
 
 def test_params_errors_name_the_file(tmp_path):
@@ -304,6 +307,16 @@ def test_params_errors_name_the_file(tmp_path):
     full = ModelSettings(config_size="full", models=(3,), compile_cache_dir=None)
     with pytest.raises(ParamsError, match=r"params_model_3_ptm.npz: does not fit.*shape"):
         load_params(tmp_path, "model_3_ptm", full)
+    # a triangle multiplication's half missing: named, not a KeyError from the fuse step
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    half = next(k for k in arrays if "left_gate" in k and k.endswith("//weights"))
+    del arrays[half]
+    np.savez(path, **arrays)
+    with pytest.raises(ParamsError, match=r"params_model_3_ptm.npz: does not fit"):
+        load_params(tmp_path, "model_3_ptm", tiny)
+    with pytest.raises(ParamsError, match="seed"):
+        write_random_params(tmp_path / "other", tiny, seed=-1)
 
 
 def test_pickles_need_trust(tmp_path):
@@ -317,6 +330,33 @@ def test_pickles_need_trust(tmp_path):
         read_feature_set(tmp_path / "a")
     fs = read_feature_set(tmp_path / "a", trust_pickles=True)
     assert fs.from_pickle and fs.length == 20
+    # trusted but cut short, or not a feature dict: that folder's error, named
+    pickled = (tmp_path / "a" / "features.pkl").read_bytes()
+    (tmp_path / "a" / "features.pkl").write_bytes(pickled[: len(pickled) // 2])
+    with pytest.raises(InputError, match="features.pkl: unreadable pickle"):
+        read_feature_set(tmp_path / "a", trust_pickles=True)
+    (tmp_path / "a" / "features.pkl").write_bytes(__import__("pickle").dumps([1, 2]))
+    with pytest.raises(InputError, match="holds a list"):
+        read_feature_set(tmp_path / "a", trust_pickles=True)
+
+
+def test_features_alphafold_cannot_take_fail_their_target():
+    """A foreign feature dict whose shapes AlphaFold's input pipeline asserts on (here
+    num_alignments a scalar, not one per residue): a FeatureError, its target's own, not an
+    AssertionError that ended the whole process."""
+    from parafold.errors import FeatureError
+    from parafold.fold.buckets import shape_key
+    from parafold.fold.processing import process_features
+    from parafold.fold.runner import forward_transform
+    from parafold.fold.synthetic import make_features
+
+    settings = ModelSettings(config_size="tiny", models=(3,), compile_cache_dir=None)
+    raw = make_features("ACDEFGHIKLMNPQRSTVWY", 5)
+    raw["num_alignments"] = np.array(5, np.int32)
+    key = shape_key(20, 5, "model_3_ptm", settings, templates=False)
+    _, cfg = forward_transform("model_3_ptm", settings, low_memory=False, key=key)
+    with pytest.raises(FeatureError, match="input pipeline"):
+        process_features(raw, cfg, key, seed=0)
 
 
 def test_oom_recognised_only_from_xla_words():

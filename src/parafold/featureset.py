@@ -183,8 +183,15 @@ def load_features(folder: Path, *, trust_pickles: bool = False) -> dict[str, np.
     if (folder / FEATURES_FILE).is_file():
         return load_arrays(folder / FEATURES_FILE)
     if trust_pickles and (folder / PICKLE_FILE).is_file():
-        with open(folder / PICKLE_FILE, "rb") as handle:
-            return dict(pickle.load(handle))
+        try:
+            with open(folder / PICKLE_FILE, "rb") as handle:
+                data = pickle.load(handle)
+        except Exception as exc:  # cut short, or naming a module this machine lacks
+            raise InputError(f"{folder / PICKLE_FILE}: unreadable pickle: {exc!r}") from exc
+        if not isinstance(data, dict):
+            raise InputError(f"{folder / PICKLE_FILE}: holds a {type(data).__name__}, not "
+                             "AlphaFold's feature dict")
+        return data
     raise InputError(f"{folder}: no readable features")
 
 

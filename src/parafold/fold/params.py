@@ -140,7 +140,11 @@ def load_params(params_dir: Path, model_name: str, settings: ModelSettings
     if bad or not flat:
         raise ParamsError(f"{path}: malformed params file: keys must be 'scope//name', got "
                           f"{bad[:3] if bad else 'no arrays'}")
-    params = utils.flat_params_to_haiku(flat, fuse=True, to_jnp=False)
+    try:  # fusing joins each triangle multiplication's left and right halves
+        params = utils.flat_params_to_haiku(flat, fuse=True, to_jnp=False)
+    except (KeyError, ValueError) as exc:
+        raise ParamsError(f"{path}: does not fit this model's architecture: a triangle "
+                          f"multiplication's arrays are missing or mismatched ({exc!r})") from exc
     _check(path, params, expected_shapes(model_name, settings))
     return {scope: {name: np.asarray(v, np.float32) for name, v in leaves.items()}
             for scope, leaves in params.items()}
@@ -182,6 +186,8 @@ def write_random_params(params_dir: Path, settings: ModelSettings, *, seed: int 
     N(0, 1/fan_in), biases and offsets N(0, 0.1), scales and gates N(AlphaFold's init, 0.1).
     Records the config size in `params/parafold_params.json` so `predict` can check it.
     """
+    if seed < 0:
+        raise ParamsError(f"--seed must be >= 0, got {seed}")
     params_dir = Path(params_dir)
     written: list[Path] = []
     for index, model_name in enumerate(settings.model_names):

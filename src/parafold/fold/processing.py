@@ -59,13 +59,17 @@ def process_features(raw: dict[str, Any], cfg: ml_collections.ConfigDict, key: S
     with data_cfg.unlocked():
         data_cfg.eval.crop_size = key.length
     graph = tf.Graph()
-    with graph.as_default():
-        tf.compat.v1.set_random_seed(seed)
-        tensors = proteins_dataset.np_to_tensor_dict(np_example=example, features=names)
-        batch = input_pipeline.process_tensors_from_config(tensors, data_cfg)
-    graph.finalize()
-    with tf.Session(graph=graph) as session:
-        processed = session.run(batch)
+    try:  # AlphaFold's pipeline asserts its shapes: a foreign dict that does not fit fails
+        # its own target, not the process (an AssertionError escaped as far as an abort)
+        with graph.as_default():
+            tf.compat.v1.set_random_seed(seed)
+            tensors = proteins_dataset.np_to_tensor_dict(np_example=example, features=names)
+            batch = input_pipeline.process_tensors_from_config(tensors, data_cfg)
+        graph.finalize()
+        with tf.Session(graph=graph) as session:
+            processed = session.run(batch)
+    except (AssertionError, ValueError, TypeError) as exc:
+        raise FeatureError(f"features do not fit AlphaFold's input pipeline: {exc}") from exc
     arrays = {k: np.asarray(v) for k, v in processed.items() if np.asarray(v).dtype != object}
     return _pad_msa_axes(arrays, data_cfg.eval.feat, key)
 

@@ -6,6 +6,7 @@ without starting an accelerator runtime.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,8 @@ class ModelSettings:
             raise InputError(f"--num-recycle must be >= 0, got {self.num_recycle}")
         if self.num_seeds < 1:
             raise InputError(f"--num-seeds must be >= 1, got {self.num_seeds}")
-        if self.recycle_early_stop_tolerance < 0:
+        if not math.isfinite(self.recycle_early_stop_tolerance) or \
+                self.recycle_early_stop_tolerance < 0:
             raise InputError("--recycle-early-stop-tolerance must be >= 0")
         if not 0.0 < self.max_length_waste < 1.0:
             raise InputError(f"max length waste must be in (0, 1), got {self.max_length_waste}")
