@@ -23,12 +23,12 @@ the first `--stock-n` proteins only; its proteins/hour is extrapolated from thos
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -133,7 +133,9 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
 
     def stop() -> None:  # --time-limit: a device call is bounded, a partial rate still counts
         stopped_at.append((time.perf_counter(), time.time()))
-        _thread.interrupt_main()
+        # a real signal to the main thread: it interrupts a wait for a compile at once (a
+        # flag set by _thread.interrupt_main waited for the compile, up to minutes)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     timer = threading.Timer(args.time_limit, stop) if args.time_limit else None
     if timer is not None:
@@ -174,12 +176,15 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
         "compile_ahead_s": stats["compile_ahead_s"], "compile_wait_s": stats["compile_wait_s"],
         "loop_compile_s": loop_compile_s,
         "predict_s": stats["predict_s"], "launches": stats["launches"],
-        "mean_batch": round(stats["batched_members"] / max(1, stats["launches"]), 2),
+        "mean_batch": round(stats["predictions"] / max(1, stats["launches"]), 2),
         "padded_slots": stats["padded_slots"],
         "shapes": sorted({o.bucket for o in outcomes or ()}),
         "busy_fraction": stats["busy_fraction"],
         "busy_fraction_nvidia_smi": sampler.mean_since(mark),
-        "warm_s_per_prediction": round((wall - loop_compile_s) / max(per_model, 1), 4),
+        # the loop's time outside compiles, a prediction; none when a stop at the time
+        # limit left no such time
+        "warm_s_per_prediction": (round((wall - loop_compile_s) / per_model, 4)
+                                  if per_model and wall > loop_compile_s else None),
         "fused_kernels": bool(worker.runner.pallas.get("use_pallas")),
         "peak_device_bytes": mem.get("peak_bytes_in_use"),
         "host_workers": worker.pools.feature_workers,
