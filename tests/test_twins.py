@@ -401,13 +401,16 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
     # lost again, and the source cleaned up in part: the rerun has only a copy to make, it
     # fails, and the twin is predicted itself (fold workers start then; the run once hung)
     (out / twins[-1] / DONE_FILE).unlink()
-    (out / source / "unrelaxed_model_1_ptm.pdb").unlink()
+    others = [source, *twins[:-1]]  # any done one of them may be taken as the source
+    for name in others:
+        (out / name / "unrelaxed_model_1_ptm.pdb").unlink()
     again = run_pipeline(run_settings)
     assert again.exit_code == 0, again.lines()
     assert (again.predicted, again.copied) == (1, 0), again.lines()
     assert (out / twins[-1] / "unrelaxed_model_1_ptm.pdb").is_file()
-    (out / source / "unrelaxed_model_1_ptm.pdb").write_bytes(
-        (out / twins[-1] / "unrelaxed_model_1_ptm.pdb").read_bytes())
+    for name in others:
+        (out / name / "unrelaxed_model_1_ptm.pdb").write_bytes(
+            (out / twins[-1] / "unrelaxed_model_1_ptm.pdb").read_bytes())
 
     sample2 = tmp_path / "sample2.fasta"
     sample2.write_text(f">x\n{seq_a}\n>z\n{random_sequence(22, rng)}\n")
