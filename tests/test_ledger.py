@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -135,3 +137,68 @@ def test_lock_refuses_second_run_and_dies_with_holder(tmp_path: Path) -> None:
         holder.join()
     with RunLock(tmp_path):  # the kernel released the dead holder's lock
         pass
+
+
+def test_a_commit_that_times_out_leaves_no_transaction_open(tmp_path: Path, monkeypatch) -> None:
+    """On NFS or Lustre (a rollback journal) COMMIT waits for readers; one that outlasts the
+    busy timeout fails that write, and the ledger takes the next one (the open transaction
+    kept the write lock: every later write failed, the run's end record too)."""
+    import sqlite3
+
+    import parafold.filesystems as fsys
+    import parafold.ledger as ledger_module
+
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (tmp_path / "mountinfo").write_text(
+        f"1 0 0:1 / / rw - ext4 /dev/root rw\n2 1 0:2 / {out} rw - nfs4 srv:/x rw\n")
+    monkeypatch.setattr(fsys, "MOUNTINFO", tmp_path / "mountinfo")
+    monkeypatch.setattr(ledger_module, "_BUSY_TIMEOUT_S", 0.3)
+    targets = [Target("a", "a", "MKTAYIAK"), Target("b", "b", "MKVLAAGI")]
+    with Ledger(out) as ledger:
+        assert ledger.mode is fsys.LedgerMode.ROLLBACK
+        ledger.register(targets)
+        reader = sqlite3.connect(f"file:{out / 'parafold.sqlite'}?mode=ro", uri=True,
+                                 isolation_level=None, timeout=0.3)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM targets").fetchone()  # a slow `status`
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            ledger.start_search("a")
+        reader.execute("COMMIT")
+        reader.close()
+        ledger.start_search("b")
+        assert ledger.get("b").state is State.SEARCHING
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root to read as another user (setpriv)")
+def test_another_user_reads_a_finished_runs_ledger() -> None:
+    """Staff reading a user's finished run (`parafold status`, read access only): the run
+    removed its WAL files on closing, and SQLite cannot make them for a reader who may not
+    write OUT; the ledger is then read as it stands."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as shared:  # pytest's folders are private
+        out = Path(shared) / "OUT"
+        with Ledger(out) as ledger:
+            run_id = ledger.begin_run({})
+            ledger.register([Target("a", "a", "MKTAYIAK")], run_id=run_id)
+            ledger.end_run(run_id, 0)
+        assert sorted(p.name for p in out.iterdir()) == ["parafold.sqlite"]
+        for path in (Path(shared), out):
+            path.chmod(0o755)
+        (out / "parafold.sqlite").chmod(0o644)
+        _status_as_another_user(out)
+
+
+def _status_as_another_user(out: Path) -> None:
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if subprocess.run([*as_nobody, sys.executable, "-c", "import parafold"],
+                      capture_output=True, timeout=120).returncode != 0:
+        pytest.skip("this checkout is not readable by another user")
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+         "import sys; from parafold.status import read_status; "
+         "print(read_status(sys.argv[1]).total)", str(out)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": "/tmp"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr[-2000:]

@@ -104,6 +104,29 @@ def test_a_pinned_plan_leaves_no_target_between_tasks_when_the_set_grows(tmp_pat
         Shard(0, 3).pinned(plan, first, name=str, cut=list)
 
 
+def test_tasks_racing_without_a_lock_share_the_plan_the_first_wrote(tmp_path):
+    """On a mount without locks two tasks may both find no plan and both cut: the plan is
+    created only if absent, and each task uses the file, not its own cut, so no target falls
+    between them (task 1 cut the grown set; task 0's plan, written first, wins)."""
+    from parafold.store import create_json_once
+
+    first, grown = list(range(1, 11)), list(range(1, 15))
+    order = {"order": lambda i: i, "work": lambda i: 1.0}
+    plan = tmp_path / "predict-2.json"
+
+    def racing_cut() -> list[list[int]]:  # task 0 writes its plan while task 1 cuts
+        assert create_json_once(plan, {"count": 2, "parts": {
+            str(i): k for k, part in enumerate(cut_by_work(first, 2, **order)) for i in part}})
+        return cut_by_work(grown, 2, **order)
+
+    one, how = Shard(1, 2).pinned(plan, grown, name=str, cut=racing_cut)
+    assert "the plan in" in how
+    zero, _ = Shard(0, 2).pinned(plan, grown, name=str, cut=list)
+    assert sorted(zero + one) == grown and not set(zero) & set(one)
+    assert not create_json_once(plan, {"count": 2, "parts": {}})
+    assert not list(tmp_path.glob(".*.part"))
+
+
 # --- features ---
 
 

@@ -217,16 +217,37 @@ class Ledger:
             if not readonly:  # a reader changes nothing: no need to warn on every `status`
                 warn_without_locks(self.path, lock_support(self.path.parent).error
                                    or OSError(errno.ENOSYS, "no locks"))
-        uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}"
-        if options:
-            uri += "?" + urllib.parse.urlencode(options)
-        self._db = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        self._db = self._connect(options)
+        if readonly and not self._readable():
+            # a finished WAL ledger read by someone who may not write OUT: SQLite cannot make
+            # the -shm file it wants; nobody writes the file now, so read it as it stands
+            self._db.close()
+            self._db = self._connect({**options, "immutable": "1"})
         if not readonly:
             self._set_journal()
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
         self._db.row_factory = sqlite3.Row
+
+    def _connect(self, options: Mapping[str, str]) -> sqlite3.Connection:
+        uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}"
+        if options:
+            uri += "?" + urllib.parse.urlencode(options)
+        return sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+
+    def _readable(self) -> bool:
+        """Whether this read-only connection can read; False only for SQLite's refusal to
+        open a WAL ledger's shared memory without write access (the run that wrote it has
+        ended and removed its -wal and -shm)."""
+        try:
+            self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as exc:
+            if os.access(self.path.parent, os.W_OK) or not any(
+                    words in str(exc) for words in ("readonly", "unable to open")):
+                raise
+            return False
+        return True
 
     def _set_journal(self) -> None:
         """WAL on a local disk (`parafold status` reads while the run writes); a rollback
@@ -254,10 +275,11 @@ class Ledger:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")  # may time out (a reader outlasting the busy timeout)
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # else the connection keeps the write lock: every
+                self._db.execute("ROLLBACK")  # later write, the run's end record included, fails
             raise
-        self._db.execute("COMMIT")
 
     # --- runs and input problems ---
 

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from parafold.errors import InputError
 from parafold.inputs import Target
-from parafold.store import atomic_write_json, file_lock, read_json
+from parafold.store import create_json_once, file_lock, read_json
 
 __all__ = ["Shard", "cut_by_work"]
 
@@ -90,22 +90,23 @@ class Shard:
     def pinned(self, plan_file: Path, items: Sequence[T], *, name: Callable[[T], str],
                cut: Callable[[], list[list[T]]]) -> tuple[list[T], str]:
         """This shard's items by the plan in `plan_file`, which the first task to get here
-        writes from `cut()` (all `count` parts, under a lock). Items the plan does not name
-        go by a hash of their name. Returns the items and a line saying what was used."""
+        writes from `cut()` (all `count` parts, under a lock; where a mount has no locks,
+        created only if absent, and every task uses the file, never its own cut, so tasks
+        racing there still share one plan). Items the plan does not name go by a hash of
+        their name. Returns the items and a line saying what was used."""
         plan_file = Path(plan_file)
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(plan_file.with_name(plan_file.name + ".lock")):
-            if plan_file.is_file():
-                plan = read_json(plan_file)
-                if plan.get("count") != self.count:
-                    raise InputError(f"{plan_file}: a plan for {plan.get('count')} shards, not "
-                                     f"{self.count}")
-                made = f"the plan in {plan_file}"
-            else:
+            made = f"the plan in {plan_file}"
+            if not plan_file.is_file():
                 plan = {"count": self.count, "parts": {
                     name(item): k for k, part in enumerate(cut()) for item in part}}
-                atomic_write_json(plan_file, plan)
-                made = f"a new plan, {plan_file}"
+                if create_json_once(plan_file, plan):
+                    made = f"a new plan, {plan_file}"
+            plan = read_json(plan_file)
+            if plan.get("count") != self.count:
+                raise InputError(f"{plan_file}: a plan for {plan.get('count')} shards, not "
+                                 f"{self.count}")
         parts: dict[str, int] = plan["parts"]
         mine = [item for item in items
                 if parts.get(name(item), _bucket(name(item), self.count)) == self.index]

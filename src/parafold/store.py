@@ -70,6 +70,26 @@ def atomic_write_json(path: Path | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def create_json_once(path: Path | str, obj: Any) -> bool:
+    """Write `path` only if it does not exist yet, whole, and say whether this call wrote it.
+    A hard link of a finished temporary file is created or refused atomically, NFS and Lustre
+    included, so of processes racing without a lock exactly one wins (the others then read
+    the winner's file). Where hard links are refused, the file is replaced instead."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
+    atomic_write_json(tmp, obj)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here: the last writer wins, as before
+        os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def atomic_copy(src: Path | str, dst: Path | str, *, link: bool = True) -> None:
     """Copy a file so that `dst` is whole or absent; a hard link when the file system allows
     and `link` (False: a file of its own, which an edit of the other never changes).
