@@ -266,3 +266,42 @@ def test_a_damaged_npz_is_named_as_such_never_as_a_pickle(tmp_path: Path) -> Non
         with pytest.raises(ValueError, match=r"damaged") as info:
             load_arrays(tmp_path / name)
         assert name in str(info.value) and "pickle" not in str(info.value)
+
+
+def test_without_file_locks_no_process_removes_anothers_work_in_progress(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a mount has no locks (Lustre without flock) `file_lock` says it holds none, and a
+    search filling a cache entry then leaves the temporary files there alone: they may be
+    another process's search of the same sequence, in progress (it failed when they went)."""
+    import errno
+    import fcntl
+
+    import parafold.search.runner as runner
+    from parafold.store import file_lock
+
+    with file_lock(tmp_path / "a.lock") as held:
+        assert held is True
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise Stop
+
+    monkeypatch.setattr(runner, "run_searches", stop)
+    for locked in (False, True):
+        entry = tmp_path / f"entry-{locked}"
+        (entry / ".tmp-another-search").mkdir(parents=True)
+        (entry / "msas").mkdir()
+        (entry / "msas" / ".uniref90_hits.sto.1234.part").write_text("half")
+        with pytest.raises(Stop):
+            runner._fill_entry(entry, "MKTAYIAK", databases=None, settings=None, budget=None,
+                               threads=1, key="k", locked=locked)
+        left = sorted(p.name for p in entry.rglob("*") if p.name.startswith("."))
+        assert left == ([] if locked else [".tmp-another-search", ".uniref90_hits.sto.1234.part"])
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with file_lock(tmp_path / "b.lock") as held:
+        assert held is False

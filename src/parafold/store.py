@@ -119,11 +119,13 @@ def atomic_copy(src: Path | str, dst: Path | str, *, link: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path | str) -> Iterator[None]:
+def file_lock(path: Path | str) -> Iterator[bool]:
     """Hold an exclusive `flock` on `path` (created if needed); the kernel drops it when the
     holder dies, so a SIGKILLed process never leaves a stale lock. On a file system without
     locks it warns once and goes on unlocked (`filesystems`): every write is atomic anyway,
-    so the worst two processes can do there is the same work twice."""
+    so the worst two processes can do there is the same work twice. Yields whether the lock
+    is held: only a holder may remove what a killed run left (unlocked, it may be another
+    process's work in progress)."""
     from parafold.filesystems import locks_unsupported, warn_without_locks
 
     path = Path(path)
@@ -135,10 +137,10 @@ def file_lock(path: Path | str) -> Iterator[None]:
             if not locks_unsupported(exc):
                 raise
             warn_without_locks(path, exc)
-            yield
+            yield False
             return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 

@@ -159,12 +159,16 @@ def _fill_local(entry: Path, target: Target, msa_file: Path | None, *,
 
 
 def _fill_entry(entry: Path, sequence: str, *, databases: DatabaseSet,
-                settings: SearchSettings, budget: CpuBudget, threads: int, key: str) -> int:
-    """Search and featurize into a cache entry; returns the number of tool calls made."""
-    for stale in entry.glob(".tmp-*"):  # left by a killed run; we hold the entry's lock
-        shutil.rmtree(stale, ignore_errors=True)
-    for partial in entry.rglob("*.part"):  # half-written files of a killed atomic write
-        partial.unlink(missing_ok=True)
+                settings: SearchSettings, budget: CpuBudget, threads: int, key: str,
+                locked: bool = True) -> int:
+    """Search and featurize into a cache entry; returns the number of tool calls made.
+    `locked`: this process holds the entry's lock, so what a killed run left there is no
+    one's (without locks it may be another search's, in progress: it is left alone)."""
+    if locked:
+        for stale in entry.glob(".tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        for partial in entry.rglob("*.part"):  # half-written files of a killed atomic write
+            partial.unlink(missing_ok=True)
     started = time.monotonic()
     search = run_searches(sequence, entry / "msas", databases=databases, settings=settings,
                           budget=budget, threads=threads)
@@ -222,14 +226,14 @@ def featurize_prepared(target: Target, *, out_dir: Path, databases: DatabaseSet,
         return replace(done, extra={**done.extra, "tool_calls": 0, "reused": "target"})
     entry = _entry(cache_dir, key)
     tool_calls, filled = 0, False
-    with file_lock(entry / ".lock"):
+    with file_lock(entry / ".lock") as locked:
         if not (entry / "features" / MANIFEST_FILE).is_file():
             filled = True
             if settings.msa_mode == "classic":
                 logger.info("%s: searching (%d residues)", target.id, target.length)
                 tool_calls = _fill_entry(entry, target.sequence, databases=databases,
                                          settings=settings, budget=budget, threads=threads,
-                                         key=key)
+                                         key=key, locked=locked)
             else:
                 tool_calls = _fill_local(entry, target, msa_file, settings=settings, key=key)
     timings = {**read_json(entry / TIMINGS_FILE), "key": key, "tool_calls": tool_calls,
@@ -309,8 +313,8 @@ def _fill_mmseqs_entry(entry: Path, sequence: str, msas: dict[str, str], *,
         PipelineError: this query's features could not be built (see `mmseqs_features`).
     """
     started = time.monotonic()
-    with file_lock(entry / ".lock"):
-        for partial in entry.rglob("*.part"):  # left by a killed fill; we hold the entry's lock
+    with file_lock(entry / ".lock") as locked:
+        for partial in entry.rglob("*.part") if locked else ():  # a killed fill's leftovers
             partial.unlink(missing_ok=True)
         for tag, text in msas.items():
             atomic_write_text(entry / "msas" / MMSEQS_FILES[tag], text)
