@@ -153,6 +153,21 @@ def test_locks_go_on_unlocked_where_the_file_system_has_none(
     assert out.count(NO_LOCKS_WARNING) == 1, out  # once per mount and process
     reason = "Function not implemented" if error == "ENOSYS" else "No locks available"
     assert reason in out, out
+    # a reader who may not write there (someone else's run) probes the ledger it reads: the
+    # mount has no locks for it either (taken to have them, its `status` failed on SQLite's)
+    reader = textwrap.dedent(f"""
+        import tempfile
+        from pathlib import Path
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        tempfile.mkstemp = denied
+        from parafold.filesystems import lock_support
+        support = lock_support(Path({str(shared)!r}))
+        print("reader support", support.flock, support.posix)
+    """)
+    proc = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True,
+                          env=_without_locks(nolocks_lib, shared, error), timeout=120)
+    assert "reader support False False" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_a_run_on_a_file_system_without_locks_finishes(

@@ -142,28 +142,34 @@ _support: dict[str, LockSupport] = {}
 
 def lock_support(folder: Path | str) -> LockSupport:
     """Try both kinds of lock on a scratch file in `folder` (once per folder and process). A
-    folder that cannot be written is taken to have locks: nothing tells otherwise."""
+    folder that cannot be written (a reader of someone else's run) is probed with shared
+    locks on a file already there; one with no file either is taken to have locks."""
     key = str(_existing(Path(folder)))
     if key in _support:
         return _support[key]
+    name: str | None = None
     try:
         fd, name = tempfile.mkstemp(dir=key, prefix=".parafold-lockprobe-")
+        mode = fcntl.LOCK_EX
     except OSError:
-        return LockSupport(True, True)
+        fd, mode = _open_existing(Path(key)), fcntl.LOCK_SH
+        if fd is None:
+            return LockSupport(True, True)
     results: dict[str, OSError | None] = {}
     try:
         for kind, lock, unlock in (("flock", fcntl.flock, fcntl.flock),
                                    ("posix", fcntl.lockf, fcntl.lockf)):
             try:
-                lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock(fd, mode | fcntl.LOCK_NB)
                 unlock(fd, fcntl.LOCK_UN)
                 results[kind] = None
             except OSError as exc:
                 results[kind] = exc
     finally:
         os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(name)
+        if name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
     flock_error, posix_error = results["flock"], results["posix"]
     support = LockSupport(
         flock=flock_error is None or not locks_unsupported(flock_error),
@@ -171,6 +177,17 @@ def lock_support(folder: Path | str) -> LockSupport:
         error=posix_error or flock_error)
     _support[key] = support
     return support
+
+
+def _open_existing(folder: Path) -> int | None:
+    """A file of `folder` opened for reading (the run ledger first), to probe for locks."""
+    candidates = [folder / "parafold.sqlite"]
+    with contextlib.suppress(OSError):
+        candidates += sorted(p for p in folder.iterdir() if p.is_file())[:20]
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            return os.open(path, os.O_RDONLY)
+    return None
 
 
 class LedgerMode(Enum):
