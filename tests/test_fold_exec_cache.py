@@ -181,6 +181,23 @@ def test_key_covers_config_and_environment(tmp_path):
     assert cache.key(key, fingerprint(settings), abstract) != base
     cache._env = {**cache._env, "device_kind": "another"}
     assert cache.key(key, fingerprint(settings), abstract) != base
+    # every library an executable depends on, traced or called by name, is in the key
+    from importlib import metadata
+
+    from parafold.fold import exec_cache
+
+    real_version = metadata.version
+    for upgraded in ("dm-haiku", "colabfold-cuda-kernels", "colabfold-legacy-kernels",
+                     "alphafold-colabfold", "colabfold-kernels"):
+        def version(name: str, upgraded: str = upgraded) -> str:
+            return "999.0" if name == upgraded else real_version(name)
+
+        metadata.version = version
+        try:
+            env = exec_cache.environment()
+        finally:
+            metadata.version = real_version
+        assert "999.0" in env.values(), upgraded
 
 
 _CALLED: list[str] = []

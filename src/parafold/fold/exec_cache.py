@@ -77,7 +77,10 @@ def environment() -> dict[str, Any]:
     return {
         "format": _FORMAT, "parafold": parafold.__version__, "jax": jax.__version__,
         "jaxlib": jaxlib.__version__, "alphafold": _version("alphafold-colabfold"),
-        "kernels": _version("colabfold-kernels"), "platform": device.platform,
+        "kernels": _version("colabfold-kernels"), "haiku": _version("dm-haiku"),
+        # the FFI kernels a loaded executable calls by name live in these libraries
+        "cuda_kernels": _version("colabfold-cuda-kernels"),
+        "legacy_kernels": _version("colabfold-legacy-kernels"), "platform": device.platform,
         "platform_version": device.client.platform_version, "device_kind": device.device_kind,
         "devices": jax.local_device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "x64": bool(jax.config.jax_enable_x64),
