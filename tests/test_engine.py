@@ -213,3 +213,36 @@ def test_a_sigterm_while_processes_start_is_acted_on_after_they_have(tmp_path: P
         proc.stdout + proc.stderr)
     assert "children left: 0" in proc.stdout, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+_TOKEN_ORDER = """
+import importlib.abc, os, sys
+seen = {}
+
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" and "mode" not in seen:
+            seen["mode"] = os.environ.get("RAY_AUTH_MODE")
+        return None
+
+sys.meta_path.insert(0, Watch())
+import parafold.engine.ray_engine as ray_engine
+ray_engine._unreachable = lambda address: "nothing listens there"
+try:
+    ray_engine.RayExecutor(address="127.0.0.1:1")
+except Exception:
+    pass
+print("mode when ray was imported:", seen.get("mode"))
+"""
+
+
+def test_the_token_is_switched_on_before_ray_is_imported(tmp_path: Path) -> None:
+    """Ray reads RAY_AUTH_MODE when it is imported: joining a cluster that uses tokens (the
+    default of `ray start`) with the token at hand set it too late, and failed."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("a-token")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run([sys.executable, "-c", _TOKEN_ORDER], capture_output=True, text=True,
+                          env={**env, "HOME": str(home)}, timeout=120)
+    assert "mode when ray was imported: token" in proc.stdout, proc.stdout + proc.stderr

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from parafold.engine.inline import InlineExecutor
 from parafold.featureset import FeatureSet
 from parafold.fold.settings import ModelSettings
@@ -369,3 +371,122 @@ def test_a_prediction_from_an_old_sequence_is_removed_with_its_plots(tmp_path: P
     _forget_stale_prediction(Target("t", "t", "MKTAYIAKQR"), folder, "k")
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [MANIFEST_FILE, "features.npz", "timings.json"])
+
+
+class _Done:
+    """A finished job's handle."""
+
+    def __init__(self, value: object) -> None:
+        import concurrent.futures as cf
+
+        self.future: cf.Future = cf.Future()
+        self.future.set_result(value)
+
+
+class _FakeWorker:
+    name, platform = "gpu0", "gpu"
+
+    def warm(self) -> _Done:
+        return _Done("gpu0@x")
+
+    def fold(self, sets: list[FeatureSet], out_root: Path) -> _Done:  # "S" fails on its own
+        from parafold.engine.jobs import FoldBatchResult
+
+        now = time.time()
+        return _Done(FoldBatchResult(tuple(
+            SimpleNamespace(name=fs.name, ok=fs.name != "S", error="S: its features are bad",
+                            timings={}) for fs in sets), "gpu0@x", now, now))
+
+
+class _TwoSmallNodes:
+    """What Ray reports for two 2-CPU nodes beside a fold actor: 3 CPUs in all, 1 per job.
+    Searches fail at once (the run then ends); copies succeed."""
+
+    name = "fake-ray"
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def submit(self, fn: object, *args: object, resources: object) -> _Done:
+        from parafold.engine.jobs import SearchOutcome
+
+        if isinstance(args[0], Target):
+            self.asked.append(resources.cpus)
+            return _Done(SearchOutcome(args[0].name, None, "stub", "w", time.time(),
+                                       time.time()))
+        return _Done(SimpleNamespace(seconds=0.01, mean_plddt=80.0, ptm=0.5))
+
+    def cpu_capacity(self) -> int:
+        return 3
+
+    def max_job_cpus(self) -> int:
+        return 1
+
+    def start_fold_workers(self, spec: object) -> list[_FakeWorker]:
+        return [_FakeWorker()]
+
+
+def _settings(tmp: Path, **kw: object) -> RunSettings:
+    return RunSettings(input=tmp / "in.fasta", out=tmp / "out", params_dir=tmp, search=None,
+                       model=ModelSettings(config_size="tiny", models=(1,)), progress=False,
+                       plots=False, **kw)
+
+
+def test_a_search_asks_no_more_cpus_than_one_node_has(tmp_path: Path) -> None:
+    """On Ray the cluster has more CPUs than any node: a search asking for the cluster's
+    share was never scheduled, and the run waited for ever."""
+    from parafold.engine.scheduler import Scheduler
+
+    settings = _settings(tmp_path)  # --cpus-per-search left at 3
+    settings.out.mkdir()
+    nodes = _TwoSmallNodes()
+    targets = [Target("t1", "t1", "MKVLAAGIVG")]
+    with Ledger(settings.out) as ledger:
+        ledger.register(targets)
+        Scheduler(settings, ledger, 1, nodes, None, targets, [], total=1, done_before=0).run()
+    assert nodes.asked == [1]
+
+
+def test_twins_of_a_failed_source_all_follow_its_first_twin_even_to_a_copy(
+        tmp_path: Path) -> None:
+    """S fails on its own; its twins T1 and T2 wait. Meanwhile another OUT sharing the cache
+    predicted the same features, so T1 becomes a copy: T2 must follow (it was parked under T1,
+    never released, and the run ended with it neither done nor failed)."""
+    from parafold.engine.scheduler import Scheduler
+    from parafold.fold.outputs import DONE_FILE
+    from parafold.ledger import State
+
+    seq = "MKVLAAGIVG" * 5
+    sets = [FeatureSet(name=n, target_id=n, sequence=seq, path=tmp_path / n, msa_depth=30,
+                       num_templates=0, key="k1") for n in ("S", "T1", "T2")]
+    settings = _settings(tmp_path, max_batch=4, max_wait_s=0.0)
+    settings.out.mkdir()
+    with Ledger(settings.out) as ledger:
+        ledger.register([Target(fs.name, fs.name, seq) for fs in sets])
+        for fs in sets:
+            ledger.reconcile(fs.name, State.FEATURES_READY)
+        sched = Scheduler(settings, ledger, 1, _TwoSmallNodes(), None, [], sets[:1], total=3,
+                          done_before=0)
+        for fs in sets[1:]:
+            sched._admit(fs, time.time())
+        elsewhere = tmp_path / "other_out" / "X"
+        elsewhere.mkdir(parents=True)
+        (elsewhere / DONE_FILE).write_text("{}")
+        sched.index.record(sets[0], elsewhere)
+        sched.run()
+        states = {fs.name: ledger.get(fs.name).state for fs in sets}
+    assert states == {"S": State.FAILED, "T1": State.DONE, "T2": State.DONE}
+    assert sched.finished == 3 and not sched._parked
+
+
+def test_run_paths_are_absolute_for_processes_elsewhere(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray task runs in the folder `ray start` ran in: relative paths pointed elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    settings = RunSettings(input=Path("in.fasta"), out=Path("out"), params_dir=Path("p"),
+                           search=None, model=None, db_dir=Path("db"), cache_dir=Path("c"),
+                           db_overrides=(("pdb70", Path("x/pdb70")),))
+    assert settings.out == tmp_path / "out" and settings.input == tmp_path / "in.fasta"
+    assert settings.params_dir.is_absolute() and settings.db_dir.is_absolute()
+    assert settings.cache_dir == tmp_path / "c"
+    assert settings.db_overrides == (("pdb70", tmp_path / "x" / "pdb70"),)

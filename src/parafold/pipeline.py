@@ -91,6 +91,14 @@ class RunSettings:
     shard: Shard | None = None
 
     def __post_init__(self) -> None:
+        # absolute: processes elsewhere (Ray tasks run in the folder `ray start` ran in, on
+        # their node) must find the same files
+        for name in ("input", "out", "params_dir", "db_dir", "cache_dir"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value).expanduser().absolute())
+        object.__setattr__(self, "db_overrides", tuple(
+            (db, Path(path).expanduser().absolute()) for db, path in self.db_overrides))
         if self.cpus < 0 or self.cpus_per_search < 0:
             raise InputError("--cpus and --cpus-per-search must be >= 0")
         if self.max_batch < 1 or self.max_wait_s < 0:

@@ -125,6 +125,8 @@ class RayExecutor(Executor):
 
     def __init__(self, *, address: str | None = None, cpus: int | None = None,
                  gpus: tuple[str, ...] | None = None) -> None:
+        if address:  # Ray reads its authentication mode when imported: set it first
+            _use_token_if_present()
         import ray
 
         self._owns_ray = False
@@ -137,7 +139,6 @@ class RayExecutor(Executor):
                     why = _unreachable(address)
                     if why is not None:
                         raise ConnectionError(why)
-                    _use_token_if_present()
                     ray.init(address=address, logging_level=logging.WARNING,
                              log_to_driver=True)
                 else:  # "local": a new Ray of our own, even where RAY_ADDRESS is set or

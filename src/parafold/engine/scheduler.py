@@ -160,8 +160,9 @@ class Scheduler:
         if self.ready or self.pending or self._parked:
             self._start_fold_workers()
         capacity = self.executor.cpu_capacity()
-        # Never ask for more CPUs per search than exist, or the search could never start.
-        self.search_cpus = min(self.settings.search_cpus, capacity)
+        # Never ask for more CPUs per search than one job can get (on Ray: on one node, less
+        # what a fold actor holds there), or the search could never start.
+        self.search_cpus = max(1, min(self.settings.search_cpus, self.executor.max_job_cpus()))
         slots = max(1, capacity // self.search_cpus)
         with _Progress(self) as progress:
             while self._work_left():
@@ -190,6 +191,22 @@ class Scheduler:
                         self._copy_finished(future)
                     else:
                         self._fold_finished(future)
+        self._fail_stranded_twins()
+
+    def _fail_stranded_twins(self) -> None:
+        """Twins still waiting for a source once nothing runs (a path that forgot to release
+        them): failed with the reason, never left features_ready without a word. A stopped
+        run keeps them ready for the rerun."""
+        if self.stopped is not None:
+            return
+        for source, twins in self._parked.items():
+            for fs in twins:
+                why = f"same features as {source}, which never finished"
+                logger.error("%s: %s", fs.name, why)
+                self.ledger.fail(fs.name, "predict", why)
+                self.failed += 1
+                self.finished += 1
+        self._parked.clear()
 
     def _start_fold_workers(self) -> None:
         """Once, when the run first has something to predict: at the start, or later when
@@ -788,9 +805,8 @@ class Scheduler:
         self._second_try.add(key)
         first, *rest = twins
         logger.warning("%s: its twin %s failed; predicting it itself", first.name, name)
-        self._admit(first, time.time())
-        if rest:
-            self._parked[first.name] = rest
+        for fs in twins:  # the first becomes the source and the rest wait for it, or all are
+            self._admit(fs, time.time())  # copies (another run predicted them meanwhile)
 
     def _copy_finished(self, future: cf.Future[Any]) -> None:
         fs, source = self.copying.pop(future)
