@@ -200,13 +200,15 @@ class Scheduler:
         if self.stopped is not None:
             return
         for source, twins in self._parked.items():
-            for fs in twins:
-                why = f"same features as {source}, which never finished"
-                logger.error("%s: %s", fs.name, why)
-                self.ledger.fail(fs.name, "predict", why)
-                self.failed += 1
-                self.finished += 1
+            self._fail_twins(twins, f"same features as {source}, which never finished")
         self._parked.clear()
+
+    def _fail_twins(self, twins: list[FeatureSet], why: str) -> None:
+        for fs in twins:
+            logger.warning("%s: %s", fs.name, why)
+            self.ledger.fail(fs.name, "predict", why)
+            self.failed += 1
+            self.finished += 1
 
     def _start_fold_workers(self) -> None:
         """Once, when the run first has something to predict: at the start, or later when
@@ -795,12 +797,7 @@ class Scheduler:
         if not twins:
             return
         if key in self._second_try:
-            for fs in twins:
-                why = f"same features as {name}, which failed: {reason}"
-                logger.warning("%s: %s", fs.name, why)
-                self.ledger.fail(fs.name, "predict", why)
-                self.failed += 1
-                self.finished += 1
+            self._fail_twins(twins, f"same features as {name}, which failed: {reason}")
             return
         self._second_try.add(key)
         first, *rest = twins
