@@ -505,3 +505,13 @@ def test_a_stockholm_output_cut_short_or_without_sequences_is_unusable() -> None
                                             "# STOCKHOLM 1.0\n#=GC RF xx\n//\n")
     assert "not a Stockholm" in _output_problem("mgnify_hits.sto", ">q\nACDE\n")
     assert "empty" in _output_problem("mgnify_hits.sto", "\n")
+
+
+def test_features_refuses_a_negative_cpu_budget_as_a_usage_error(tmp_path: Path) -> None:
+    """Exit 2 (bad options), as run does: a traceback and exit 1 read as failed targets."""
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">a\nMKTAYIAKQR\n")
+    proc = subprocess.run(_cli("features", str(fasta), "-o", str(tmp_path / "out"),
+                               "--db-dir", str(tmp_path), "--cpus", "-1"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--cpus must be >= 0" in proc.stderr, proc.stderr

@@ -169,6 +169,8 @@ def features_cmd(
     drain_on_sigusr1()  # before any search starts: they inherit the block
 
     try:
+        if cpus < 0:
+            raise InputError(f"--cpus must be >= 0, got {cpus}")
         part = Shard.parse(shard) if shard is not None else None
         parsed = read_targets(input_path)
         settings = SearchSettings(preset=db_preset, timeout_s=timeout,
