@@ -189,9 +189,15 @@ def read_status(out: Path | str) -> RunStatus:
         SchedulerError: OUT holds no ledger.
     """
     out = Path(out)
+    holder = read_lock_holder(out)
+    held = lock_is_held(out)
     with Ledger(out, readonly=True) as ledger:
         runs = ledger.runs()
         latest = runs[-1] if runs else None
+        if held is None:  # the lock file cannot be probed: fall back to the PID it names
+            held = bool(holder is not None and latest is not None and holder.pid == latest.pid
+                        and holder.alive_here() is not False)
+        live = bool(latest is not None and latest.ended_at is None and held)
         scope = latest.id if latest is not None and ledger.has_run_targets(latest.id) else None
         counts = ledger.counts(run_id=scope)
         other_runs = 0
@@ -207,15 +213,9 @@ def read_status(out: Path | str) -> RunStatus:
             done_at = [d for r in ledger.targets(State.DONE, run_id=scope)
                        if (d := r.stamps.get("done", 0)) >= latest.started_at]
             done_this_run = len(done_at)
-            if latest.ended_at is None:  # perhaps SIGKILLed: `elapsed_s` may need it
+            if latest.ended_at is None and not live:  # SIGKILLed: `elapsed_s` ends here
                 ends = [e.end for e in ledger.events() if e.run_id == latest.id and e.end]
                 last_activity = max(done_at + ends, default=None)
-    holder = read_lock_holder(out)
-    held = lock_is_held(out)
-    if held is None:  # the lock file cannot be probed: fall back to the PID it names
-        held = bool(holder is not None and latest is not None and holder.pid == latest.pid
-                    and holder.alive_here() is not False)
-    live = bool(latest is not None and latest.ended_at is None and held)
     return RunStatus(
         out=out, counts=counts,
         failures=tuple((r.name, r.failed_stage or "?", r.error or "") for r in failed),
