@@ -470,18 +470,14 @@ def _predict_preview(sets: list[Any], out: Path, params_dir: Path, settings: Any
                      platform: str) -> list[str]:
     """`predict --dry-run`: what is done, copied and left, and the modelled GPU stage of what
     is left (`costs.plan_stage`), found without writing anything."""
+    from parafold.engine.devices import plan_predict
     from parafold.errors import PipelineError
     from parafold.fold.costs import plan_stage
     from parafold.fold.outputs import is_complete
     from parafold.fold.params import check_params_files
-    from parafold.fold.reuse import PredictionIndex, prediction_fingerprint
-    from parafold.fold.twins import plan_twins
 
-    made = prediction_fingerprint(settings, params_dir, relaxation=False)
-    index = (None if settings.prediction_cache_dir is None else
-             PredictionIndex.for_settings(settings.prediction_cache_dir, settings, params_dir))
+    twins, made = plan_predict(sets, out, params_dir=params_dir, settings=settings)
     done = sum(is_complete(out / fs.name, made) for fs in sets)
-    twins = plan_twins(sets, out, index, fingerprint=made)
     left = [fs for fs in twins.fold if not is_complete(out / fs.name, made)]
     stage = plan_stage(left, settings, platform)
     found = sum(len(copies) for copies in twins.found.values())
@@ -684,8 +680,9 @@ def run_cmd(
     Resumable: rerun the same command after a crash or kill and finished work is kept.
     Exit code 0 only when every target succeeded and every input record was read (1: some
     failed, or input records were skipped; 2: bad options or an unusable input; 3: another
-    live run holds OUT; 75: stopped early with targets left, rerun to resume). With --shard each task of a job array needs its own OUT
-    (it holds the task's ledger); a shared --cache-dir lets the tasks share searches.
+    live run holds OUT; 75: stopped early with targets left, rerun to resume). With --shard
+    each task of a job array needs its own OUT (it holds the task's ledger); a shared
+    --cache-dir lets the tasks share searches.
     """
     from parafold.engine.base import parse_gpus
     from parafold.errors import PipelineError

@@ -38,7 +38,7 @@ from parafold.fold.worker import FoldOutcome
 from parafold.lifecycle import drain_requested
 from parafold.search.scheduler import describe_error
 
-__all__ = ["DevicesResult", "predict_on", "fold_on_devices", "RUNS_PER_DEVICE"]
+__all__ = ["DevicesResult", "predict_on", "plan_predict", "fold_on_devices", "RUNS_PER_DEVICE"]
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +91,13 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
     Raises:
         PipelineError: the params folder is unusable (found before any target is folded).
     """
-    from parafold.fold.reuse import PredictionIndex, prediction_fingerprint
     from parafold.fold.twins import TwinPlan, copy_twins, plan_twins, second_sources
 
     def predict(sets: Sequence[FeatureSet]) -> DevicesResult:
         return _predict(devices, sets, out_root, params_dir=params_dir, settings=settings,
                         trust_pickles=trust_pickles, pin=pin)
 
-    index = None
-    if settings.prediction_cache_dir is not None:
-        index = PredictionIndex.for_settings(settings.prediction_cache_dir, settings,
-                                             params_dir)
-    made = prediction_fingerprint(settings, params_dir, relaxation=False)
-    plan = plan_twins(feature_sets, out_root, index, fingerprint=made)
+    plan, made = plan_predict(feature_sets, out_root, params_dir=params_dir, settings=settings)
     if not plan.copies:
         return predict(feature_sets)
     log.info("%d targets have the features of another or were predicted before: their files "
@@ -131,6 +125,22 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
         stats.update((f"{where} (second pass)", s) for where, s in again.stats.items())
         outcomes.update(copy_twins(second, outcomes, out_root))
     return DevicesResult([outcomes[fs.name] for fs in feature_sets], stats)
+
+
+def plan_predict(feature_sets: Sequence[FeatureSet], out_root: Path, *, params_dir: Path,
+                 settings: ModelSettings) -> tuple[Any, str]:
+    """What `predict_on` copies and predicts (`twins.TwinPlan`: in-run twins, and earlier
+    predictions in the shared cache), and the settings fingerprint a finished target of
+    `out_root` must record to count as done: the plan `predict --dry-run` shows too."""
+    from parafold.fold.reuse import PredictionIndex, prediction_fingerprint
+    from parafold.fold.twins import plan_twins
+
+    index = None
+    if settings.prediction_cache_dir is not None:
+        index = PredictionIndex.for_settings(settings.prediction_cache_dir, settings,
+                                             params_dir)
+    made = prediction_fingerprint(settings, params_dir, relaxation=False)
+    return plan_twins(feature_sets, out_root, index, fingerprint=made), made
 
 
 def _predict(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out_root: Path,

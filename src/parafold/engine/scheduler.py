@@ -800,8 +800,7 @@ class Scheduler:
             self._fail_twins(twins, f"same features as {name}, which failed: {reason}")
             return
         self._second_try.add(key)
-        first, *rest = twins
-        logger.warning("%s: its twin %s failed; predicting it itself", first.name, name)
+        logger.warning("%s: its twin %s failed; predicting it itself", twins[0].name, name)
         for fs in twins:  # the first becomes the source and the rest wait for it, or all are
             self._admit(fs, time.time())  # copies (another run predicted them meanwhile)
 
