@@ -490,3 +490,32 @@ def test_run_paths_are_absolute_for_processes_elsewhere(tmp_path: Path,
     assert settings.params_dir.is_absolute() and settings.db_dir.is_absolute()
     assert settings.cache_dir == tmp_path / "c"
     assert settings.db_overrides == (("pdb70", tmp_path / "x" / "pdb70"),)
+
+
+def test_twins_left_waiting_when_nothing_runs_fail_with_the_reason(tmp_path: Path) -> None:
+    """The scheduler's last guard: a twin still parked under a source once the loop ends
+    fails, naming the source, instead of staying features_ready without a word; a stopped
+    run (a drain) keeps it ready for the rerun."""
+    from parafold.engine.scheduler import Scheduler
+    from parafold.ledger import State
+
+    seq = "MKVLAAGIVG" * 5
+    sets = [FeatureSet(name=n, target_id=n, sequence=seq, path=tmp_path / n, msa_depth=30,
+                       num_templates=0, key="k1") for n in ("S", "T")]
+    settings = _settings(tmp_path)
+    settings.out.mkdir()
+    with Ledger(settings.out) as ledger:
+        ledger.register([Target(fs.name, fs.name, seq) for fs in sets])
+        for fs in sets:
+            ledger.reconcile(fs.name, State.FEATURES_READY)
+        sched = Scheduler(settings, ledger, 1, _TwoSmallNodes(), None, [], [], total=2,
+                          done_before=0)
+        sched._parked = {"S": [sets[1]]}
+        sched.stopped = "SIGUSR1: asked to drain"
+        sched._fail_stranded_twins()
+        assert ledger.get("T").state is State.FEATURES_READY and sched._parked
+        sched.stopped = None
+        sched._fail_stranded_twins()
+        record = ledger.get("T")
+        assert record.state is State.FAILED and "S, which never finished" in record.error
+        assert (sched.failed, sched.finished, sched._parked) == (1, 1, {})
