@@ -171,6 +171,42 @@ def test_worker_batches_with_helper_processes(env, tmp_path):
         assert o.timings[f"predict_{MODEL}"] > 0
 
 
+def test_only_written_outputs_leave_the_device(env, tmp_path, monkeypatch):
+    """Without --save-raw only the entries the files need are copied to the host (the
+    distogram and PAE probabilities are most of a result's bytes); with it, everything, and
+    `result_*.pkl` holds them."""
+    import pickle
+
+    import jax
+
+    from parafold.fold.worker import _WRITTEN, FoldWorker
+
+    root, settings, _, sets = env
+    real_get, fetched = jax.device_get, []
+
+    def device_get(x):
+        if isinstance(x, dict) and "plddt" in x:
+            fetched.append(set(x))
+        return real_get(x)
+
+    monkeypatch.setattr(jax, "device_get", device_get)
+    for save_raw in (False, True):
+        fetched.clear()
+        out = tmp_path / f"raw{save_raw}"
+        with FoldWorker(root / "weights", replace(settings, save_raw=save_raw)) as worker:
+            outcomes = worker.fold(sets, out)
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+        assert fetched
+        if save_raw:
+            assert all("distogram" in keys for keys in fetched), fetched
+            with open(out / sets[0].name / f"result_{MODEL}.pkl", "rb") as handle:
+                assert "distogram" in pickle.load(handle)
+        else:
+            assert all(keys <= set(_WRITTEN) for keys in fetched), fetched
+            assert (out / sets[0].name / "ranked_0.cif").is_file()
+            assert (out / sets[0].name / f"pae_{MODEL}.json").is_file()
+
+
 def test_out_of_memory_sending_a_batchs_inputs_halves_the_batch(env, tmp_path, monkeypatch):
     """XLA's out-of-memory while the stacked inputs go to the device is the shape's, as at
     launch: the batch is halved and every member predicted, none failed."""

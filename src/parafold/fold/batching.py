@@ -94,14 +94,16 @@ def stack_members(members: Sequence[dict[str, np.ndarray]], key: ShapeKey
     """Per-iteration inputs of shape [B, ...], from members' [iterations, ...] arrays.
 
     Slots past the real members are copies of the first member (a dummy: it is computed and
-    thrown away, so the shape stays `key.batch`).
+    thrown away, so the shape stays `key.batch`). Each iteration's arrays are stacked on
+    their own, so they are contiguous: `device_put` sends them without another host copy
+    (slices of one [B, iterations, ...] stack would each be copied dense first).
     """
     if not members or len(members) > key.batch:
         raise ValueError(f"{len(members)} members for a batch of {key.batch}")
     slots = list(members) + [members[0]] * (key.batch - len(members))
     iterations = int(members[0]["aatype"].shape[0])
-    stacked = {name: np.stack([m[name] for m in slots]) for name in members[0]}
-    return [{name: v[:, r] for name, v in stacked.items()} for r in range(iterations)]
+    return [{name: np.stack([m[name][r] for m in slots]) for name in members[0]}
+            for r in range(iterations)]
 
 
 def split_members(result: dict[str, Any], count: int) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -324,6 +324,15 @@ def _batched_step_fn(transform: hk.Transformed) -> Any:
     return jax.vmap(_step_fn(transform), in_axes=(None, 0, 0, 0))
 
 
+def _kept(outputs: dict[str, Any], keep: Collection[str] | None) -> dict[str, Any]:
+    """The outputs to copy to the host: all, or only the `keep` ones. The distogram and the
+    aligned-error probabilities are ~98% of a result's bytes and no output file needs them
+    (only `--save-raw`), so leaving them on the device saves that transfer and host memory."""
+    if keep is None:
+        return outputs
+    return {k: v for k, v in outputs.items() if k in keep}
+
+
 def _member_keys(seeds: list[int], iterations: int) -> list[Any]:
     """Per-iteration PRNG keys [B, 2], each member's sequence exactly as a lone run draws it."""
     import jax
@@ -529,12 +538,14 @@ class ModelRunner:
         self.stats.launches += 1
         return Launched(key=key, outputs=outputs, iterations=done, started=started)
 
-    def fetch(self, launched: Launched) -> tuple[dict[str, Any], float]:
-        """Wait for a launched prediction; its outputs as numpy and seconds since launch."""
+    def fetch(self, launched: Launched, keep: Collection[str] | None = None
+              ) -> tuple[dict[str, Any], float]:
+        """Wait for a launched prediction; its outputs as numpy and seconds since launch.
+        With `keep`, only those outputs leave the device (see `_kept`)."""
         import jax
 
         with self._running(launched.key):  # async dispatch reports failures at the first wait
-            result = jax.device_get(launched.outputs)
+            result = jax.device_get(_kept(launched.outputs, keep))
         seconds = time.perf_counter() - launched.started
         self.stats.predict_s += seconds
         self.stats.predictions += 1
@@ -590,14 +601,16 @@ class ModelRunner:
         return LaunchedBatch(key=key, outputs=outputs, iterations=ran, count=count,
                              started=started)
 
-    def fetch_batch(self, launched: LaunchedBatch) -> tuple[list[dict[str, Any]], float]:
-        """Wait for a batch; one numpy result per real member and seconds since launch."""
+    def fetch_batch(self, launched: LaunchedBatch, keep: Collection[str] | None = None
+                    ) -> tuple[list[dict[str, Any]], float]:
+        """Wait for a batch; one numpy result per real member and seconds since launch.
+        With `keep`, only those outputs leave the device (see `_kept`)."""
         import jax
 
         from parafold.fold.batching import split_members
 
         with self._running(launched.key):
-            host = jax.device_get(launched.outputs)
+            host = jax.device_get(_kept(launched.outputs, keep))
         seconds = time.perf_counter() - launched.started
         self.stats.predict_s += seconds
         self.stats.predictions += launched.count

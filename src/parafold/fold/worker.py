@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 
 _LOOKAHEAD = 2  # units whose features are processed while an earlier one waits to launch
 _JOBS_PER_HELPER = 2  # and beyond them, jobs submitted but not yet launched, per helper
-# Result entries the output files need; the rest (distogram, PAE probabilities, ...) is kept
-# only for `save_raw`, so less crosses to the writer processes.
+# Result entries the output files need; the rest (distogram, PAE probabilities, ...) is
+# fetched from the device and kept only for `save_raw`.
 _WRITTEN = ("plddt", "structure_module", "ptm", "predicted_aligned_error",
             "max_predicted_aligned_error", "num_recycles")
 _TARGET_ERRORS = (PipelineError, ValueError, KeyError, RuntimeError, OSError)
@@ -573,10 +573,11 @@ class FoldWorker:
         """Fetch a launched unit and record each member's prediction."""
         try:
             with self._timing("fetch_wait"):  # mostly the device finishing the unit
+                keep = None if self.settings.save_raw else _WRITTEN
                 if p.key.batch > 1:
-                    results, seconds = self.runner.fetch_batch(p.launched)
+                    results, seconds = self.runner.fetch_batch(p.launched, keep)
                 else:
-                    result, seconds = self.runner.fetch(p.launched)
+                    result, seconds = self.runner.fetch(p.launched, keep)
                     results = [result]
         except GpuOutOfMemoryError as exc:
             self._out_of_memory(p.unit, p.key, p.members, p.feats, exc, ctx)
