@@ -502,6 +502,33 @@ def test_a_model_whose_confidence_is_not_a_number_ranks_last(tmp_path):
     assert ranking["order"] == order and ranking["plddts"]["model_2_ptm"] is None
 
 
+def test_scores_and_pae_files_stay_json_where_a_value_is_not_a_number(tmp_path):
+    """A NaN in one residue's pLDDT, one PAE cell, pTM and max PAE: `scores_*.json` and
+    `pae_*.json` write null there (jq and browsers refuse NaN), the other values as numbers."""
+    import json
+
+    from parafold.fold.outputs import write_target_outputs
+
+    pred = _prediction("model_1_ptm", 70.0)
+    pred.result["plddt"][2] = np.nan
+    pred.result["predicted_aligned_error"][1, 4] = np.inf
+    pred.result["ptm"] = np.float32(np.nan)
+    pred.result["max_predicted_aligned_error"] = np.float32(np.nan)
+    write_target_outputs(tmp_path / "t", "t", [pred], {}, save_raw=False)
+
+    def strict(name):
+        return json.loads((tmp_path / "t" / name).read_text(),
+                          parse_constant=lambda c: pytest.fail(f"{c} in {name}"))
+
+    scores = strict("scores_model_1_ptm.json")
+    assert scores["plddt"] == [70.0, 70.0, None, 70.0, 70.0, 70.0]
+    assert scores["mean_plddt"] is None and scores["ptm"] is None and scores["max_pae"] is None
+    pae = strict("pae_model_1_ptm.json")[0]
+    assert pae["predicted_aligned_error"][1][4] is None
+    assert pae["predicted_aligned_error"][1][3] == 1.0
+    assert pae["max_predicted_aligned_error"] is None
+
+
 def test_shape_costs_price_every_family_model_seed_and_iteration():
     from parafold.fold.costs import shape_costs
     from parafold.fold.workmodel import shape_flops
@@ -564,3 +591,23 @@ def test_a_gpu_gets_all_cores_but_three_for_feature_helpers():
     assert feature_helpers(112 // 8) == 11  # a DGX H100's share per GPU
     assert auto_workers(None, "cpu", gpu_default=13) == 0  # inline on the CPU
     assert auto_workers(3, "gpu", gpu_default=13) == 3
+
+
+def test_stacked_batch_inputs_are_contiguous_per_iteration():
+    """Each iteration's batched array is dense (device_put sends it without a copy) and holds
+    the members' arrays of that iteration, then the first member again in dummy slots."""
+    from parafold.fold.batching import stack_members
+
+    rng = np.random.default_rng(0)
+    members = [{"aatype": rng.integers(0, 20, (3, 8)), "msa_feat": rng.random((3, 4, 8, 5))}
+               for _ in range(2)]
+    key = buckets.ShapeKey(family="no-templates", length=8, clusters=4, extra=1,
+                           templates=0, batch=4)
+    stacked = stack_members(members, key)
+    assert len(stacked) == 3
+    for r, inputs in enumerate(stacked):
+        for name, value in inputs.items():
+            assert value.flags.c_contiguous, (r, name)
+            assert value.shape == (4,) + members[0][name].shape[1:]
+            for slot, member in enumerate(members + members[:1] * 2):
+                np.testing.assert_array_equal(value[slot], member[name][r])

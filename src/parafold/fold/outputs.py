@@ -121,21 +121,33 @@ def _protein(pred: Prediction) -> Any:
                                    remove_leading_feature_dimension=False)
 
 
+def _json_numbers(values: Any, decimals: int) -> list[Any]:
+    """An array as (nested) JSON lists of rounded numbers, null where one is not finite."""
+    rounded = np.round(np.asarray(values, np.float64), decimals)
+    finite = np.isfinite(rounded)
+    if finite.all():
+        return rounded.tolist()
+    out = rounded.astype(object)
+    out[~finite] = None
+    return out.tolist()
+
+
 def _scores(pred: Prediction) -> dict[str, Any]:
-    out: dict[str, Any] = {"plddt": [round(float(x), 2) for x in pred.plddt],
-                           "mean_plddt": round(pred.mean_plddt, 3),
+    out: dict[str, Any] = {"plddt": _json_numbers(pred.plddt, 2),
+                           "mean_plddt": _json_number(round(pred.mean_plddt, 3)),
                            "num_recycles": int(pred.result.get("num_recycles", 0))}
     if pred.ptm is not None:
-        out["ptm"] = round(pred.ptm, 4)
-        out["max_pae"] = round(float(pred.result["max_predicted_aligned_error"]), 3)
+        out["ptm"] = _json_number(round(pred.ptm, 4))
+        out["max_pae"] = _json_number(
+            round(float(pred.result["max_predicted_aligned_error"]), 3))
     return out
 
 
 def _pae_json(pred: Prediction) -> str:
-    pae = np.round(np.asarray(pred.result["predicted_aligned_error"], np.float64), 2)
-    doc = [{"predicted_aligned_error": pae.tolist(),
-            "max_predicted_aligned_error": round(float(pred.result["max_predicted_aligned_error"]), 2)}]
-    return json.dumps(doc, separators=(",", ":"))
+    pae = _json_numbers(pred.result["predicted_aligned_error"], 2)
+    top = _json_number(round(float(pred.result["max_predicted_aligned_error"]), 2))
+    doc = [{"predicted_aligned_error": pae, "max_predicted_aligned_error": top}]
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
 def write_target_outputs(folder: Path, name: str, predictions: Sequence[Prediction],
