@@ -78,7 +78,7 @@ def test_same_text_for_random_proteins():
 
 @pytest.mark.parametrize("file_id", ["T1000", "t1000_model", "a b", "x'y", "x' y", "x' y\" z",
                                      'q"uote', "_name", "with;semicolon", ";start", "#hash",
-                                     "$dollar", "[b]", "data_x", "save_y", "loop_", "a\nb",
+                                     "$dollar", "[b]", "a\nb",
                                      "tab\tid", "ünïcode", "ß", ""])
 def test_file_ids(file_id):
     prot = _prediction_protein(5, np.random.default_rng(5))
@@ -90,6 +90,34 @@ def test_file_ids(file_id):
         return
     assert mmcif.to_mmcif(prot, file_id=file_id) == expected
     _assert_same(prot, file_id)
+
+
+@pytest.mark.parametrize("file_id", ["data_1", "DATA_x", "save_y", "loop_", "Stop_it",
+                                     "global_z", "data_it's"])
+def test_an_id_read_as_a_reserved_word_is_quoted(file_id):
+    """CIF's reserved words are case-insensitive; AlphaFold's writer (through Biopython)
+    quotes `data_x` but upper-cases it first, so `_entry.id DATA_X` went out bare and strict
+    readers (gemmi, the wwPDB's) refused the file. Only that line differs from AlphaFold's."""
+    from Bio.PDB.MMCIF2Dict import MMCIF2Dict
+
+    prot = _prediction_protein(5, np.random.default_rng(5))
+    expected = protein.to_mmcif(prot, file_id=file_id, model_type="Monomer").splitlines()
+    ours = mmcif.to_mmcif(prot, file_id=file_id).splitlines()
+    changed = [i for i, (a, b) in enumerate(zip(expected, ours, strict=True)) if a != b]
+    fid = file_id.upper()
+    line = next(i for i, text in enumerate(ours) if text.startswith("_entry.id"))
+    assert ours[line].split(None, 1)[1] in (f"'{fid}'", f'"{fid}"')
+    assert changed == ([] if "'" in fid else [line])  # Biopython quotes one with a quote
+    if not fid.startswith("LOOP_"):  # Biopython's own reader takes a quoted 'loop_' as one
+        assert MMCIF2Dict(io.StringIO("\n".join(ours)))["_entry.id"] == [fid]
+
+
+def test_a_long_id_is_cut_to_a_legal_data_block_code():
+    """A CIF data block code holds at most 75 characters (parafold's names reach 80)."""
+    prot = _prediction_protein(5, np.random.default_rng(5))
+    text = mmcif.to_mmcif(prot, file_id="n" * 80)
+    assert text.splitlines()[0] == "data_" + "N" * 75
+    assert "_entry.id   " + "N" * 75 in text.splitlines()
 
 
 @pytest.mark.parametrize("model_type", ["Monomer", "Multimer", "monomer_ptm", "it's a model",

@@ -121,6 +121,26 @@ def test_a_copy_is_what_predicting_the_twin_writes(tmp_path):
     assert "copied_from" not in timings and "copy_prediction" not in timings
 
 
+@pytest.mark.parametrize("name", ["twin", "data_twin"])
+def test_a_copy_keeps_residues_without_atoms(tmp_path, name):
+    """X (and U, B, Z, O) residues have no atoms, so no PDB line: the twin's mmCIF still has
+    them, leading, inner and trailing, as predicting the twin writes it (also for a name
+    whose `_entry.id` needs quotes)."""
+    preds = _predictions(16, seed=8)
+    for pred in preds:
+        pred.aatype[[0, 7, 14, 15]] = rc.restype_num  # UNK
+        pred.result["structure_module"]["final_atom_mask"] = rc.STANDARD_ATOM_MASK[
+            pred.aatype].astype(np.float32)
+    write_target_outputs(tmp_path / "src", "src", preds, {}, save_raw=False)
+    write_target_outputs(tmp_path / "expected", name, preds, {}, save_raw=False)
+    (tmp_path / name).mkdir()
+    copy_prediction(tmp_path / "src", tmp_path / name, name)
+    for index in range(len(preds)):
+        cif = f"ranked_{index}.cif"
+        assert (tmp_path / name / cif).read_text() == (tmp_path / "expected" / cif).read_text()
+    assert (tmp_path / name / "ranked_0.cif").read_text().count("UNK") >= 4
+
+
 def test_a_copy_stopped_on_the_way_leaves_no_done_marker(tmp_path, monkeypatch):
     """A twin predicted before with other settings is copied to: a copy stopped half way (a
     full disk, a kill) must not leave the old done marker beside the new files."""

@@ -17,6 +17,7 @@ need it.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from alphafold.common import mmcif_metadata, protein
 from alphafold.common import residue_constants as rc
 from Bio.PDB.mmcifio import MMCIFIO
 
-__all__ = ["to_mmcif"]
+__all__ = ["renamed", "to_mmcif"]
 
 _IO = MMCIFIO()  # only its quoting rules are used
 _RESNAMES = np.array(rc.resnames, dtype=object)  # index 20 is UNK
@@ -39,11 +40,45 @@ Columns = Sequence[tuple[str, Sequence[str]]]
 
 
 def to_mmcif(prot: Any, *, file_id: str, model_type: str = "Monomer") -> str:
-    """`alphafold.common.protein.to_mmcif(prot, file_id, model_type)`, byte for byte."""
+    """`alphafold.common.protein.to_mmcif(prot, file_id, model_type)`, byte for byte, for
+    an id CIF holds as it is. AlphaFold's writer names the file `str(index)`; parafold names
+    it after the target, so two cases AlphaFold never meets are made legal here: an id is cut
+    to 75 characters (CIF's longest data block code), and an `_entry.id` that reads as a
+    reserved word (`DATA_1`: CIF's are case-insensitive, Biopython quotes only lowercase
+    ones) is quoted, or gemmi and the wwPDB's reader refuse the file."""
+    file_id = file_id[:MAX_BLOCK_CODE]
     text = _fast_to_mmcif(prot, file_id, model_type)
     if text is None:
-        return protein.to_mmcif(prot, file_id=file_id, model_type=model_type)
-    return text
+        text = protein.to_mmcif(prot, file_id=file_id, model_type=model_type)
+    return _quote_reserved_entry_id(text, file_id.upper())
+
+
+def renamed(text: str, file_id: str) -> str | None:
+    """An mmCIF `to_mmcif` wrote, as it writes it for `file_id`: only the data block line
+    and `_entry.id` name the file. None for text that does not start as `to_mmcif` writes.
+
+    A copied prediction is renamed this way rather than rebuilt from its PDB, which holds no
+    residue without atoms (an X, U, B, Z or O): rebuilt, trailing ones were lost."""
+    head = text.split("\n", 4)
+    if (len(head) < 5 or not head[0].startswith("data_") or head[1] != "#"
+            or not head[2].startswith("_entry.id ") or head[3] != "#"):
+        return None
+    fid = file_id[:MAX_BLOCK_CODE].upper()
+    entry = _category("_entry", [("id", [fid])])
+    return _quote_reserved_entry_id(f"data_{fid}\n#\n{entry}", fid) + head[4]
+
+
+MAX_BLOCK_CODE = 75
+_RESERVED_PREFIXES = ("data_", "save_", "loop_", "stop_", "global_")
+
+
+def _quote_reserved_entry_id(text: str, fid: str) -> str:
+    """`text` with its `_entry.id` value quoted when it starts like a CIF reserved word."""
+    if not fid.lower().startswith(_RESERVED_PREFIXES):
+        return text
+    quote = "'" if "'" not in fid else '"'
+    line = re.compile(rf"^(_entry\.id\s+){re.escape(fid)}$", re.MULTILINE)
+    return line.sub(lambda m: f"{m.group(1)}{quote}{fid}{quote}", text, count=1)
 
 
 def _fast_to_mmcif(prot: Any, file_id: str, model_type: str) -> str | None:

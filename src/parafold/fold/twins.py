@@ -8,8 +8,8 @@ both: the seeds come from the model and `--random-seed`, never from the target. 
 of each key, the *source*, is predicted, and every *twin* gets the source's files.
 
 A copy is what predicting the twin would have written: every per-prediction file byte for
-byte, except the ranked mmCIFs, which name their target and are written again from the ranked
-PDBs (the same text as from the prediction: both have three decimals). `ranking_debug.json`
+byte, except the ranked mmCIFs, which name their target: the source's with the twin's name in
+their header (`mmcif.renamed`). `ranking_debug.json`
 goes last, as after a prediction, so a killed copy is redone and a finished one never is.
 Files are copied, not hard-linked: editing one target's file must not change another's.
 Feature sets without a key (a `features.pkl` from elsewhere) are never twins.
@@ -130,10 +130,6 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
         OutputError: the source has no complete prediction, or one of its files is unreadable.
         OSError: a file could not be written (a full disk among them).
     """
-    from alphafold.common import protein
-
-    from parafold.fold import mmcif as fast_mmcif
-
     started = time.perf_counter()
     source_dir, twin_dir = Path(source_dir), Path(twin_dir)
     done = source_dir / DONE_FILE
@@ -161,14 +157,8 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
         atomic_copy(source_dir / name, twin_dir / name, link=False)
         written.add(name)
     for index in range(len(order)):
-        pdb_name, cif_name = f"ranked_{index}.pdb", _RANKED_CIF.format(index)
-        try:
-            prot = protein.from_pdb_string((source_dir / pdb_name).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise OutputError(f"{twin_name}: cannot read {source_dir.name}/{pdb_name}: "
-                              f"{exc}") from exc
-        atomic_write_text(twin_dir / cif_name,
-                          fast_mmcif.to_mmcif(prot, file_id=twin_name, model_type="Monomer"))
+        cif_name = _RANKED_CIF.format(index)
+        atomic_write_text(twin_dir / cif_name, _twin_mmcif(source_dir, index, twin_name))
         written.add(cif_name)
     remove_stale(twin_dir, written)
     seconds = time.perf_counter() - started
@@ -186,6 +176,29 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
     log.info("%s: same features as %s; its prediction copied (%d files, %.2f s)", twin_name,
              source_dir.name, len(written) + 1, seconds)
     return CopiedPrediction(twin_name, source_dir.name, tuple(order), mean_plddt, ptm, seconds)
+
+
+def _twin_mmcif(source_dir: Path, index: int, twin_name: str) -> str:
+    """The source's `ranked_<index>.cif` under the twin's name; rebuilt from `ranked_<index>
+    .pdb` only where that file is missing or not as parafold writes it (older versions)."""
+    from alphafold.common import protein
+
+    from parafold.fold import mmcif as fast_mmcif
+
+    try:
+        text = fast_mmcif.renamed(
+            (source_dir / _RANKED_CIF.format(index)).read_text(encoding="utf-8"), twin_name)
+    except (OSError, ValueError):
+        text = None
+    if text is not None:
+        return text
+    pdb_name = f"ranked_{index}.pdb"
+    try:
+        prot = protein.from_pdb_string((source_dir / pdb_name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{twin_name}: cannot read {source_dir.name}/{pdb_name}: "
+                          f"{exc}") from exc
+    return fast_mmcif.to_mmcif(prot, file_id=twin_name, model_type="Monomer")
 
 
 def _best_scores(folder: Path, best: str | None, ranking: dict[str, object]
