@@ -268,3 +268,40 @@ def test_run_sends_a_predicted_but_unrelaxed_target_to_the_fold_worker(tmp_path,
             ledger.register([target])
             plan = pipeline._reconcile(ledger, [target], settings, databases=object())
         assert (plan.done == ["t"]) == expect_done and (len(plan.ready) == 1) != expect_done
+
+
+def test_residues_after_an_unknown_one_keep_their_numbers(tmp_path, tiny_params):
+    """An X (or U, B, Z, O) has no atoms, so it is in no PDB and OpenMM numbered the relaxed
+    residues after it one lower; the relaxed files keep the prediction's numbering, and the
+    relaxed mmCIF keeps a trailing X in its sequence, as the unrelaxed one does."""
+    from Bio.PDB.MMCIF2Dict import MMCIF2Dict
+
+    from parafold.fold.synthetic import make_features
+    from parafold.fold.worker import FoldWorker
+
+    sequence = "MKVLAXGIVGKTAYIAKQRX"  # X at 6 and 20
+    sets = [write_feature_set(tmp_path / "features" / "tx", name="tx", target_id="tx",
+                              features=make_features(sequence, 8, seed=3))]
+    settings = replace(SETTINGS, num_seeds=1)
+    with FoldWorker(tiny_params, settings) as worker:
+        outcomes = worker.fold(sets, tmp_path / "out")
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    folder = tmp_path / "out" / "tx"
+    (model,) = _order(folder)
+    unrelaxed_cif = MMCIF2Dict(str(folder / "ranked_0.cif"))
+    relax_target(folder, "best")
+
+    def numbers(pdb: str) -> list[tuple[str, str]]:
+        return sorted({(line[22:26].strip(), line[17:20]) for line in pdb.splitlines()
+                       if line.startswith("ATOM")}, key=lambda r: int(r[0]))
+
+    relaxed = (folder / f"relaxed_{model}.pdb").read_text()
+    unrelaxed = (folder / f"unrelaxed_{model}.pdb").read_text()
+    assert numbers(relaxed) == numbers(unrelaxed)
+    assert ("7", "GLY") in numbers(relaxed) and "6" not in dict(numbers(relaxed))
+    relaxed_cif = MMCIF2Dict(str(folder / "ranked_0.cif"))
+    seq = relaxed_cif["_entity_poly_seq.mon_id"]
+    assert seq == unrelaxed_cif["_entity_poly_seq.mon_id"] and len(seq) == 20
+    assert seq[5] == seq[19] == "UNK"
+    assert sorted(set(map(int, relaxed_cif["_atom_site.label_seq_id"]))) == [
+        i for i in range(1, 21) if i not in (6, 20)]

@@ -168,6 +168,11 @@ def _relax_model(folder: Path, model: str) -> tuple[float, dict[str, Any]]:
         raise RelaxError(f"{folder.name}: relaxing {model} failed: "
                          f"{type(exc).__name__}: {exc}") from exc
     seconds = time.perf_counter() - started
+    try:
+        relaxed_pdb = _renumbered(relaxed_pdb, unrelaxed.residue_index.tolist())
+    except ValueError as exc:
+        raise RelaxError(f"{folder.name}: relaxed {model} does not match its prediction: "
+                         f"{exc}") from exc
     atomic_write_text(folder / f"relaxed_{model}.pdb", relaxed_pdb)
     log.info("%s: relaxed %s in %.1f s (%d violations left)", folder.name, model, seconds,
              int(sum(violations)))
@@ -179,6 +184,62 @@ def _relax_model(folder: Path, model: str) -> tuple[float, dict[str, Any]]:
         "rmsd": round(float(debug["rmsd"]), 4),
         "attempts": int(debug["attempts"]),
     }
+
+
+def _renumbered(pdb: str, numbers: Sequence[int]) -> str:
+    """A relaxed PDB with its residues numbered as the prediction's (`numbers`, in order).
+
+    OpenMM numbers the residues it writes 1..n, but a residue without atoms (an X, U, B, Z or
+    O of the input: UNK) is in no PDB, so every residue after one was shifted (AlphaFold's
+    relaxed files have the same flaw).
+
+    Raises:
+        ValueError: the PDB has another number of residues than `numbers`.
+    """
+    new: dict[tuple[str, str], int] = {}
+    lines = pdb.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if not line.startswith(("ATOM  ", "HETATM", "TER   ")) or len(line) < 27:
+            continue
+        ident = (line[21], line[22:27])  # chain, number and insertion code
+        if ident not in new:
+            if len(new) == len(numbers):
+                raise ValueError(f"more than its {len(numbers)} residues")
+            new[ident] = numbers[len(new)]
+        lines[i] = f"{line[:22]}{new[ident]:>4} {line[27:]}"
+    if len(new) != len(numbers):
+        raise ValueError(f"{len(new)} residues, not {len(numbers)}")
+    return "".join(lines)
+
+
+def _with_trailing_unknowns(prot: Any, length: int) -> Any:
+    """`prot` with the atom-less residues after its last one that the prediction had (its
+    per-residue pLDDT says how many): no PDB holds them, the prediction's mmCIF does."""
+    import numpy as np
+    from alphafold.common import protein
+    from alphafold.common import residue_constants as rc
+
+    last = int(prot.residue_index.max())
+    if length <= last:
+        return prot
+    extra = length - last
+    atoms = prot.atom_positions.shape[1:]
+    return protein.Protein(
+        atom_positions=np.concatenate([prot.atom_positions, np.zeros((extra, *atoms))]),
+        atom_mask=np.concatenate([prot.atom_mask, np.zeros((extra, atoms[0]))]),
+        aatype=np.concatenate([prot.aatype, np.full(extra, rc.restype_num)]),
+        residue_index=np.concatenate([prot.residue_index, np.arange(last + 1, length + 1)]),
+        chain_index=np.concatenate([prot.chain_index, np.full(extra, prot.chain_index[-1])]),
+        b_factors=np.concatenate([prot.b_factors, np.zeros((extra, atoms[0]))]))
+
+
+def _predicted_length(folder: Path, model: str) -> int:
+    """Residues of a prediction, atom-less ones included (its scores file); 0 if unknown."""
+    try:
+        plddt = json.loads((folder / f"scores_{model}.json").read_text(encoding="utf-8"))
+        return len(plddt["plddt"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _write_ranked(folder: Path, order: Sequence[str], relaxed: set[str]) -> None:
@@ -193,8 +254,9 @@ def _write_ranked(folder: Path, order: Sequence[str], relaxed: set[str]) -> None
             continue
         pdb = (folder / f"relaxed_{model}.pdb").read_text(encoding="utf-8")
         atomic_write_text(folder / f"ranked_{index}.pdb", pdb)
-        cif = fast_mmcif.to_mmcif(protein.from_pdb_string(pdb), file_id=folder.name,
-                                  model_type="Monomer")
+        prot = _with_trailing_unknowns(protein.from_pdb_string(pdb),
+                                       _predicted_length(folder, model))
+        cif = fast_mmcif.to_mmcif(prot, file_id=folder.name, model_type="Monomer")
         atomic_write_text(folder / f"ranked_{index}.cif", cif)
 
 
