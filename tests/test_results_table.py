@@ -237,3 +237,30 @@ def test_predict_writes_results_tsv_with_its_failures(tmp_path: Path,
     # what only predict knew is kept
     write_report(tmp_path / "o", plots=False)
     assert (tmp_path / "o" / RESULTS_FILE).read_text(encoding="utf-8").splitlines() == table
+
+
+def test_a_double_quote_in_an_id_or_error_keeps_every_line(tmp_path: Path) -> None:
+    """A record id starting with `"` made pandas fail and Python's csv merge the lines after
+    it: such cells are quoted as CSV readers expect, and read back as written (also by the
+    next table of a `predict` OUT, which keeps what only this one knew)."""
+    import csv
+    import io
+
+    from parafold.report.collect import _Row
+
+    rows = {"q": _Row("q", target_id='"quoted', state="failed", error='bad "x"\tthere'),
+            "r": _Row("r", target_id="r", state="queued"),
+            "s": _Row("s", target_id='say "hi"', state="queued")}
+    path = write_results_table(tmp_path, rows)
+
+    def read() -> list[tuple[str, str, str, str]]:
+        text = path.read_text(encoding="utf-8")
+        return [(r["name"], r["id"], r["state"], r["error"])
+                for r in csv.DictReader(io.StringIO(text), delimiter="\t")]
+
+    assert read() == [("q", '"quoted', "failed", 'bad "x" there'), ("r", "r", "queued", ""),
+                      ("s", 'say "hi"', "queued", "")]
+    assert path.read_text(encoding="utf-8").splitlines()[2] == "r\tr" + "\t" * 3 + "queued" + (
+        "\t\t\t\t\t0" + "\t" * 7)
+    write_results_table(tmp_path, {})  # no ledger: the failed row is known from the table
+    assert read() == [("q", '"quoted', "failed", 'bad "x" there')]

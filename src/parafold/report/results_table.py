@@ -3,12 +3,17 @@
 The rows are the report's (`collect.collect`: the ledger and the target folders, read once),
 sorted by folder name, in `RESULTS_COLUMNS` order after a header line. A value nobody wrote is
 an empty cell; a tab, CR or newline inside a value (record ids and errors come from outside)
-becomes a space, so every line has the same number of cells. The file is replaced atomically:
-a killed run leaves the previous table or the new one, never half of one.
+becomes a space, so every line has the same number of cells; a value with a double quote is
+quoted as CSV readers expect (in double quotes, its own doubled), as pandas, R and Python's csv
+read it back (bare, an id starting with a quote made them merge the lines that follow). The
+file is replaced atomically: a killed run leaves the previous table or the new one, never half
+of one.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,7 +24,8 @@ from parafold.report import RESULTS_FILE
 from parafold.report.collect import RANKED_PDB, _Row, collect
 from parafold.store import atomic_write_text
 
-__all__ = ["RESULTS_FILE", "RESULTS_COLUMNS", "format_results", "write_results_table"]
+__all__ = ["RESULTS_FILE", "RESULTS_COLUMNS", "format_results", "read_results",
+           "write_results_table"]
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +49,17 @@ def _cells(row: _Row) -> list[Any]:
 
 def format_results(rows: Iterable[_Row]) -> str:
     """The table's text: the header, then a line per row in the order given."""
-    lines = ["\t".join(RESULTS_COLUMNS)]
+    text = io.StringIO()
+    writer = csv.writer(text, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    writer.writerow(RESULTS_COLUMNS)
     for row in rows:
-        lines.append("\t".join("" if v is None else str(v).translate(_FLATTEN)
-                               for v in _cells(row)))
-    return "\n".join(lines) + "\n"
+        writer.writerow("" if v is None else str(v).translate(_FLATTEN) for v in _cells(row))
+    return text.getvalue()
+
+
+def read_results(text: str) -> list[dict[str, str]]:
+    """A `results.tsv` text as one {column: cell} dict per line (quoted cells unquoted)."""
+    return list(csv.DictReader(io.StringIO(text), delimiter="\t"))
 
 
 def _int(cell: str | None) -> int | None:
@@ -67,13 +79,11 @@ def _keep_what_only_the_last_table_knew(table: dict[str, _Row], path: Path) -> N
     the `predict` that wrote the table. A later `report` (or another shard's `predict`) keeps
     them from that table instead of dropping them; a row of its own wins."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        lines = read_results(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, csv.Error):
         return
-    header = lines[0].split("\t") if lines else []
-    for line in lines[1:]:
-        cells = dict(zip(header, line.split("\t"), strict=False))
-        name = cells.get("name", "")
+    for cells in lines:
+        name = cells.get("name") or ""
         row = table.get(name)
         if row is None:
             if not name or cells.get("state") != "failed":
