@@ -340,6 +340,38 @@ def test_pickles_need_trust(tmp_path):
         read_feature_set(tmp_path / "a", trust_pickles=True)
 
 
+def test_written_pickle_loads_under_numpy_one(tmp_path):
+    """AlphaFold 2.3 runs on numpy 1.21-1.24, which cannot load numpy 2's own pickles (they
+    name `numpy._core`): ours name only globals numpy 1 has, and load back equal, writeable."""
+    import io
+    import pickle
+
+    from parafold.fold.synthetic import make_features
+
+    feats = make_features("ACDEFGHIKLMNPQRSTVWY", 5, num_templates=2)
+    feats["a_scalar"] = np.float32(1.5)
+    write_feature_set(tmp_path / "a", name="a", target_id="a", features=feats,
+                      write_pickle=True)
+    data = (tmp_path / "a" / "features.pkl").read_bytes()
+    names: set[str] = set()
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module, name):
+            names.add(f"{module}.{name}")
+            return super().find_class(module, name)
+
+    loaded = Recording(io.BytesIO(data)).load()
+    assert names <= {"numpy.ndarray", "numpy.array", "builtins.bytearray"}, names
+    assert sorted(loaded) == sorted(feats)
+    for name, value in feats.items():
+        got = loaded[name]
+        assert got.dtype == np.asarray(value).dtype and got.flags.writeable, name
+        if got.dtype.hasobject:
+            assert got.tolist() == value.tolist(), name
+        else:
+            np.testing.assert_array_equal(got, value, err_msg=name)
+
+
 def test_features_alphafold_cannot_take_fail_their_target():
     """A foreign feature dict whose shapes AlphaFold's input pipeline asserts on (here
     num_alignments a scalar, not one per residue): a FeatureError, its target's own, not an

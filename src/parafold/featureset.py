@@ -134,11 +134,28 @@ def share_feature_set(source: FeatureSet, folder: Path, *, name: str, target_id:
     return _finish(fs, fs.load() if write_pickle else None)
 
 
+class _NumpyOnePickler(pickle.Pickler):
+    """A pickle of arrays that numpy 1 loads as well as numpy 2: AlphaFold 2.3 pins numpy
+    1.21-1.24, and numpy 2's own pickles name `numpy._core`, which numpy 1 lacks. Arrays go
+    as `numpy.ndarray(shape, dtype, bytearray)` (writeable, as AlphaFold's code expects),
+    object arrays as `numpy.array(list, "O")`, numpy scalars as 0-d arrays."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.generic):
+            obj = np.asarray(obj)
+        if type(obj) is not np.ndarray:
+            return NotImplemented
+        if obj.dtype.hasobject:
+            return np.array, (obj.tolist(), "O")
+        dense = np.ascontiguousarray(obj)
+        return np.ndarray, (dense.shape, dense.dtype.str, bytearray(dense.tobytes()))
+
+
 def _finish(fs: FeatureSet, pickled: dict[str, Any] | None) -> FeatureSet:
     """AlphaFold's `features.pkl` of `pickled` when given, then the manifest, last."""
     if pickled is not None:
         with atomic_writer(fs.path / PICKLE_FILE, "wb") as handle:
-            pickle.dump(pickled, handle, protocol=4)
+            _NumpyOnePickler(handle, protocol=4).dump(pickled)
     manifest = asdict(fs)
     manifest["path"] = "."
     atomic_write_json(fs.path / MANIFEST_FILE, manifest)
