@@ -184,3 +184,65 @@ def test_a_broken_or_compressed_a3m_input_is_refused_naming_the_file(tmp_path: P
     a3m.write_bytes(gzip.compress(b">q\nMKVL\n"))
     with pytest.raises(InputError, match=r"msa\.a3m\.gz: compressed A3M files are not read"):
         read_targets(a3m)
+
+
+def test_in_a_folder_an_unreadable_or_empty_file_is_one_problem(tmp_path: Path) -> None:
+    """A proteome folder with one download cut short, a CSV without its header and an empty
+    file: each is reported, naming the file, and the good files' records go on (a single
+    such file given as INPUT stays an error of the whole input, or a problem of its own)."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    _write(folder / "a.fasta", ">a1\nMKTAYIAK\n")
+    (folder / "b.fasta.gz").write_bytes(b"\x1f\x8b\x08\x00 truncated")
+    _write(folder / "c.csv", "name,seq\nx,MKT\n")
+    _write(folder / "d.fasta", "")
+    _write(folder / "e.fasta", ">e1\nACDEFGHIK\n")
+    parsed = read_targets(folder)
+    assert [t.id for t in parsed.targets] == ["a1", "e1"]
+    problems = {Path(p.source).name: (p.line, p.message) for p in parsed.problems}
+    assert sorted(problems) == ["b.fasta.gz", "c.csv", "d.fasta"]
+    assert problems["b.fasta.gz"][1].startswith("cannot read")
+    assert problems["c.csv"] == (1, "CSV needs a header with columns 'id' and 'sequence'")
+    assert problems["d.fasta"] == (0, "no records (an empty file?)")
+    assert str(parsed.problems[0]).startswith(f"{folder / 'b.fasta.gz'}: cannot read")
+    empty = read_targets(folder / "d.fasta")
+    assert not empty.targets and [p.message for p in empty.problems] == [
+        "no records (an empty file?)"]
+
+
+def test_a3m_share_of_an_input(tmp_path: Path) -> None:
+    from parafold.inputs import a3m_share
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write(folder / "q.a3m", ">q\nMKVL\n")
+    assert a3m_share(folder) == a3m_share(folder / "q.a3m") == "all"
+    _write(folder / "notes.txt", "ignored")
+    assert a3m_share(folder) == "all"
+    _write(folder / "p.fasta", ">p\nMKVL\n")
+    assert a3m_share(folder) == "some"
+    assert a3m_share(folder / "p.fasta") == "none"
+    (folder / "q.a3m").unlink()
+    assert a3m_share(folder) == "none"
+
+
+def test_a_folder_mixing_a3m_and_fasta_needs_a_msa_mode(tmp_path: Path) -> None:
+    """One stray .a3m in a folder of FASTA files used to switch the whole run to precomputed
+    MSAs (every FASTA record then failed for want of one); now it asks which is meant."""
+    from typer.testing import CliRunner
+
+    from parafold.cli import app
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write(folder / "q.a3m", ">q\nMKVLAAGIVG\n")
+    _write(folder / "p.fasta", ">p\nACDEFGHIKL\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["features", str(folder), "-o", str(out), "--cpus", "1"])
+    assert res.exit_code == 2, res.output
+    assert "holds both A3M files and FASTA or CSV files" in res.output
+    assert "--msa-mode" in res.output and not out.exists()
+    res = CliRunner().invoke(app, ["features", str(folder), "-o", str(out), "--cpus", "1",
+                                   "--msa-mode", "single_sequence"])
+    assert res.exit_code == 0, res.output
+    assert (out / "p" / "features.npz").is_file() and (out / "q" / "features.npz").is_file()

@@ -108,13 +108,23 @@ def databases_check(
 
 def _msa_mode_and_dir(input_path: Path, msa_mode: str | None,
                       msa_dir: Path | None) -> tuple[str, str]:
-    """The MSA mode and precomputed folder, defaulted from INPUT when it holds A3M files."""
-    from parafold.inputs import is_a3m_input
+    """The MSA mode and precomputed folder, defaulted from INPUT when it holds A3M files.
 
-    a3m = is_a3m_input(input_path)
-    mode = msa_mode or ("precomputed" if a3m else "classic")
+    Raises:
+        InputError: INPUT mixes A3M and FASTA files and no mode says which is meant.
+    """
+    from parafold.errors import InputError
+    from parafold.inputs import a3m_share
+
+    share = a3m_share(input_path)
+    if msa_mode is None and share == "some":
+        raise InputError(
+            f"{input_path}: holds both A3M files and FASTA or CSV files; say which MSAs to "
+            "use with --msa-mode: precomputed (every record's <id>.a3m, from --msa-dir or "
+            "this folder) or classic/mmseqs (search every record, the A3M files' queries too)")
+    mode = msa_mode or ("precomputed" if share == "all" else "classic")
     folder = msa_dir
-    if folder is None and mode == "precomputed" and a3m:
+    if folder is None and mode == "precomputed" and share != "none":
         folder = input_path if input_path.is_dir() else input_path.parent
     return mode, str(folder) if folder is not None else ""
 

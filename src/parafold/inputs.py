@@ -27,7 +27,7 @@ __all__ = [
     "InputProblem",
     "ParsedInput",
     "read_targets",
-    "is_a3m_input",
+    "a3m_share",
     "safe_name",
     "UniqueNames",
     "sequence_hash",
@@ -242,12 +242,17 @@ def _a3m_records(path: Path) -> list[_RawRecord]:
                        whole_header_is_id=True)]
 
 
-def is_a3m_input(path: Path | str) -> bool:
-    """Whether INPUT is an A3M file or a folder holding A3M files."""
+def a3m_share(path: Path | str) -> str:
+    """How much of INPUT is A3M files: "all", "some" (a folder that mixes them with FASTA
+    or CSV files) or "none"."""
     path = Path(path)
-    if path.is_dir():
-        return any(p.suffix.lower() in A3M_SUFFIXES for p in path.iterdir() if p.is_file())
-    return path.suffix.lower() in A3M_SUFFIXES  # a compressed one is refused when read
+    if not path.is_dir():  # a compressed one is refused when read
+        return "all" if path.suffix.lower() in A3M_SUFFIXES else "none"
+    try:
+        kinds = {p.suffix.lower() in A3M_SUFFIXES for p in _input_files(path)}
+    except InputError:
+        return "none"
+    return "all" if kinds == {True} else "some" if True in kinds else "none"
 
 
 def _input_files(path: Path) -> list[Path]:
@@ -290,8 +295,25 @@ def _clean_sequence(raw: str) -> tuple[str, str | None]:
     return seq, None
 
 
+def _records(file: Path) -> list[_RawRecord]:
+    kind = _kind(file)
+    if kind in TABLE_SUFFIXES:
+        return _csv_records(file)
+    return _a3m_records(file) if kind in A3M_SUFFIXES else _fasta_records(file)
+
+
+def _file_problem(file: Path, message: str) -> InputProblem:
+    """A whole file of an INPUT folder that cannot be read, as a problem of its own."""
+    for prefix, line in ((f"{file}:1: ", 1), (f"{file}: ", 0)):
+        if message.startswith(prefix):
+            return InputProblem(str(file), line, "", message[len(prefix):])
+    return InputProblem(str(file), 0, "", message)
+
+
 def read_targets(path: Path | str) -> ParsedInput:
-    """All good targets from a FASTA file, a folder of FASTA/CSV files, or a CSV.
+    """All good targets from a FASTA file, a folder of FASTA/CSV files, or a CSV. In a
+    folder, a file that cannot be read (a download cut short, a CSV without its header) is a
+    problem like a bad record, and the other files go on.
 
     Raises:
         InputError: the path itself is unusable (missing, unreadable, a CSV without header).
@@ -302,11 +324,15 @@ def read_targets(path: Path | str) -> ParsedInput:
     seen_ids: dict[str, str] = {}
     used_names = UniqueNames()
     for file in _input_files(path):
-        kind = _kind(file)
-        if kind in TABLE_SUFFIXES:
-            records = _csv_records(file)
-        else:
-            records = _a3m_records(file) if kind in A3M_SUFFIXES else _fasta_records(file)
+        try:
+            records = _records(file)
+        except InputError as exc:
+            if not path.is_dir():
+                raise
+            problems.append(_file_problem(file, str(exc)))  # the folder's other files go on
+            continue
+        if not records:
+            problems.append(InputProblem(str(file), 0, "", "no records (an empty file?)"))
         for rec in records:
             record_id = (rec.header.strip() if rec.whole_header_is_id
                          else rec.header.split()[0] if rec.header.split() else "")
