@@ -390,6 +390,50 @@ def test_precomputed_a3m_with_comment_lines_and_bom(tmp_path: Path) -> None:
     assert list(read_msa(bom, target).sequences) == ["MKTAYIAK"]
 
 
+def test_precomputed_a3m_with_mmseqs2_nul_bytes(tmp_path: Path) -> None:
+    """ColabFold's MSA server files end each entry with a NUL byte, and its UniRef and
+    environmental entries of one query may be joined: read as ColabFold reads them; entries
+    of several queries are refused, naming them."""
+    from parafold.errors import InputError
+    from parafold.inputs import read_targets
+    from parafold.search.precomputed import read_msa
+
+    target = Target("q", "q", "MKTAYIAK")
+    path = tmp_path / "q.a3m"
+    path.write_bytes(b">101\nMKTAYIAK\n>h1\nMKTAYIAR\n\x00")
+    assert list(read_msa(path, target).sequences) == ["MKTAYIAK", "MKTAYIAR"]
+    path.write_bytes(b">101\nMKTAYIAK\n>h1\nMKTAYIAR\n\x00>101\nMKTAYIAK\n>e1\nMKSAYIAK\n\x00")
+    assert list(read_msa(path, target).sequences) == ["MKTAYIAK", "MKTAYIAR", "MKTAYIAK",
+                                                      "MKSAYIAK"]
+    assert [t.sequence for t in read_targets(path).targets] == ["MKTAYIAK"]  # as INPUT too
+    path.write_bytes(b">101\nMKTAYIAK\n\x00>102\nMKVLAAGI\n\x00")
+    with pytest.raises(InputError, match=r"MSAs of 2 queries \(>101, >102\)"):
+        read_msa(path, target)
+
+
+def test_precomputed_msa_named_as_colabfold_search_names_it_is_found(tmp_path: Path) -> None:
+    """`colabfold_search` names each A3M after the query's whole FASTA header (its
+    `safe_filename`): a UniProt proteome's MSAs are found by that name through --msa-dir."""
+    from parafold.errors import InputError
+    from parafold.inputs import read_targets
+    from parafold.search.precomputed import find_msa_file
+
+    fasta = tmp_path / "proteome.fasta"
+    fasta.write_text(">sp|P12345|NAME_HUMAN Some protein OS=Homo sapiens OX=9606\nMKTAYIAK\n"
+                     ">plain\nMKVLAAGI\n")
+    target, plain = read_targets(fasta).targets
+    msas = tmp_path / "msas"
+    msas.mkdir()
+    path = msas / "sp_P12345_NAME_HUMAN_Some_protein_OS_Homo_sapiens_OX_9606.a3m"
+    path.write_text(">101\nMKTAYIAK\n")
+    (msas / "plain.a3m").write_text(">101\nMKVLAAGI\n")
+    assert find_msa_file(msas, target) == path
+    assert find_msa_file(msas, plain) == msas / "plain.a3m"
+    path.unlink()
+    with pytest.raises(InputError, match="sp_P12345_NAME_HUMAN_Some_protein_OS_Homo_sapiens"):
+        find_msa_file(msas, target)
+
+
 def test_precomputed_msa_of_a_very_long_id_is_found_by_its_safe_name(tmp_path: Path) -> None:
     from parafold.inputs import safe_name
     from parafold.search.precomputed import find_msa_file

@@ -61,13 +61,15 @@ class Target:
     """One protein to fold.
 
     `id` is the identifier as the user wrote it (for display and reports); `name` is the
-    file-system-safe, run-unique name used for every path.
+    file-system-safe, run-unique name used for every path; `header` is the whole FASTA
+    header (ColabFold names its MSA files after it).
     """
 
     id: str
     name: str
     sequence: str
     source: str = ""
+    header: str = ""
 
     def __post_init__(self) -> None:
         if not self.sequence:
@@ -184,7 +186,7 @@ def _fasta_records(path: Path, comments: tuple[str, ...] = (";",)) -> list[_RawR
     chunks: list[str] = []
     text = _read_text(path)
     for lineno, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
+        line = line.strip().strip("\0")  # MMseqs2's entry ends (ColabFold's MSA files)
         if not line or line.startswith(comments):
             continue
         if line.startswith(">"):
@@ -346,5 +348,6 @@ def read_targets(path: Path | str) -> ParsedInput:
                 continue
             seen_ids[record_id] = f"{rec.source}:{rec.line}"
             name = used_names.add(safe_name(record_id))
-            targets.append(Target(record_id, name, seq, f"{rec.source}:{rec.line}"))
+            targets.append(Target(record_id, name, seq, f"{rec.source}:{rec.line}",
+                                  header=rec.header.strip()))
     return ParsedInput(tuple(targets), tuple(problems))

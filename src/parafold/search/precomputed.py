@@ -27,15 +27,25 @@ MSA_SUFFIXES = (".a3m", ".sto")
 _MSA_ROW = re.compile(r"^[A-Za-z.\-]*$")
 
 
+def colabfold_msa_stem(header: str) -> str:
+    """The name `colabfold_search` gives a query's A3M: its whole FASTA header with every
+    character but letters, digits, '_', '.' and '-' made '_' (ColabFold's `safe_filename`):
+    `sp|P12345|NAME_HUMAN Some protein OS=Homo sapiens` -> `sp_P12345_NAME_HUMAN_Some_protein_
+    OS_Homo_sapiens`."""
+    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in header)
+
+
 def find_msa_file(msa_dir: Path | str, target: Target) -> Path:
-    """The target's MSA file: `<id>` first, then `<name>`, `.a3m` before `.sto`.
+    """The target's MSA file: `<id>` first, then `<name>`, then ColabFold's name for its
+    header (`colabfold_msa_stem`), `.a3m` before `.sto`.
 
     Raises:
         InputError: no such file (the names tried are in the message).
     """
     folder = Path(msa_dir)
     tried = []
-    for stem in dict.fromkeys((target.id, target.name)):
+    stems = (target.id, target.name, colabfold_msa_stem(target.header) if target.header else "")
+    for stem in dict.fromkeys(s for s in stems if s):
         if "/" in stem or stem in (".", ".."):
             continue
         for suffix in MSA_SUFFIXES:
@@ -91,6 +101,26 @@ def _a3m_rows(path: Path, text: str) -> list[tuple[int, str, str]]:
     return rows
 
 
+def _one_query(path: Path, text: str) -> str:
+    """The text without the NUL bytes MMseqs2's databases end each entry with (ColabFold's
+    MSA server files: `uniref.a3m`, the environmental one, or the two joined). Entries of one
+    query (the same first header) are one MSA, as ColabFold reads them.
+
+    Raises:
+        InputError: the entries are of several queries.
+    """
+    if "\0" not in text:
+        return text
+    parts = [part.strip() for part in text.split("\0") if part.strip()]
+    queries = dict.fromkeys(part.split("\n", 1)[0].strip() for part in parts)
+    if len(queries) > 1:
+        shown = ", ".join(list(queries)[:3])
+        raise InputError(f"{path}: holds the MSAs of {len(queries)} queries ({shown}) "
+                         "separated by NUL bytes (an MMseqs2 database file): give one query's "
+                         "MSA per file")
+    return "\n".join(parts) + "\n"
+
+
 def _check_query(where: str, first: str, target: Target) -> None:
     query = first.replace("-", "").replace(".", "").upper()
     if query != target.sequence:
@@ -110,6 +140,7 @@ def read_msa(path: Path, target: Target) -> parsers.Msa:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read MSA: {exc}") from exc
+    text = _one_query(path, text)
     if not text.strip():
         raise InputError(f"{path}: empty MSA file")
     if path.suffix.lower() == ".sto":
