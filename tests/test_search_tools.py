@@ -302,6 +302,23 @@ def _mmseqs_db(prefix: Path) -> Path:
     return prefix
 
 
+def test_several_candidates_for_a_database_are_named_once(tmp_path: Path, caplog) -> None:
+    """An upgrade that kept the old release beside the new one: which file is searched is
+    said (once), with the flag that chooses another."""
+    import logging
+
+    db = tmp_path / "db"
+    _layout(db)
+    (db / "mgnify" / "zz_older.fa").write_text(">m\nACDF\n")
+    with caplog.at_level(logging.WARNING, logger="parafold.search.databases"):
+        first = find_databases(db, "full_dbs").path("mgnify")
+        assert find_databases(db, "full_dbs").path("mgnify") == first
+    warnings = [r.getMessage() for r in caplog.records if "candidates" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "mgnify: 2 candidates" in warnings[0] and "zz_older.fa" in warnings[0]
+    assert f"using {first.name}" in warnings[0] and "--mgnify PATH" in warnings[0]
+
+
 def test_sibling_mmseqs_database_does_not_change_fingerprint(tmp_path: Path) -> None:
     """`pdb` and `pdb100_db`, `uniref30_db` and `uniref30_db2`: one name starts the other, but
     the files of one database are never counted as the other's."""

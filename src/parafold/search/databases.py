@@ -14,6 +14,7 @@ bytes, and gets a new fingerprint.
 from __future__ import annotations
 
 import glob
+import logging
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +26,8 @@ from parafold.store import fingerprint_files
 __all__ = ["DatabaseSet", "DatabaseStatus", "DB_NAMES", "find_databases", "check_databases",
            "database_fingerprint", "hh_db_files", "mmseqs_db_files", "mmseqs_fingerprint",
            "required_databases", "only_templates", "TEMPLATE_DATABASES"]
+
+log = logging.getLogger(__name__)
 
 DB_NAMES = ("uniref90", "mgnify", "bfd", "uniref30", "small_bfd", "pdb70", "pdb_mmcif",
             "pdb_seqres", "mmseqs_uniref30", "mmseqs_env", "mmseqs_pdb")
@@ -238,11 +241,29 @@ def _glob_in(name: str, folder: Path) -> Path | None:
                  and ".idx" not in p.stem]
     if not found:
         return None
+    if len(found) > 1:
+        _warn_several(name, folder, found)
     if kind == "mmseqs":
         return found[0].with_suffix("")
     if kind == "hh":
         return found[0].with_name(found[0].name[: -len(pattern.lstrip("*"))])
     return found[0]
+
+
+_WARNED: set[tuple[str, Path]] = set()
+
+
+def _warn_several(name: str, folder: Path, found: list[Path]) -> None:
+    """Say once which of several candidates is used: an upgrade that kept the old release
+    beside the new one would otherwise search the old one without a word."""
+    if (name, folder) in _WARNED:
+        return
+    _WARNED.add((name, folder))
+    choose = (f"give --{name} PATH to choose" if not name.startswith("mmseqs")
+              else "move the others out to choose")
+    log.warning("%s: %d candidates in %s (%s); using %s (%s)", name, len(found), folder,
+                ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else ""),
+                found[0].name, choose)
 
 
 def _find_one(name: str, db_dir: Path) -> Path | None:
