@@ -305,7 +305,8 @@ def test_params_errors_name_the_file(tmp_path):
     with np.load(path) as data:
         assert any("left_projection" in key for key in data.files)
     full = ModelSettings(config_size="full", models=(3,), compile_cache_dir=None)
-    with pytest.raises(ParamsError, match=r"params_model_3_ptm.npz: does not fit.*shape"):
+    with pytest.raises(ParamsError, match=r"params_model_3_ptm.npz: does not fit.*shape.*"
+                                          r"need --config tiny"):
         load_params(tmp_path, "model_3_ptm", full)
     # a triangle multiplication's half missing: named, not a KeyError from the fuse step
     with np.load(path) as data:
@@ -338,6 +339,27 @@ def test_pickles_need_trust(tmp_path):
     (tmp_path / "a" / "features.pkl").write_bytes(__import__("pickle").dumps([1, 2]))
     with pytest.raises(InputError, match="holds a list"):
         read_feature_set(tmp_path / "a", trust_pickles=True)
+
+
+def test_a_missing_params_file_says_the_usual_mix_up(tmp_path):
+    """--params-dir given params/ itself, or params of the other preset: the error says so."""
+    from parafold.fold.params import check_params_files, load_params, params_path
+
+    tiny = ModelSettings(config_size="tiny", models=(3,), compile_cache_dir=None)
+    path = params_path(tmp_path, "model_3_ptm")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK")
+    with pytest.raises(ParamsError, match=r"in .*params itself: give --params-dir the folder "
+                                          r"that holds params/"):
+        load_params(tmp_path / "params", "model_3_ptm", tiny)
+    with pytest.raises(ParamsError, match=r"params_model_3_ptm.npz is there: --model-preset "
+                                          r"monomer_ptm uses it"):
+        check_params_files(tmp_path, ["model_3"])
+    path.rename(path.with_name("params_model_3.npz"))
+    with pytest.raises(ParamsError, match=r"params_model_3.npz is there: --model-preset monomer "):
+        check_params_files(tmp_path, ["model_3_ptm"])
+    with pytest.raises(ParamsError, match=r"params_model_4_ptm.npz: missing \(expected"):
+        load_params(tmp_path, "model_4_ptm", tiny)
 
 
 def test_written_pickle_loads_under_numpy_one(tmp_path):

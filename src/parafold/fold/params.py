@@ -57,12 +57,26 @@ def check_params_files(params_dir: Path, model_names: Sequence[str]) -> None:
     for name in model_names:
         path = params_path(params_dir, name)
         if not path.is_file():
-            problems.append(f"{path}: missing")
+            problems.append(f"{path}: missing{_missing_hint(params_dir, name)}")
         elif not zipfile.is_zipfile(path):
             problems.append(f"{path}: not an npz archive")
     if problems:
         raise ParamsError("; ".join(problems) + " (expected AlphaFold's "
                           "params/params_<model>.npz layout; --models picks the models)")
+
+
+def _missing_hint(params_dir: Path, model_name: str) -> str:
+    """What the usual mix-ups look like, said where a params file is missing: --params-dir
+    given the params/ folder itself, or params of the other preset (with or without pTM)."""
+    params_dir = Path(params_dir)
+    if (params_dir / f"params_{model_name}.npz").is_file():
+        return (f" (it is in {params_dir} itself: give --params-dir the folder that holds "
+                "params/)")
+    other = model_name.removesuffix("_ptm") if model_name.endswith("_ptm") else f"{model_name}_ptm"
+    if params_path(params_dir, other).is_file():
+        preset = "monomer" if model_name.endswith("_ptm") else "monomer_ptm"
+        return f" (params_{other}.npz is there: --model-preset {preset} uses it)"
+    return ""
 
 
 def read_params_info(params_dir: Path) -> dict[str, Any] | None:
@@ -116,7 +130,10 @@ def _check(path: Path, params: dict[str, dict[str, np.ndarray]], want: Shapes) -
                         if name not in want.get(scope, {}))
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ParamsError(f"{path}: does not fit this model's architecture: {shown}")
+        hint = (" (params of another model size? weights from `parafold params random "
+                "--preset tiny` need --config tiny)" if any("has shape" in p for p in problems)
+                else "")
+        raise ParamsError(f"{path}: does not fit this model's architecture: {shown}{hint}")
 
 
 def load_params(params_dir: Path, model_name: str, settings: ModelSettings
@@ -130,7 +147,8 @@ def load_params(params_dir: Path, model_name: str, settings: ModelSettings
 
     path = params_path(params_dir, model_name)
     if not path.is_file():
-        raise ParamsError(f"{path}: missing (expected AlphaFold's params/params_<model>.npz layout)")
+        raise ParamsError(f"{path}: missing{_missing_hint(params_dir, model_name)} (expected "
+                          "AlphaFold's params/params_<model>.npz layout)")
     try:
         with np.load(path, allow_pickle=False) as data:
             flat = {key: data[key] for key in data.files}
