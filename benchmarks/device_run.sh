@@ -20,13 +20,20 @@
 #            weights through colabfold_batch 1.6.3 in its own environment
 #            (.device_carry/colabfold_site, built with pip --target; Bio from fold_site), cold
 #            both, colabfold stopped after 300 s and counted by the proteins it finished.  ~9 min.
-# Each step is bounded by `timeout`, writes JSON under $OUT and its log; a table follows.
+# Each step is bounded by `timeout` and stops parafold's run 45 s before it (--deadline), so
+# the run is reported; its JSON under $OUT is rewritten after each stage (an outer timeout
+# keeps what was measured) and its log is beside it; a table follows.
 #
 #   PYTHONPATH=src:.device_carry/fold_site OUT=$OUT bash benchmarks/device_run.sh predict
 #   PYTHONPATH=src:.device_carry/fold_site OUT=$OUT bash benchmarks/device_run.sh batched
 #   PYTHONPATH=src:.device_carry/fold_site OUT=$OUT bash benchmarks/device_run.sh five
 #   PYTHONPATH=src:.device_carry/fold_site OUT=$OUT bash benchmarks/device_run.sh colabfold
 set -u
+PART=${1:-batched}
+case "$PART" in
+  predict|batched|five|colabfold) ;;
+  *) echo "unknown part '$PART': predict, batched, five or colabfold" >&2; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/parafold-device}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-src:.device_carry/fold_site}
@@ -43,12 +50,11 @@ step() {  # name, seconds, args...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
   timeout --signal=INT --kill-after=30 "$limit" "${BENCH[@]}" "$@" --json "$OUT/$name.json" \
-    > "$OUT/$name.log" 2>&1
+    --deadline $((limit - 45)) > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
   tail -n 8 "$OUT/$name.log"
 }
 
-PART=${1:-batched}
 AHEAD=(--compile-ahead "${COMPILE_AHEAD:-1}" --executable-cache)
 PREDICT=(--n 200 --lengths 50-300 --depths 64-500 --max-batch 32 --cache-dir "$CACHE" --no-flops)
 if [ "$PART" = predict ]; then
@@ -65,7 +71,7 @@ elif [ "$PART" = five ]; then
     --time-limit 480 "${AHEAD[@]}"
   NAMES="five_cold"
 fi
-if [ "$PART" = colabfold ]; then
+if [ "$PART" = colabfold ]; then  # gpu_stage.py checks colabfold imports before GPU work
   CF_SITE="$PWD/.device_carry/colabfold_site:$PWD/.device_carry/fold_site"
   step vs_colabfold 560 --n 200 --lengths 50-150 --depths 32-127 --max-batch 32 \
     --cache-dir "$CACHE" --stock-subset 0 --no-flops "${AHEAD[@]}" --colabfold \
@@ -88,13 +94,17 @@ for name in sys.argv[2:]:
         print(f"{name}: no result (see {name}.log)")
         continue
     rep = json.loads(path.read_text())
-    ours = rep["parafold"]
+    ours = rep.get("parafold") or {}
     print(f"{name}: " + "  ".join(f"{c}={ours.get(c)}" for c in cols))
+    print(f"  stopped={ours.get('stopped')}  loop_s={ours.get('loop_s')}")
     if rep.get("bf16_peak_tflops"):
         print(f"  bf16 peak {rep['bf16_peak_tflops']} TFLOP/s")
-    if rep.get("stock_loop"):
-        print(f"  stock loop {rep['stock_loop']['proteins_per_hour_extrapolated']} proteins/hour "
-              f"(extrapolated), speedup {rep.get('speedup')}x")
+    stock = rep.get("stock_loop") or {}
+    if stock.get("proteins_timed"):
+        print(f"  stock loop {stock['proteins_per_hour_extrapolated']} proteins/hour "
+              f"(extrapolated, lengths {stock['lengths_timed']}), speedup {rep.get('speedup')}x; "
+              f"one run_alphafold.py process {stock['proteins_per_hour_one_process_extrapolated']}"
+              f"/hour, speedup {rep.get('speedup_vs_one_process')}x")
     if rep.get("colabfold") is not None:
         print(f"  colabfold: {rep['colabfold']}")
 EOF

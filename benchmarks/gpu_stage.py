@@ -3,18 +3,26 @@
 Reports proteins/hour counting feature processing and every output file, the GPU's busy
 fraction (union of [dispatch, ready] of each launch over the stage's wall time; nvidia-smi's
 utilization too where present), compiles, and useful FLOP/s: the matmul FLOPs of the traced
-program at each finished protein's real length (`parafold.fold.workmodel`, fitted exactly from
-traces; MSA-depth padding counted as work), over the stage's wall time, and that as a fraction
-of a bf16 matmul peak measured in the same run. `--colabfold` also times `colabfold_batch`
-on the same inputs when it is installed (skipped, with the reason, otherwise).
+program at each finished protein's real length and MSA rows (`parafold.fold.workmodel`,
+fitted exactly from traces; no padding of any kind counted), over the stage's wall time, and
+that as a fraction of a bf16 matmul peak measured in the same run. `--colabfold` also times
+`colabfold_batch` on the same inputs (checked to import before any GPU work).
 
 Random weights of the real architecture (`--config full`; `tiny` for a CPU smoke run), one
 model, 3 recycles, N synthetic proteins with random MSAs. parafold runs every protein through
 one FoldWorker (length and MSA-depth buckets, one compile per shape, params swapped in, fused
 kernels where the GPU has them) with a fresh persistent-cache folder, so its compiles count.
-The stock loop builds a fresh `alphafold.model.model.RunModel` per protein (a fresh jit, so a
-compile each time, AlphaFold's padding to 512/5,120 MSA rows, the fork's default config), on
-the first `--stock-n` proteins only; its proteins/hour is extrapolated from those and labeled.
+The stock loop builds a fresh `alphafold.model.model.RunModel` per model per protein (a fresh
+jit, so a compile each time: `run_alphafold.py` started once per protein, as a cluster job per
+protein does; AlphaFold's padding to 512/5,120 MSA rows, the fork's default config), on
+`--stock-n` proteins spread over the set's lengths; its proteins/hour is extrapolated from
+those and labeled. Each is predicted twice, so compile and prediction are timed apart, which
+also gives the rate of one `run_alphafold.py` process over the whole set (runners reused, a
+compile per model per distinct length), reported beside it.
+
+The JSON is written after each stage, so an outer `timeout` keeps what was measured; a SIGINT
+(the time limit's, `--deadline`'s, or `timeout --signal=INT`'s) stops parafold's run and
+reports the proteins finished by then, labeled.
 
     python benchmarks/gpu_stage.py                       # GPU: full config, 200 proteins
     python benchmarks/gpu_stage.py --n 1000 --lengths 50-150 --max-batch 32 --models 1
@@ -39,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("gpu_stage")
+STARTED = time.perf_counter()  # --deadline counts from here
 
 
 class GpuSampler:
@@ -95,17 +104,22 @@ def make_inputs(root: Path, n: int, min_len: int, max_len: int, min_depth: int,
 
 
 def _useful_flops(done: list, settings, iterations: int) -> float:
-    """Matmul FLOPs of the finished targets at their real lengths, in their own MSA-depth
-    buckets (`workmodel.shape_flops`: exact, no tracing); padding to a bigger shape is not
-    useful work, the depth bucket's padded rows are counted (a known overestimate)."""
+    """Matmul FLOPs of the finished targets at their real lengths and MSA rows (the cluster
+    and extra rows the model takes of them: `config.depth_caps`), never padded
+    (`workmodel.shape_flops`: exact at any size, no tracing)."""
     from dataclasses import replace
 
     from parafold.fold.buckets import shape_key
+    from parafold.fold.config import depth_caps
     from parafold.fold.workmodel import shape_flops
 
     def useful(fs, name: str) -> float:
         key = shape_key(fs.length, fs.msa_depth, name, settings, templates=fs.num_templates > 0)
-        return shape_flops(replace(key, length=fs.length), settings.config_size)
+        caps = depth_caps(name, settings.config_size)
+        clusters = min(fs.msa_depth, caps.clusters)
+        extra = min(max(fs.msa_depth - caps.clusters, 0), caps.extra)
+        return shape_flops(replace(key, length=fs.length, clusters=clusters, extra=extra),
+                           settings.config_size)
 
     return sum(iterations * useful(fs, name) for fs in done for name in settings.model_names)
 
@@ -131,35 +145,41 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
     started = time.perf_counter()
     stopped_at: list[tuple[float, float]] = []  # (perf_counter, wall clock) at the limit
 
+    reason: list[str] = []
+
     def stop() -> None:  # --time-limit: a device call is bounded, a partial rate still counts
         stopped_at.append((time.perf_counter(), time.time()))
+        reason.append("time limit")
         # a real signal to the main thread: it interrupts a wait for a compile at once (a
         # flag set by _thread.interrupt_main waited for the compile, up to minutes)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-    timer = threading.Timer(args.time_limit, stop) if args.time_limit else None
+    limit = _stop_after(args)
+    timer = threading.Timer(limit, stop) if limit is not None else None
     if timer is not None:
         timer.start()
     try:
         outcomes = worker.fold(sets, out)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # ours, or the outer timeout's: report what finished
         if not stopped_at:
-            raise
+            stopped_at.append((time.perf_counter(), time.time()))
+            reason.append("interrupted")
         outcomes = None
     finally:
         if timer is not None:
             timer.cancel()
     wall = (stopped_at[0][0] if stopped_at else time.perf_counter()) - started
     stats = worker.stats
-    worker.close()
-    if outcomes is None:  # count the targets whose outputs were complete at the limit
-        log.warning("stopped at the %.0f s time limit", args.time_limit)
+    if outcomes is None:  # count the targets whose outputs were complete at the stop
+        log.warning("stopped (%s) after %.0f s", reason[0], wall)
         done = [fs for fs in sets if is_complete(out / fs.name)
                 and (out / fs.name / DONE_FILE).stat().st_mtime <= stopped_at[0][1]]
-        if stats["busy_fraction"] is None:
-            stats["busy_fraction"] = round(stats.get("busy_s", 0.0) / wall, 4)
+        # launches in flight at the stop still finish: only device time before it counts
+        stats["busy_s"] = round(worker.busy_s(until=stopped_at[0][0]), 3)
+        stats["busy_fraction"] = round(stats["busy_s"] / wall, 4) if wall > 0 else None
     else:
         done = [fs for fs, o in zip(sets, outcomes, strict=True) if o.ok]
+    worker.close()
     ok = len(done)
     mem = jax.devices()[0].memory_stats() or {}
     per_model = ok * len(settings.models)
@@ -168,7 +188,7 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
                            + stats["compile_wait_s"], 3)
     report = {
         "proteins": len(sets), "ok": ok, "models": list(settings.models),
-        "stopped_at_time_limit": outcomes is None,
+        "stopped_at_time_limit": outcomes is None, "stopped": reason[0] if reason else None,
         "wall_s": round(wall, 2), "proteins_per_hour": round(ok / wall * 3600, 1),
         "compiles": stats["compiles"], "xla_compiles": stats["xla_compiles"],
         "persistent_hits": stats["persistent_hits"], "executable_hits": stats["executable_hits"],
@@ -185,6 +205,8 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
         # limit left no such time
         "warm_s_per_prediction": (round((wall - loop_compile_s) / per_model, 4)
                                   if per_model and wall > loop_compile_s else None),
+        # where the fold loop's time went: features wait, launch, fetch wait, record, writes
+        "loop_s": stats.get("loop_s"),
         "fused_kernels": bool(worker.runner.pallas.get("use_pallas")),
         "peak_device_bytes": mem.get("peak_bytes_in_use"),
         "host_workers": worker.pools.feature_workers,
@@ -194,7 +216,7 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
         report["useful_tflop"] = round(flops / 1e12, 2)
         report["useful_tflops_per_s"] = round(flops / wall / 1e12, 2)
         report["useful_tflops_per_busy_s"] = round(flops / max(stats["busy_s"], 1e-9) / 1e12, 2)
-    if worker.runner.platform != "cpu":
+    if worker.runner.platform != "cpu" and worker.runner.compiled_keys:
         from parafold.fold.batching import member_bytes
         biggest = max((k for k in worker.runner.compiled_keys), key=lambda k: k.batch * k.length)
         report["memory_model_bytes_biggest_batch"] = biggest.batch * member_bytes(
@@ -203,8 +225,27 @@ def run_parafold(args, params_dir: Path, sets: list, out: Path, cache: Path, sam
     return report
 
 
+def _stop_after(args) -> float | None:
+    """Seconds from now to stop parafold's run: its --time-limit, or sooner where the
+    --deadline (seconds since the script started) comes first; None: never."""
+    limits = [args.time_limit] if args.time_limit else []
+    if args.deadline:
+        limits.append(max(1.0, args.deadline - (time.perf_counter() - STARTED)))
+    return min(limits) if limits else None
+
+
+def stock_subset(sets: list, n: int) -> list:
+    """`n` proteins spread over the set's lengths (at the quantiles (k + 1/2) / n), so their
+    mean cost stands for the set's; the first `n` could all be long or all short."""
+    ordered = sorted(sets, key=lambda fs: (fs.length, fs.name))
+    picks = sorted({min(len(ordered) - 1, int((k + 0.5) / n * len(ordered))) for k in range(n)})
+    return [ordered[i] for i in picks]
+
+
 def run_stock(args, params_dir: Path, sets: list, sampler) -> dict:
-    """A fresh RunModel per protein, as run_alphafold.py does per model per protein."""
+    """A fresh RunModel per model per protein, each predicted twice (the second call reuses
+    the compiled function: compile and prediction timed apart). Stopped by a SIGINT, it
+    reports the proteins it timed."""
     import jax
     from alphafold.model import config as af_config
     from alphafold.model import model as af_model
@@ -213,34 +254,64 @@ def run_stock(args, params_dir: Path, sets: list, sampler) -> dict:
     from parafold.fold.params import load_params
     from parafold.fold.settings import ModelSettings
 
-    name = f"model_{args.models[0]}_ptm"
-    settings = ModelSettings(models=args.models[:1], config_size=args.config,
-                             compile_cache_dir=None)
-    params = load_params(params_dir, name, settings)
-    subset = sets[: args.stock_subset]
-    times = []
+    settings = ModelSettings(models=args.models, config_size=args.config, compile_cache_dir=None)
+    params = {name: load_params(params_dir, name, settings) for name in settings.model_names}
+    subset = stock_subset(sets, args.stock_subset)
+    per_protein, compiles, predicts, timed = [], [], [], []
     mark = sampler.mark()
-    for fs in subset:
-        cfg = af_config.model_config(name)
-        if args.config == "tiny":
-            cfg.update_from_flattened_dict(TINY_OVERRIDES)
-            cfg.data.common.max_extra_msa = 64
-        cfg.model.global_config.zero_init = False
-        cfg.data.common.num_recycle = args.num_recycle
-        cfg.model.num_recycle = args.num_recycle
-        cfg.data.eval.num_ensemble = 1
-        raw = fs.load()
-        started = time.perf_counter()
-        runner = af_model.RunModel(cfg, params)
-        feat = runner.process_features(raw, random_seed=0)
-        result, _ = runner.predict(feat, random_seed=0)
-        jax.block_until_ready(result)
-        times.append(time.perf_counter() - started)
-        log.info("stock %s (%d residues): %.1f s", fs.name, fs.length, times[-1])
-        sys.stdout.flush()
-    mean = float(np.mean(times))
-    return {"proteins_timed": len(subset), "s_per_protein": round(mean, 2),
+    interrupted = False
+    try:
+        for fs in subset:
+            raw = fs.load()
+            protein_s = 0.0
+            for name in settings.model_names:
+                cfg = af_config.model_config(name)
+                if args.config == "tiny":
+                    cfg.update_from_flattened_dict(TINY_OVERRIDES)
+                    cfg.data.common.max_extra_msa = 64
+                cfg.model.global_config.zero_init = False
+                cfg.data.common.num_recycle = args.num_recycle
+                cfg.model.num_recycle = args.num_recycle
+                cfg.data.eval.num_ensemble = 1
+                started = time.perf_counter()
+                runner = af_model.RunModel(cfg, params[name])
+                feat = runner.process_features(raw, random_seed=0)
+                result, _ = runner.predict(feat, random_seed=0)
+                jax.block_until_ready(result)
+                first = time.perf_counter() - started
+                started = time.perf_counter()
+                result, _ = runner.predict(feat, random_seed=0)  # compiled: prediction alone
+                jax.block_until_ready(result)
+                again = time.perf_counter() - started
+                protein_s += first
+                compiles.append(max(0.0, first - again))
+                predicts.append(again)
+            per_protein.append(protein_s)
+            timed.append(fs.length)
+            log.info("stock %s (%d residues): %.1f s for %d model(s)", fs.name, fs.length,
+                     protein_s, len(settings.model_names))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("stock loop interrupted after %d protein(s)", len(per_protein))
+    if not per_protein:
+        return {"proteins_timed": 0, "interrupted": interrupted}
+    mean = float(np.mean(per_protein))
+    # one run_alphafold.py process over the whole set: a runner per model, reused, so a
+    # compile per model per distinct length (AlphaFold pads no length), a prediction each
+    models = len(settings.model_names)
+    distinct = len({fs.length for fs in sets})
+    one_process_s = (distinct * models * float(np.mean(compiles))
+                     + len(sets) * models * float(np.mean(predicts)))
+    return {"proteins_timed": len(per_protein), "lengths_timed": timed,
+            "interrupted": interrupted, "models": models,
+            "s_per_protein": round(mean, 2),
+            "compile_s_mean": round(float(np.mean(compiles)), 2),
+            "predict_s_mean": round(float(np.mean(predicts)), 3),
             "proteins_per_hour_extrapolated": round(3600 / mean, 1),
+            "distinct_lengths": distinct,
+            "proteins_per_hour_one_process_extrapolated": round(
+                len(sets) / one_process_s * 3600, 1),
             "busy_fraction_nvidia_smi": sampler.mean_since(mark)}
 
 
@@ -255,9 +326,9 @@ def _a3m(fs) -> str:
     return "\n".join(rows) + "\n"
 
 
-def run_colabfold(args, params_dir: Path, sets: list, work: Path) -> dict:
-    """`colabfold_batch` on the same MSAs and random weights, if it is installed here."""
-    env = None
+def colabfold_command(args) -> tuple[list[str], dict[str, str] | None] | str:
+    """How to start `colabfold_batch` (command, environment), or why it cannot start: asked
+    before any GPU work, so a missing install costs no device time."""
     if args.colabfold_python:  # colabfold in its own environment (it pins its own alphafold)
         cmd = [args.colabfold_python, "-m", "colabfold.batch"]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -266,13 +337,19 @@ def run_colabfold(args, params_dir: Path, sets: list, work: Path) -> dict:
         probe = subprocess.run([*cmd[:1], "-c", "import colabfold.batch"], env=env,
                                capture_output=True, text=True)
         if probe.returncode != 0:
-            return {"skipped": f"{args.colabfold_python} cannot import colabfold.batch: "
-                               f"{probe.stderr.strip().splitlines()[-1:]}"}
-    elif (exe := shutil.which("colabfold_batch")) is not None:
-        cmd = [exe]
-    else:
-        return {"skipped": "colabfold_batch is not on PATH and no --colabfold-python was given "
-                           "(install colabfold in its own environment; see --help)"}
+            return (f"{args.colabfold_python} cannot import colabfold.batch: "
+                    f"{probe.stderr.strip().splitlines()[-1:]}")
+        return cmd, env
+    if (exe := shutil.which("colabfold_batch")) is not None:
+        return [exe], None
+    return ("colabfold_batch is not on PATH and no --colabfold-python was given (install "
+            "colabfold in its own environment; see --help)")
+
+
+def run_colabfold(args, params_dir: Path, sets: list, work: Path,
+                  how: tuple[list[str], dict[str, str] | None]) -> dict:
+    """`colabfold_batch` on the same MSAs and random weights (`how`: `colabfold_command`)."""
+    cmd, env = list(how[0]), how[1]
     inputs = work / "colabfold_in"
     inputs.mkdir(parents=True, exist_ok=True)
     if args.colabfold_subset:
@@ -370,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=None,
                         help="stop parafold's run after this many seconds and report the "
                              "proteins finished by then (labeled stopped_at_time_limit)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="stop parafold's run (as --time-limit) at the latest this many "
+                             "seconds after the script started: set it below an outer "
+                             "timeout, so the run is reported before that fires")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="reused if it holds params and features from an earlier run")
@@ -380,12 +461,62 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    colabfold = colabfold_command(args) if args.colabfold else None
+    if isinstance(colabfold, str):  # before any GPU work: the comparison is the point
+        log.error("--colabfold: %s", colabfold)
+        if args.json:
+            args.json.write_text(json.dumps({"colabfold": {"skipped": colabfold}}) + "\n")
+        return 3
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="parafold-bench-"))
+    log.info("backend %s, devices %s, workdir %s", jax.default_backend(), jax.devices(), work)
+    report: dict = {"command": [sys.executable, *sys.argv], "device": str(jax.devices()[0]),
+                    "config": args.config, "models": list(args.models),
+                    "num_recycle": args.num_recycle, "n": args.n,
+                    "lengths": list(args.lengths), "depths": list(args.depths),
+                    "max_batch": args.max_batch, "bf16_peak_tflops": None,
+                    "parafold": None, "stock_loop": None, "colabfold": None}
+    try:
+        sets = _prepare(args, work)
+        if args.flops and jax.default_backend() != "cpu":
+            report["bf16_peak_tflops"] = round(measure_peak() / 1e12, 1)
+        _save(report, args)
+    except KeyboardInterrupt:  # stopped before anything was measured
+        report["stopped"] = "interrupted while preparing"
+        _save(report, args)
+        _exit(2)
+    sampler = GpuSampler()
+    try:
+        cache = args.cache_dir or work / f"jax-cache-{time.time_ns()}"
+        out = work / f"out-{time.time_ns()}"
+        # the stock loop first: a --time-limit then cuts parafold's run, not the baseline
+        if args.stock_subset > 0:
+            report["stock_loop"] = run_stock(args, work / "weights", sets, sampler)
+            _save(report, args)
+        if not (report["stock_loop"] or {}).get("interrupted"):
+            report["parafold"] = run_parafold(args, work / "weights", sets, out, cache, sampler)
+    except KeyboardInterrupt:  # before parafold's run started (params, helpers)
+        report["stopped"] = "interrupted before parafold's run"
+    finally:
+        sampler.stop()
+    _compare(report)
+    _save(report, args)
+    ours = report["parafold"] or {}
+    if isinstance(colabfold, tuple) and ours and not ours.get("stopped"):
+        report["colabfold"] = run_colabfold(args, work / "weights", sets, work, colabfold)
+        _compare(report)
+        _save(report, args)
+    _print(report, args)
+    if ours.get("stopped") or ours == {}:  # threads stopped mid-compile may hold the exit
+        _exit(0 if ours else 2)
+    return 0
+
+
+def _prepare(args, work: Path) -> list:
+    """Random params and synthetic feature sets in `work` (reused when already there)."""
     from parafold.featureset import read_feature_set
     from parafold.fold.params import params_path, write_random_params
     from parafold.fold.settings import ModelSettings
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="parafold-bench-"))
-    log.info("backend %s, devices %s, workdir %s", jax.default_backend(), jax.devices(), work)
     started = time.perf_counter()
     arch = ModelSettings(models=args.models, config_size=args.config, compile_cache_dir=None)
     if not all(params_path(work / "weights", m).is_file() for m in arch.model_names):
@@ -400,35 +531,41 @@ def main(argv: list[str] | None = None) -> int:
         sets = make_inputs(feat_root, args.n, *args.lengths, *args.depths, args.seed)
         (feat_root / "complete").touch()
     log.info("%d synthetic feature sets in %.1f s", len(sets), time.perf_counter() - started)
-    peak = None
-    if args.flops and jax.default_backend() != "cpu":
-        peak = measure_peak()
-    sampler = GpuSampler()
-    try:
-        cache = args.cache_dir or work / f"jax-cache-{time.time_ns()}"
-        out = work / f"out-{time.time_ns()}"
-        # the stock loop first: a --time-limit then cuts parafold's run, not the baseline
-        stock = (run_stock(args, work / "weights", sets, sampler)
-                 if args.stock_subset > 0 else None)
-        ours = run_parafold(args, work / "weights", sets, out, cache, sampler)
-    finally:
-        sampler.stop()
-    colab = run_colabfold(args, work / "weights", sets, work) if args.colabfold else None
-    report = {"device": str(jax.devices()[0]), "config": args.config,
-              "models": list(args.models), "num_recycle": args.num_recycle,
-              "lengths": list(args.lengths), "depths": list(args.depths),
-              "max_batch": args.max_batch, "bf16_peak_tflops": peak and round(peak / 1e12, 1),
-              "parafold": ours, "stock_loop": stock, "colabfold": colab}
+    return sets
+
+
+def _compare(report: dict) -> None:
+    """Speedups and the fraction of the bf16 peak, from what the report holds."""
+    ours, stock, colab = report["parafold"], report["stock_loop"], report["colabfold"]
+    if not ours or not ours.get("ok"):
+        return
+    peak = report["bf16_peak_tflops"]
     if peak and "useful_tflops_per_s" in ours:
-        ours["fraction_of_bf16_peak"] = round(ours["useful_tflops_per_s"] * 1e12 / peak, 4)
-    if stock:
-        report["speedup"] = round(ours["proteins_per_hour"] / stock["proteins_per_hour_extrapolated"], 1)
+        ours["fraction_of_bf16_peak"] = round(ours["useful_tflops_per_s"] / peak, 4)
+    if stock and stock.get("proteins_timed"):
+        report["speedup"] = round(ours["proteins_per_hour"]
+                                  / stock["proteins_per_hour_extrapolated"], 1)
+        report["speedup_vs_one_process"] = round(
+            ours["proteins_per_hour"] / stock["proteins_per_hour_one_process_extrapolated"], 1)
     if colab and colab.get("proteins_per_hour"):
-        report["speedup_vs_colabfold"] = round(ours["proteins_per_hour"] / colab["proteins_per_hour"], 1)
-    _print(report, args)
+        report["speedup_vs_colabfold"] = round(ours["proteins_per_hour"]
+                                               / colab["proteins_per_hour"], 1)
+
+
+def _save(report: dict, args) -> None:
+    """The report so far, replaced whole: an outer timeout keeps what was measured."""
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return 0
+        tmp = args.json.with_name(args.json.name + ".part")
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        tmp.replace(args.json)
+
+
+def _exit(code: int) -> None:
+    """Leave at once (output flushed): a compile-ahead thread stopped mid-compile, or a
+    stock runner interrupted, would otherwise hold the interpreter until it finishes."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def measure_peak() -> float:
@@ -442,26 +579,42 @@ def measure_peak() -> float:
 def _print(report: dict, args) -> None:
     ours, stock, colab = report["parafold"], report["stock_loop"], report["colabfold"]
     print("\n=== GPU stage benchmark ===")
+    print(" ".join(report["command"]))
     print(f"device: {report['device']}  config: {args.config}  models {list(args.models)} x "
           f"{args.num_recycle} recycles  proteins: {args.n} ({args.lengths[0]}-{args.lengths[1]} "
           f"residues, {args.depths[0]}-{args.depths[1]} MSA rows)  max batch {args.max_batch}")
-    print(f"parafold: {ours['proteins_per_hour']} proteins/hour  wall {ours['wall_s']} s  "
-          f"compiles {ours['compiles']} ({ours['xla_compiles']} by XLA) in {ours['compile_s']} s  "
-          f"launches {ours['launches']} (mean batch {ours['mean_batch']})  "
-          f"fused kernels {ours['fused_kernels']}")
-    print(f"          compiled ahead {ours['compiled_ahead']} ({ours['compile_ahead_s']} s), "
-          f"loop blocked on compiles {ours['loop_compile_s']} s, executable-cache hits "
-          f"{ours['executable_hits']}, persistent-cache hits {ours['persistent_hits']}")
-    print(f"          GPU busy (launch intervals) {ours['busy_fraction']}  "
-          f"(nvidia-smi) {ours['busy_fraction_nvidia_smi']}  "
-          f"useful {ours.get('useful_tflops_per_s')} TFLOP/s of a measured bf16 peak "
-          f"{report['bf16_peak_tflops']} -> {ours.get('fraction_of_bf16_peak')}")
-    if stock:
-        print(f"stock loop (fresh RunModel per protein, {stock['proteins_timed']} timed, "
-              f"EXTRAPOLATED): {stock['proteins_per_hour_extrapolated']} proteins/hour  "
-              f"{stock['s_per_protein']} s/protein  speedup {report['speedup']}x")
+    if ours:
+        stopped = f"  STOPPED ({ours['stopped']}): rate over the proteins done by then" if (
+            ours.get("stopped")) else ""
+        print(f"parafold: {ours['proteins_per_hour']} proteins/hour  {ours['ok']} of "
+              f"{ours['proteins']} done  wall {ours['wall_s']} s{stopped}")
+        print(f"          compiles {ours['compiles']} ({ours['xla_compiles']} by XLA) in "
+              f"{ours['compile_s']} s  launches {ours['launches']} (mean batch "
+              f"{ours['mean_batch']})  fused kernels {ours['fused_kernels']}")
+        print(f"          compiled ahead {ours['compiled_ahead']} ({ours['compile_ahead_s']} s), "
+              f"loop blocked on compiles {ours['loop_compile_s']} s, executable-cache hits "
+              f"{ours['executable_hits']}, persistent-cache hits {ours['persistent_hits']}")
+        print(f"          GPU busy (launch intervals) {ours['busy_fraction']}  "
+              f"(nvidia-smi) {ours['busy_fraction_nvidia_smi']}  "
+              f"useful {ours.get('useful_tflops_per_s')} TFLOP/s of a measured bf16 peak "
+              f"{report['bf16_peak_tflops']} -> {ours.get('fraction_of_bf16_peak')}")
+        print(f"          fold loop seconds by step: {ours.get('loop_s')}")
+    else:
+        print(f"parafold: not run ({report.get('stopped', 'the stock loop was interrupted')})")
+    if stock and stock.get("proteins_timed"):
+        print(f"stock loop (fresh RunModel per model per protein, {stock['proteins_timed']} "
+              f"timed at lengths {stock['lengths_timed']}, EXTRAPOLATED): "
+              f"{stock['proteins_per_hour_extrapolated']} proteins/hour  "
+              f"{stock['s_per_protein']} s/protein (compile {stock['compile_s_mean']} s, "
+              f"predict {stock['predict_s_mean']} s a model)  speedup {report.get('speedup')}x")
+        print(f"one run_alphafold.py process over the set (runners reused, "
+              f"{stock['distinct_lengths']} distinct lengths, EXTRAPOLATED): "
+              f"{stock['proteins_per_hour_one_process_extrapolated']} proteins/hour  speedup "
+              f"{report.get('speedup_vs_one_process')}x")
+    elif stock:
+        print("stock loop: interrupted before a protein was timed")
     if colab is not None:
-        print(f"colabfold_batch: {colab}")
+        print(f"colabfold_batch: {colab}  speedup {report.get('speedup_vs_colabfold')}x")
     sys.stdout.flush()
 
 

@@ -665,3 +665,21 @@ def test_stacked_batch_inputs_are_contiguous_per_iteration():
             assert value.shape == (4,) + members[0][name].shape[1:]
             for slot, member in enumerate(members + members[:1] * 2):
                 np.testing.assert_array_equal(value[slot], member[name][r])
+
+
+def test_busy_meter_counts_time_before_a_stop_only():
+    """A run stopped at a time limit is measured over the wall time up to the stop; launches
+    in flight then still finish, and only their part before the stop is busy time (the
+    fraction reached 1.4 counting all of it)."""
+    import time
+
+    from parafold.fold.hostwork import BusyMeter
+
+    meter = BusyMeter()
+    now = time.perf_counter()
+    meter.watch(now - 6.0, np.zeros(1))  # ready about now: busy from now - 6
+    meter.watch(now - 8.0, np.zeros(1))  # queued behind it: counts from its ready time
+    total = meter.busy_s()
+    assert 6.0 <= total < 6.5
+    assert meter.busy_s(until=now - 2.0) == pytest.approx(4.0, abs=1e-6)
+    assert meter.busy_s(until=now - 10.0) == 0.0

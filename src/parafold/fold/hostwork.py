@@ -262,7 +262,7 @@ class BusyMeter:
         self._queue: queue.Queue[tuple[float, Any] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._busy = 0.0
+        self._spans: list[tuple[float, float]] = []  # [begin, ready], disjoint, in order
         self._last_ready = 0.0
 
     def watch(self, started: float, outputs: Any) -> None:
@@ -286,13 +286,18 @@ class BusyMeter:
                     log.debug("a watched launch failed", exc_info=True)
                 ready = time.perf_counter()
                 with self._lock:
-                    self._busy += max(0.0, ready - max(started, self._last_ready))
-                    self._last_ready = ready
+                    begin = max(started, self._last_ready)
+                    if ready > begin:
+                        self._spans.append((begin, ready))
+                    self._last_ready = max(ready, self._last_ready)
             finally:
                 self._queue.task_done()
 
-    def busy_s(self) -> float:
-        """Busy seconds so far, after every watched launch is ready."""
+    def busy_s(self, until: float | None = None) -> float:
+        """Busy seconds so far, after every watched launch is ready; with `until` (a
+        `perf_counter` time), only those before it (a run stopped there: the launches in
+        flight then still finish, but after the wall time it is measured over)."""
         self._queue.join()
+        end = float("inf") if until is None else until
         with self._lock:
-            return self._busy
+            return sum(max(0.0, min(ready, end) - begin) for begin, ready in self._spans)

@@ -207,6 +207,10 @@ class FoldWorker:
                 "compile_wait_s": round(self._compile_wait_s, 3),
                 "loop_s": {k: round(v, 3) for k, v in sorted(self._loop_s.items())}}
 
+    def busy_s(self, until: float | None = None) -> float:
+        """The device's busy seconds so far, or before `until` (a `perf_counter` time)."""
+        return self._meter.busy_s(until)
+
     def close(self) -> None:
         """Stop the helper processes (they start again on the next `fold`) and any
         compile-ahead threads."""
