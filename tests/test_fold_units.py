@@ -540,6 +540,28 @@ def test_repredicting_with_fewer_models_removes_stale_files(tmp_path, monkeypatc
     assert sorted(p.name for p in folder.iterdir()) == sorted([*expected, outputs.DONE_FILE])
 
 
+def test_a_folder_missing_a_ranked_file_is_not_complete(tmp_path):
+    """A scratch purge or a clean-up that took some of a target's files: its done marker
+    alone no longer makes it done, so a rerun predicts it again."""
+    import shutil
+
+    from parafold.fold.outputs import DONE_FILE, is_complete, write_target_outputs
+
+    preds = [_prediction("model_1_ptm", 50.0), _prediction("model_2_ptm", 60.0)]
+    write_target_outputs(tmp_path / "t", "t", preds, {}, save_raw=False, fingerprint="f")
+    assert is_complete(tmp_path / "t") and is_complete(tmp_path / "t", "f")
+    for name in ("ranked_1.cif", "ranked_0.pdb", "unrelaxed_model_1_ptm.pdb",
+                 "scores_model_2_ptm.json"):
+        shutil.copytree(tmp_path / "t", tmp_path / name)
+        (tmp_path / name / name).unlink()
+        assert not is_complete(tmp_path / name), name
+    (tmp_path / "t" / "pae_model_1_ptm.json").unlink()  # not what "done" rests on
+    assert is_complete(tmp_path / "t")
+    (tmp_path / "t" / DONE_FILE).write_text("not json")
+    assert not is_complete(tmp_path / "t")
+    assert not is_complete(tmp_path / "missing")
+
+
 def test_a_model_whose_confidence_is_not_a_number_ranks_last(tmp_path):
     """A numerical blow-up in one model: ranked_0 is still the best finite one, and
     ranking_debug.json stays JSON (null, not NaN)."""

@@ -256,6 +256,9 @@ def test_run_sends_a_predicted_but_unrelaxed_target_to_the_fold_worker(tmp_path,
     folder.mkdir()
     (folder / MANIFEST_FILE).write_text(json.dumps({"sequence": target.sequence, "key": "k"}))
     (folder / "ranking_debug.json").write_text(json.dumps({"order": ["model_1_ptm"]}))
+    for name in ("ranked_0.pdb", "ranked_0.cif", "unrelaxed_model_1_ptm.pdb",
+                 "scores_model_1_ptm.json"):  # what the done marker's order implies
+        (folder / name).write_text("")
     monkeypatch.setattr(pipeline, "_expected_key", lambda *_: "k")
     features = FeatureSet(name="t", target_id="t", sequence=target.sequence, path=folder,
                           msa_depth=1, num_templates=0, key="k")

@@ -418,19 +418,29 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
     assert again.exit_code == 0, again.lines()
     assert (again.predicted, again.copied) == (0, 1), again.lines()
     assert (out / twins[-1] / DONE_FILE).is_file()
-    # lost again, and the source cleaned up in part: the rerun has only a copy to make, it
-    # fails, and the twin is predicted itself (fold workers start then; the run once hung)
+    # lost again, and the source's ranked files damaged: the rerun has only a copy to make,
+    # it fails, and the twin is predicted itself (fold workers start then; the run once hung)
     (out / twins[-1] / DONE_FILE).unlink()
     others = [source, *twins[:-1]]  # any done one of them may be taken as the source
+    kept = {name: {f: (out / name / f).read_bytes() for f in ("ranked_0.pdb", "ranked_0.cif")}
+            for name in others}
     for name in others:
-        (out / name / "unrelaxed_model_1_ptm.pdb").unlink()
+        for file_name in kept[name]:
+            (out / name / file_name).write_text("damaged\n")
     again = run_pipeline(run_settings)
     assert again.exit_code == 0, again.lines()
     assert (again.predicted, again.copied) == (1, 0), again.lines()
     assert (out / twins[-1] / "unrelaxed_model_1_ptm.pdb").is_file()
     for name in others:
-        (out / name / "unrelaxed_model_1_ptm.pdb").write_bytes(
-            (out / twins[-1] / "unrelaxed_model_1_ptm.pdb").read_bytes())
+        for file_name, data in kept[name].items():
+            (out / name / file_name).write_bytes(data)
+    # folders cleaned up in part are no finished predictions: copied again from the whole one
+    for name in others:
+        (out / name / "unrelaxed_model_1_ptm.pdb").unlink()
+    again = run_pipeline(run_settings)
+    assert again.exit_code == 0, again.lines()
+    assert (again.predicted, again.copied) == (0, len(others)), again.lines()
+    assert all((out / name / "unrelaxed_model_1_ptm.pdb").is_file() for name in others)
 
     sample2 = tmp_path / "sample2.fasta"
     sample2.write_text(f">x\n{seq_a}\n>z\n{random_sequence(22, rng)}\n")

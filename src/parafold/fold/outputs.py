@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 from collections.abc import Sequence
@@ -72,14 +73,33 @@ class Prediction:
 
 
 def is_complete(folder: Path, fingerprint: str | None = None) -> bool:
-    """Whether `folder` holds a finished prediction (its done marker), made with the settings
-    of `fingerprint` when given (one that records none, from an older parafold, counts)."""
-    if not (Path(folder) / DONE_FILE).is_file():
+    """Whether `folder` holds a finished prediction: its done marker and the files it ranks
+    (a scratch purge or a user's clean-up that took some of them leaves it to predict again),
+    made with the settings of `fingerprint` when given (one that records none, from an older
+    parafold, counts)."""
+    try:
+        names = set(os.listdir(folder))  # one directory read, not a stat per file
+    except OSError:
+        return False
+    if DONE_FILE not in names or not _has_ranked_files(Path(folder), names):
         return False
     if fingerprint is None:
         return True
     recorded = made_with(folder)
     return recorded is None or recorded == fingerprint
+
+
+def _has_ranked_files(folder: Path, names: set[str]) -> bool:
+    """Whether every prediction the done marker orders has its files among `names` (a marker
+    without an order, as no parafold writes it, is taken at its word)."""
+    try:
+        order = json.loads((folder / DONE_FILE).read_text(encoding="utf-8")).get("order")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(order, list):
+        return True
+    return all({f"ranked_{i}.pdb", f"ranked_{i}.cif", f"unrelaxed_{model}.pdb",
+                f"scores_{model}.json"} <= names for i, model in enumerate(order))
 
 
 def made_with(folder: Path) -> str | None:
