@@ -140,8 +140,8 @@ def test_compile_ahead_matches_and_overlaps(env, tmp_path):
             fetched: list[float] = []
             real_fetch = worker.runner.fetch
 
-            def fetch(launched, real_fetch=real_fetch, fetched=fetched):
-                out = real_fetch(launched)
+            def fetch(launched, *more, real_fetch=real_fetch, fetched=fetched):
+                out = real_fetch(launched, *more)
                 fetched.append(time.perf_counter())
                 return out
 
