@@ -167,6 +167,7 @@ def test_outputs_are_alphafold_compatible(env, fold_run):
 
     root, settings, sets = env
     _, outcomes = fold_run
+    paes: dict[str, list[np.ndarray]] = {}
     for fs, outcome in zip(sets, outcomes, strict=True):
         folder = root / "out" / fs.name
         ranking = json.loads((folder / "ranking_debug.json").read_text())
@@ -191,9 +192,15 @@ def test_outputs_are_alphafold_compatible(env, fold_run):
             matrix = np.asarray(pae[0]["predicted_aligned_error"])
             assert matrix.shape == (fs.length, fs.length)
             assert pae[0]["max_predicted_aligned_error"] > 0
+            # not degenerate: random weights once saturated the PAE head (one value for all)
+            assert matrix.std() > 0.5 and matrix.max() - matrix.min() > 3, (fs.name, model)
+            paes.setdefault(model, []).append(matrix)
             assert (folder / f"unrelaxed_{model}.pdb").is_file()
         timings = json.loads((folder / "timings.json").read_text())
         assert {f"predict_{m}" for m in settings.model_names} <= set(timings)
+    for model, matrices in paes.items():  # and it depends on the input
+        short = min(m.shape[0] for m in matrices)
+        assert np.abs(matrices[0][:short, :short] - matrices[1][:short, :short]).max() > 3, model
     # a second run skips finished targets
     worker, _ = fold_run
     again = worker.fold(sets, root / "out")

@@ -300,7 +300,7 @@ def test_params_errors_name_the_file(tmp_path):
     # every tensor drawn: nothing constant, nothing all-zero
     for scope, leaves in params.items():
         for name, value in leaves.items():
-            assert np.std(value) > 1e-3, f"{scope}//{name} is constant"
+            assert np.std(value) > 1e-4, f"{scope}//{name} is constant"
     # the release layout: triangle multiplications split into left/right projections
     with np.load(path) as data:
         assert any("left_projection" in key for key in data.files)

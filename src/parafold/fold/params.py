@@ -35,6 +35,10 @@ _STACKED_SCOPES = ("evoformer_iteration", "extra_msa_stack", "__layer_stack_no_s
 # AlphaFold's own init for parameters it starts constant: we draw around these values.
 _CONSTANT_BASE = {"scale": 1.0, "gating_b": 1.0, "trainable_point_weights": 0.5413}
 _SMALL_STD = 0.1
+# Drawn smaller than the rest: the outer product mean's output bias is added to every pair
+# in every block, and at N(0, 0.1) it grew into a component common to all pairs ~100x the
+# rest, which saturated the PAE head on one bin (a constant PAE, pTM ~0) for any input.
+_SCALED_STD = {("outer_product_mean", "output_b"): 0.001}
 # Scopes of models 1-2 that models 3-5 lack: the template stack and its MSA-row embedding.
 _TEMPLATE_STACK = ("/template_embedding", "/template_single_embedding", "/template_projection")
 
@@ -184,7 +188,9 @@ def _draw(scope: str, name: str, shape: tuple[int, ...], rng: np.random.Generato
         fan_in = int(np.prod(inner[:-1])) if name == "output_w" else int(inner[0])
         return noise * np.float32(1.0 / np.sqrt(max(fan_in, 1)))
     base = _CONSTANT_BASE.get(name, 0.0)
-    return np.float32(base) + noise * np.float32(_SMALL_STD)
+    std = next((v for (part, leaf), v in _SCALED_STD.items() if part in scope and leaf == name),
+               _SMALL_STD)
+    return np.float32(base) + noise * np.float32(std)
 
 
 def _to_release_layout(params: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -201,7 +207,8 @@ def write_random_params(params_dir: Path, settings: ModelSettings, *, seed: int 
     """Random weights of the real architecture for each of `settings.model_names`.
 
     Shapes come from tracing the model (no compile); values are drawn with numpy: weights
-    N(0, 1/fan_in), biases and offsets N(0, 0.1), scales and gates N(AlphaFold's init, 0.1).
+    N(0, 1/fan_in), biases and offsets N(0, 0.1) (the outer product mean's output bias
+    N(0, 0.001): `_SCALED_STD`), scales and gates N(AlphaFold's init, 0.1).
     Records the config size in `params/parafold_params.json` so `predict` can check it.
     """
     if seed < 0:
