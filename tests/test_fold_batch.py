@@ -332,3 +332,28 @@ def test_vmap_keeps_every_fused_kernel_batched(monkeypatch, model, templates):
         assert lead == 6, f"{name}: runs per member ({count} call(s) of leading size {lead})"
         names[name] += count
     assert names == collections.Counter(n for (n, _), c in single.items() for _ in range(c))
+
+
+def test_the_next_unit_is_launched_before_the_last_ones_outputs_are_fetched(env, tmp_path):
+    """The device never waits for the host between units: unit N+1 is dispatched while unit
+    N runs, before the loop waits for N's outputs (one protein a unit here, no batching)."""
+    from parafold.fold.worker import FoldWorker
+
+    root, settings, _, sets = env
+    events: list[str] = []
+    with FoldWorker(root / "weights", replace(settings, force_batch=False)) as worker:
+        real_launch, real_fetch = worker.runner.launch, worker.runner.fetch
+
+        def launch(model_name, key, params, feats, seed):
+            events.append(f"launch {int(feats['seq_length'][0])}")
+            return real_launch(model_name, key, params, feats, seed)
+
+        def fetch(launched, *more):
+            events.append("fetch")
+            return real_fetch(launched, *more)
+
+        worker.runner.launch, worker.runner.fetch = launch, fetch
+        outcomes = worker.fold(sets, tmp_path / "out")
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert [e.split()[0] for e in events] == ["launch", "launch", "fetch", "launch", "fetch",
+                                              "fetch"], events

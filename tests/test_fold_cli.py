@@ -95,15 +95,28 @@ def test_predict_dry_run_sizes_the_gpu_stage_and_writes_nothing(tmp_path):
     assert "modelled on the CPU" in res.output
 
 
-def test_predict_refuses_untrusted_pickles(tmp_path):
-    from parafold.fold.synthetic import make_features
+def test_predict_refuses_untrusted_pickles(tmp_path, tiny_params, caplog):
+    """A features.pkl from elsewhere runs code when loaded: without --trust-pickles it is not
+    loaded at all (its code never runs), and the error says how to allow it. With valid
+    params, so nothing else stops predict first."""
+    import os
+    import pickle
 
-    write_feature_set(tmp_path / "feats" / "t1", name="t1", target_id="t1",
-                      features=make_features("ACDEFGHIKLMNPQRSTVWY", 4), write_pickle=True)
-    (tmp_path / "feats" / "t1" / "features.json").unlink()
-    res = CliRunner().invoke(app, ["predict", str(tmp_path / "feats"), "-o", str(tmp_path / "o"),
-                                   "--params-dir", str(tmp_path / "w")])
-    assert res.exit_code != 0
+    marker = tmp_path / "pickle-code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    (tmp_path / "feats" / "t1").mkdir(parents=True)
+    (tmp_path / "feats" / "t1" / "features.pkl").write_bytes(pickle.dumps(Payload()))
+    args = ["predict", str(tmp_path / "feats"), "-o", str(tmp_path / "o"), "--params-dir",
+            str(tiny_params), "--models", "1", "--gpus", "none", "--no-compile-cache"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "pass --trust-pickles" in res.output + caplog.text and not marker.exists()
+    res = CliRunner().invoke(app, [*args, "--trust-pickles"])  # the test can see a load
+    assert marker.exists() and res.exit_code != 0
     assert not (tmp_path / "o" / "t1" / "ranked_0.pdb").exists()
 
 

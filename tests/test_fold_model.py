@@ -278,3 +278,41 @@ def test_small_groups_run_in_a_bigger_shape_with_the_same_result(env):
         assert coords[1000.0].shape == coords[0.0].shape and len(coords[0]) > length * 4
         assert np.abs(coords[1000.0] - coords[0.0]).max() <= 0.01, (name, model)
         assert np.abs(plddt[1000.0] - plddt[0.0]).max() <= 0.01, (name, model)
+
+
+def test_out_of_memory_on_one_protein_retries_with_less_memory(tmp_path, monkeypatch):
+    """Batch-1 out of memory: the protein is retried once in the low-memory config (it then
+    succeeds); one that runs out of memory in both fails, its error naming its length and
+    bucket, and the other targets go on. XLA's out-of-memory is raised at launch."""
+    from parafold.errors import GpuOutOfMemoryError
+    from parafold.fold.params import write_random_params
+    from parafold.fold.runner import ModelRunner
+    from parafold.fold.synthetic import make_features, random_sequence
+    from parafold.fold.worker import FoldWorker
+
+    settings = ModelSettings(config_size="tiny", models=(3,), num_recycle=0, float32=True,
+                             compile_cost_s=0.0, compile_ahead=0, compile_cache_dir=None)
+    write_random_params(tmp_path / "w", settings)
+    rng = np.random.default_rng(1)
+    sets = [write_feature_set(tmp_path / "f" / name, name=name, target_id=name,
+                              features=make_features(random_sequence(length, rng), 6, seed=i))
+            for i, (name, length) in enumerate((("once", 20), ("always", 22), ("fine", 24)))]
+    real_launch, seen = ModelRunner.launch, []
+
+    def launch(self, model_name, key, params, feats, seed):
+        length = int(feats["seq_length"][0])
+        seen.append((length, key.low_memory))
+        if length == 22 or (length == 20 and not key.low_memory):
+            raise GpuOutOfMemoryError(f"out of memory predicting {key.describe()}")
+        return real_launch(self, model_name, key, params, feats, seed)
+
+    monkeypatch.setattr(ModelRunner, "launch", launch)
+    with FoldWorker(tmp_path / "w", settings) as worker:
+        outcomes = {o.name: o for o in worker.fold(sets, tmp_path / "out")}
+        compiled = worker.runner.compiled_keys
+    assert outcomes["once"].ok and "low-memory" in outcomes["once"].bucket
+    assert outcomes["fine"].ok and (tmp_path / "out" / "fine" / "ranked_0.pdb").is_file()
+    failed = outcomes["always"]
+    assert not failed.ok and "22 residues" in failed.error and "L=32" in failed.error
+    assert seen.count((22, False)) == seen.count((22, True)) == 1  # retried once, no more
+    assert (20, True) in seen and any(k.low_memory for k in compiled)

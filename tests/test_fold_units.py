@@ -705,3 +705,43 @@ def test_busy_meter_counts_time_before_a_stop_only():
     assert 6.0 <= total < 6.5
     assert meter.busy_s(until=now - 2.0) == pytest.approx(4.0, abs=1e-6)
     assert meter.busy_s(until=now - 10.0) == 0.0
+
+
+def test_fused_kernels_on_for_a_gpu_off_for_the_cpu_and_forced_by_the_flag(monkeypatch, caplog):
+    """Auto: the kernels' own dispatch on a GPU, off on the CPU; --fused-kernels and
+    --no-fused-kernels force either (forced on a CPU, with a warning)."""
+    import logging
+
+    import colabfold_kernels.device as kernels
+    import jax
+
+    from parafold.fold.config import resolve_pallas
+
+    picked = {"use_pallas": True, "kernel": "sm90"}
+    monkeypatch.setattr(kernels, "dispatch", lambda mode: dict(picked))
+    for backend, flag, expected in (("gpu", None, picked), ("cpu", None, {"use_pallas": False}),
+                                    ("gpu", False, {"use_pallas": False}),
+                                    ("cpu", True, picked)):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        with caplog.at_level(logging.WARNING, logger="parafold.fold.config"):
+            caplog.clear()
+            assert resolve_pallas(ModelSettings(use_pallas=flag)) == expected, (backend, flag)
+        assert ("forced" in caplog.text) == (backend == "cpu" and flag is True)
+
+
+def test_the_persistent_compile_cache_is_on_by_default_in_the_users_cache(tmp_path,
+                                                                         monkeypatch):
+    from parafold import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_run_and_report", lambda settings: seen.append(settings) or 0)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "in.fasta").write_text(">a\nMKVLAAGIVGLLLA\n")
+    from typer.testing import CliRunner
+
+    args = ["run", str(tmp_path / "in.fasta"), "-o", str(tmp_path / "o"), "--params-dir",
+            str(tmp_path / "p")]
+    assert CliRunner().invoke(cli.app, args).exit_code == 0
+    assert CliRunner().invoke(cli.app, [*args, "--no-compile-cache"]).exit_code == 0
+    assert [s.model.compile_cache_dir for s in seen] == [tmp_path / "xdg" / "parafold" / "jax",
+                                                          None]
