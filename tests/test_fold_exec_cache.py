@@ -141,6 +141,24 @@ def test_damaged_file_falls_back_and_is_removed(warm):
     lone.write_bytes(intact)  # restore for the tests after this one
 
 
+def test_a_file_this_process_cannot_load_stays_for_the_others(warm, monkeypatch):
+    """An intact executable that fails to load here (out of host memory, a device busy with
+    another job) is this process's trouble: it compiles, and the shared file stays."""
+    import jax.experimental.serialize_executable as serialize
+
+    root, settings, (_, out1), _, files = warm
+    lone = min(files, key=lambda p: p.stat().st_size)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory loading the executable")
+
+    monkeypatch.setattr(serialize, "deserialize_and_load", refuse)
+    runner, result = _lone_runner_predicts(root, settings)
+    assert runner.stats.executable_hits == 0 and runner.stats.traced == 1
+    np.testing.assert_allclose(result["plddt"], out1["lone_plddt"], atol=1e-6)
+    assert lone.exists()
+
+
 def test_other_config_does_not_hit(warm):
     root, settings, *_ = warm
     runner, result = _lone_runner_predicts(root, replace(settings, float32=False))

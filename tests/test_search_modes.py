@@ -575,3 +575,25 @@ def test_no_templates_needs_no_template_database_and_searches_none(
     for o in outcomes:
         assert o.feature_set.num_templates == 0  # type: ignore[union-attr]
         assert not (tmp_path / "mm" / o.target.name / "msas" / MMSEQS_FILES["pdb"]).exists()
+
+
+def test_a_precomputed_msa_is_copied_not_linked(tmp_path: Path) -> None:
+    """The user's MSA file must not become the cache's: linked, an edit to the input changed
+    a cache entry under its old key (and an edit in OUT changed the user's file)."""
+    from typer.testing import CliRunner
+
+    from parafold.cli import app
+
+    msas = tmp_path / "msas"
+    msas.mkdir()
+    given = msas / "q.a3m"
+    given.write_text(">q\nMKTAYIAK\n>h\nMKTAYIAR\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["features", str(msas), "-o", str(out), "--cpus", "1",
+                                   "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    stored = list((tmp_path / "cache").rglob("precomputed.a3m"))
+    assert len(stored) == 1 and stored[0].read_text() == given.read_text()
+    inode = given.stat().st_ino
+    assert stored[0].stat().st_ino != inode
+    assert all(p.stat().st_ino != inode for p in out.rglob("*.a3m"))

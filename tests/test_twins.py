@@ -450,6 +450,9 @@ def test_run_predicts_twins_once_and_reuses_predictions_across_runs(tiny_params,
     other = run_pipeline(replace(run_settings, input=sample2, out=tmp_path / "out2"))
     assert other.exit_code == 0, other.lines()
     assert (other.predicted, other.copied) == (1, 1), other.lines()
+    # x's features came from the shared cache: no search, and the summary says so
+    assert (other.searched, other.from_cache) == (1, 1), other.lines()
+    assert "1 searched, 1 features from the cache and 1 predicted" in other.lines()[0]
     with Ledger(tmp_path / "out2", readonly=True) as ledger:
         assert ledger.get("x").timings["predict"]["copied_from"] in {
             str((out / name).resolve()) for name in ("a", "a2", "a3")}

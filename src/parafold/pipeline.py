@@ -142,6 +142,7 @@ class RunSummary:
     compiles: int | None
     engine: str
     copied: int = 0  # targets given a copy of an identical target's prediction
+    from_cache: int = 0  # targets whose features came from the (shared) cache, no search
     # the most memory one search tool of this run took (MiB) and its target: to size --mem by
     search_peak: tuple[float, str] = (0.0, "")
     report: Path | None = None
@@ -170,8 +171,10 @@ class RunSummary:
         rate = f", {self.proteins_per_hour:.0f} proteins/hour" if self.predicted else ""
         compiles = f", {self.compiles} compiles" if self.compiles is not None else ""
         copied = (f", {self.copied} copied from identical targets" if self.copied else "")
+        cached = f", {self.from_cache} features from the cache" if self.from_cache else ""
         out = [f"{self.done}/{self.targets} targets done in {self.out} "
-               f"({self.searched} searched and {self.predicted} predicted{copied} in this run, "
+               f"({self.searched} searched{cached} and {self.predicted} predicted{copied} in "
+               "this run, "
                f"{self.wall_s:.1f} s{rate}{compiles})"]
         peak_mib, peak_target = self.search_peak
         if peak_mib:
@@ -618,7 +621,8 @@ def _summary(settings: RunSettings, ledger: Ledger, targets: Sequence[Target],
         out=settings.out, targets=len(targets),
         done=sum(1 for r in records if r.state is State.DONE), failures=failures,
         input_problems=tuple(problems), wall_s=time.time() - started,
-        searched=sched.searched, predicted=sched.predicted, compiles=sched.compiles(),
+        searched=sched.searched, from_cache=sched.from_cache, predicted=sched.predicted,
+        compiles=sched.compiles(),
         engine=settings.engine, copied=sched.copied, search_peak=sched.search_peak,
         stopped=sched.stopped,
         stop_advice=sched.stop_advice)

@@ -130,7 +130,8 @@ class Scheduler:
         self.total = total
         self.featured = done_before + len(ready)
         self.finished = done_before + failed_before
-        self.searched = 0
+        self.searched = 0  # features made by a search in this run
+        self.from_cache = 0  # features this run took from the (shared) cache: no search
         self.predicted = 0
         self.copied = 0
         self.search_peak: tuple[float, str] = (0.0, "")  # the most memory a search tool took
@@ -376,7 +377,10 @@ class Scheduler:
             "max_rss_mib": peak})
         if peak and peak > self.search_peak[0]:
             self.search_peak = (peak, target.name)
-        self.searched += 1
+        if fs.extra.get("reused"):
+            self.from_cache += 1
+        else:
+            self.searched += 1
         self.featured += 1
         self._admit(fs, now)
 

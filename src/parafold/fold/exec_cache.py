@@ -218,12 +218,18 @@ class ExecutableCache:
                 raise ValueError("payload truncated or corrupted")
             out_tree = decode_tree(header["out_tree"])
             _check_payload(payload)
-            loaded = deserialize_and_load(payload, in_tree, out_tree)
         except Exception as exc:  # any failure: compile as usual
             # the key fixes the content, so this file can never become usable: remove it
             log.debug("executable cache: %s unusable (%s: %s); removed, compiling", path.name,
                       type(exc).__name__, exc)
             self.discard(key)
+            return None
+        try:
+            loaded = deserialize_and_load(payload, in_tree, out_tree)
+        except Exception as exc:  # this process's trouble (memory, a busy device), maybe not
+            # the file's: it stays for the other processes sharing the cache; compile here
+            log.debug("executable cache: %s did not load here (%s: %s); compiling", path.name,
+                      type(exc).__name__, exc)
             return None
         with contextlib.suppress(OSError):  # used now: last to go from a bounded folder
             os.utime(path)  # (`fold.cache_budget`)

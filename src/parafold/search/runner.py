@@ -146,7 +146,9 @@ def _fill_local(entry: Path, target: Target, msa_file: Path | None, *,
     started = time.monotonic()
     if msa_file is not None:
         msa = read_msa(msa_file, target)
-        atomic_copy(msa_file, entry / "msas" / stored_msa_name(msa_file))
+        # a copy, never a link: the user's file must not become the cache's (an edit to it
+        # would change an entry under its old key, and an edit in OUT the user's input)
+        atomic_copy(msa_file, entry / "msas" / stored_msa_name(msa_file), link=False)
         feats = msa_feature_dict(target.sequence, QUERY_NAME, (msa,))
     else:
         feats = single_sequence_features(target.sequence, QUERY_NAME)
