@@ -264,3 +264,34 @@ def test_a_double_quote_in_an_id_or_error_keeps_every_line(tmp_path: Path) -> No
         "\t\t\t\t\t0" + "\t" * 7)
     write_results_table(tmp_path, {})  # no ledger: the failed row is known from the table
     assert read() == [("q", '"quoted', "failed", 'bad "x" there')]
+
+
+def test_a_target_dropped_from_the_input_unfinished_is_removed_not_searching(tmp_path: Path
+                                                                            ) -> None:
+    """A run killed while `b` was searching, then rerun without `b` in its input: no run
+    works on `b`, so the table and the report say `removed`, not `searching` (a script
+    waiting for it would wait for ever); a finished target of an earlier input stays done."""
+    from parafold.report.collect import collect_run
+
+    out = tmp_path / "out"
+    a, b, c = (Target(n, n, "MKTAYIAKQR") for n in ("a", "b", "c"))
+    with Ledger(out) as ledger:
+        first = ledger.begin_run({})
+        ledger.register([a, b, c], run_id=first)
+        ledger.start_search("b")
+        ledger.start_search("c")
+        ledger.features_ready("c", {})
+        ledger.start_predict(["c"])
+        ledger.done("c", {})
+        second = ledger.begin_run({})  # the first was killed: never ended
+        ledger.register([a], run_id=second)
+        ledger.end_run(second, 0)
+    write_results_table(out)
+    import csv
+    import io
+
+    rows = {r["name"]: r["state"] for r in csv.DictReader(
+        io.StringIO((out / RESULTS_FILE).read_text(encoding="utf-8")), delimiter="\t")}
+    assert rows == {"a": "queued", "b": "removed", "c": "done"}
+    page = collect_run(out)
+    assert page["summary"]["states"] == {"queued": 1, "removed": 1, "done": 1}

@@ -106,23 +106,34 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def _read_ledger(out_dir: Path) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
-    """Targets, events, runs and worker events from the ledger; empty lists when there is
-    none."""
+# The state shown for a target the latest run's input no longer holds, left unfinished by an
+# earlier run: no run works on it, so "searching" or "predicting" would wait for ever.
+REMOVED = "removed"
+_FINAL = ("done", "failed")
+
+
+def _read_ledger(out_dir: Path) -> tuple[list[Any], list[Any], list[Any], list[Any],
+                                         set[str] | None]:
+    """Targets, events, runs and worker events from the ledger, and the names in the latest
+    run's input (None: not recorded); empty when there is no ledger."""
     from parafold.errors import SchedulerError
 
     try:
         from parafold.ledger import LEDGER_FILE, Ledger
     except ImportError:  # a tree without the pipeline: folders only
-        return [], [], [], []
+        return [], [], [], [], None
     if not (out_dir / LEDGER_FILE).is_file():
-        return [], [], [], []
+        return [], [], [], [], None
     try:
         with Ledger(out_dir, readonly=True) as ledger:
-            return ledger.targets(), ledger.events(), ledger.runs(), ledger.worker_events()
+            runs = ledger.runs()
+            latest = runs[-1].id if runs else None
+            in_latest = ({r.name for r in ledger.targets(run_id=latest)}
+                         if latest is not None and ledger.has_run_targets(latest) else None)
+            return ledger.targets(), ledger.events(), runs, ledger.worker_events(), in_latest
     except (SchedulerError, sqlite3.Error, OSError, ValueError) as exc:
         log.warning("%s: ledger unreadable (%s); report from folders only", out_dir, exc)
-        return [], [], [], []
+        return [], [], [], [], None
 
 
 def _fill_from_folder(row: _Row, folder: Path) -> None:
@@ -268,13 +279,15 @@ class Collected:
 def collect(out_dir: Path | str) -> Collected:
     """Read the ledger and every target folder of `out_dir` once (see the module docstring)."""
     out_dir = Path(out_dir)
-    records, events, runs, worker_events = _read_ledger(out_dir)
+    records, events, runs, worker_events, in_latest = _read_ledger(out_dir)
     rows: dict[str, _Row] = {}
     for rec in records:
         row = rows.setdefault(rec.name, _Row(rec.name))
         row.length = rec.length
         row.target_id = rec.target_id
         row.state = str(rec.state.value if hasattr(rec.state, "value") else rec.state)
+        if in_latest is not None and rec.name not in in_latest and row.state not in _FINAL:
+            row.state = REMOVED
         if rec.error:
             stage = f"[{rec.failed_stage}] " if rec.failed_stage else ""
             row.error = stage + rec.error
