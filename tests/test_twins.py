@@ -141,6 +141,51 @@ def test_a_copy_keeps_residues_without_atoms(tmp_path, name):
     assert (tmp_path / name / "ranked_0.cif").read_text().count("UNK") >= 4
 
 
+def test_a_copy_refuses_a_source_that_changed_or_is_being_relaxed(tmp_path, monkeypatch):
+    """Another OUT's folder, found in the index long before its copy runs: predicted again
+    (other settings) or relaxed since, mid-relaxation, or changed while copied, it is not
+    copied (the twin is predicted itself), and the twin is left without a done marker."""
+    import parafold.fold.twins as twins
+    from parafold.errors import OutputError
+    from parafold.fold.reuse import done_stamp
+
+    src = tmp_path / "src"
+    order = write_target_outputs(src, "src", _predictions(12, seed=1), {}, save_raw=False)
+    indexed = done_stamp(src)
+    (tmp_path / "twin").mkdir()
+    copy_prediction(src, tmp_path / "twin", "twin", expect=indexed)  # unchanged: copied
+    assert is_complete(tmp_path / "twin")
+    (tmp_path / "twin" / DONE_FILE).unlink()  # to be copied again
+
+    write_target_outputs(src, "src", _predictions(12, seed=2), {}, save_raw=False)  # again
+    with pytest.raises(OutputError, match="predicted or relaxed again"):
+        copy_prediction(src, tmp_path / "twin", "twin", expect=indexed)
+    assert not is_complete(tmp_path / "twin")
+
+    indexed = done_stamp(src)
+    (src / f"relaxed_{order[0]}.pdb").write_text("ATOM\n")  # a relaxation under way
+    with pytest.raises(OutputError, match="relaxation of .* is under way"):
+        copy_prediction(src, tmp_path / "twin", "twin")
+    (src / RELAX_METRICS_FILE).write_text(json.dumps({order[0]: {"attempts": 1}}))
+    with pytest.raises(OutputError, match="predicted or relaxed again"):  # relaxed since
+        copy_prediction(src, tmp_path / "twin", "twin", expect=indexed)
+    copy_prediction(src, tmp_path / "twin", "twin", expect=done_stamp(src))
+    assert (tmp_path / "twin" / f"relaxed_{order[0]}.pdb").is_file()
+    (tmp_path / "twin" / DONE_FILE).unlink()
+
+    real_copy = twins.atomic_copy
+
+    def predicted_meanwhile(source, target, **kwargs):
+        real_copy(source, target, **kwargs)
+        if source.name.startswith("unrelaxed_"):
+            write_target_outputs(src, "src", _predictions(12, seed=3), {}, save_raw=False)
+
+    monkeypatch.setattr(twins, "atomic_copy", predicted_meanwhile)
+    with pytest.raises(OutputError, match="changed while it was copied"):
+        copy_prediction(src, tmp_path / "twin", "twin")
+    assert not is_complete(tmp_path / "twin")
+
+
 def test_a_copy_stopped_on_the_way_leaves_no_done_marker(tmp_path, monkeypatch):
     """A twin predicted before with other settings is copied to: a copy stopped half way (a
     full disk, a kill) must not leave the old done marker beside the new files."""

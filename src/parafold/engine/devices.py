@@ -105,7 +105,7 @@ def predict_on(devices: tuple[str, ...], feature_sets: Sequence[FeatureSet], out
     # Predictions made before (in another OUT) are copied first: they need no device, and one
     # whose folder went away since it was indexed (cleaned up, predicted again) is predicted
     # in this pass instead of failing after it.
-    outcomes = copy_twins(TwinPlan([], found=plan.found), {}, out_root)
+    outcomes = copy_twins(TwinPlan([], found=plan.found, stamps=plan.stamps), {}, out_root)
     lost = [fs for sets in plan.found.values() for fs in sets
             if not outcomes[fs.name].ok and not outcomes[fs.name].stopped_early]
     for fs in lost:

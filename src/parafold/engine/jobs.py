@@ -114,11 +114,12 @@ def search_batch_job(targets: Sequence[Target], out_dir: Path, databases: Any, s
             for t, r in zip(targets, results, strict=True)]
 
 
-def copy_job(source_dir: Path, twin_dir: Path, twin_name: str) -> Any:
+def copy_job(source_dir: Path, twin_dir: Path, twin_name: str,
+             expect: list[int | None] | None = None) -> Any:
     """Give a twin the files of its source's prediction (`fold.twins.copy_prediction`)."""
     from parafold.fold.twins import copy_prediction
 
-    return copy_prediction(source_dir, twin_dir, twin_name)
+    return copy_prediction(source_dir, twin_dir, twin_name, expect=expect)
 
 
 def plots_job(target_dir: Path) -> int:

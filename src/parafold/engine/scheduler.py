@@ -112,6 +112,7 @@ class Scheduler:
         # sharing the cache (`fold.reuse`)
         self._done_paths: dict[str, Path] = {key: settings.out / name
                                              for key, name in (done_sources or {}).items()}
+        self._done_stamps: dict[Path, list[int | None]] = {}  # another OUT's, as indexed
         # where the fold workers' writers record their predictions, and this looks them up
         self._prediction_cache = settings.model.prediction_cache_dir or settings.resolved_cache_dir
         self.index = PredictionIndex.for_settings(self._prediction_cache, settings.model,
@@ -758,8 +759,9 @@ class Scheduler:
         own = self.settings.out / fs.name
         done = self._done_paths.get(key)
         if done is None and key not in self._sources:
-            done = self.index.find(fs, not_in=own)
-            if done is not None:
+            hit = self.index.find_stamped(key, not_in=own)
+            if hit is not None:  # another OUT's: its copies check it has not changed since
+                done, self._done_stamps[done] = hit
                 self._done_paths[key] = done
         if done is not None and done != own:
             self._submit_copy(fs, done)
@@ -776,6 +778,7 @@ class Scheduler:
             return
         out = self.settings.out
         handle = self.executor.submit(copy_job, folder, out / fs.name, fs.name,
+                                      self._done_stamps.get(folder),
                                       resources=Resources(cpus=1))
         # the ledger names a source in this OUT by its name, any other by its folder
         self.copying[handle.future] = (fs, folder.name if folder.parent == out else str(folder))

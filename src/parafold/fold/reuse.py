@@ -57,7 +57,7 @@ def prediction_fingerprint(settings: ModelSettings, params_dir: Path, *,
                        params=params)
 
 
-def _done_stamp(folder: Path) -> list[int | None]:
+def done_stamp(folder: Path) -> list[int | None]:
     """The done marker's size, modification time and inode, then the relaxation marker's
     (None for each while the folder holds no relaxation)."""
     st = (folder / DONE_FILE).stat()
@@ -98,7 +98,7 @@ class PredictionIndex:
             return
         try:
             folder = Path(folder).resolve()
-            atomic_write_json(entry, {"folder": str(folder), "done": _done_stamp(folder),
+            atomic_write_json(entry, {"folder": str(folder), "done": done_stamp(folder),
                                       "name": fs.name})
         except OSError as exc:
             log.warning("%s: not recorded in the prediction index %s: %s", fs.name, self.root,
@@ -111,16 +111,24 @@ class PredictionIndex:
 
     def find_key(self, twin_key: str | None, *, not_in: Path | None = None) -> Path | None:
         """`find` by the features' `twin_key` alone (before the features are made)."""
+        found = self.find_stamped(twin_key, not_in=not_in)
+        return found[0] if found is not None else None
+
+    def find_stamped(self, twin_key: str | None, *, not_in: Path | None = None
+                     ) -> tuple[Path, list[int | None]] | None:
+        """`find_key`, with the folder's `done_stamp` as recorded: a copy made later checks
+        the folder still has it (re-predicted or relaxed since, it is no longer this one)."""
         entry = self._entry(twin_key)
         if entry is None:
             return None
         try:
             recorded = read_json(entry)
             folder = Path(recorded["folder"])
-            if _done_stamp(folder) != list(recorded["done"]):
+            stamp = list(recorded["done"])
+            if done_stamp(folder) != stamp:
                 return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
         if not_in is not None and folder == Path(not_in).resolve():
             return None
-        return folder
+        return folder, stamp

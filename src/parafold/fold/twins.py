@@ -36,10 +36,10 @@ from parafold.fold.outputs import (
     merge_timings,
     remove_stale,
 )
-from parafold.fold.reuse import PredictionIndex
+from parafold.fold.reuse import PredictionIndex, done_stamp
 from parafold.fold.worker import FoldOutcome
 from parafold.relax import RELAX_METRICS_FILE
-from parafold.store import atomic_copy, atomic_write_text
+from parafold.store import atomic_copy, atomic_write_text, atomic_writer
 
 __all__ = ["TwinPlan", "CopiedPrediction", "plan_twins", "copy_prediction",
            "second_sources", "copy_twins", "with_twins"]
@@ -61,6 +61,8 @@ class TwinPlan:
     fold: list[FeatureSet]
     twins: dict[str, list[FeatureSet]] = field(default_factory=dict)
     found: dict[Path, list[FeatureSet]] = field(default_factory=dict)
+    # each found folder's `reuse.done_stamp` as indexed: the copies check it still holds
+    stamps: dict[Path, list[int | None]] = field(default_factory=dict)
 
     @property
     def copies(self) -> int:
@@ -85,13 +87,15 @@ def plan_twins(feature_sets: Sequence[FeatureSet], out_root: Path,
     copied: set[str] = set()
     twins: dict[str, list[FeatureSet]] = {}
     found: dict[Path, list[FeatureSet]] = {}
+    stamps: dict[Path, list[int | None]] = {}
     for group in groups.values():
         todo = [fs for fs in group if fs.name not in complete]
         if not todo or (len(group) < 2 and index is None):
             continue
         if len(todo) == len(group) and index is not None:
-            folder = index.find(todo[0], not_in=out_root / todo[0].name)
-            if folder is not None:
+            hit = index.find_stamped(todo[0].twin_key, not_in=out_root / todo[0].name)
+            if hit is not None:
+                folder, stamps[hit[0]] = hit
                 found.setdefault(folder, []).extend(todo)
                 copied.update(fs.name for fs in todo)
                 continue
@@ -100,7 +104,7 @@ def plan_twins(feature_sets: Sequence[FeatureSet], out_root: Path,
         if rest:
             twins[source.name] = rest
             copied.update(fs.name for fs in rest)
-    return TwinPlan([fs for fs in feature_sets if fs.name not in copied], twins, found)
+    return TwinPlan([fs for fs in feature_sets if fs.name not in copied], twins, found, stamps)
 
 
 def with_twins(parts: Sequence[Sequence[FeatureSet]], plan: TwinPlan) -> list[list[FeatureSet]]:
@@ -122,25 +126,44 @@ class CopiedPrediction:
     seconds: float
 
 
-def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedPrediction:
+def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str, *,
+                    expect: Sequence[int | None] | None = None) -> CopiedPrediction:
     """Give `twin_dir` the prediction files of the complete `source_dir` (see the module
-    docstring); its own files (features, MSAs, search timings) stay.
+    docstring); its own files (features, MSAs, search timings) stay. `expect`: the source's
+    `reuse.done_stamp` when it was found in the prediction index.
+
+    A source that changes meanwhile (predicted again with other settings, relaxed: another
+    OUT's folder, found long before the copy runs) is not copied: its stamp must be `expect`
+    and stay what it was at the start, and no relaxation may be under way in it (a relaxed
+    file its relaxation marker does not name yet). The twin is then predicted itself.
 
     Raises:
-        OutputError: the source has no complete prediction, or one of its files is unreadable.
+        OutputError: the source has no complete prediction, one of its files is unreadable, or
+            it changed (see above).
         OSError: a file could not be written (a full disk among them).
     """
     started = time.perf_counter()
     source_dir, twin_dir = Path(source_dir), Path(twin_dir)
     done = source_dir / DONE_FILE
+
+    def refuse(why: str) -> OutputError:
+        return OutputError(f"{twin_name}: cannot copy the prediction of {source_dir.name}: "
+                           f"{why}")
+
     try:
-        ranking = json.loads(done.read_text(encoding="utf-8"))
+        stamp = done_stamp(source_dir)
+        marker = done.read_bytes()
+        ranking = json.loads(marker.decode("utf-8"))
         order = [str(n) for n in ranking["order"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise OutputError(f"{twin_name}: cannot copy the prediction of {source_dir.name}: "
-                          f"no readable {DONE_FILE} ({exc})") from exc
+        raise refuse(f"no readable {DONE_FILE} ({exc})") from exc
+    if expect is not None and stamp != list(expect):
+        raise refuse("it was predicted or relaxed again since it was indexed")
     files = sorted(p.name for p in source_dir.iterdir()
                    if p.is_file() and is_prediction_file(p.name))
+    relaxing = sorted(set(_relaxed_models(files)) - set(_relax_entries(source_dir)))
+    if relaxing:
+        raise refuse(f"its relaxation of {', '.join(relaxing)} is under way")
     missing = [name for i, model in enumerate(order)
                for name in (f"unrelaxed_{model}.pdb", f"ranked_{i}.pdb", _RANKED_CIF.format(i))
                if name not in files]
@@ -154,13 +177,22 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
     for name in [n for n in files if n not in last] + last:
         if name.startswith("ranked_") and name.endswith(".cif"):
             continue  # written below for the twin's name
-        atomic_copy(source_dir / name, twin_dir / name, link=False)
+        try:
+            atomic_copy(source_dir / name, twin_dir / name, link=False)
+        except FileNotFoundError as exc:  # gone from the source since it was listed
+            raise refuse(f"it changed while it was copied ({name} went)") from exc
         written.add(name)
     for index in range(len(order)):
         cif_name = _RANKED_CIF.format(index)
         atomic_write_text(twin_dir / cif_name, _twin_mmcif(source_dir, index, twin_name))
         written.add(cif_name)
     remove_stale(twin_dir, written)
+    try:
+        changed = done_stamp(source_dir) != stamp
+    except OSError:
+        changed = True
+    if changed:  # what was copied may mix two predictions: not done, predicted instead
+        raise refuse("it changed while it was copied")
     seconds = time.perf_counter() - started
     # a source in the twin's OUT by its name, any other by its folder (as the ledger says)
     same_out = source_dir.resolve().parent == twin_dir.resolve().parent
@@ -170,12 +202,27 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str) -> CopiedP
                   {"copy_prediction": round(seconds, 3), "copied_from": copied_from,
                    **({SETTINGS_KEY: made} if made is not None else {})},
                   drop=(SETTINGS_KEY,))
-    atomic_copy(done, twin_dir / DONE_FILE, link=False)
+    with atomic_writer(twin_dir / DONE_FILE, "wb") as handle:  # the marker checked above
+        handle.write(marker)
     best = order[0] if order else None
     mean_plddt, ptm = _best_scores(twin_dir, best, ranking)
     log.info("%s: same features as %s; its prediction copied (%d files, %.2f s)", twin_name,
              source_dir.name, len(written) + 1, seconds)
     return CopiedPrediction(twin_name, source_dir.name, tuple(order), mean_plddt, ptm, seconds)
+
+
+def _relaxed_models(files: Sequence[str]) -> list[str]:
+    return [name[len("relaxed_"):-len(".pdb")] for name in files
+            if name.startswith("relaxed_") and name.endswith(".pdb")]
+
+
+def _relax_entries(folder: Path) -> list[str]:
+    """The models the folder's relaxation marker names (none without one)."""
+    try:
+        metrics = json.loads((folder / RELAX_METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [str(m) for m in metrics] if isinstance(metrics, dict) else []
 
 
 def _twin_mmcif(source_dir: Path, index: int, twin_name: str) -> str:
@@ -236,7 +283,7 @@ def second_sources(plan: TwinPlan, outcomes: Mapping[str, FoldOutcome]
         fold.append(first)
         if rest:
             again[first.name] = rest
-    return TwinPlan(plan.fold, kept, plan.found), TwinPlan(fold, again)
+    return TwinPlan(plan.fold, kept, plan.found, plan.stamps), TwinPlan(fold, again)
 
 
 def copy_twins(plan: TwinPlan, outcomes: Mapping[str, FoldOutcome], out_root: Path, *,
@@ -250,8 +297,8 @@ def copy_twins(plan: TwinPlan, outcomes: Mapping[str, FoldOutcome], out_root: Pa
         copying: dict[cf.Future[CopiedPrediction], tuple[FeatureSet, str]] = {}
         for folder, sets in plan.found.items():
             for fs in sets:
-                copying[pool.submit(copy_prediction, folder, out_root / fs.name,
-                                    fs.name)] = (fs, str(folder))
+                copying[pool.submit(copy_prediction, folder, out_root / fs.name, fs.name,
+                                    expect=plan.stamps.get(folder))] = (fs, str(folder))
         for source, twins in plan.twins.items():
             done = outcomes[source]
             for fs in twins:
