@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -597,3 +598,53 @@ def test_a_precomputed_msa_is_copied_not_linked(tmp_path: Path) -> None:
     inode = given.stat().st_ino
     assert stored[0].stat().st_ino != inode
     assert all(p.stat().st_ino != inode for p in out.rglob("*.a3m"))
+
+
+def test_work_folders_of_killed_mmseqs_batches_are_removed(tmp_path: Path) -> None:
+    """A SIGKILLed batch leaves its MMseqs2 work folder in the shared cache (hundreds of GB
+    for a proteome): the next batch removes it, never one a live batch holds."""
+    import fcntl
+    import os
+
+    from parafold.search import runner
+
+    abandoned = tmp_path / ".tmp-mmseqs-killed"
+    (abandoned / "tmp").mkdir(parents=True)
+    (abandoned / ".lock").touch()
+    (abandoned / "tmp" / "big").write_bytes(b"x" * 1000)
+    live = tmp_path / ".tmp-mmseqs-live"
+    live.mkdir()
+    fresh = tmp_path / ".tmp-mmseqs-fresh"  # just made: its lock file not there yet
+    fresh.mkdir()
+    with open(live / ".lock", "a+b") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with runner._batch_workdir(tmp_path) as work:
+            assert work.is_dir() and work.name.startswith(".tmp-mmseqs-")
+            assert not abandoned.exists() and live.is_dir() and fresh.is_dir()
+            runner._remove_abandoned_workdirs(tmp_path)  # another batch starting meanwhile
+            assert work.is_dir()
+        assert not work.exists()
+    old = time.time() - 2 * 24 * 3600
+    os.utime(fresh, (old, old))  # an older parafold's, days old
+    runner._remove_abandoned_workdirs(tmp_path)
+    assert not fresh.exists() and not live.exists()  # live's holder is gone now
+
+
+def test_an_entry_another_batch_filled_meanwhile_is_kept(tmp_path: Path, monkeypatch) -> None:
+    """Two MMseqs2 batches searching one sequence at once (a job array's task and an
+    unsharded run): the second to finish keeps the first's files, which targets link to."""
+    from parafold.search import runner
+
+    entry = tmp_path / "ab" / "abcd"
+    (entry / "features").mkdir(parents=True)
+    manifest = entry / "features" / runner.MANIFEST_FILE
+    manifest.write_text("{}")
+    before = manifest.stat().st_ino
+
+    def never(*args, **kwargs):
+        raise AssertionError("features built again")
+
+    monkeypatch.setattr(runner, "mmseqs_features", never)
+    runner._fill_mmseqs_entry(entry, "MKTAYIAK", {"uniref": ">q\nMKTAYIAK\n"}, databases=None,
+                              settings=None, key="abcd", batch={})
+    assert manifest.stat().st_ino == before and not (entry / "msas").exists()

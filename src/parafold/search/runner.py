@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import fcntl
 import logging
 import multiprocessing
+import os
 import shutil
 import tempfile
 import time
@@ -316,6 +318,11 @@ def _fill_mmseqs_entry(entry: Path, sequence: str, msas: dict[str, str], *,
     """
     started = time.monotonic()
     with file_lock(entry / ".lock") as locked:
+        if (entry / "features" / MANIFEST_FILE).is_file():
+            # filled meanwhile by another batch (a job array's tasks and an unsharded run
+            # may search one sequence at once): keep those files, which targets link to
+            logger.info("%s: features already in the cache; this batch's are not stored", key)
+            return
         for partial in entry.rglob("*.part") if locked else ():  # a killed fill's leftovers
             partial.unlink(missing_ok=True)
         for tag, text in msas.items():
@@ -392,6 +399,48 @@ def _fill_in_processes(pool: cf.ProcessPoolExecutor, names: Sequence[str],
     return failed, lost
 
 
+_WORKDIR_PREFIX = ".tmp-mmseqs-"
+_UNLOCKED_WORKDIR_AGE_S = 24 * 3600  # a work folder without a lock file (older parafold)
+
+
+@contextlib.contextmanager
+def _batch_workdir(cache_dir: Path) -> Iterator[Path]:
+    """A work folder for one MMseqs2 batch in the cache folder, locked while the batch runs.
+    Those killed batches left (their lock free: the kernel drops it with its holder) are
+    removed first: MMseqs2's temporary files of a proteome batch take hundreds of GB."""
+    _remove_abandoned_workdirs(cache_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX, dir=cache_dir))
+    with open(tmp / ".lock", "a+b") as lock:
+        with contextlib.suppress(OSError):  # no locks on this mount: never swept, as before
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_abandoned_workdirs(cache_dir: Path) -> None:
+    """Delete the batch work folders no live process holds (see `_batch_workdir`)."""
+    for folder in cache_dir.glob(f"{_WORKDIR_PREFIX}*"):
+        try:
+            fd = os.open(folder / ".lock", os.O_RDWR)
+        except FileNotFoundError:  # just made (its lock comes next), or an older version's
+            with contextlib.suppress(OSError):
+                if time.time() - folder.stat().st_mtime > _UNLOCKED_WORKDIR_AGE_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live batch (or no locks here): not ours to touch
+            continue
+        finally:
+            os.close(fd)
+        logger.info("removing %s, left by a killed MMseqs2 batch", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _search_and_fill(pending: dict[str, str], *, databases: DatabaseSet,
                      settings: SearchSettings, budget: CpuBudget,
                      cache_dir: Path) -> tuple[dict[str, BaseException], int]:
@@ -405,8 +454,7 @@ def _search_and_fill(pending: dict[str, str], *, databases: DatabaseSet,
     names = {f"q{i}": key for i, key in enumerate(pending)}
     logger.info("mmseqs: searching %d sequences in one batch", len(names))
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    with budget.hold(budget.total) as cores, \
-            tempfile.TemporaryDirectory(prefix=".tmp-mmseqs-", dir=cache_dir) as tmp, \
+    with budget.hold(budget.total) as cores, _batch_workdir(Path(cache_dir)) as tmp, \
             _fill_pool(min(cores, len(names)), len(names)) as pool:
         try:
             result = search_batch([(n, pending[k]) for n, k in names.items()], Path(tmp),
