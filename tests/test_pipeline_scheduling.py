@@ -519,3 +519,32 @@ def test_twins_left_waiting_when_nothing_runs_fail_with_the_reason(tmp_path: Pat
         record = ledger.get("T")
         assert record.state is State.FAILED and "S, which never finished" in record.error
         assert (sched.failed, sched.finished, sched._parked) == (1, 1, {})
+
+
+def test_a_drain_still_copies_a_finished_sources_prediction(tmp_path: Path) -> None:
+    """SIGUSR1 drains a run: a source finishing meanwhile still gives its twins their copies
+    (milliseconds; else the job is requeued for them alone). A full disk copies nothing."""
+    from parafold.engine.scheduler import Scheduler
+    from parafold.ledger import State
+
+    seq = "MKVLAAGIVG" * 5
+    for how, copies in (("drain", 1), ("disk full", 0)):
+        settings = _settings(tmp_path / how.replace(" ", "_"))
+        settings.out.mkdir(parents=True)
+        sets = [FeatureSet(name=n, target_id=n, sequence=seq, path=settings.out / n,
+                           msa_depth=30, num_templates=0, key="k1") for n in ("S", "T")]
+        with Ledger(settings.out) as ledger:
+            ledger.register([Target(fs.name, fs.name, seq) for fs in sets])
+            for fs in sets:
+                ledger.reconcile(fs.name, State.FEATURES_READY)
+            sched = Scheduler(settings, ledger, 1, _TwoSmallNodes(), None, [], [], total=2,
+                              done_before=0)
+            for fs in sets:
+                sched._admit(fs, time.time())
+            assert sched._parked == {"S": [sets[1]]}
+            if how == "drain":
+                sched._drain("SIGUSR1: asked to drain")
+            else:
+                sched._stop("No space left on device", "free space")
+            sched._source_done("S")
+            assert len(sched.copying) == copies, how

@@ -147,6 +147,7 @@ class Scheduler:
         # queued or ready for a rerun; `stop_advice` says what to do first.
         self.stopped: str | None = None
         self.stop_advice = ""
+        self._draining = False  # stopped by a drain: copies of finished sources still go on
         now = time.time()
         for fs in ready:
             self._admit(fs, now)
@@ -170,7 +171,7 @@ class Scheduler:
             while self._work_left():
                 drain = drain_requested()
                 if drain is not None:
-                    self._stop(drain, DRAIN_ADVICE)
+                    self._drain(drain)
                 self._submit_searches(slots)
                 self._dispatch_folds()
                 progress.update()
@@ -235,6 +236,12 @@ class Scheduler:
             self.stopped, self.stop_advice = reason, advice
             logger.error("stopping the run: %s. The work in flight finishes; the rest waits "
                          "for a rerun", reason)
+
+    def _drain(self, reason: str) -> None:
+        """SIGUSR1: stop as `_stop` does, but let the copies of sources that finish go on."""
+        if self.stopped is None:
+            self._draining = True
+        self._stop(reason, DRAIN_ADVICE)
 
     def compiles(self) -> int | None:
         counts = [v for s in self._stats.values() for k, v in s.items()
@@ -774,7 +781,9 @@ class Scheduler:
             self._parked.setdefault(source, []).append(fs)
 
     def _submit_copy(self, fs: FeatureSet, folder: Path) -> None:
-        if self.stopped is not None:  # it stays features_ready for the rerun
+        # stopped, it stays features_ready for the rerun; but a drain lets a copy of a
+        # finished source go on (milliseconds of work, or the job is requeued for it alone)
+        if self.stopped is not None and not self._draining:
             return
         out = self.settings.out
         handle = self.executor.submit(copy_job, folder, out / fs.name, fs.name,
