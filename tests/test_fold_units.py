@@ -745,3 +745,18 @@ def test_the_persistent_compile_cache_is_on_by_default_in_the_users_cache(tmp_pa
     assert CliRunner().invoke(cli.app, [*args, "--no-compile-cache"]).exit_code == 0
     assert [s.model.compile_cache_dir for s in seen] == [tmp_path / "xdg" / "parafold" / "jax",
                                                           None]
+
+
+def test_writing_a_targets_files_removes_what_a_killed_writer_left(tmp_path):
+    import time
+
+    from parafold.fold.outputs import write_target_outputs
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    dead = folder / ".result_model_1_ptm.pkl.a1b2c3.part"
+    dead.write_bytes(b"x" * 100)
+    old = time.time() - 2 * 3600
+    os.utime(dead, (old, old))
+    write_target_outputs(folder, "t", [_prediction("model_1_ptm", 50.0)], {}, save_raw=False)
+    assert not dead.exists()

@@ -305,3 +305,24 @@ def test_without_file_locks_no_process_removes_anothers_work_in_progress(
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with file_lock(tmp_path / "b.lock") as held:
         assert held is False
+
+
+def test_abandoned_temporary_files_are_removed_live_ones_kept(tmp_path: Path) -> None:
+    """A killed writer's `.<name>.<random>.part` goes once it is an hour old; a live one
+    (seconds old, maybe another process's) and every other file stay."""
+    import os
+    import time
+
+    from parafold.store import remove_abandoned_parts
+
+    old = time.time() - 2 * 3600
+    dead = tmp_path / ".result_model_1_ptm.pkl.abc123.part"
+    live = tmp_path / ".report.html.def456.part"
+    plain = tmp_path / "result.part"  # not a temporary file of ours: no leading dot
+    for path in (dead, live, plain):
+        path.write_bytes(b"x")
+    os.utime(dead, (old, old))
+    os.utime(plain, (old, old))
+    assert remove_abandoned_parts(tmp_path) == 1
+    assert not dead.exists() and live.exists() and plain.exists()
+    assert remove_abandoned_parts(tmp_path / "missing") == 0

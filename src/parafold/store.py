@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -55,6 +56,31 @@ def atomic_writer(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+ABANDONED_PART_AGE_S = 3600.0  # no atomic write takes an hour: older ones' writers died
+
+
+def remove_abandoned_parts(folder: Path | str, *, older_than_s: float = ABANDONED_PART_AGE_S
+                           ) -> int:
+    """Delete the temporary files of `atomic_writer`s killed in `folder` (`.<name>.<random>
+    .part`, older than `older_than_s`: a live writer's is seconds old, so this is safe beside
+    other processes writing there); returns how many went."""
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(".part")):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False) and \
+                    now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:

@@ -21,7 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from parafold.store import atomic_write_json, atomic_write_text, atomic_writer
+from parafold.store import (
+    atomic_write_json,
+    atomic_write_text,
+    atomic_writer,
+    remove_abandoned_parts,
+)
 
 __all__ = ["Prediction", "write_target_outputs", "is_complete", "DONE_FILE", "rank",
            "merge_timings", "is_prediction_file", "remove_stale", "COPY_TIMINGS",
@@ -223,10 +228,12 @@ def write_target_outputs(folder: Path, name: str, predictions: Sequence[Predicti
 
 def remove_stale(folder: Path, written: set[str]) -> None:
     """Delete per-prediction files an earlier prediction left (a model or rank not made now),
-    so no downstream tool mistakes them for this prediction's."""
+    so no downstream tool mistakes them for this prediction's, and the temporary files of a
+    killed writer (a `result_*.pkl` can be hundreds of MB)."""
     for path in folder.iterdir():
         if path.name not in written and is_prediction_file(path.name) and path.is_file():
             path.unlink(missing_ok=True)
+    remove_abandoned_parts(folder)
 
 
 def merge_timings(path: Path, fold_timings: dict[str, Any], *,

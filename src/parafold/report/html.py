@@ -21,7 +21,7 @@ from typing import Any
 from parafold.errors import InputError, is_storage_full
 from parafold.report.collect import STRUCTURE_JS, collect, collect_run, is_target_dir
 from parafold.report.results_table import write_results_table
-from parafold.store import atomic_copy, atomic_write_text
+from parafold.store import atomic_copy, atomic_write_text, remove_abandoned_parts
 
 __all__ = ["REPORT_FILE", "ASSET_DIR", "VIEWER_JS", "render_page", "write_report",
            "write_structure_js"]
@@ -144,6 +144,7 @@ def write_report(out_dir: Path | str, *, plots: bool = True) -> Path:
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise InputError(f"{out_dir}: no such output directory")
+    remove_abandoned_parts(out_dir)  # of a report, table or timings a killed run was writing
     folders = [p for p in sorted(out_dir.iterdir()) if is_target_dir(p)]
     if plots:
         from parafold.report.plots import write_target_plots
