@@ -30,6 +30,7 @@ def test_params_random_then_predict(tmp_path, tmp_path_factory):
             "--compile-cache", str(cache), "--save-raw"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
+    assert "model config: tiny (recorded with the params" in res.output  # never unseen
     out = tmp_path / "out" / "t1"
     for name in ("ranked_0.pdb", "ranked_0.cif", "unrelaxed_model_3_ptm.pdb",
                  "ranking_debug.json", "timings.json", "scores_model_3_ptm.json",

@@ -345,6 +345,8 @@ def _predict_config(params_dir: Path, config: str | None) -> str:
 
     recorded = (read_params_info(params_dir) or {}).get("config")
     if config is None:
+        if recorded and recorded != "full":  # said, so a test config is never taken unseen
+            typer.echo(f"model config: {recorded} (recorded with the params in {params_dir})")
         return str(recorded or "full")
     if recorded and recorded != config:
         raise InputError(f"{params_dir}: params were written for the {recorded} config, "
