@@ -372,6 +372,8 @@ def test_written_pickle_loads_under_numpy_one(tmp_path):
 
     feats = make_features("ACDEFGHIKLMNPQRSTVWY", 5, num_templates=2)
     feats["a_scalar"] = np.float32(1.5)
+    feats["a_0d_array"] = np.array(7, np.int32)
+    feats["empty_objects"] = np.empty((0, 4), object)
     write_feature_set(tmp_path / "a", name="a", target_id="a", features=feats,
                       write_pickle=True)
     data = (tmp_path / "a" / "features.pkl").read_bytes()
@@ -383,11 +385,12 @@ def test_written_pickle_loads_under_numpy_one(tmp_path):
             return super().find_class(module, name)
 
     loaded = Recording(io.BytesIO(data)).load()
-    assert names <= {"numpy.ndarray", "numpy.array", "builtins.bytearray"}, names
+    assert names <= {"numpy.ndarray", "numpy.array", "numpy.empty", "builtins.bytearray"}, names
     assert sorted(loaded) == sorted(feats)
     for name, value in feats.items():
         got = loaded[name]
         assert got.dtype == np.asarray(value).dtype and got.flags.writeable, name
+        assert got.shape == np.shape(value), name
         if got.dtype.hasobject:
             assert got.tolist() == value.tolist(), name
         else:

@@ -624,6 +624,29 @@ def test_work_folders_of_killed_mmseqs_batches_are_removed(tmp_path: Path) -> No
             runner._remove_abandoned_workdirs(tmp_path)  # another batch starting meanwhile
             assert work.is_dir()
         assert not work.exists()
+    # a batch being made (its folder not yet locked and renamed) is never swept: a sweep
+    # run at the instant before its lock is taken leaves it alone
+    import parafold.search.runner as runner_module
+
+    real_flock, swept = fcntl.flock, []
+
+    def flock(fd, op):
+        if op == fcntl.LOCK_EX and not swept:
+            swept.append(True)
+            runner._remove_abandoned_workdirs(tmp_path)
+        return real_flock(fd, op)
+
+    import types
+
+    monkeypatch_fcntl = types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX,
+                                              LOCK_NB=fcntl.LOCK_NB)
+    runner_module.fcntl, saved = monkeypatch_fcntl, runner_module.fcntl
+    try:
+        with runner._batch_workdir(tmp_path) as work:
+            (work / "qdb").write_text("x")  # MMseqs2's first file
+            assert swept and work.is_dir()
+    finally:
+        runner_module.fcntl = saved
     old = time.time() - 2 * 24 * 3600
     os.utime(fresh, (old, old))  # an older parafold's, days old
     runner._remove_abandoned_workdirs(tmp_path)

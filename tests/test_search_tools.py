@@ -317,6 +317,12 @@ def test_several_candidates_for_a_database_are_named_once(tmp_path: Path, caplog
     assert len(warnings) == 1, warnings
     assert "mgnify: 2 candidates" in warnings[0] and "zz_older.fa" in warnings[0]
     assert f"using {first.name}" in warnings[0] and "--mgnify PATH" in warnings[0]
+    (db / "small_bfd").mkdir(exist_ok=True)  # the option's spelling, not the database's name
+    for name in ("a.fasta", "b.fasta"):
+        (db / "small_bfd" / name).write_text(">s\nACDF\n")
+    with caplog.at_level(logging.WARNING, logger="parafold.search.databases"):
+        find_databases(db, "reduced_dbs")
+    assert "give --small-bfd PATH to choose" in caplog.text
 
 
 def test_sibling_mmseqs_database_does_not_change_fingerprint(tmp_path: Path) -> None:

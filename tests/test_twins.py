@@ -715,3 +715,52 @@ def test_predict_copies_what_another_out_predicted_with_the_same_settings(twin_s
     assert by_name["a"].copied_from is None
     assert by_name["a_again"].copied_from == "a" and by_name["a_third"].copied_from == "a"
     assert by_name["b"].copied_from == str((tmp_path / "out1" / "b").resolve())
+
+
+def test_twins_of_a_folder_changed_since_indexed_are_predicted_once(tmp_path):
+    """Another OUT's prediction of these features, relaxed there (`parafold relax`) after it
+    was indexed: the copies from it are refused, and of the identical targets one is
+    predicted and the rest wait to copy it (each was predicted). Once one copy succeeded,
+    the later twins copy from this OUT's folder, which no other process changes."""
+    from parafold.engine.inline import InlineExecutor
+    from parafold.engine.scheduler import Scheduler
+    from parafold.inputs import Target
+    from parafold.ledger import Ledger
+    from parafold.pipeline import RunSettings
+    from test_pipeline_multi_gpu import _FakeFoldWorker
+
+    for copied_first in (False, True):
+        root = tmp_path / str(copied_first)
+        sets = {n: replace(_set(n, "MKVLA", "k"), path=root / "features" / n)
+                for n in ("t1", "t2", "t3", "t4")}
+        settings = RunSettings(input=root / "in.fasta", out=root / "out", params_dir=root,
+                               search=None, model=SETTINGS, max_batch=8, max_wait_s=0.0,
+                               plots=False)
+        gpu0 = _FakeFoldWorker("gpu0")
+        with Ledger(root / "out") as ledger:
+            ledger.register([Target(n, n, fs.sequence) for n, fs in sets.items()])
+            for n in sets:
+                ledger.reconcile(n, State.FEATURES_READY)
+            sched = Scheduler(settings, ledger, 1, InlineExecutor(), None, [], [], total=4,
+                              done_before=0)
+            sched.idle = [gpu0]
+            other = root / "other_out" / "x"
+            write_target_outputs(other, "x", _predictions(5, seed=1), {}, save_raw=False)
+            sched.index.record(sets["t1"], other)
+            names = ["t1", "t2", "t3", "t4"]
+            if copied_first:
+                sched._admit(sets["t1"], time.time())
+                sched._copy_finished(next(iter(sched.copying)))
+                names = names[1:]
+            (other / RELAX_METRICS_FILE).write_text(json.dumps({}))  # relaxed there now
+            for n in names:
+                sched._admit(sets[n], time.time())
+                while sched.copying:
+                    sched._copy_finished(next(iter(sched.copying)))
+            sched._dispatch_folds()
+            predicted = sorted(n for batch, _ in gpu0.batches for n in batch)
+            if copied_first:
+                assert predicted == [] and sched.copied == 4, (predicted, sched.copied)
+            else:
+                assert predicted == ["t1"] and sched._parked == {
+                    "t1": [sets["t2"], sets["t3"], sets["t4"]]}, (predicted, sched._parked)

@@ -146,9 +146,11 @@ class _NumpyOnePickler(pickle.Pickler):
         if type(obj) is not np.ndarray:
             return NotImplemented
         if obj.dtype.hasobject:
+            if obj.size == 0:  # np.array([], "O") would lose an empty array's other axes
+                return np.empty, (obj.shape, "O")
             return np.array, (obj.tolist(), "O")
-        dense = np.ascontiguousarray(obj)
-        return np.ndarray, (dense.shape, dense.dtype.str, bytearray(dense.tobytes()))
+        data = np.ascontiguousarray(obj).tobytes()  # (ascontiguousarray makes 0-d arrays 1-d)
+        return np.ndarray, (obj.shape, obj.dtype.str, bytearray(data))
 
 
 def _finish(fs: FeatureSet, pickled: dict[str, Any] | None) -> FeatureSet:

@@ -830,13 +830,40 @@ class Scheduler:
                 return
             logger.warning("%s: copying the prediction of %s failed (%s); predicting it "
                            "itself", fs.name, source, describe_error(exc))
-            self.ready[fs.name] = (fs, time.time())
+            self._copy_failed(fs, self._copy_source(source))
             return
+        key = fs.twin_key
+        if key is not None and self._done_paths.get(key) == self._copy_source(source) \
+                and self._copy_source(source).parent != self.settings.out:
+            self._done_paths[key] = self.settings.out / fs.name  # ours now: copy from it
         self.ledger.done(fs.name, {"copied_from": source, "copy_s": round(copied.seconds, 3),
                                    "mean_plddt": copied.mean_plddt, "ptm": copied.ptm})
         self.copied += 1
         self.finished += 1
         self._submit_plots(fs.name)
+
+    def _copy_source(self, label: str) -> Path:
+        """The folder a copy's ledger label names: a name in OUT, or another OUT's folder."""
+        path = Path(label)
+        return path if path.is_absolute() else self.settings.out / label
+
+    def _copy_failed(self, fs: FeatureSet, folder: Path) -> None:
+        """A twin whose copy failed is predicted itself, as the source of the twins still to
+        come (they wait for it, rather than each being predicted), and `folder` is not
+        offered to them again (another OUT's, predicted or relaxed since it was indexed)."""
+        key = fs.twin_key
+        if key is not None and self._done_paths.get(key) == folder:
+            del self._done_paths[key]
+            self._done_stamps.pop(folder, None)
+        if key is None:
+            self.ready[fs.name] = (fs, time.time())
+            return
+        source = self._sources.setdefault(key, fs.name)
+        if source == fs.name:
+            self._source_keys[fs.name] = key
+            self.ready[fs.name] = (fs, time.time())
+        else:
+            self._parked.setdefault(source, []).append(fs)
 
     def _timeout(self) -> float:
         """Until the next thing to do: a group's wait running out, or a progress tick. (Waits

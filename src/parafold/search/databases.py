@@ -259,7 +259,7 @@ def _warn_several(name: str, folder: Path, found: list[Path]) -> None:
     if (name, folder) in _WARNED:
         return
     _WARNED.add((name, folder))
-    choose = (f"give --{name} PATH to choose" if not name.startswith("mmseqs")
+    choose = (f"give --{name.replace('_', '-')} PATH to choose" if not name.startswith("mmseqs")
               else "move the others out to choose")
     log.warning("%s: %d candidates in %s (%s); using %s (%s)", name, len(found), folder,
                 ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else ""),

@@ -409,22 +409,30 @@ def _batch_workdir(cache_dir: Path) -> Iterator[Path]:
     Those killed batches left (their lock free: the kernel drops it with its holder) are
     removed first: MMseqs2's temporary files of a proteome batch take hundreds of GB."""
     _remove_abandoned_workdirs(cache_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX, dir=cache_dir))
-    with open(tmp / ".lock", "a+b") as lock:
-        with contextlib.suppress(OSError):  # no locks on this mount: never swept, as before
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
+    # made under another name and locked, then renamed: a sweep never sees it unlocked
+    making = Path(tempfile.mkdtemp(prefix=".making-mmseqs-", dir=cache_dir))
+    tmp = making
+    try:
+        with open(making / ".lock", "a+b") as lock:
+            with contextlib.suppress(OSError):  # no locks on this mount: never swept
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            tmp = making.with_name(_WORKDIR_PREFIX + making.name.removeprefix(".making-mmseqs-"))
+            making.rename(tmp)
             yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove_abandoned_workdirs(cache_dir: Path) -> None:
     """Delete the batch work folders no live process holds (see `_batch_workdir`)."""
+    for folder in cache_dir.glob(".making-mmseqs-*"):  # a maker killed in the instant
+        with contextlib.suppress(OSError):             # before its rename: empty, old
+            if time.time() - folder.stat().st_mtime > _UNLOCKED_WORKDIR_AGE_S:
+                shutil.rmtree(folder, ignore_errors=True)
     for folder in cache_dir.glob(f"{_WORKDIR_PREFIX}*"):
         try:
             fd = os.open(folder / ".lock", os.O_RDWR)
-        except FileNotFoundError:  # just made (its lock comes next), or an older version's
+        except FileNotFoundError:  # an older version's (no lock file): only when old
             with contextlib.suppress(OSError):
                 if time.time() - folder.stat().st_mtime > _UNLOCKED_WORKDIR_AGE_S:
                     shutil.rmtree(folder, ignore_errors=True)
