@@ -65,9 +65,15 @@ def test_submit_runs_jobs_and_returns_errors(engine: str) -> None:
 
 
 _PRIVATE_RAY = textwrap.dedent("""
+    import signal
     from parafold.engine import Resources, make_executor
+    from parafold.lifecycle import stop_on_sigterm
     from tests.test_engine import _pid_and_square
+    stop_on_sigterm()  # as the CLI does first
+    ours = signal.getsignal(signal.SIGTERM)
     with make_executor("ray", cpus=1, gpus=()) as ex:
+        # ray.init installs its own (exit 15, no message, exit 2 in the ledger): ours stays
+        print("SIGTERM KEPT", signal.getsignal(signal.SIGTERM) is ours)
         _, square = ex.submit(_pid_and_square, 3, resources=Resources(cpus=1)).result(timeout=300)
         print("RESULT", square, ex.cpu_capacity())
 """)
@@ -76,13 +82,15 @@ _PRIVATE_RAY = textwrap.dedent("""
 def test_ray_without_an_address_starts_its_own_even_where_another_is_named() -> None:
     """`--engine ray` without `--address` is a private Ray: Ray itself would join the cluster
     in RAY_ADDRESS (or the one an earlier `ray start` noted in /tmp/ray) and then refuse our
-    CPU count, or run the jobs on somebody else's cluster."""
+    CPU count, or run the jobs on somebody else's cluster. Starting it keeps our SIGTERM
+    handler (a time limit ends the run with 143, its work kept)."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "RAY_ADDRESS": "192.0.2.1:6379"}  # TEST-NET: nothing answers there
     proc = subprocess.run([sys.executable, "-c", _PRIVATE_RAY], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT 9 1" in proc.stdout, proc.stdout
+    assert "SIGTERM KEPT True" in proc.stdout, proc.stdout
 
 
 def test_a_ray_cluster_that_is_not_there_is_told_at_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -542,6 +542,9 @@ def run_pipeline(settings: RunSettings, *,
             except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`lifecycle.Terminated`)
                 exit_code = interrupted_code(exc)
                 raise
+            except SystemExit as exc:  # a library's signal handler (Ray's: exit 15)
+                exit_code = exc.code if isinstance(exc.code, int) else 1
+                raise
             except Exception as exc:  # the ledger's own disk full: the run cannot go on
                 if not is_storage_full(exc):
                     raise

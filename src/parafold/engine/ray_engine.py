@@ -8,9 +8,12 @@ databases and the weights at the same paths (a shared file system), and have par
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +37,20 @@ def _use_token_if_present() -> None:
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """`ray.init` installs its own SIGTERM handler (`sys.exit(15)`), which replaced ours: a
+    time limit or `scancel` then ended the run with exit 15 and no message, and the ledger
+    recorded exit 2. Ours (`lifecycle.stop_on_sigterm`: exit 143, work kept) is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and saved is not None:
+            signal.signal(signal.SIGTERM, saved)
 
 
 def _unreachable(address: str) -> str | None:
@@ -135,16 +152,8 @@ class RayExecutor(Executor):
         self._remote_fns: dict[tuple[Any, ...], Any] = {}
         try:
             if not ray.is_initialized():
-                if address:
-                    why = _unreachable(address)
-                    if why is not None:
-                        raise ConnectionError(why)
-                    ray.init(address=address, logging_level=logging.WARNING,
-                             log_to_driver=True)
-                else:  # "local": a new Ray of our own, even where RAY_ADDRESS is set or
-                    # an earlier `ray start` left its address in /tmp/ray (Ray joins those)
-                    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                             logging_level=logging.WARNING, log_to_driver=True)
+                with _keeping_sigterm_handler():
+                    self._init_ray(ray, address, cpus)
                 self._owns_ray = True
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise SchedulerError(f"cannot reach a Ray cluster at {address!r}: {exc}") from exc
@@ -152,6 +161,18 @@ class RayExecutor(Executor):
         self._cluster_cpus = int(resources.get("CPU", 0))
         self._cluster_gpus = int(resources.get("GPU", 0))
         self._cpu_limit = cpus
+
+    @staticmethod
+    def _init_ray(ray: Any, address: str | None, cpus: int | None) -> None:
+        if address:
+            why = _unreachable(address)
+            if why is not None:
+                raise ConnectionError(why)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        else:  # "local": a new Ray of our own, even where RAY_ADDRESS is set or an earlier
+            # `ray start` left its address in /tmp/ray (Ray joins those)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=True)
 
     def _n_fold_workers(self) -> int:
         if self._requested_gpus == ():
