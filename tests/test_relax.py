@@ -308,3 +308,28 @@ def test_residues_after_an_unknown_one_keep_their_numbers(tmp_path, tiny_params)
     assert seq[5] == seq[19] == "UNK"
     assert sorted(set(map(int, relaxed_cif["_atom_site.label_seq_id"]))) == [
         i for i in range(1, 21) if i not in (6, 20)]
+
+
+def test_a_structure_with_one_residue_with_atoms_says_why_it_is_not_relaxed(tmp_path):
+    """All but one residue unknown (no atoms): AlphaFold's relaxer failed with a bare
+    AttributeError; the error says what is wrong, and the unrelaxed files stay."""
+    from parafold.fold.outputs import Prediction, write_target_outputs
+
+    n = 6
+    aatype = np.full(n, 20)
+    aatype[2] = 0  # one alanine
+    from alphafold.common import residue_constants as rc
+
+    mask = rc.STANDARD_ATOM_MASK[aatype].astype(np.float32)
+    result = {"plddt": np.full(n, 50.0), "ptm": np.float32(0.5),
+              "predicted_aligned_error": np.ones((n, n)),
+              "max_predicted_aligned_error": np.float32(31.75),
+              "structure_module": {"final_atom_positions": np.random.default_rng(0).normal(
+                  size=(n, 37, 3)) * 3, "final_atom_mask": mask}}
+    pred = Prediction(name="model_1_ptm", model_name="model_1_ptm", seed=0, result=result,
+                      aatype=aatype, residue_index=np.arange(n), timings={})
+    folder = tmp_path / "onea"
+    write_target_outputs(folder, "onea", [pred], {}, save_raw=False)
+    with pytest.raises(RelaxError, match=r"cannot be relaxed: 1 of its residues have atoms"):
+        relax_target(folder, "best")
+    assert (folder / "ranked_0.pdb").is_file() and not (folder / RELAX_METRICS_FILE).exists()

@@ -161,6 +161,11 @@ def _relax_model(folder: Path, model: str) -> tuple[float, dict[str, Any]]:
         unrelaxed = protein.from_pdb_string(source.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RelaxError(f"{folder.name}: cannot read {source.name}: {exc}") from exc
+    with_atoms = int(unrelaxed.atom_mask.any(axis=1).sum())
+    if with_atoms < 2:  # AlphaFold's relaxer fails on it with a message that says nothing
+        raise RelaxError(f"{folder.name}: {model} cannot be relaxed: {with_atoms} of its "
+                         "residues have atoms (X, U, B, Z and O have none); its unrelaxed "
+                         "structure stands")
     started = time.perf_counter()
     try:
         relaxed_pdb, debug, violations = _relaxer().process(prot=unrelaxed)
