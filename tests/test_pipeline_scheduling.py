@@ -3,9 +3,12 @@ partial groups only after the bounded wait or when no more searches are coming."
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -80,12 +83,6 @@ def test_features_searched_again_drop_the_old_prediction(tmp_path: Path, monkeyp
 
 def test_ctrl_c_is_recorded_as_exit_code_130(tmp_path: Path, monkeypatch) -> None:
     """Ctrl-C mid-run: `parafold run` exits 130, and the ledger's row for the run says so too."""
-    import contextlib
-    from collections.abc import Iterator
-    from types import SimpleNamespace
-
-    import pytest
-
     import parafold.pipeline as pipeline
     from parafold.search.settings import SearchSettings
 
@@ -492,24 +489,32 @@ def test_run_paths_are_absolute_for_processes_elsewhere(tmp_path: Path,
     assert settings.db_overrides == (("pdb70", tmp_path / "x" / "pdb70"),)
 
 
-def test_twins_left_waiting_when_nothing_runs_fail_with_the_reason(tmp_path: Path) -> None:
-    """The scheduler's last guard: a twin still parked under a source once the loop ends
-    fails, naming the source, instead of staying features_ready without a word; a stopped
-    run (a drain) keeps it ready for the rerun."""
+@contextlib.contextmanager
+def _source_and_twin(root: Path) -> Iterator[tuple[Any, Ledger, list[FeatureSet]]]:
+    """A scheduler over two targets with the same features, S and T, both features_ready."""
     from parafold.engine.scheduler import Scheduler
     from parafold.ledger import State
 
     seq = "MKVLAAGIVG" * 5
-    sets = [FeatureSet(name=n, target_id=n, sequence=seq, path=tmp_path / n, msa_depth=30,
+    settings = _settings(root)
+    settings.out.mkdir(parents=True)
+    sets = [FeatureSet(name=n, target_id=n, sequence=seq, path=settings.out / n, msa_depth=30,
                        num_templates=0, key="k1") for n in ("S", "T")]
-    settings = _settings(tmp_path)
-    settings.out.mkdir()
     with Ledger(settings.out) as ledger:
         ledger.register([Target(fs.name, fs.name, seq) for fs in sets])
         for fs in sets:
             ledger.reconcile(fs.name, State.FEATURES_READY)
-        sched = Scheduler(settings, ledger, 1, _TwoSmallNodes(), None, [], [], total=2,
-                          done_before=0)
+        yield (Scheduler(settings, ledger, 1, _TwoSmallNodes(), None, [], [], total=2,
+                         done_before=0), ledger, sets)
+
+
+def test_twins_left_waiting_when_nothing_runs_fail_with_the_reason(tmp_path: Path) -> None:
+    """The scheduler's last guard: a twin still parked under a source once the loop ends
+    fails, naming the source, instead of staying features_ready without a word; a stopped
+    run (a drain) keeps it ready for the rerun."""
+    from parafold.ledger import State
+
+    with _source_and_twin(tmp_path) as (sched, ledger, sets):
         sched._parked = {"S": [sets[1]]}
         sched.stopped = "SIGUSR1: asked to drain"
         sched._fail_stranded_twins()
@@ -524,21 +529,8 @@ def test_twins_left_waiting_when_nothing_runs_fail_with_the_reason(tmp_path: Pat
 def test_a_drain_still_copies_a_finished_sources_prediction(tmp_path: Path) -> None:
     """SIGUSR1 drains a run: a source finishing meanwhile still gives its twins their copies
     (milliseconds; else the job is requeued for them alone). A full disk copies nothing."""
-    from parafold.engine.scheduler import Scheduler
-    from parafold.ledger import State
-
-    seq = "MKVLAAGIVG" * 5
     for how, copies in (("drain", 1), ("disk full", 0)):
-        settings = _settings(tmp_path / how.replace(" ", "_"))
-        settings.out.mkdir(parents=True)
-        sets = [FeatureSet(name=n, target_id=n, sequence=seq, path=settings.out / n,
-                           msa_depth=30, num_templates=0, key="k1") for n in ("S", "T")]
-        with Ledger(settings.out) as ledger:
-            ledger.register([Target(fs.name, fs.name, seq) for fs in sets])
-            for fs in sets:
-                ledger.reconcile(fs.name, State.FEATURES_READY)
-            sched = Scheduler(settings, ledger, 1, _TwoSmallNodes(), None, [], [], total=2,
-                              done_before=0)
+        with _source_and_twin(tmp_path / how.replace(" ", "_")) as (sched, _, sets):
             for fs in sets:
                 sched._admit(fs, time.time())
             assert sched._parked == {"S": [sets[1]]}

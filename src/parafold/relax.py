@@ -29,7 +29,7 @@ from parafold.store import atomic_write_json, atomic_write_text
 
 __all__ = ["RELAX_CHOICES", "RelaxError", "RelaxOutcome", "RelaxResult", "models_to_relax",
            "relax_pending", "relax_target", "find_predicted", "relax_folders",
-           "RELAX_METRICS_FILE"]
+           "read_relax_metrics", "RELAX_METRICS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,9 @@ def _order(folder: Path) -> list[str]:
     return order
 
 
-def _metrics(folder: Path) -> dict[str, Any]:
-    path = folder / RELAX_METRICS_FILE
+def read_relax_metrics(folder: Path) -> dict[str, Any]:
+    """The folder's relaxation marker, {model: metrics}: the models relaxed (none without)."""
+    path = Path(folder) / RELAX_METRICS_FILE
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -107,7 +108,7 @@ def relax_pending(folder: Path, which: str) -> bool:
         order = _order(folder)
     except RelaxError:
         return False  # not predicted: nothing to relax yet
-    metrics = _metrics(folder)
+    metrics = read_relax_metrics(folder)
     return any(not _is_relaxed(folder, m, metrics) for m in models_to_relax(order, which))
 
 
@@ -132,7 +133,7 @@ def relax_target(folder: Path, which: str) -> RelaxOutcome:
     folder = Path(folder)
     started = time.perf_counter()
     order = _order(folder)
-    metrics = _metrics(folder)
+    metrics = read_relax_metrics(folder)
     wanted = models_to_relax(order, which)
     already = tuple(m for m in wanted if _is_relaxed(folder, m, metrics))
     todo = [m for m in wanted if m not in already]

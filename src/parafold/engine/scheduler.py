@@ -773,6 +773,10 @@ class Scheduler:
         if done is not None and done != own:
             self._submit_copy(fs, done)
             return
+        self._source_or_wait(fs, key, since)
+
+    def _source_or_wait(self, fs: FeatureSet, key: str, since: float) -> None:
+        """`fs` is its key's source (ready to predict), or waits for the source there is."""
         source = self._sources.setdefault(key, fs.name)
         if source == fs.name:
             self._source_keys[fs.name] = key
@@ -832,9 +836,9 @@ class Scheduler:
                            "itself", fs.name, source, describe_error(exc))
             self._copy_failed(fs, self._copy_source(source))
             return
-        key = fs.twin_key
-        if key is not None and self._done_paths.get(key) == self._copy_source(source) \
-                and self._copy_source(source).parent != self.settings.out:
+        key, folder = fs.twin_key, self._copy_source(source)
+        if key is not None and self._done_paths.get(key) == folder \
+                and folder.parent != self.settings.out:
             self._done_paths[key] = self.settings.out / fs.name  # ours now: copy from it
         self.ledger.done(fs.name, {"copied_from": source, "copy_s": round(copied.seconds, 3),
                                    "mean_plddt": copied.mean_plddt, "ptm": copied.ptm})
@@ -857,13 +861,8 @@ class Scheduler:
             self._done_stamps.pop(folder, None)
         if key is None:
             self.ready[fs.name] = (fs, time.time())
-            return
-        source = self._sources.setdefault(key, fs.name)
-        if source == fs.name:
-            self._source_keys[fs.name] = key
-            self.ready[fs.name] = (fs, time.time())
         else:
-            self._parked.setdefault(source, []).append(fs)
+            self._source_or_wait(fs, key, time.time())
 
     def _timeout(self) -> float:
         """Until the next thing to do: a group's wait running out, or a progress tick. (Waits

@@ -64,8 +64,12 @@ def renamed(text: str, file_id: str) -> str | None:
             or not head[2].startswith("_entry.id ") or head[3] != "#"):
         return None
     fid = file_id[:MAX_BLOCK_CODE].upper()
-    entry = _category("_entry", [("id", [fid])])
-    return _quote_reserved_entry_id(f"data_{fid}\n#\n{entry}", fid) + head[4]
+    return _quote_reserved_entry_id(_header(fid), fid) + head[4]
+
+
+def _header(fid: str) -> str:
+    """The data block line and `_entry`: all of the file that names it."""
+    return f"data_{fid}\n#\n" + _category("_entry", [("id", [fid])])
 
 
 MAX_BLOCK_CODE = 75
@@ -118,8 +122,7 @@ def _fast_to_mmcif(prot: Any, file_id: str, model_type: str) -> str | None:
                                                 for item, values in columns])
                        for name, columns, text in _metadata(chain, entity, model_type))
     return "".join((
-        f"data_{fid}\n#\n",
-        _category("_entry", [("id", [fid])]),
+        _header(fid),
         _chain_tables(chain, entity),
         _entity_poly_seq(aatype, residue_index, chain_index, entity),
         _chem_comp(),

@@ -38,7 +38,7 @@ from parafold.fold.outputs import (
 )
 from parafold.fold.reuse import PredictionIndex, done_stamp
 from parafold.fold.worker import FoldOutcome
-from parafold.relax import RELAX_METRICS_FILE
+from parafold.relax import RELAX_METRICS_FILE, read_relax_metrics
 from parafold.store import atomic_copy, atomic_write_text, atomic_writer
 
 __all__ = ["TwinPlan", "CopiedPrediction", "plan_twins", "copy_prediction",
@@ -161,7 +161,7 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str, *,
         raise refuse("it was predicted or relaxed again since it was indexed")
     files = sorted(p.name for p in source_dir.iterdir()
                    if p.is_file() and is_prediction_file(p.name))
-    relaxing = sorted(set(_relaxed_models(files)) - set(_relax_entries(source_dir)))
+    relaxing = sorted(set(_relaxed_models(files)) - set(read_relax_metrics(source_dir)))
     if relaxing:
         raise refuse(f"its relaxation of {', '.join(relaxing)} is under way")
     missing = [name for i, model in enumerate(order)
@@ -214,15 +214,6 @@ def copy_prediction(source_dir: Path, twin_dir: Path, twin_name: str, *,
 def _relaxed_models(files: Sequence[str]) -> list[str]:
     return [name[len("relaxed_"):-len(".pdb")] for name in files
             if name.startswith("relaxed_") and name.endswith(".pdb")]
-
-
-def _relax_entries(folder: Path) -> list[str]:
-    """The models the folder's relaxation marker names (none without one)."""
-    try:
-        metrics = json.loads((folder / RELAX_METRICS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    return [str(m) for m in metrics] if isinstance(metrics, dict) else []
 
 
 def _twin_mmcif(source_dir: Path, index: int, twin_name: str) -> str:

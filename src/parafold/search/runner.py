@@ -425,17 +425,18 @@ def _batch_workdir(cache_dir: Path) -> Iterator[Path]:
 
 def _remove_abandoned_workdirs(cache_dir: Path) -> None:
     """Delete the batch work folders no live process holds (see `_batch_workdir`)."""
-    for folder in cache_dir.glob(".making-mmseqs-*"):  # a maker killed in the instant
-        with contextlib.suppress(OSError):             # before its rename: empty, old
+    def remove_if_old(folder: Path) -> None:
+        with contextlib.suppress(OSError):
             if time.time() - folder.stat().st_mtime > _UNLOCKED_WORKDIR_AGE_S:
                 shutil.rmtree(folder, ignore_errors=True)
+
+    for folder in cache_dir.glob(".making-mmseqs-*"):  # a maker killed in the instant
+        remove_if_old(folder)                          # before its rename: empty, old
     for folder in cache_dir.glob(f"{_WORKDIR_PREFIX}*"):
         try:
             fd = os.open(folder / ".lock", os.O_RDWR)
         except FileNotFoundError:  # an older version's (no lock file): only when old
-            with contextlib.suppress(OSError):
-                if time.time() - folder.stat().st_mtime > _UNLOCKED_WORKDIR_AGE_S:
-                    shutil.rmtree(folder, ignore_errors=True)
+            remove_if_old(folder)
             continue
         except OSError:
             continue
